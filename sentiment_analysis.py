@@ -18,15 +18,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
 import platform
 import shutil
-import signal
 import sys
 import tempfile
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,17 +73,20 @@ class TrainConfig:
     arch: str = option("lstm", "recurrent layer type", choices=("lstm", "bilstm", "gru"))
     units: int = option(100, "units in each recurrent layer")
     layers: int = option(1, "number of stacked recurrent layers")
-    embeddings: str = option("random", "embedding initialisation; word2vec trains gensim Word2Vec on the "
-                             "training split", choices=("random", "word2vec"))
-    epochs: int = option(3, "maximum number of training epochs")
+    embeddings: str = option("word2vec", "embedding initialisation: word2vec trains gensim Word2Vec on the "
+                             "training split; random starts from random vectors", choices=("word2vec", "random"))
+    epochs: int = option(4, "maximum number of training epochs")
     batch_size: int = option(128, "examples per batch (per device when several are used)")
     learning_rate: float = option(2e-3, "initial Adam learning rate")
     lr_schedule: str = option("cosine", "learning-rate schedule: constant, or cosine decay to zero over "
                               "--epochs", choices=("constant", "cosine"))
+    weight_decay: float = option(0.0, "decoupled weight decay (AdamW) when above zero")
     patience: int = option(1, "epochs without validation-loss improvement before stopping")
     baseline: bool = option(True, "also fit the TF-IDF + logistic-regression baseline on the same split")
-    blend_weight: float | None = option(None, "if set, also report LSTM*w + baseline*(1-w) and save that "
-                                        "blend as the model")
+    baseline_ngrams: int = option(2, "longest word n-gram in the baseline's TF-IDF features")
+    blend_weight: float | str | None = option(None, "W in [0, 1] or auto (chosen on the validation split): also "
+                                              "report W * LSTM + (1 - W) * baseline and save that blend as "
+                                              "the model")
     show: bool = option(True, "show the figures in windows when a display is available")
     fresh: bool = option(False, "ignore a saved training state in the output directory and start over")
     mixed_precision: bool = option(False, "use mixed float16 precision on GPUs (ignored on CPUs)")
@@ -93,7 +97,7 @@ class TrainConfig:
 # The strongest recipe measured on the shipped data (figures in the README). Flags given on the command line
 # still override these values.
 PRESETS = {
-    "best": dict(embeddings="word2vec", spatial_dropout=0.3, learning_rate=1e-3, epochs=2, blend_weight=0.3),
+    "best": dict(blend_weight="auto", baseline_ngrams=3),
 }
 
 
@@ -112,11 +116,14 @@ def validate_config(config: TrainConfig) -> None:
         (config.layers >= 1, "--layers must be at least 1"),
         (config.patience >= 0, "--patience must be 0 or more"),
         (config.learning_rate > 0, "--learning-rate must be positive"),
+        (config.weight_decay >= 0, "--weight-decay must be 0 or more"),
         (0 <= config.spatial_dropout < 1, "--spatial-dropout must be in [0, 1)"),
         (0 < config.test_fraction < 1, "--test-fraction must be between 0 and 1"),
         (0 < config.validation_fraction < 1, "--validation-fraction must be between 0 and 1"),
         (config.max_rows is None or config.max_rows >= 1, "--max-rows must be at least 1"),
-        (config.blend_weight is None or 0 <= config.blend_weight <= 1, "--blend-weight must be in [0, 1]"),
+        (config.blend_weight in (None, "auto") or 0 <= config.blend_weight <= 1,
+         "--blend-weight must be in [0, 1] or auto"),
+        (config.baseline_ngrams >= 1, "--baseline-ngrams must be at least 1"),
         (config.blend_weight is None or config.baseline, "--blend-weight needs the baseline (drop --no-baseline)"),
         (config.cpu_replicas >= 1, "--cpu-replicas must be at least 1"),
     ]
@@ -210,10 +217,10 @@ def load_dataset(config: TrainConfig) -> tuple[np.ndarray, np.ndarray, dict]:
                     "duplicate_text": int(duplicate.sum())},
         "rows_used": int(keep.sum()),
     }
+    encoded = encode_labels(labels[keep])
     if counts["rows_used"] < MIN_ROWS:
         raise UserError(f"too few usable rows to split into train, validation and test: {counts['rows_used']} "
                         f"(need at least {MIN_ROWS})")
-    encoded = encode_labels(labels[keep])
     return texts[keep].to_numpy(dtype=object), encoded, counts
 
 
@@ -243,11 +250,11 @@ def standardize_text(text):
     """Lowercase, remove HTML tags such as <br />, keep ! and ? as words, and drop other punctuation."""
     import tensorflow as tf
 
-    text = tf.strings.lower(text)
+    text = tf.strings.lower(text, encoding="utf-8")
     text = tf.strings.regex_replace(text, r"<[^>]*>", " ")
     text = tf.strings.regex_replace(text, r"'", "")
     text = tf.strings.regex_replace(text, r"([!?])", r" \1 ")
-    return tf.strings.regex_replace(text, r"[^\w!?]+", " ")
+    return tf.strings.regex_replace(text, r"[^\p{L}\p{N}!?]+", " ")
 
 
 def make_vectorizer(texts, config: TrainConfig):
@@ -275,18 +282,23 @@ def bucket_boundaries(max_length: int) -> list[int]:
     return list(range(step, max_length, step)) or [max_length]
 
 
-def count_batches(lengths: np.ndarray, batch_size: int, boundaries: list[int]) -> int:
+def count_batches(lengths: np.ndarray, batch_size: int, boundaries: list[int], drop_remainder: bool) -> int:
     """How many batches bucket_by_sequence_length makes from these lengths (for the learning-rate schedule)."""
-    buckets = np.searchsorted(boundaries, lengths, side="right")
-    return int(sum(math.ceil(count / batch_size) for count in np.bincount(buckets)))
+    buckets = np.bincount(np.searchsorted(boundaries, lengths, side="right"))
+    return int(sum(count // batch_size if drop_remainder else math.ceil(count / batch_size) for count in buckets))
 
 
-def make_training_dataset(token_ids, labels, batch_size: int, max_length: int, shuffle_seed: int | None):
-    """Batches of similar-length reviews, padded on the right only as far as the longest in the batch."""
+def make_training_dataset(token_ids, labels, batch_size: int, max_length: int, shuffle_seed: int | None,
+                          drop_remainder: bool = False):
+    """Batches of similar-length reviews, padded on the right only as far as the longest in the batch.
+
+    On several replicas each bucket's last partial batch is dropped: Keras 3 under MirroredStrategy fails on
+    batches that do not split evenly across the replicas (an AddN shape error)."""
     import tensorflow as tf
 
     boundaries = bucket_boundaries(max_length)
-    batches = count_batches(np.maximum(np.count_nonzero(token_ids, axis=1), 1), batch_size, boundaries)
+    lengths = np.maximum(np.count_nonzero(token_ids, axis=1), 1)
+    batches = count_batches(lengths, batch_size, boundaries, drop_remainder)
 
     dataset = tf.data.Dataset.from_tensor_slices((token_ids, labels.astype(np.float32)))
     dataset = dataset.map(lambda ids, label: (ids[: tf.math.count_nonzero(ids, dtype=tf.int32)], label),
@@ -294,7 +306,8 @@ def make_training_dataset(token_ids, labels, batch_size: int, max_length: int, s
     if shuffle_seed is not None:
         dataset = dataset.shuffle(len(labels), seed=shuffle_seed, reshuffle_each_iteration=True)
     dataset = dataset.bucket_by_sequence_length(
-        lambda ids, label: tf.maximum(tf.shape(ids)[0], 1), boundaries, [batch_size] * (len(boundaries) + 1))
+        lambda ids, label: tf.maximum(tf.shape(ids)[0], 1), boundaries, [batch_size] * (len(boundaries) + 1),
+        drop_remainder=drop_remainder)
     # Telling Keras the number of batches gives a progress bar with a total from the first epoch on.
     return dataset.apply(tf.data.experimental.assert_cardinality(batches)).prefetch(tf.data.AUTOTUNE)
 
@@ -347,6 +360,10 @@ def build_classifier(config: TrainConfig, vocab_size: int):
     return keras.Model(inputs, outputs, name=f"{config.arch}_classifier")
 
 
+def stable_hash(text: str) -> int:
+    return zlib.crc32(text.encode("utf-8"))
+
+
 def word2vec_matrix(token_ids, vocabulary: list[str], config: TrainConfig) -> np.ndarray:
     """Train gensim Word2Vec on the training reviews and return it as an embedding matrix for `vocabulary`."""
     try:
@@ -356,8 +373,9 @@ def word2vec_matrix(token_ids, vocabulary: list[str], config: TrainConfig) -> np
 
     words = np.array(vocabulary, dtype=object)
     sentences = [list(words[row[row > 1]]) for row in token_ids]
+    # One worker thread and a hash that does not change between Python processes make it repeatable.
     model = Word2Vec(sentences, vector_size=config.embedding_dim, window=5, min_count=1, sg=0, epochs=5,
-                     seed=config.seed, workers=os.cpu_count() or 1)
+                     seed=config.seed, workers=1, hashfxn=stable_hash)
     rng = np.random.default_rng(config.seed)
     matrix = rng.normal(0, 0.05, size=(len(vocabulary), config.embedding_dim)).astype(np.float32)
     matrix[0] = 0.0
@@ -374,6 +392,8 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int):
     if config.lr_schedule == "cosine":
         learning_rate = keras.optimizers.schedules.CosineDecay(
             config.learning_rate, decay_steps=max(1, steps_per_epoch * config.epochs), alpha=0.0)
+    if config.weight_decay > 0:
+        return keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=config.weight_decay)
     return keras.optimizers.Adam(learning_rate=learning_rate)
 
 
@@ -391,8 +411,8 @@ def load_model(path: Path):
     import keras
 
     try:
-        return keras.models.load_model(path, custom_objects={"standardize_text": standardize_text},
-                                       compile=False)
+        custom_objects = {"standardize_text": standardize_text, "TfidfLogistic": tfidf_logistic_layer()}
+        return keras.models.load_model(path, custom_objects=custom_objects, compile=False)
     except Exception as error:  # Keras raises many types for a corrupt or foreign file.
         raise UserError(f"could not load the model {path}: {str(error).splitlines()[0][:200]}") from None
 
@@ -427,59 +447,95 @@ def is_chief() -> bool:
                                                      .get("cluster", {}))
 
 
-class EpochTimer:
-    """Keras callback recording each epoch's wall time (made lazily so importing this file stays light)."""
+def training_state_callback(state_dir: Path, stopper, fingerprint: dict):
+    """A Keras callback that records each epoch and saves what a crashed run needs to go on.
 
-    @staticmethod
-    def create():
-        import keras
+    After every epoch it writes the weights with the optimizer state, the early-stopping state and its best
+    weights, and last state.json naming those files: a crash at any moment leaves the previous complete
+    state. A finished run removes the directory. (Made on first use so importing this file stays light.)"""
+    import keras
 
-        class _EpochTimer(keras.callbacks.Callback):
-            def on_train_begin(self, logs=None):
-                self.seconds = []
+    class TrainingState(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.history, self.epoch_seconds, self.initial_epoch = {}, [], 0
+            self.saved = None
+            state_file = state_dir / "state.json"
+            if state_file.is_file():
+                self.saved = json.loads(state_file.read_text())
+                if self.saved["fingerprint"] != fingerprint:
+                    raise UserError(f"the training state in {state_dir} was saved with other settings; "
+                                    "run with the same flags to resume, or add --fresh to start over")
+                self.history, self.epoch_seconds = self.saved["history"], self.saved["epoch_seconds"]
+                self.initial_epoch = self.saved["epoch"]
 
-            def on_epoch_begin(self, epoch, logs=None):
-                self._start = time.perf_counter()
+        def on_train_begin(self, logs=None):
+            # Runs after EarlyStopping's own on_train_begin, which resets the state restored here.
+            if self.saved:
+                self.model.load_weights(state_dir / self.saved["weights"])
+                with np.load(state_dir / self.saved["best_weights"]) as arrays:
+                    stopper.best_weights = [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
+                stopper.best, stopper.wait, stopper.best_epoch = (self.saved["best"], self.saved["wait"],
+                                                                  self.saved["best_epoch"])
 
-            def on_epoch_end(self, epoch, logs=None):
-                self.seconds.append(time.perf_counter() - self._start)
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started = time.perf_counter()
 
-        return _EpochTimer()
+        def on_epoch_end(self, epoch, logs=None):
+            self.epoch_seconds.append(time.perf_counter() - self.started)
+            for name, value in (logs or {}).items():
+                self.history.setdefault(name, []).append(float(value))
+            state_dir.mkdir(exist_ok=True)
+            weights, best_weights = f"epoch-{epoch + 1}.weights.h5", f"best-after-epoch-{epoch + 1}.npz"
+            self.model.save_weights(state_dir / weights)
+            np.savez(state_dir / best_weights, *stopper.best_weights)
+            state = {"epoch": epoch + 1, "weights": weights, "best_weights": best_weights,
+                     "best": float(stopper.best), "wait": stopper.wait, "best_epoch": stopper.best_epoch,
+                     "history": self.history, "epoch_seconds": self.epoch_seconds, "fingerprint": fingerprint}
+            write_text(state_dir / "state.json", json.dumps(state))
+            for path in state_dir.iterdir():
+                if path.name not in {"state.json", weights, best_weights}:
+                    path.unlink()
+
+        def on_train_end(self, logs=None):
+            shutil.rmtree(state_dir, ignore_errors=True)
+
+    return TrainingState()
 
 
 def train(classifier, train_data, val_data, config: TrainConfig, output_dir: Path) -> dict:
     """Fit with early stopping on validation loss; survive Ctrl-C and resume after a crash."""
     import keras
 
-    backup_dir = output_dir / "training_state"
-    if config.fresh and backup_dir.exists():
-        shutil.rmtree(backup_dir)
-    resumed = backup_dir.exists()
-    if resumed:
-        print(f"Resuming from the training state saved in {backup_dir} (use --fresh to start over)")
+    state_dir = output_dir / "training_state"
+    if config.fresh and state_dir.exists():
+        shutil.rmtree(state_dir)
     stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience,
                                             restore_best_weights=True, verbose=1)
-    timer = EpochTimer.create()
-    history = keras.callbacks.History()
-    callbacks = [keras.callbacks.BackupAndRestore(str(backup_dir)), stopper, timer, history]
+    ignored = {"show", "fresh", "output_dir"}
+    fingerprint = {key: value for key, value in dataclasses.asdict(config).items() if key not in ignored}
+    state = training_state_callback(state_dir, stopper, fingerprint)
+    if state.initial_epoch:
+        print(f"Resuming after epoch {state.initial_epoch} from the state saved in {state_dir} "
+              "(add --fresh to start over)")
     interrupted = False
     try:
-        classifier.fit(train_data, validation_data=val_data, epochs=config.epochs, callbacks=callbacks,
-                       shuffle=False, verbose=1 if sys.stdout.isatty() else 2)
+        classifier.fit(train_data, validation_data=val_data, epochs=config.epochs, callbacks=[stopper, state],
+                       initial_epoch=state.initial_epoch, shuffle=False, verbose=1 if sys.stdout.isatty() else 2)
     except KeyboardInterrupt:
         interrupted = True
-        print("\nInterrupted: keeping the best weights so far and evaluating them.", file=sys.stderr)
+        print(f"\nInterrupted: evaluating the best weights so far. The training state stays in {state_dir}: "
+              "run the same command to continue.", file=sys.stderr)
         if stopper.best_weights is not None:
             classifier.set_weights(stopper.best_weights)
-    epochs_run = len(history.history.get("loss", []))
-    losses = history.history.get("val_loss", [])
+    losses = state.history.get("val_loss", [])
     return {
-        "history": history.history,
-        "epoch_seconds": timer.seconds[:epochs_run],
-        "epochs_run": epochs_run,
+        "history": state.history,
+        "epoch_seconds": state.epoch_seconds,
+        "epochs_run": len(state.history.get("loss", [])),
         "best_epoch": int(np.argmin(losses)) + 1 if losses else None,
         "interrupted": interrupted,
-        "resumed": resumed,
+        "resumed_after_epoch": state.initial_epoch,
     }
 
 
@@ -488,15 +544,93 @@ def train(classifier, train_data, val_data, config: TrainConfig, output_dir: Pat
 # ----------------------------------------------------------------------------------------------------------
 
 
-def fit_baseline(train_texts, train_labels, seed: int):
+def standardized_strings(texts) -> list[str]:
+    """The model's own standardization applied to Python strings, so the baseline sees the same words."""
+    import tensorflow as tf
+
+    dataset = tf.data.Dataset.from_tensor_slices(np.asarray(texts, dtype=object).astype(str)).batch(2048)
+    return [value.decode("utf-8") for batch in dataset for value in standardize_text(batch).numpy()]
+
+
+def fit_baseline(train_texts, train_labels, config: TrainConfig):
+    """TF-IDF of word unigrams and bigrams (sublinear term frequency) with logistic regression.
+
+    Expects standardized text (see `standardized_strings`); words are split on white space exactly as the
+    Keras TextVectorization layer splits them, so the fitted baseline can be exported into the model file."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
 
-    pipeline = make_pipeline(
-        TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2, max_df=0.95),
-        LogisticRegression(C=8.0, max_iter=1000, random_state=seed))
-    return pipeline.fit(train_texts.astype(str), train_labels)
+    features = TfidfVectorizer(ngram_range=(1, config.baseline_ngrams), sublinear_tf=True, min_df=2, max_df=0.95, lowercase=False,
+                               tokenizer=str.split, token_pattern=None, dtype=np.float32)
+    classifier = LogisticRegression(C=8.0, max_iter=1000, random_state=config.seed)
+    return make_pipeline(features, classifier).fit(train_texts, train_labels)
+
+
+@functools.cache
+def tfidf_logistic_layer():
+    """The fitted baseline's scoring as a Keras layer (made on first use so importing this file stays light).
+
+    Input: n-gram ids from a TextVectorization layer whose vocabulary is the baseline's (0 is padding, 1 is
+    out of vocabulary). Output: the logistic regression's probability, computed as scikit-learn does:
+    (1 + log count) * idf, L2-normalized per review, dot the coefficients, plus the intercept, sigmoid."""
+    import keras
+    import tensorflow as tf
+
+    @keras.saving.register_keras_serializable(package="sentiment_analysis")
+    class TfidfLogistic(keras.layers.Layer):
+        def __init__(self, num_ids, **kwargs):
+            super().__init__(**kwargs)
+            self.num_ids = num_ids
+            self.idf = self.add_weight(shape=(num_ids,), initializer="zeros", trainable=False, name="idf")
+            self.coef = self.add_weight(shape=(num_ids,), initializer="zeros", trainable=False, name="coef")
+            self.intercept = self.add_weight(shape=(), initializer="zeros", trainable=False, name="intercept")
+
+        def call(self, ids):
+            # Count each (review, n-gram) pair: one key per pair, counted with unique_with_counts.
+            ids = tf.cast(ids, "int64")
+            batch = tf.shape(ids)[0]
+            rows = tf.repeat(tf.range(batch, dtype="int64"), tf.shape(ids)[1])
+            flat = tf.reshape(ids, [-1])
+            known = flat > 1
+            keys = tf.boolean_mask(rows, known) * self.num_ids + tf.boolean_mask(flat, known)
+            unique_keys, _, counts = tf.unique_with_counts(keys)
+            review, ngram = unique_keys // self.num_ids, unique_keys % self.num_ids
+            weights = (1.0 + tf.math.log(tf.cast(counts, "float32"))) * tf.gather(self.idf, ngram)
+            norms = tf.sqrt(tf.math.unsorted_segment_sum(weights**2, review, batch))
+            scores = tf.math.unsorted_segment_sum(weights * tf.gather(self.coef, ngram), review, batch)
+            return tf.sigmoid(scores / tf.maximum(norms, 1e-12) + self.intercept)[:, None]
+
+        def compute_output_shape(self, input_shape):
+            return (input_shape[0], 1)
+
+        def get_config(self):
+            return {**super().get_config(), "num_ids": self.num_ids}
+
+    return TfidfLogistic
+
+
+def export_blend(neural_model, baseline, weight: float):
+    """One model from raw strings to weight * neural + (1 - weight) * baseline probability."""
+    import keras
+    from keras import layers
+
+    features, classifier = baseline.named_steps["tfidfvectorizer"], baseline.named_steps["logisticregression"]
+    vocabulary = features.get_feature_names_out().tolist()
+    ngram_ids = layers.TextVectorization(standardize=standardize_text,
+                                         ngrams=tuple(range(1, features.ngram_range[1] + 1)),
+                                         output_mode="int",
+                                         vocabulary=vocabulary, name="ngram_ids")
+    scorer = tfidf_logistic_layer()(len(vocabulary) + 2, name="tfidf_logistic")
+    # Ids 0 (padding) and 1 (out of vocabulary) get zero weight, as unseen n-grams do in scikit-learn.
+    scorer.build(None)
+    scorer.set_weights([np.concatenate([[0.0, 0.0], features.idf_]).astype(np.float32),
+                        np.concatenate([[0.0, 0.0], classifier.coef_[0]]).astype(np.float32),
+                        np.float32(classifier.intercept_[0])])
+    text = keras.Input(shape=(1,), dtype="string", name="text")
+    neural, linear = neural_model(text), scorer(ngram_ids(text))
+    blended = layers.Add(name="blend")([layers.Rescaling(weight)(neural), layers.Rescaling(1 - weight)(linear)])
+    return keras.Model(text, blended, name="blended_sentiment_model")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -517,6 +651,15 @@ def compute_metrics(labels, probabilities, threshold: float = 0.5) -> dict:
         "confusion_matrix": metrics.confusion_matrix(labels, predicted, labels=[0, 1]).tolist(),
         "threshold": threshold,
     }
+
+
+def choose_blend_weight(labels, neural, linear) -> float:
+    """The weight of the neural model (0 to 1 in steps of 0.05) with the lowest log loss on validation data."""
+    from sklearn.metrics import log_loss
+
+    weights = np.round(np.arange(0, 1.0001, 0.05), 2)
+    losses = [log_loss(labels, np.clip(w * neural + (1 - w) * linear, 1e-7, 1 - 1e-7)) for w in weights]
+    return float(weights[int(np.argmin(losses))])
 
 
 def classification_report(labels, probabilities, threshold: float = 0.5) -> str:
@@ -695,8 +838,13 @@ def run_training(config: TrainConfig) -> dict:
     vocabulary = vectorizer.get_vocabulary()
     train_ids, val_ids, test_ids = (vectorize(vectorizer, part) for part in (train_texts, val_texts, test_texts))
     global_batch = config.batch_size * replicas
-    train_data = make_training_dataset(train_ids, train_labels, global_batch, config.max_length, config.seed)
-    val_data = make_training_dataset(val_ids, val_labels, global_batch, config.max_length, None)
+    several = replicas > 1
+    train_data = make_training_dataset(train_ids, train_labels, global_batch, config.max_length, config.seed,
+                                       drop_remainder=several)
+    val_data = make_training_dataset(val_ids, val_labels, global_batch, config.max_length, None,
+                                     drop_remainder=several)
+    if int(val_data.cardinality()) == 0 or int(train_data.cardinality()) == 0:
+        raise UserError(f"too few rows for batches of {global_batch} on {replicas} replicas; lower --batch-size")
     steps_per_epoch = int(train_data.cardinality())
     embedding_matrix = None
     if config.embeddings == "word2vec":
@@ -718,31 +866,41 @@ def run_training(config: TrainConfig) -> dict:
     timing["train_s"] = time.perf_counter() - step_started
     timing["epoch_s"] = training["epoch_seconds"]
 
+    # Every choice (epochs, blend weight) is made on the validation split; the test split is only scored.
     step_started = time.perf_counter()
     probabilities = {"lstm": predict_token_ids(classifier, test_ids)}
     timing["evaluate_s"] = time.perf_counter() - step_started
+    baseline, blend_weight = None, None
     if config.baseline:
         step_started = time.perf_counter()
         print("Fitting the TF-IDF + logistic-regression baseline ...")
-        baseline = fit_baseline(train_texts, train_labels, config.seed)
-        probabilities["baseline"] = baseline.predict_proba(test_texts.astype(str))[:, 1]
+        baseline = fit_baseline(standardized_strings(train_texts), train_labels, config)
+        probabilities["baseline"] = baseline.predict_proba(standardized_strings(test_texts))[:, 1]
         timing["baseline_s"] = time.perf_counter() - step_started
     if config.blend_weight is not None:
-        weight = config.blend_weight
-        probabilities["blend"] = weight * probabilities["lstm"] + (1 - weight) * probabilities["baseline"]
+        blend_weight = config.blend_weight
+        if blend_weight == "auto":
+            blend_weight = choose_blend_weight(val_labels, predict_token_ids(classifier, val_ids),
+                                               baseline.predict_proba(standardized_strings(val_texts))[:, 1])
+        print(f"Blend: {blend_weight:.2f} * LSTM + {1 - blend_weight:.2f} * baseline")
+        probabilities["blend"] = blend_weight * probabilities["lstm"] + (1 - blend_weight) * probabilities["baseline"]
     results = {name: compute_metrics(test_labels, values) for name, values in probabilities.items()}
-    primary = "blend" if config.blend_weight is not None else "lstm"
+    primary = "blend" if blend_weight is not None else "lstm"
 
     model = export_model(vectorizer, classifier)
+    if blend_weight is not None:
+        model = export_blend(model, baseline, blend_weight)
     timing["total_s"] = time.perf_counter() - started
     report = {
         "model": primary,
+        **({"blend_weight": blend_weight} if blend_weight is not None else {}),
         "test": results[primary],
         **{name: scores for name, scores in results.items() if name != primary and name != "lstm"},
         **({"lstm": results["lstm"]} if primary != "lstm" else {}),
         "data": counts,
         "config": dataclasses.asdict(config),
-        "training": {key: training[key] for key in ("epochs_run", "best_epoch", "interrupted", "resumed")},
+        "training": {key: training[key] for key in ("epochs_run", "best_epoch", "interrupted",
+                                                               "resumed_after_epoch")},
         "timing": {key: (np.round(value, 2).tolist()) for key, value in timing.items()},
         "environment": {"python": platform.python_version(), "tensorflow": tf.__version__,
                         "machine": platform.platform(), "cpus": os.cpu_count(),
@@ -881,7 +1039,7 @@ def build_train_parser() -> argparse.ArgumentParser:
         prog="sentiment_analysis.py",
         description="Train an LSTM sentiment classifier on a CSV of reviews (default: imdb.csv). "
                     "Use 'sentiment_analysis.py predict --help' to apply a trained model.",
-        argument_default=argparse.SUPPRESS)
+        argument_default=argparse.SUPPRESS, allow_abbrev=False)
     parser.add_argument("--preset", choices=sorted(PRESETS), help="start from a named recipe (see README)")
     for spec in dataclasses.fields(TrainConfig):
         flag = "--" + spec.name.replace("_", "-")
@@ -891,7 +1049,8 @@ def build_train_parser() -> argparse.ArgumentParser:
             parser.add_argument(f"--no-{spec.name.replace('_', '-')}" if negative else flag, dest=spec.name,
                                 action="store_false" if negative else "store_true", help=help_text)
             continue
-        kind = {"int": int, "int | None": int, "float": float, "float | None": float}.get(spec.type, str)
+        kind = {"int": int, "int | None": int, "float": float, "float | None": float,
+                "float | str | None": number_or_auto}.get(spec.type, str)
         extra = {"choices": spec.metadata["choices"]} if "choices" in spec.metadata else {}
         default = f" (default: {spec.default})" if spec.default is not None else ""
         parser.add_argument(flag, dest=spec.name, type=kind, metavar=spec.name.upper(), help=help_text + default,
@@ -899,9 +1058,13 @@ def build_train_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def number_or_auto(text: str):
+    return "auto" if text == "auto" else float(text)
+
+
 def build_predict_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="sentiment_analysis.py predict",
+        prog="sentiment_analysis.py predict", allow_abbrev=False,
         description="Label new reviews with a trained model. Prints label, probability of positive and the text "
                     "for each text given (or each line of standard input with '-'), or scores a CSV.")
     parser.add_argument("texts", nargs="*", help="reviews to label; '-' reads one review per line from stdin")
@@ -951,7 +1114,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if argv[:1] == ["train"]:
                 argv = argv[1:]
-            run_training(config_from_args(build_train_parser().parse_args(argv)))
+            report = run_training(config_from_args(build_train_parser().parse_args(argv)))
+            if report["training"]["interrupted"]:
+                return 130  # The shell's code for Ctrl-C: the reports are written, but training was cut short.
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -1,0 +1,196 @@
+"""Bad input ends early with one clear line; good variants of columns and labels are understood."""
+
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import sentiment_analysis as sa
+from conftest import TINY_CSV, assert_user_error, run_script
+
+
+def write_csv(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def tiny_rows(count=40):
+    return pd.read_csv(TINY_CSV).head(count)
+
+
+# --- Each bad input: one line on stderr, non-zero exit, no traceback, within seconds, nothing written ---------
+
+
+BAD_FILES = {
+    "empty": ("", "empty"),
+    "header_only": ("reviews,sentiment\n", "no rows"),
+    "no_text_column": ("title,sentiment\nGreat,positive\nBad,negative\n", "'title'"),
+    "no_label_column": ("reviews,stars\nGreat film,5\nBad film,1\n", "'stars'"),
+    "three_labels": ("reviews,sentiment\na,positive\nb,negative\nc,neutral\n", "neutral"),
+    "one_label": ("reviews,sentiment\na,positive\nb,positive\nc, Positive \n", "only one label"),
+    "unknown_labels": ("reviews,sentiment\na,good\nb,bad\n", "not understood"),
+    "too_few_rows": ("reviews,sentiment\na,positive\nb,negative\nc,positive\nd,negative\n", "too few"),
+    "not_csv": ('reviews,sentiment\n"unclosed quote,positive\nb,negative\n', "could not parse"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_bad_csv_is_refused_before_training(tmp_path, case):
+    text, fragment = BAD_FILES[case]
+    data = write_csv(tmp_path / f"{case}.csv", text)
+    started = time.perf_counter()
+    result = run_script("--data", data, "--output-dir", tmp_path / "out", "--no-show")
+    assert_user_error(result, fragment)
+    assert time.perf_counter() - started < 60
+    assert not any((tmp_path / "out").glob("*")), "nothing is written for a refused input"
+
+
+def test_missing_file_directory_and_binary_file(tmp_path):
+    assert_user_error(run_script("--data", tmp_path / "nope.csv"), "not found")
+    assert_user_error(run_script("--data", tmp_path), "directory")
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(bytes(range(256)) * 10)
+    assert_user_error(run_script("--data", binary), "not a CSV")
+
+
+def test_listing_of_found_columns_and_labels(tmp_path):
+    data = write_csv(tmp_path / "cols.csv", "Title,Score\nx,1\n")
+    line = assert_user_error(run_script("--data", data))
+    assert "'Title'" in line and "'Score'" in line and "--text-column" in line
+    data = write_csv(tmp_path / "labels.csv", "text,label\na,x\nb,y\nc,z\n")
+    line = assert_user_error(run_script("--data", data))
+    assert "'x'" in line and "'y'" in line and "'z'" in line
+
+
+def test_unwritable_output_directory(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    assert_user_error(run_script("--data", TINY_CSV, "--output-dir", blocker), "is a file")
+    assert_user_error(run_script("--data", TINY_CSV, "--output-dir", blocker / "sub"), "cannot write")
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--epochs", "0"], "--epochs"),
+    (["--batch-size", "-1"], "--batch-size"),
+    (["--vocab-size", "2"], "--vocab-size"),
+    (["--test-fraction", "1.5"], "--test-fraction"),
+    (["--spatial-dropout", "1"], "--spatial-dropout"),
+    (["--blend-weight", "0.5", "--no-baseline"], "needs the baseline"),
+])
+def test_nonsense_flag_values(tmp_path, flags, fragment):
+    result = run_script("--data", TINY_CSV, "--output-dir", tmp_path, *flags)
+    assert_user_error(result, fragment)
+    assert not any(tmp_path.glob("*"))
+
+
+def test_unknown_flag_and_bad_choice_exit_with_usage():
+    for flags in (["--epoch", "1"], ["--arch", "transformer"], ["--epochs", "many"]):
+        result = run_script(*flags)
+        assert result.returncode == 2 and "usage:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_help_lists_the_options():
+    result = run_script("--help")
+    assert result.returncode == 0
+    for flag in ("--data", "--epochs", "--arch", "--embeddings", "--preset", "--no-baseline", "--no-show"):
+        assert flag in result.stdout
+
+
+# --- The pieces, in process -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw, expected", [
+    (["positive", "negative"], [1, 0]),
+    ([" Positive ", "NEGATIVE"], [1, 0]),
+    (["pos", "neg"], [1, 0]),
+    (["1", "0"], [1, 0]),
+    (["True", "false "], [1, 0]),
+    (["1.0", "0.0"], [1, 0]),
+])
+def test_label_variants(raw, expected):
+    assert sa.encode_labels(pd.Series(raw * 2)).tolist() == expected * 2
+
+
+def test_columns_found_case_insensitively_or_by_flag():
+    assert sa.find_column(["Review", "Sentiment"], sa.TEXT_COLUMN_NAMES, None, "text", "--x") == "Review"
+    assert sa.find_column(["TEXT", "label"], sa.TEXT_COLUMN_NAMES, None, "text", "--x") == "TEXT"
+    assert sa.find_column(["body", "y"], sa.TEXT_COLUMN_NAMES, "Body", "text", "--x") == "body"
+    with pytest.raises(sa.UserError, match="'body'"):
+        sa.find_column(["body", "y"], sa.TEXT_COLUMN_NAMES, None, "text", "--text-column")
+
+
+def test_column_overrides_end_to_end_reach_the_data(tmp_path):
+    rows = tiny_rows().rename(columns={"reviews": "body", "sentiment": "y"})
+    rows["y"] = rows["y"].map({"positive": "POS", "negative": "neg"})
+    data = tmp_path / "renamed.csv"
+    rows.to_csv(data, index=False)
+    config = sa.TrainConfig(data=str(data), text_column="body", label_column="y")
+    texts, labels, counts = sa.load_dataset(config)
+    assert counts["rows_used"] == len(rows)
+    assert labels.tolist() == (rows["y"] == "POS").astype(int).tolist()
+
+
+def test_drops_are_counted(tmp_path):
+    rows = tiny_rows(20)
+    extra = pd.DataFrame({"reviews": ["", "   ", "fine text", rows["reviews"][0], rows["reviews"][1]],
+                          "sentiment": ["positive", "negative", "", "positive", rows["sentiment"][1]]})
+    data = tmp_path / "messy.csv"
+    pd.concat([rows, extra]).to_csv(data, index=False)
+    texts, labels, counts = sa.load_dataset(sa.TrainConfig(data=str(data)))
+    assert counts["dropped"] == {"missing_text": 2, "missing_label": 1, "duplicate_text": 2}
+    assert counts["rows_used"] == len(texts) == len(labels) == 20
+    assert len(set(texts)) == len(texts)
+
+
+def test_latin1_file_is_read_with_a_warning(tmp_path, capsys):
+    rows = tiny_rows(20)
+    rows.loc[0, "reviews"] = "Un film très réussi, vraiment café"
+    data = tmp_path / "latin1.csv"
+    rows.to_csv(data, index=False, encoding="latin-1")
+    texts, labels, counts = sa.load_dataset(sa.TrainConfig(data=str(data)))
+    assert "très réussi" in texts[0]
+    assert "Latin-1" in capsys.readouterr().err
+
+
+def test_split_is_stratified_and_repeatable():
+    texts = np.array([f"review {i}" for i in range(200)], dtype=object)
+    labels = np.array([0, 1] * 100)
+    config = sa.TrainConfig(seed=3)
+    first, second = sa.split_dataset(texts, labels, config), sa.split_dataset(texts, labels, config)
+    for name in ("train", "validation", "test"):
+        assert first[name][0].tolist() == second[name][0].tolist()
+    assert len(first["test"][1]) == 40 and first["test"][1].sum() == 20
+    all_texts = np.concatenate([part[0] for part in first.values()])
+    assert len(set(all_texts)) == 200
+    other = sa.split_dataset(texts, labels, sa.TrainConfig(seed=4))
+    assert other["test"][0].tolist() != first["test"][0].tolist()
+
+
+def test_preset_values_yield_to_explicit_flags():
+    args = sa.build_train_parser().parse_args(["--preset", "best", "--epochs", "7"])
+    config = sa.config_from_args(args)
+    assert config.epochs == 7
+    for key, value in sa.PRESETS["best"].items():
+        if key != "epochs":
+            assert getattr(config, key) == value
+    assert sa.config_from_args(sa.build_train_parser().parse_args([])) == sa.TrainConfig()
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "report.txt"
+    with pytest.raises(RuntimeError):
+        with sa.atomic_path(target) as temporary:
+            temporary.write_text("half")
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+    sa.write_text(target, "whole")
+    assert target.read_text() == "whole" and list(tmp_path.iterdir()) == [target]
+
+
+def test_importing_the_script_is_light():
+    code = "import sys, sentiment_analysis; print('tensorflow' in sys.modules, 'sklearn' in sys.modules)"
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=sa.SCRIPT_DIR)
+    assert output.stdout.split() == ["False", "False"], output.stderr

@@ -1,0 +1,137 @@
+"""End-to-end training on the tiny CSV: every output file, its shape and its value ranges."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from conftest import TINY_CSV, train_tiny
+
+EXPECTED_FILES = ["model.keras", "metrics.json", "classification_report.txt", "history.csv", "errors.csv",
+                  "confusion_matrix.png", "roc_curve.png", "training_history.png"]
+METRIC_NAMES = ["accuracy", "precision", "recall", "f1", "roc_auc"]
+
+
+def check_scores(scores):
+    for name in METRIC_NAMES:
+        assert 0.0 <= scores[name] <= 1.0, (name, scores[name])
+    matrix = scores["confusion_matrix"]
+    assert len(matrix) == 2 and all(len(row) == 2 for row in matrix)
+    return sum(map(sum, matrix))
+
+
+def test_every_output_is_written(trained_dir):
+    for name in EXPECTED_FILES:
+        path = trained_dir / name
+        assert path.is_file() and path.stat().st_size > 0, name
+    for name in ("confusion_matrix.png", "roc_curve.png", "training_history.png"):
+        assert (trained_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    leftovers = [path.name for path in trained_dir.iterdir() if path.name.startswith(".")]
+    assert leftovers == [], "temporary files were left behind"
+    assert not (trained_dir / "training_state").exists(), "the resume state is removed after a finished run"
+
+
+def test_metrics_json_is_complete(trained_dir):
+    metrics = json.loads((trained_dir / "metrics.json").read_text())
+    rows = pd.read_csv(TINY_CSV)
+    assert metrics["model"] == "lstm"
+    test_rows = check_scores(metrics["test"])
+    check_scores(metrics["baseline"])
+    data = metrics["data"]
+    assert data["rows_read"] == len(rows)
+    assert set(data["dropped"]) == {"missing_text", "missing_label", "duplicate_text"}
+    assert data["train"] + data["validation"] + data["test"] == data["rows_used"]
+    assert data["test"] == test_rows == round(0.2 * data["rows_used"])
+    assert metrics["config"]["epochs"] == 1 and metrics["config"]["seed"] == 42
+    timing = metrics["timing"]
+    for key in ("load_s", "preprocess_s", "train_s", "total_s", "baseline_s"):
+        assert timing[key] >= 0
+    assert len(timing["epoch_s"]) == metrics["training"]["epochs_run"] == 1
+    assert timing["total_s"] >= timing["train_s"]
+
+
+def test_history_report_and_errors(trained_dir):
+    history = pd.read_csv(trained_dir / "history.csv")
+    assert list(history["epoch"]) == [1]
+    assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(history.columns)
+    report = (trained_dir / "classification_report.txt").read_text()
+    assert "negative" in report and "positive" in report and "accuracy" in report
+    errors = pd.read_csv(trained_dir / "errors.csv")
+    assert list(errors.columns) == ["text", "true_label", "predicted_label", "probability_positive"]
+    metrics = json.loads((trained_dir / "metrics.json").read_text())
+    matrix = metrics["test"]["confusion_matrix"]
+    assert len(errors) == min(100, matrix[0][1] + matrix[1][0])
+    assert (errors["true_label"] != errors["predicted_label"]).all()
+    confidence = (errors["probability_positive"] - 0.5).abs()
+    assert confidence.is_monotonic_decreasing
+
+
+@pytest.mark.parametrize("flags", [
+    ["--arch", "bilstm"],
+    ["--arch", "gru", "--layers", "2", "--units", "16"],
+    ["--embeddings", "random", "--lr-schedule", "constant", "--weight-decay", "0.01"],
+])
+def test_architecture_and_embedding_options_train(tmp_path, flags):
+    result = train_tiny(tmp_path, "--no-baseline", *flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    check_scores(metrics["test"])
+    assert "baseline" not in metrics
+    for flag, value in zip(flags[::2], flags[1::2]):
+        key = flag.lstrip("-").replace("-", "_")
+        assert str(metrics["config"][key]) == value
+
+
+def test_best_preset_reports_each_part_and_the_blend(tmp_path):
+    result = train_tiny(tmp_path, "--preset", "best")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["model"] == "blend" and metrics["config"]["blend_weight"] == "auto"
+    assert 0.0 <= metrics["blend_weight"] <= 1.0
+    for part in ("test", "lstm", "baseline"):
+        check_scores(metrics[part])
+    assert "blend" in result.stdout and "baseline" in result.stdout
+
+
+def test_same_seed_gives_the_same_run(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    for output_dir in (first, second):
+        result = train_tiny(output_dir, "--no-baseline", "--seed", "7")
+        assert result.returncode == 0, result.stderr[-3000:]
+    metrics = [json.loads((path / "metrics.json").read_text()) for path in (first, second)]
+    assert metrics[0]["test"] == metrics[1]["test"]
+    history = [pd.read_csv(path / "history.csv") for path in (first, second)]
+    pd.testing.assert_frame_equal(history[0], history[1])
+
+
+def test_exported_blend_scores_exactly_like_scikit_learn(tmp_path):
+    """The baseline inside the saved model gives scikit-learn's probabilities, for uni-, bi- and trigrams."""
+    import numpy as np
+
+    import sentiment_analysis as sa
+
+    rows = pd.read_csv(TINY_CSV)
+    texts, labels = rows["reviews"].to_numpy(object), (rows["sentiment"] == "positive").to_numpy(int)
+    config = sa.TrainConfig(vocab_size=500, max_length=50, baseline_ngrams=3)
+    baseline = sa.fit_baseline(sa.standardized_strings(texts[:150]), labels[:150], config)
+    expected = baseline.predict_proba(sa.standardized_strings(texts[150:]))[:, 1]
+    vectorizer = sa.make_vectorizer(texts[:150], config)
+    neural = sa.export_model(vectorizer, sa.build_classifier(config, len(vectorizer.get_vocabulary())))
+    sa.save_model(sa.export_blend(neural, baseline, 0.0), tmp_path / "blend.keras")
+    loaded = sa.load_model(tmp_path / "blend.keras")
+    np.testing.assert_allclose(sa.predict_strings(loaded, list(texts[150:])), expected, atol=1e-5)
+    half = sa.export_blend(neural, baseline, 0.5)
+    neural_part = sa.predict_strings(neural, list(texts[150:]))
+    np.testing.assert_allclose(sa.predict_strings(half, list(texts[150:])), 0.5 * neural_part + 0.5 * expected,
+                               atol=1e-5)
+
+
+def test_blend_weight_is_chosen_on_validation_data():
+    import numpy as np
+
+    import sentiment_analysis as sa
+
+    labels = np.array([0, 1] * 50)
+    good, noise = labels * 0.8 + 0.1, np.full(100, 0.5)
+    assert sa.choose_blend_weight(labels, good, noise) == 1.0
+    assert sa.choose_blend_weight(labels, noise, good) == 0.0
