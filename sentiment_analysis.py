@@ -257,23 +257,32 @@ def standardize_text(text):
     return tf.strings.regex_replace(text, r"[^\p{L}\p{N}!?]+", " ")
 
 
+def text_dataset(texts, batch_size: int = 2048):
+    """Batches of tf.string. (NumPy's astype(str) would make a fixed-width array as wide as the longest
+    review: gigabytes for IMDB.)"""
+    import tensorflow as tf
+
+    def batches():
+        for start in range(0, len(texts), batch_size):
+            yield tf.constant([str(text) for text in texts[start:start + batch_size]])
+
+    return tf.data.Dataset.from_generator(batches, output_signature=tf.TensorSpec((None,), tf.string))
+
+
 def make_vectorizer(texts, config: TrainConfig):
     """A TextVectorization layer adapted on the training texts; pads or cuts every review to max_length."""
-    import tensorflow as tf
     from keras import layers
 
     vectorizer = layers.TextVectorization(max_tokens=config.vocab_size, standardize=standardize_text,
                                           output_sequence_length=config.max_length, name="vectorizer")
-    vectorizer.adapt(tf.data.Dataset.from_tensor_slices(texts.astype(str)).batch(1024))
+    vectorizer.adapt(text_dataset(texts))
     return vectorizer
 
 
 def vectorize(vectorizer, texts) -> np.ndarray:
     """Token ids, right-padded with zeros to max_length, as int32 to halve the memory of int64."""
-    import tensorflow as tf
 
-    dataset = tf.data.Dataset.from_tensor_slices(texts.astype(str)).batch(2048)
-    return np.concatenate([vectorizer(batch).numpy().astype(np.int32) for batch in dataset])
+    return np.concatenate([vectorizer(batch).numpy().astype(np.int32) for batch in text_dataset(texts)])
 
 
 def bucket_boundaries(max_length: int) -> list[int]:
@@ -546,10 +555,8 @@ def train(classifier, train_data, val_data, config: TrainConfig, output_dir: Pat
 
 def standardized_strings(texts) -> list[str]:
     """The model's own standardization applied to Python strings, so the baseline sees the same words."""
-    import tensorflow as tf
 
-    dataset = tf.data.Dataset.from_tensor_slices(np.asarray(texts, dtype=object).astype(str)).batch(2048)
-    return [value.decode("utf-8") for batch in dataset for value in standardize_text(batch).numpy()]
+    return [value.decode("utf-8") for batch in text_dataset(texts) for value in standardize_text(batch).numpy()]
 
 
 def fit_baseline(train_texts, train_labels, config: TrainConfig):
@@ -971,7 +978,7 @@ def predict_strings(model, texts: list[str], batch_size: int = 256) -> np.ndarra
 
     if not texts:
         return np.empty(0)
-    inputs = tf.constant(np.asarray(texts, dtype=object).astype(str).reshape(-1, 1))
+    inputs = tf.reshape(tf.constant([str(text) for text in texts]), (-1, 1))
     return np.asarray(model.predict(inputs, batch_size=batch_size, verbose=0), dtype=np.float64).reshape(-1)
 
 
