@@ -432,11 +432,9 @@ def load_model(path: Path):
 
 
 def choose_strategy(config: TrainConfig):
-    """Several GPUs: MirroredStrategy; TF_CONFIG set: MultiWorkerMirroredStrategy; else the default."""
+    """Several GPUs (or --cpu-replicas N): MirroredStrategy; otherwise TensorFlow's default strategy."""
     import tensorflow as tf
 
-    if "TF_CONFIG" in os.environ:
-        return tf.distribute.MultiWorkerMirroredStrategy()
     gpus = tf.config.list_physical_devices("GPU")
     if len(gpus) > 1:
         return tf.distribute.MirroredStrategy()
@@ -446,14 +444,6 @@ def choose_strategy(config: TrainConfig):
                                                    config.cpu_replicas)
         return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(config.cpu_replicas)])
     return tf.distribute.get_strategy()
-
-
-def is_chief() -> bool:
-    """Only the chief of a multi-worker cluster writes the model, figures and reports."""
-    task = json.loads(os.environ.get("TF_CONFIG", "{}")).get("task", {})
-    return task.get("type", "chief") == "chief" or (task.get("type") == "worker" and task.get("index") == 0
-                                                     and "chief" not in json.loads(os.environ["TF_CONFIG"])
-                                                     .get("cluster", {}))
 
 
 def training_state_callback(state_dir: Path, stopper, fingerprint: dict):
@@ -822,9 +812,15 @@ def setup_tensorflow(config: TrainConfig):
 
 
 def run_training(config: TrainConfig) -> dict:
+    """The whole run: check, load, split, prepare, train, score, write. Returns the metrics report."""
     started = time.perf_counter()
     timing = {}
     validate_config(config)
+    if os.environ.get("TF_CONFIG"):
+        # Keras 3's fit() fails under MultiWorkerMirroredStrategy (keras-team/keras#20585): it all-reduces the
+        # first input batch to build the model. Say so now rather than after the data is prepared.
+        raise UserError("multi-worker training (TF_CONFIG is set) is not supported: Keras 3 fit() fails under "
+                        "MultiWorkerMirroredStrategy (keras-team/keras#20585); unset TF_CONFIG")
     output_dir = prepare_output_dir(Path(config.output_dir))
     texts, labels, counts = load_dataset(config)
     splits = split_dataset(texts, labels, config)
@@ -836,94 +832,112 @@ def run_training(config: TrainConfig) -> dict:
 
     tf = setup_tensorflow(config)
     strategy = choose_strategy(config)
-    replicas = strategy.num_replicas_in_sync
-    print(f"Strategy: {type(strategy).__name__} with {replicas} replica(s); TensorFlow {tf.__version__}")
-
+    print(f"Strategy: {type(strategy).__name__} with {strategy.num_replicas_in_sync} replica(s); "
+          f"TensorFlow {tf.__version__}")
     step_started = time.perf_counter()
-    (train_texts, train_labels), (val_texts, val_labels), (test_texts, test_labels) = splits.values()
-    vectorizer = make_vectorizer(train_texts, config)
-    vocabulary = vectorizer.get_vocabulary()
-    train_ids, val_ids, test_ids = (vectorize(vectorizer, part) for part in (train_texts, val_texts, test_texts))
-    global_batch = config.batch_size * replicas
-    several = replicas > 1
-    train_data = make_training_dataset(train_ids, train_labels, global_batch, config.max_length, config.seed,
-                                       drop_remainder=several)
-    val_data = make_training_dataset(val_ids, val_labels, global_batch, config.max_length, None,
-                                     drop_remainder=several)
-    if int(val_data.cardinality()) == 0 or int(train_data.cardinality()) == 0:
-        raise UserError(f"too few rows for batches of {global_batch} on {replicas} replicas; lower --batch-size")
-    steps_per_epoch = int(train_data.cardinality())
-    embedding_matrix = None
-    if config.embeddings == "word2vec":
-        print("Training Word2Vec on the training split ...")
-        embedding_matrix = word2vec_matrix(train_ids, vocabulary, config)
+    inputs = prepare_inputs(splits, config, strategy.num_replicas_in_sync)
     timing["preprocess_s"] = time.perf_counter() - step_started
-    print(f"Vocabulary {len(vocabulary)} words; {steps_per_epoch} batches per epoch")
 
     with strategy.scope():
-        classifier = build_classifier(config, len(vocabulary))
-        if embedding_matrix is not None:
-            classifier.get_layer("embedding").set_weights([embedding_matrix])
-        classifier.compile(optimizer=make_optimizer(config, steps_per_epoch), loss="binary_crossentropy",
-                           metrics=["accuracy"])
+        classifier = build_classifier(config, len(inputs["vocabulary"]))
+        if inputs["embedding_matrix"] is not None:
+            classifier.get_layer("embedding").set_weights([inputs["embedding_matrix"]])
+        classifier.compile(optimizer=make_optimizer(config, inputs["steps_per_epoch"]),
+                           loss="binary_crossentropy", metrics=["accuracy"])
     classifier.summary(print_fn=print)
-
     step_started = time.perf_counter()
-    training = train(classifier, train_data, val_data, config, output_dir)
+    training = train(classifier, inputs["train_data"], inputs["val_data"], config, output_dir)
     timing["train_s"] = time.perf_counter() - step_started
     timing["epoch_s"] = training["epoch_seconds"]
 
-    # Every choice (epochs, blend weight) is made on the validation split; the test split is only scored.
-    step_started = time.perf_counter()
-    probabilities = {"lstm": predict_token_ids(classifier, test_ids)}
-    timing["evaluate_s"] = time.perf_counter() - step_started
-    baseline, blend_weight = None, None
-    if config.baseline:
-        step_started = time.perf_counter()
-        print("Fitting the TF-IDF + logistic-regression baseline ...")
-        baseline = fit_baseline(standardized_strings(train_texts), train_labels, config)
-        probabilities["baseline"] = baseline.predict_proba(standardized_strings(test_texts))[:, 1]
-        timing["baseline_s"] = time.perf_counter() - step_started
-    if config.blend_weight is not None:
-        blend_weight = config.blend_weight
-        if blend_weight == "auto":
-            blend_weight = choose_blend_weight(val_labels, predict_token_ids(classifier, val_ids),
-                                               baseline.predict_proba(standardized_strings(val_texts))[:, 1])
-        print(f"Blend: {blend_weight:.2f} * LSTM + {1 - blend_weight:.2f} * baseline")
-        probabilities["blend"] = blend_weight * probabilities["lstm"] + (1 - blend_weight) * probabilities["baseline"]
+    probabilities, model, blend_weight, validation_accuracy = score_models(classifier, splits, inputs, config,
+                                                                           timing)
+    test_labels = splits["test"][1]
     results = {name: compute_metrics(test_labels, values) for name, values in probabilities.items()}
     primary = "blend" if blend_weight is not None else "lstm"
-
-    model = export_model(vectorizer, classifier)
-    if blend_weight is not None:
-        model = export_blend(model, baseline, blend_weight)
-    timing["total_s"] = time.perf_counter() - started
     report = {
         "model": primary,
         **({"blend_weight": blend_weight} if blend_weight is not None else {}),
+        **({"validation_accuracy": validation_accuracy} if validation_accuracy else {}),
         "test": results[primary],
-        **{name: scores for name, scores in results.items() if name != primary and name != "lstm"},
+        **{name: scores for name, scores in results.items() if name not in (primary, "lstm")},
         **({"lstm": results["lstm"]} if primary != "lstm" else {}),
         "data": counts,
         "config": dataclasses.asdict(config),
         "training": {key: training[key] for key in ("epochs_run", "best_epoch", "interrupted",
-                                                               "resumed_after_epoch")},
-        "timing": {key: (np.round(value, 2).tolist()) for key, value in timing.items()},
+                                                     "resumed_after_epoch")},
+        "timing": timing,
         "environment": {"python": platform.python_version(), "tensorflow": tf.__version__,
                         "machine": platform.platform(), "cpus": os.cpu_count(),
-                        "strategy": type(strategy).__name__, "replicas": replicas},
+                        "strategy": type(strategy).__name__, "replicas": strategy.num_replicas_in_sync},
     }
-    if is_chief():
-        write_outputs(output_dir, model, report, training["history"], test_texts, test_labels,
-                      probabilities, primary, config)
     print("\nTest set results:\n" + summary_table(results))
     print(f"\n{classification_report(test_labels, probabilities[primary])}")
-    print(f"Outputs written to {output_dir}/ in {timing['total_s']:.0f} s")
+    write_outputs(output_dir, model, report, training["history"], splits["test"], probabilities, config,
+                  started)
+    print(f"Outputs written to {output_dir}/; the whole run took {report['timing']['total_s']:.0f} s")
     return report
 
 
-def write_outputs(output_dir, model, report, history, test_texts, test_labels, probabilities, primary, config):
-    """Save the model, the reports and the figures, each file whole; show the figures if asked and able."""
+def prepare_inputs(splits: dict, config: TrainConfig, replicas: int) -> dict:
+    """Vocabulary, token ids, batched datasets and (with --embeddings word2vec) the starting embedding."""
+    train_texts, train_labels = splits["train"]
+    vectorizer = make_vectorizer(train_texts, config)
+    vocabulary = vectorizer.get_vocabulary()
+    ids = {name: vectorize(vectorizer, texts) for name, (texts, _) in splits.items()}
+    global_batch, several = config.batch_size * replicas, replicas > 1
+    train_data = make_training_dataset(ids["train"], train_labels, global_batch, config.max_length, config.seed,
+                                       drop_remainder=several)
+    val_data = make_training_dataset(ids["validation"], splits["validation"][1], global_batch, config.max_length,
+                                     None, drop_remainder=several)
+    if int(val_data.cardinality()) == 0 or int(train_data.cardinality()) == 0:
+        raise UserError(f"too few rows for batches of {global_batch} on {replicas} replicas; lower --batch-size")
+    embedding_matrix = None
+    if config.embeddings == "word2vec":
+        print("Training Word2Vec on the training split ...")
+        embedding_matrix = word2vec_matrix(ids["train"], vocabulary, config)
+    print(f"Vocabulary {len(vocabulary)} words; {int(train_data.cardinality())} batches per epoch")
+    return {"vectorizer": vectorizer, "vocabulary": vocabulary, "ids": ids, "train_data": train_data,
+            "val_data": val_data, "steps_per_epoch": int(train_data.cardinality()),
+            "embedding_matrix": embedding_matrix}
+
+
+def score_models(classifier, splits: dict, inputs: dict, config: TrainConfig, timing: dict):
+    """Test-set probabilities of the LSTM, the baseline and the blend; the model to save; the blend weight and,
+    when it was chosen here, the validation accuracy of each part.
+
+    Every choice (epochs, blend weight) is made on the validation split; the test split is only scored."""
+    step_started = time.perf_counter()
+    probabilities = {"lstm": predict_token_ids(classifier, inputs["ids"]["test"])}
+    timing["evaluate_s"] = time.perf_counter() - step_started
+    model = export_model(inputs["vectorizer"], classifier)
+    if not config.baseline:
+        return probabilities, model, None, None
+    step_started = time.perf_counter()
+    print("Fitting the TF-IDF + logistic-regression baseline ...")
+    (train_texts, train_labels), (val_texts, val_labels), (test_texts, _) = splits.values()
+    baseline = fit_baseline(standardized_strings(train_texts), train_labels, config)
+    probabilities["baseline"] = baseline.predict_proba(standardized_strings(test_texts))[:, 1]
+    timing["baseline_s"] = time.perf_counter() - step_started
+    if config.blend_weight is None:
+        return probabilities, model, None, None
+    weight, validation_accuracy = config.blend_weight, None
+    if weight == "auto":
+        validation = {"lstm": predict_token_ids(classifier, inputs["ids"]["validation"]),
+                      "baseline": baseline.predict_proba(standardized_strings(val_texts))[:, 1]}
+        weight = choose_blend_weight(val_labels, validation["lstm"], validation["baseline"])
+        validation["blend"] = weight * validation["lstm"] + (1 - weight) * validation["baseline"]
+        # Reported so that presets can be compared on validation data, never on the test set.
+        validation_accuracy = {name: round(float(np.mean((values >= 0.5) == val_labels)), 4)
+                               for name, values in validation.items()}
+    print(f"Blend: {weight:.2f} * LSTM + {1 - weight:.2f} * baseline")
+    probabilities["blend"] = weight * probabilities["lstm"] + (1 - weight) * probabilities["baseline"]
+    return probabilities, export_blend(model, baseline, weight), weight, validation_accuracy
+
+
+def write_outputs(output_dir, model, report, history, test_split, probabilities, config, started):
+    """Save the model, reports and figures, each file whole, metrics.json last with the total time; then show
+    the figures if asked and able."""
     import matplotlib
 
     show = config.show and display_available()
@@ -931,8 +945,9 @@ def write_outputs(output_dir, model, report, history, test_texts, test_labels, p
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    test_texts, test_labels = test_split
+    primary = report["model"]
     save_model(model, output_dir / "model.keras")
-    write_text(output_dir / "metrics.json", json.dumps(report, indent=2) + "\n")
     report_text = classification_report(test_labels, probabilities[primary])
     write_text(output_dir / "classification_report.txt",
                f"Test set, model: {primary}\n\n{report_text}\n{summary_table_from_report(report)}\n")
@@ -948,6 +963,9 @@ def write_outputs(output_dir, model, report, history, test_texts, test_labels, p
     }
     for name, figure in figures.items():
         save_figure(figure, output_dir / name)
+    report["timing"]["total_s"] = time.perf_counter() - started
+    report["timing"] = {key: np.round(value, 2).tolist() for key, value in report["timing"].items()}
+    write_text(output_dir / "metrics.json", json.dumps(report, indent=2) + "\n")
     if show:
         try:
             plt.show()

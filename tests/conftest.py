@@ -17,9 +17,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def run_script(*args, stdin=None, timeout=300, env_extra=None, cwd=None):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
-    env.pop("DISPLAY", None)
-    env.pop("TF_CONFIG", None)
+    env = {key: value for key, value in os.environ.items() if key not in ("DISPLAY", "TF_CONFIG")}
+    env.update({"PYTHONUNBUFFERED": "1", **(env_extra or {})})
     return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
                           input=stdin, timeout=timeout, env=env, cwd=cwd or ROOT)
 

@@ -9,7 +9,7 @@ import time
 
 import pandas as pd
 
-from conftest import SCRIPT, TINY_CSV, TINY_FLAGS, train_tiny
+from conftest import SCRIPT, TINY_CSV, TINY_FLAGS, assert_user_error, train_tiny
 
 # Many epochs with patience to match, so the run is still training when the test stops it.
 LONG_RUN = [*TINY_FLAGS, "--no-baseline", "--epochs", "8", "--patience", "8"]
@@ -87,3 +87,11 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["environment"]["replicas"] == 2
     assert 0.0 <= metrics["test"]["accuracy"] <= 1.0
+
+
+def test_multi_worker_config_is_refused_clearly(tmp_path):
+    cluster = json.dumps({"cluster": {"worker": ["127.0.0.1:23456", "127.0.0.1:23457"]},
+                          "task": {"type": "worker", "index": 0}})
+    result = train_tiny(tmp_path, env_extra={"TF_CONFIG": cluster})
+    assert_user_error(result, "TF_CONFIG", "keras-team/keras#20585")
+    assert not any(tmp_path.iterdir())
