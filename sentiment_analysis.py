@@ -142,8 +142,8 @@ def current_value(config: TrainConfig, message: str) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def read_csv(path: Path, nrows: int | None = None, chunksize: int | None = None):
-    """Read a CSV as text, falling back from UTF-8 to Latin-1 with a warning. Raises UserError on bad files."""
+def check_csv_file(path: Path) -> str:
+    """Refuse a missing, empty or binary file; return its encoding: UTF-8, or Latin-1 with a warning."""
     if not path.exists():
         raise UserError(f"data file not found: {path}")
     if path.is_dir():
@@ -154,19 +154,29 @@ def read_csv(path: Path, nrows: int | None = None, chunksize: int | None = None)
         raise UserError(f"the file is empty: {path}")
     if b"\x00" in head:
         raise UserError(f"not a CSV text file (it contains binary data): {path}")
-    encoding = "utf-8"
     try:
-        head.decode("utf-8")
-        with open(path, encoding="utf-8") as handle:  # Check the whole file; the head alone can pass.
+        with open(path, encoding="utf-8") as handle:  # The whole file: a clean head proves nothing.
             for _ in handle:
                 pass
     except UnicodeDecodeError:
-        encoding = "latin-1"
         print(f"warning: {path} is not valid UTF-8; reading it as Latin-1", file=sys.stderr)
+        return "latin-1"
+    return "utf-8"
+
+
+def read_csv(path: Path, encoding: str, **options):
+    """pandas.read_csv with every cell as text; a malformed file becomes a UserError."""
     try:
-        return pd.read_csv(path, encoding=encoding, nrows=nrows, chunksize=chunksize, dtype=str,
-                           keep_default_na=False, na_values=[""])
+        return pd.read_csv(path, encoding=encoding, dtype=str, keep_default_na=False, na_values=[""], **options)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as error:
+        raise UserError(f"could not parse {path} as CSV: {str(error).splitlines()[0]}") from None
+
+
+def read_csv_chunks(path: Path, encoding: str, chunk_rows: int):
+    """The CSV in DataFrames of chunk_rows rows, so memory stays bounded whatever the file's size."""
+    try:
+        yield from read_csv(path, encoding, chunksize=chunk_rows)
+    except (pd.errors.ParserError, ValueError) as error:
         raise UserError(f"could not parse {path} as CSV: {str(error).splitlines()[0]}") from None
 
 
@@ -199,7 +209,7 @@ def encode_labels(labels: pd.Series) -> np.ndarray:
 
 def load_dataset(config: TrainConfig) -> tuple[np.ndarray, np.ndarray, dict]:
     """Read the CSV and return (texts, labels, counts), with empty and duplicate reviews dropped and counted."""
-    frame = read_csv(Path(config.data), nrows=config.max_rows)
+    frame = read_csv(Path(config.data), check_csv_file(Path(config.data)), nrows=config.max_rows)
     if frame.empty:
         raise UserError(f"the CSV has a header but no rows: {config.data}")
     text_column = find_column(frame.columns, TEXT_COLUMN_NAMES, config.text_column, "text", "--text-column")
@@ -1013,17 +1023,19 @@ def predict_texts_command(model_path: Path, texts: list[str], threshold: float) 
 def predict_csv_command(model_path: Path, input_path: Path, output_path: Path, text_column: str | None,
                         threshold: float, chunk_rows: int = 5000) -> None:
     """Score a CSV in chunks (bounded memory); write every input column plus the prediction, whole or not at all."""
-    header = read_csv(input_path, nrows=0)
+    encoding = check_csv_file(input_path)
+    header = read_csv(input_path, encoding, nrows=0)
     column = find_column(header.columns, TEXT_COLUMN_NAMES, text_column, "text", "--text-column")
     check_output_file(output_path)
+    # Counting first gives the progress bar its total and finds a malformed row before anything is written.
+    total_rows = sum(len(chunk) for chunk in read_csv_chunks(input_path, encoding, 50000))
     model = load_model(model_path)
-    total_rows = count_csv_rows(input_path)
     import keras
 
     progress = keras.utils.Progbar(total_rows, unit_name="review") if total_rows else None
     done = 0
     with atomic_path(output_path) as temporary:
-        for index, chunk in enumerate(read_csv(input_path, chunksize=chunk_rows)):
+        for index, chunk in enumerate(read_csv_chunks(input_path, encoding, chunk_rows)):
             texts = chunk[column].fillna("").astype(str)
             present = texts.str.strip() != ""
             probabilities = np.full(len(chunk), np.nan)
@@ -1035,11 +1047,6 @@ def predict_csv_command(model_path: Path, input_path: Path, output_path: Path, t
             if progress is not None:
                 progress.update(done)
     print(f"Wrote {done} predictions to {output_path}", file=sys.stderr)
-
-
-def count_csv_rows(path: Path) -> int:
-    """Rows in the CSV (quoted newlines counted correctly), read in chunks to keep memory bounded."""
-    return sum(len(chunk) for chunk in read_csv(path, chunksize=50000))
 
 
 def check_output_file(path: Path) -> None:

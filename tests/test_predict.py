@@ -101,6 +101,10 @@ def test_predict_error_paths(trained_dir, tmp_path):
     assert_user_error(run_script("predict", "--model", model, "--input", TINY_CSV), "--output")
     assert_user_error(run_script("predict", "--model", model, "--input", tmp_path / "no.csv",
                                  "--output", tmp_path / "o.csv"), "not found")
+    malformed = tmp_path / "malformed.txt"
+    malformed.write_text("reviews\n" + "fine review\n" * 10 + '"never closed quote\n')
+    assert_user_error(run_script("predict", "--model", model, "--input", malformed,
+                                 "--output", tmp_path / "o.csv"), "could not parse")
     for output in (tmp_path, tmp_path / "missing_dir" / "out.csv"):
         assert_user_error(run_script("predict", "--model", model, "--input", TINY_CSV, "--output", output))
     assert list(tmp_path.glob("*.csv")) == []
