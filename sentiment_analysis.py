@@ -8,8 +8,8 @@ Run it:
     python sentiment_analysis.py predict --input my_reviews.csv --output predictions.csv
 
 The default model is the design card's: Embedding(vocab, 128) -> SpatialDropout1D(0.2) -> LSTM(100) ->
-Dense(1, sigmoid). Everything else (architectures, Word2Vec embeddings, the blend with the TF-IDF baseline)
-is an option on top of it. Outputs land in --output-dir (default outputs/): model.keras (takes raw strings),
+Dense(1, sigmoid), its embedding started from Word2Vec vectors trained on the training split. Everything else
+(other architectures, random embeddings, the blend with the TF-IDF baseline) is an option on top of it. Outputs land in --output-dir (default outputs/): model.keras (takes raw strings),
 metrics.json, classification_report.txt, history.csv, errors.csv and three figures.
 """
 
@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-# TensorFlow prints pages of C++ start-up logs; keep warnings and errors only, unless the user asked otherwise.
+# TensorFlow prints pages of C++ start-up logs; keep its errors only, unless the user asked otherwise.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 SCRIPT_DIR = Path(__file__).resolve().parent
@@ -291,7 +291,6 @@ def make_vectorizer(texts, config: TrainConfig):
 
 def vectorize(vectorizer, texts) -> np.ndarray:
     """Token ids, right-padded with zeros to max_length, as int32 to halve the memory of int64."""
-
     return np.concatenate([vectorizer(batch).numpy().astype(np.int32) for batch in text_dataset(texts)])
 
 
@@ -661,11 +660,15 @@ def compute_metrics(labels, probabilities, threshold: float = 0.5) -> dict:
 
 
 def choose_blend_weight(labels, neural, linear) -> float:
-    """The weight of the neural model (0 to 1 in steps of 0.05) with the lowest log loss on validation data."""
+    """The weight of the neural model (0 to 1 in steps of 0.05) with the lowest log loss on validation data.
+
+    Log loss, a proper scoring rule, varies smoothly with the weight; validation accuracy moves in steps of
+    single reviews and would make the choice noisy."""
     from sklearn.metrics import log_loss
 
     weights = np.round(np.arange(0, 1.0001, 0.05), 2)
-    losses = [log_loss(labels, np.clip(w * neural + (1 - w) * linear, 1e-7, 1 - 1e-7)) for w in weights]
+    losses = [log_loss(labels, np.clip(w * neural + (1 - w) * linear, 1e-7, 1 - 1e-7), labels=[0, 1])
+              for w in weights]
     return float(weights[int(np.argmin(losses))])
 
 
