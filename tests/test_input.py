@@ -194,3 +194,9 @@ def test_importing_the_script_is_light():
     code = "import sys, sentiment_analysis; print('tensorflow' in sys.modules, 'sklearn' in sys.modules)"
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=sa.SCRIPT_DIR)
     assert output.stdout.split() == ["False", "False"], output.stderr
+
+
+def test_max_rows_reads_only_the_first_rows():
+    texts, labels, counts = sa.load_dataset(sa.TrainConfig(data=str(TINY_CSV), max_rows=50))
+    assert counts["rows_read"] == 50
+    assert texts.tolist() == pd.read_csv(TINY_CSV)["reviews"].head(50).tolist()
