@@ -461,7 +461,25 @@ def choose_strategy(config: TrainConfig):
     return tf.distribute.get_strategy()
 
 
-def training_state_callback(state_dir: Path, stopper, fingerprint: dict):
+def read_training_state(state_dir: Path, fingerprint: dict) -> dict | None:
+    """The state a crashed run left in state_dir, if any; refused if it was saved with other settings."""
+    state_file = state_dir / "state.json"
+    if not state_file.is_file():
+        return None
+    saved = json.loads(state_file.read_text())
+    if saved["fingerprint"] != fingerprint:
+        raise UserError(f"the training state in {state_dir} was saved with other settings; "
+                        "run with the same flags to resume, or add --fresh to start over")
+    return saved
+
+
+def training_fingerprint(config: TrainConfig) -> dict:
+    """The settings a resumed run must share with the run that saved the state."""
+    return {key: value for key, value in dataclasses.asdict(config).items()
+            if key not in ("show", "fresh", "output_dir")}
+
+
+def training_state_callback(state_dir: Path, stopper, fingerprint: dict, saved: dict | None):
     """A Keras callback that records each epoch and saves what a crashed run needs to go on.
 
     After every epoch it writes the weights with the optimizer state, the early-stopping state and its best
@@ -472,16 +490,11 @@ def training_state_callback(state_dir: Path, stopper, fingerprint: dict):
     class TrainingState(keras.callbacks.Callback):
         def __init__(self):
             super().__init__()
+            self.saved = saved
             self.history, self.epoch_seconds, self.initial_epoch = {}, [], 0
-            self.saved = None
-            state_file = state_dir / "state.json"
-            if state_file.is_file():
-                self.saved = json.loads(state_file.read_text())
-                if self.saved["fingerprint"] != fingerprint:
-                    raise UserError(f"the training state in {state_dir} was saved with other settings; "
-                                    "run with the same flags to resume, or add --fresh to start over")
-                self.history, self.epoch_seconds = self.saved["history"], self.saved["epoch_seconds"]
-                self.initial_epoch = self.saved["epoch"]
+            if saved:
+                self.history, self.epoch_seconds, self.initial_epoch = (saved["history"], saved["epoch_seconds"],
+                                                                        saved["epoch"])
 
         def on_train_begin(self, logs=None):
             # Runs after EarlyStopping's own on_train_begin, which resets the state restored here.
@@ -517,18 +530,13 @@ def training_state_callback(state_dir: Path, stopper, fingerprint: dict):
     return TrainingState()
 
 
-def train(classifier, train_data, val_data, config: TrainConfig, output_dir: Path) -> dict:
+def train(classifier, train_data, val_data, config: TrainConfig, state_dir: Path, saved_state: dict | None):
     """Fit with early stopping on validation loss; survive Ctrl-C and resume after a crash."""
     import keras
 
-    state_dir = output_dir / "training_state"
-    if config.fresh and state_dir.exists():
-        shutil.rmtree(state_dir)
     stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience,
                                             restore_best_weights=True, verbose=1)
-    ignored = {"show", "fresh", "output_dir"}
-    fingerprint = {key: value for key, value in dataclasses.asdict(config).items() if key not in ignored}
-    state = training_state_callback(state_dir, stopper, fingerprint)
+    state = training_state_callback(state_dir, stopper, training_fingerprint(config), saved_state)
     if state.initial_epoch:
         print(f"Resuming after epoch {state.initial_epoch} from the state saved in {state_dir} "
               "(add --fresh to start over)")
@@ -841,6 +849,10 @@ def run_training(config: TrainConfig) -> dict:
         raise UserError("multi-worker training (TF_CONFIG is set) is not supported: Keras 3 fit() fails under "
                         "MultiWorkerMirroredStrategy (keras-team/keras#20585); unset TF_CONFIG")
     output_dir = prepare_output_dir(Path(config.output_dir))
+    state_dir = output_dir / "training_state"
+    if config.fresh:
+        shutil.rmtree(state_dir, ignore_errors=True)
+    saved_state = read_training_state(state_dir, training_fingerprint(config))
     texts, labels, counts = load_dataset(config)
     splits = split_dataset(texts, labels, config)
     counts.update({name: int(len(part[1])) for name, part in splits.items()})
@@ -865,7 +877,7 @@ def run_training(config: TrainConfig) -> dict:
                            loss="binary_crossentropy", metrics=["accuracy"])
     classifier.summary(print_fn=print)
     step_started = time.perf_counter()
-    training = train(classifier, inputs["train_data"], inputs["val_data"], config, output_dir)
+    training = train(classifier, inputs["train_data"], inputs["val_data"], config, state_dir, saved_state)
     timing["train_s"] = time.perf_counter() - step_started
     timing["epoch_s"] = training["epoch_seconds"]
 
