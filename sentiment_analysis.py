@@ -9,7 +9,8 @@ Run it:
 
 The default model is the design card's: Embedding(vocab, 128) -> SpatialDropout1D(0.2) -> LSTM(100) ->
 Dense(1, sigmoid), its embedding started from Word2Vec vectors trained on the training split. Everything else
-(other architectures, random embeddings, the blend with the TF-IDF baseline) is an option on top of it. Outputs land in --output-dir (default outputs/): model.keras (takes raw strings),
+(other architectures, random embeddings, the blend with the TF-IDF baseline) is an option on top of it.
+Outputs land in --output-dir (default outputs/): model.keras (takes raw strings),
 metrics.json, classification_report.txt, history.csv, errors.csv and three figures.
 """
 
@@ -581,8 +582,8 @@ def fit_baseline(train_texts, train_labels, config: TrainConfig):
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
 
-    features = TfidfVectorizer(ngram_range=(1, config.baseline_ngrams), sublinear_tf=True, min_df=2, max_df=0.95, lowercase=False,
-                               tokenizer=str.split, token_pattern=None, dtype=np.float32)
+    features = TfidfVectorizer(ngram_range=(1, config.baseline_ngrams), sublinear_tf=True, min_df=2, max_df=0.95,
+                               lowercase=False, tokenizer=str.split, token_pattern=None, dtype=np.float32)
     classifier = LogisticRegression(C=8.0, max_iter=1000, random_state=config.seed)
     return make_pipeline(features, classifier).fit(train_texts, train_labels)
 
@@ -745,7 +746,8 @@ def plot_roc_curves(labels, curves: dict):
     figure, axes = plt.subplots(figsize=(5.5, 5))
     for name, probabilities in curves.items():
         false_positive, true_positive, _ = roc_curve(labels, probabilities)
-        axes.plot(false_positive, true_positive, label=f"{name} (AUC = {roc_auc_score(labels, probabilities):.4f})")
+        auc = roc_auc_score(labels, probabilities)
+        axes.plot(false_positive, true_positive, label=f"{name} (AUC = {auc:.4f})")
     axes.plot([0, 1], [0, 1], linestyle="--", color="grey", label="chance")
     axes.set(xlabel="False positive rate", ylabel="True positive rate", title="ROC curve (test set)")
     axes.legend(loc="lower right")
@@ -1043,7 +1045,8 @@ def predict_texts_command(model_path: Path, texts: list[str], threshold: float) 
 
 def predict_csv_command(model_path: Path, input_path: Path, output_path: Path, text_column: str | None,
                         threshold: float, chunk_rows: int = 5000) -> None:
-    """Score a CSV in chunks (bounded memory); write every input column plus the prediction, whole or not at all."""
+    """Score a CSV in chunks (bounded memory); write every input column plus the prediction, whole or not at
+    all."""
     encoding = check_csv_file(input_path)
     header = read_csv(input_path, encoding, nrows=0)
     column = find_column(header.columns, TEXT_COLUMN_NAMES, text_column, "text", "--text-column")
@@ -1061,7 +1064,7 @@ def predict_csv_command(model_path: Path, input_path: Path, output_path: Path, t
             present = texts.str.strip() != ""
             probabilities = np.full(len(chunk), np.nan)
             probabilities[present.to_numpy()] = predict_strings(model, texts[present].tolist())
-            chunk["predicted_sentiment"] = [label_for(p, threshold) if not np.isnan(p) else "" for p in probabilities]
+            chunk["predicted_sentiment"] = ["" if np.isnan(p) else label_for(p, threshold) for p in probabilities]
             chunk["probability_positive"] = np.round(probabilities, 4)
             chunk.to_csv(temporary, mode="w" if index == 0 else "a", header=index == 0, index=False)
             done += len(chunk)
