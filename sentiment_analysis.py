@@ -86,7 +86,7 @@ class TrainConfig:
     baseline: bool = option(True, "also fit the TF-IDF + logistic-regression baseline on the same split")
     baseline_ngrams: int = option(2, "longest word n-gram in the baseline's TF-IDF features")
     blend_weight: float | str | None = option(None, "W in [0, 1] or auto (chosen on the validation split): also "
-                                              "report W * LSTM + (1 - W) * baseline and save that blend as "
+                                              "report W * neural + (1 - W) * baseline and save that blend as "
                                               "the model")
     show: bool = option(True, "show the figures in windows when a display is available")
     fresh: bool = option(False, "ignore a saved training state in the output directory and start over")
@@ -887,14 +887,15 @@ def run_training(config: TrainConfig) -> dict:
                                                                            timing)
     test_labels = splits["test"][1]
     results = {name: compute_metrics(test_labels, values) for name, values in probabilities.items()}
-    primary = "blend" if blend_weight is not None else "lstm"
+    neural = config.arch  # The neural model's results are named after it: lstm, bilstm or gru.
+    primary = "blend" if blend_weight is not None else neural
     report = {
         "model": primary,
         **({"blend_weight": blend_weight} if blend_weight is not None else {}),
         **({"validation_accuracy": validation_accuracy} if validation_accuracy else {}),
         "test": results[primary],
-        **{name: scores for name, scores in results.items() if name not in (primary, "lstm")},
-        **({"lstm": results["lstm"]} if primary != "lstm" else {}),
+        **{name: scores for name, scores in results.items() if name not in (primary, neural)},
+        **({neural: results[neural]} if primary != neural else {}),
         "data": counts,
         "config": dataclasses.asdict(config),
         "training": {key: training[key] for key in ("epochs_run", "best_epoch", "interrupted",
@@ -941,7 +942,8 @@ def score_models(classifier, splits: dict, inputs: dict, config: TrainConfig, ti
 
     Every choice (epochs, blend weight) is made on the validation split; the test split is only scored."""
     step_started = time.perf_counter()
-    probabilities = {"lstm": predict_token_ids(classifier, inputs["ids"]["test"])}
+    neural = config.arch
+    probabilities = {neural: predict_token_ids(classifier, inputs["ids"]["test"])}
     timing["evaluate_s"] = time.perf_counter() - step_started
     model = export_model(inputs["vectorizer"], classifier, config)
     if not config.baseline:
@@ -956,15 +958,15 @@ def score_models(classifier, splits: dict, inputs: dict, config: TrainConfig, ti
         return probabilities, model, None, None
     weight, validation_accuracy = config.blend_weight, None
     if weight == "auto":
-        validation = {"lstm": predict_token_ids(classifier, inputs["ids"]["validation"]),
+        validation = {neural: predict_token_ids(classifier, inputs["ids"]["validation"]),
                       "baseline": baseline.predict_proba(standardized_strings(val_texts))[:, 1]}
-        weight = choose_blend_weight(val_labels, validation["lstm"], validation["baseline"])
-        validation["blend"] = weight * validation["lstm"] + (1 - weight) * validation["baseline"]
+        weight = choose_blend_weight(val_labels, validation[neural], validation["baseline"])
+        validation["blend"] = weight * validation[neural] + (1 - weight) * validation["baseline"]
         # Reported so that presets can be compared on validation data, never on the test set.
         validation_accuracy = {name: round(float(np.mean((values >= 0.5) == val_labels)), 4)
                                for name, values in validation.items()}
-    print(f"Blend: {weight:.2f} * LSTM + {1 - weight:.2f} * baseline")
-    probabilities["blend"] = weight * probabilities["lstm"] + (1 - weight) * probabilities["baseline"]
+    print(f"Blend: {weight:.2f} * {neural} + {1 - weight:.2f} * baseline")
+    probabilities["blend"] = weight * probabilities[neural] + (1 - weight) * probabilities["baseline"]
     return probabilities, export_blend(model, baseline, weight), weight, validation_accuracy
 
 
@@ -1009,7 +1011,7 @@ def write_outputs(output_dir, model, report, history, test_split, probabilities,
 
 def summary_table_from_report(report: dict) -> str:
     scores = {report["model"]: report["test"]}
-    scores.update({name: report[name] for name in ("lstm", "baseline") if name in report})
+    scores.update({name: report[name] for name in (report["config"]["arch"], "baseline") if name in report})
     return summary_table(scores)
 
 

@@ -77,6 +77,7 @@ def test_architecture_and_embedding_options_train(tmp_path, flags):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     check_scores(metrics["test"])
     assert "baseline" not in metrics
+    assert metrics["model"] == metrics["config"]["arch"]
     for flag, value in zip(flags[::2], flags[1::2]):
         key = flag.lstrip("-").replace("-", "_")
         assert str(metrics["config"][key]) == value
