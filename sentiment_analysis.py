@@ -430,9 +430,13 @@ def export_model(vectorizer, classifier, config: TrainConfig):
     return keras.Model(text, predictor(vectorizer(text)), name="sentiment_model")
 
 
-def load_model(path: Path):
+def check_model_file(path: Path) -> None:
     if not path.is_file():
         raise UserError(f"model file not found: {path} (train one first: python sentiment_analysis.py)")
+
+
+def load_model(path: Path):
+    check_model_file(path)
     import keras
 
     try:
@@ -1147,6 +1151,7 @@ def run_predict(argv: list[str]) -> None:
     if not 0 < args.threshold < 1:
         raise UserError(f"--threshold must be between 0 and 1 (got {args.threshold})")
     model_path = Path(args.model)
+    check_model_file(model_path)  # Before reading any input, which can be a large CSV.
     if args.input:
         if args.texts:
             raise UserError("give either texts or --input, not both")
@@ -1170,8 +1175,6 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:1] == ["predict"]:
             run_predict(argv[1:])
         else:
-            if argv[:1] == ["train"]:
-                argv = argv[1:]
             report = run_training(config_from_args(build_train_parser().parse_args(argv)))
             if report["training"]["interrupted"]:
                 return 130  # The shell's code for Ctrl-C: the reports are written, but training was cut short.
