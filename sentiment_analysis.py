@@ -116,7 +116,7 @@ def validate_config(config: TrainConfig) -> None:
         (config.embedding_dim >= 1, "--embedding-dim must be at least 1"),
         (config.units >= 1, "--units must be at least 1"),
         (config.layers >= 1, "--layers must be at least 1"),
-        (config.patience >= 0, "--patience must be 0 or more"),
+        (config.patience >= 1, "--patience must be at least 1"),
         (config.learning_rate > 0, "--learning-rate must be positive"),
         (config.weight_decay >= 0, "--weight-decay must be 0 or more"),
         (0 <= config.spatial_dropout < 1, "--spatial-dropout must be in [0, 1)"),
@@ -312,8 +312,10 @@ def make_training_dataset(token_ids, labels, batch_size: int, max_length: int, s
                           drop_remainder: bool = False):
     """Batches of similar-length reviews, padded on the right only as far as the longest in the batch.
 
-    On several replicas each bucket's last partial batch is dropped: Keras 3 under MirroredStrategy fails on
-    batches that do not split evenly across the replicas (an AddN shape error)."""
+    On several replicas each bucket's last partial batch is dropped, so every batch splits evenly across them.
+    In a cluster every worker builds the same batches in the same order (same data, same seed) and keeps its
+    replicas' share of each one (tf.data's DATA auto-sharding): every worker then runs the same number of steps,
+    which the collective gradient sums need."""
     import tensorflow as tf
 
     boundaries = bucket_boundaries(max_length)
@@ -328,8 +330,11 @@ def make_training_dataset(token_ids, labels, batch_size: int, max_length: int, s
     dataset = dataset.bucket_by_sequence_length(
         lambda ids, label: tf.maximum(tf.shape(ids)[0], 1), boundaries, [batch_size] * (len(boundaries) + 1),
         drop_remainder=drop_remainder)
-    # Telling Keras the number of batches gives a progress bar with a total from the first epoch on.
-    return dataset.apply(tf.data.experimental.assert_cardinality(batches)).prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    # The number of batches is known up front: the loop runs exactly that many steps on every worker.
+    return dataset.apply(tf.data.experimental.assert_cardinality(batches)).with_options(options).prefetch(
+        tf.data.AUTOTUNE)
 
 
 def make_inference_dataset(token_ids, batch_size: int):
@@ -413,21 +418,29 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int):
         learning_rate = keras.optimizers.schedules.CosineDecay(
             config.learning_rate, decay_steps=max(1, steps_per_epoch * config.epochs), alpha=0.0)
     if config.weight_decay > 0:
-        return keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=config.weight_decay)
-    return keras.optimizers.Adam(learning_rate=learning_rate)
+        optimizer = keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=config.weight_decay)
+    else:
+        optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
+    if keras.mixed_precision.global_policy().name == "mixed_float16":
+        # Scales the loss up so float16 gradients do not underflow (what Keras' compile() does by itself).
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
 
 
-def export_model(vectorizer, classifier, config: TrainConfig):
-    """One model from raw strings to probabilities: the file is the whole predictor.
-
-    It wraps a fresh, uncompiled copy of the classifier, so the file carries no optimizer state (which would
-    triple its size)."""
+def export_model(vectorizer, classifier):
+    """One model from raw strings to probabilities: the file is the whole predictor."""
     import keras
 
-    predictor = build_classifier(config, classifier.get_layer("embedding").input_dim)
-    predictor.set_weights(classifier.get_weights())
     text = keras.Input(shape=(1,), dtype="string", name="text")
-    return keras.Model(text, predictor(vectorizer(text)), name="sentiment_model")
+    return keras.Model(text, classifier(vectorizer(text)), name="sentiment_model")
+
+
+def local_copy(classifier, config: TrainConfig):
+    """The trained classifier with plain variables on this machine, outside any distribution strategy: for
+    scoring and saving, on the chief alone."""
+    copy = build_classifier(config, classifier.get_layer("embedding").input_dim)
+    copy.set_weights(classifier.get_weights())
+    return copy
 
 
 def check_model_file(path: Path) -> None:
@@ -451,10 +464,38 @@ def load_model(path: Path):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def choose_strategy(config: TrainConfig):
-    """Several GPUs (or --cpu-replicas N): MirroredStrategy; otherwise TensorFlow's default strategy."""
+def cluster_role() -> dict | None:
+    """This process's place in a cluster described by TF_CONFIG, or None when TF_CONFIG is not set.
+
+    The chief (the task of type chief, or worker 0 when the cluster has no chief) writes the model, figures and
+    reports; the other workers only train. Checked before any expensive work."""
+    raw = os.environ.get("TF_CONFIG", "").strip()
+    if not raw:
+        return None
+    try:
+        description = json.loads(raw)
+        cluster, task = description["cluster"], description["task"]
+        task_type, index = task["type"], int(task["index"])
+        addresses = cluster[task_type]
+    except (ValueError, KeyError, TypeError) as error:
+        example = '{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": 0}}'
+        raise UserError(f"TF_CONFIG is not a cluster description like {example} "
+                        f"({type(error).__name__}: {error})") from None
+    if task_type not in ("chief", "worker") or set(cluster) - {"chief", "worker"}:
+        raise UserError(f"TF_CONFIG: only chief and worker tasks are supported (got {sorted(set(cluster))})")
+    if not 0 <= index < len(addresses):
+        raise UserError(f"TF_CONFIG: task index {index} is outside the {len(addresses)} {task_type} address(es)")
+    chief = task_type == "chief" or (index == 0 and "chief" not in cluster)
+    return {"chief": chief, "name": f"{task_type}-{index}", "workers": sum(map(len, cluster.values()))}
+
+
+def choose_strategy(config: TrainConfig, role: dict | None):
+    """TF_CONFIG set: MultiWorkerMirroredStrategy across the cluster's workers. Otherwise, with several GPUs
+    (or --cpu-replicas N): MirroredStrategy on this machine. Otherwise TensorFlow's default strategy."""
     import tensorflow as tf
 
+    if role:
+        return tf.distribute.MultiWorkerMirroredStrategy()
     gpus = tf.config.list_physical_devices("GPU")
     if len(gpus) > 1:
         return tf.distribute.MirroredStrategy()
@@ -464,6 +505,58 @@ def choose_strategy(config: TrainConfig):
                                                    config.cpu_replicas)
         return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(config.cpu_replicas)])
     return tf.distribute.get_strategy()
+
+
+def make_step_functions(classifier, optimizer, strategy):
+    """One training step and one validation step over a batch split across the strategy's replicas.
+
+    Each returns the batch's summed loss, number of correct predictions and number of reviews, added up over
+    all replicas (and workers), from which the epoch's mean loss and accuracy follow."""
+    import keras
+    import tensorflow as tf
+
+    replicas = strategy.num_replicas_in_sync
+
+    def sums(labels, outputs):
+        # The model's own (batch, 1) output: Keras then computes the loss from the sigmoid's input, which is
+        # exact for confident predictions, where clipped probabilities would cap the loss.
+        losses = keras.losses.binary_crossentropy(labels[:, None], outputs)
+        correct = tf.cast((outputs[:, 0] >= 0.5) == (labels >= 0.5), tf.float32)
+        return losses, [tf.reduce_sum(losses), tf.reduce_sum(correct), tf.cast(tf.size(labels), tf.float32)]
+
+    def train_batch(token_ids, labels):
+        with tf.GradientTape() as tape:
+            losses, batch_sums = sums(labels, classifier(token_ids, training=True))
+            # Keras' own rule: the mean over this replica's batch divided by the number of replicas, because
+            # the optimizer sums the replicas' gradients.
+            loss = optimizer.scale_loss(tf.reduce_mean(losses) / replicas)
+        gradients = tape.gradient(loss, classifier.trainable_variables)
+        optimizer.apply(gradients, classifier.trainable_variables)
+        return batch_sums
+
+    def validation_batch(token_ids, labels):
+        return sums(labels, classifier(token_ids, training=False))[1]
+
+    def on_all_replicas(batch_function):
+        @tf.function
+        def step(iterator):
+            per_replica = strategy.run(batch_function, args=next(iterator))
+            return [strategy.reduce("SUM", value, axis=None) for value in per_replica]
+        return step
+
+    return on_all_replicas(train_batch), on_all_replicas(validation_batch)
+
+
+def run_epoch(step, dataset, steps: int, progress=None) -> dict:
+    """Run `step` over one pass of the distributed dataset; the mean loss and accuracy per review."""
+    loss, correct, count = 0.0, 0.0, 0.0
+    iterator = iter(dataset)
+    for index in range(steps):
+        batch_loss, batch_correct, batch_count = (float(value) for value in step(iterator))
+        loss, correct, count = loss + batch_loss, correct + batch_correct, count + batch_count
+        if progress:
+            progress.update(index + 1, [("loss", loss / count), ("accuracy", correct / count)], finalize=False)
+    return {"loss": loss / count, "accuracy": correct / count}
 
 
 def read_training_state(state_dir: Path, fingerprint: dict) -> dict | None:
@@ -484,85 +577,114 @@ def training_fingerprint(config: TrainConfig) -> dict:
             if key not in ("show", "fresh", "output_dir")}
 
 
-def training_state_callback(state_dir: Path, stopper, fingerprint: dict, saved: dict | None):
-    """A Keras callback that records each epoch and saves what a crashed run needs to go on.
+def save_training_state(state_dir: Path, progress: dict, variables, best_weights) -> None:
+    """Everything a crashed run needs to go on after this epoch: all model and optimizer variables (weights,
+    Adam moments, step count, dropout seed state), the best weights so far, and the epoch's records.
 
-    After every epoch it writes the weights with the optimizer state, the early-stopping state and its best
-    weights, and last state.json naming those files: a crash at any moment leaves the previous complete
-    state. A finished run removes the directory. (Made on first use so importing this file stays light.)"""
+    The arrays go first and state.json, naming them, last (each written whole): a crash at any moment leaves
+    the previous complete state."""
+    state_dir.mkdir(exist_ok=True)
+    arrays_name = f"epoch-{progress['epoch']}.npz"
+    arrays = {f"variable_{i}": variable.numpy() for i, variable in enumerate(variables)}
+    arrays.update({f"best_{i}": weight for i, weight in enumerate(best_weights or [])})
+    with atomic_path(state_dir / arrays_name) as temporary:
+        np.savez(temporary, **arrays)
+    write_text(state_dir / "state.json", json.dumps({**progress, "arrays": arrays_name}))
+    for path in state_dir.iterdir():
+        if path.name not in {"state.json", arrays_name}:
+            path.unlink()
+
+
+def restore_training_state(state_dir: Path, saved: dict, variables) -> list | None:
+    """Put the saved variables back; return the best weights saved with them."""
+    with np.load(state_dir / saved["arrays"]) as arrays:
+        for i, variable in enumerate(variables):
+            variable.assign(arrays[f"variable_{i}"])
+        best = sorted((name for name in arrays.files if name.startswith("best_")), key=lambda n: int(n[5:]))
+        return [arrays[name] for name in best] or None
+
+
+def check_workers_agree(strategy, epoch: int) -> None:
+    """In a cluster every worker must resume from the same epoch, or their steps would not line up."""
+    import tensorflow as tf
+
+    def this_worker():
+        return tf.constant([epoch])
+
+    @tf.function
+    def every_worker():
+        return strategy.gather(strategy.run(this_worker), axis=0)
+
+    epochs = sorted(set(every_worker().numpy().tolist()))
+    if len(epochs) > 1:
+        raise UserError(f"the workers saved training states of different epochs ({epochs}); "
+                        "run every worker with --fresh")
+
+
+def train(classifier, optimizer, strategy, inputs: dict, config: TrainConfig, state_dir: Path,
+          saved_state: dict | None, multi_worker: bool) -> dict:
+    """Train with early stopping on validation loss and keep the best weights; save the training state after
+    every epoch so that a crashed run continues; on Ctrl-C stop and keep the best weights so far.
+
+    One loop for every setup: the strategy runs each step on its replicas, whether that is this CPU, several
+    GPUs or the workers of a cluster. Not Keras' fit(): in Keras 3.15 it fails under
+    MultiWorkerMirroredStrategy (keras-team/keras#20585)."""
     import keras
 
-    class TrainingState(keras.callbacks.Callback):
-        def __init__(self):
-            super().__init__()
-            self.saved = saved
-            self.history, self.epoch_seconds, self.initial_epoch = {}, [], 0
-            if saved:
-                self.history, self.epoch_seconds, self.initial_epoch = (saved["history"], saved["epoch_seconds"],
-                                                                        saved["epoch"])
-
-        def on_train_begin(self, logs=None):
-            # Runs after EarlyStopping's own on_train_begin, which resets the state restored here.
-            if self.saved:
-                self.model.load_weights(state_dir / self.saved["weights"])
-                with np.load(state_dir / self.saved["best_weights"]) as arrays:
-                    stopper.best_weights = [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
-                stopper.best, stopper.wait, stopper.best_epoch = (self.saved["best"], self.saved["wait"],
-                                                                  self.saved["best_epoch"])
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self.started = time.perf_counter()
-
-        def on_epoch_end(self, epoch, logs=None):
-            self.epoch_seconds.append(time.perf_counter() - self.started)
-            for name, value in (logs or {}).items():
-                self.history.setdefault(name, []).append(float(value))
-            state_dir.mkdir(exist_ok=True)
-            weights, best_weights = f"epoch-{epoch + 1}.weights.h5", f"best-after-epoch-{epoch + 1}.npz"
-            self.model.save_weights(state_dir / weights)
-            np.savez(state_dir / best_weights, *stopper.best_weights)
-            state = {"epoch": epoch + 1, "weights": weights, "best_weights": best_weights,
-                     "best": float(stopper.best), "wait": stopper.wait, "best_epoch": stopper.best_epoch,
-                     "history": self.history, "epoch_seconds": self.epoch_seconds, "fingerprint": fingerprint}
-            write_text(state_dir / "state.json", json.dumps(state))
-            for path in state_dir.iterdir():
-                if path.name not in {"state.json", weights, best_weights}:
-                    path.unlink()
-
-        def on_train_end(self, logs=None):
-            shutil.rmtree(state_dir, ignore_errors=True)
-
-    return TrainingState()
-
-
-def train(classifier, train_data, val_data, config: TrainConfig, state_dir: Path, saved_state: dict | None):
-    """Fit with early stopping on validation loss; survive Ctrl-C and resume after a crash."""
-    import keras
-
-    stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience,
-                                            restore_best_weights=True, verbose=1)
-    state = training_state_callback(state_dir, stopper, training_fingerprint(config), saved_state)
-    if state.initial_epoch:
-        print(f"Resuming after epoch {state.initial_epoch} from the state saved in {state_dir} "
+    train_step, validation_step = make_step_functions(classifier, optimizer, strategy)
+    train_data = strategy.experimental_distribute_dataset(inputs["train_data"])
+    val_data = strategy.experimental_distribute_dataset(inputs["val_data"])
+    variables = classifier.variables + optimizer.variables
+    progress = {"epoch": 0, "history": {}, "epoch_seconds": [], "best_loss": math.inf, "best_epoch": None,
+                "wait": 0, "fingerprint": training_fingerprint(config)}
+    best_weights = None
+    if saved_state:
+        best_weights = restore_training_state(state_dir, saved_state, variables)
+        progress.update({key: saved_state[key] for key in progress})
+        print(f"Resuming after epoch {progress['epoch']} from the state saved in {state_dir} "
               "(add --fresh to start over)")
-    interrupted = False
+    if multi_worker:
+        check_workers_agree(strategy, progress["epoch"])
+    resumed_after_epoch, interrupted = progress["epoch"], False
+    names = ["loss", "accuracy", "val_loss", "val_accuracy"]
     try:
-        classifier.fit(train_data, validation_data=val_data, epochs=config.epochs, callbacks=[stopper, state],
-                       initial_epoch=state.initial_epoch, shuffle=False, verbose=1 if sys.stdout.isatty() else 2)
+        while progress["epoch"] < config.epochs and progress["wait"] < config.patience:
+            print(f"Epoch {progress['epoch'] + 1}/{config.epochs}")
+            started = time.perf_counter()
+            bar = keras.utils.Progbar(inputs["steps_per_epoch"], verbose=1 if sys.stdout.isatty() else 2,
+                                      stateful_metrics=names)
+            scores = run_epoch(train_step, train_data, inputs["steps_per_epoch"], bar)
+            validation = run_epoch(validation_step, val_data, inputs["validation_steps"])
+            scores.update({f"val_{name}": value for name, value in validation.items()})
+            bar.update(inputs["steps_per_epoch"], list(scores.items()), finalize=True)
+            progress["epoch"] += 1
+            progress["epoch_seconds"].append(time.perf_counter() - started)
+            for name in names:
+                progress["history"].setdefault(name, []).append(scores[name])
+            if scores["val_loss"] < progress["best_loss"]:
+                progress.update(best_loss=scores["val_loss"], best_epoch=progress["epoch"], wait=0)
+                best_weights = classifier.get_weights()
+            else:
+                progress["wait"] += 1
+            save_training_state(state_dir, progress, variables, best_weights)
+        if progress["wait"] >= config.patience:
+            print(f"Early stopping: no lower validation loss in the last {progress['wait']} epoch(s)")
     except KeyboardInterrupt:
         interrupted = True
         print(f"\nInterrupted: evaluating the best weights so far. The training state stays in {state_dir}: "
               "run the same command to continue.", file=sys.stderr)
-        if stopper.best_weights is not None:
-            classifier.set_weights(stopper.best_weights)
-    losses = state.history.get("val_loss", [])
+    if best_weights is not None:
+        print(f"Keeping the weights of epoch {progress['best_epoch']}, the lowest validation loss")
+        classifier.set_weights(best_weights)
+    if not interrupted:
+        shutil.rmtree(state_dir, ignore_errors=True)
     return {
-        "history": state.history,
-        "epoch_seconds": state.epoch_seconds,
-        "epochs_run": len(state.history.get("loss", [])),
-        "best_epoch": int(np.argmin(losses)) + 1 if losses else None,
+        "history": progress["history"],
+        "epoch_seconds": progress["epoch_seconds"],
+        "epochs_run": progress["epoch"],
+        "best_epoch": progress["best_epoch"],
         "interrupted": interrupted,
-        "resumed_after_epoch": state.initial_epoch,
+        "resumed_after_epoch": resumed_after_epoch,
     }
 
 
@@ -829,8 +951,10 @@ def prepare_output_dir(path: Path) -> Path:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def setup_tensorflow(config: TrainConfig):
-    """Seed everything and make ops deterministic, so the same seed gives the same run on the same machine."""
+def setup_tensorflow(config: TrainConfig, role: dict | None):
+    """Choose the distribution strategy (first: a cluster's must exist before any other TensorFlow work), then
+    seed everything and make ops deterministic, so the same seed gives the same run on the same machine."""
+    strategy = choose_strategy(config, role)
     import keras
     import tensorflow as tf
 
@@ -841,7 +965,7 @@ def setup_tensorflow(config: TrainConfig):
             keras.mixed_precision.set_global_policy("mixed_float16")
         else:
             print("warning: --mixed-precision needs a GPU; training in float32", file=sys.stderr)
-    return tf
+    return tf, strategy
 
 
 def run_training(config: TrainConfig) -> dict:
@@ -849,13 +973,12 @@ def run_training(config: TrainConfig) -> dict:
     started = time.perf_counter()
     timing = {}
     validate_config(config)
-    if os.environ.get("TF_CONFIG"):
-        # Keras 3's fit() fails under MultiWorkerMirroredStrategy (keras-team/keras#20585): it all-reduces the
-        # first input batch to build the model. Say so now rather than after the data is prepared.
-        raise UserError("multi-worker training (TF_CONFIG is set) is not supported: Keras 3 fit() fails under "
-                        "MultiWorkerMirroredStrategy (keras-team/keras#20585); unset TF_CONFIG")
+    role = cluster_role()
+    if role and config.cpu_replicas > 1:
+        raise UserError("--cpu-replicas cannot be combined with TF_CONFIG: each worker uses its own devices")
     output_dir = prepare_output_dir(Path(config.output_dir))
-    state_dir = output_dir / "training_state"
+    # Every worker of a cluster keeps its own training state; only the chief writes the outputs.
+    state_dir = output_dir / ("training_state" if not role or role["chief"] else f"training_state-{role['name']}")
     if config.fresh:
         shutil.rmtree(state_dir, ignore_errors=True)
     saved_state = read_training_state(state_dir, training_fingerprint(config))
@@ -867,9 +990,11 @@ def run_training(config: TrainConfig) -> dict:
     print(f"Read {counts['rows_read']} rows from {config.data}; dropped {counts['dropped']}; "
           f"train {counts['train']}, validation {counts['validation']}, test {counts['test']}")
 
-    tf = setup_tensorflow(config)
-    strategy = choose_strategy(config)
-    print(f"Strategy: {type(strategy).__name__} with {strategy.num_replicas_in_sync} replica(s); "
+    tf, strategy = setup_tensorflow(config, role)
+    # TensorFlow's class for MultiWorkerMirroredStrategy is called CollectiveAllReduceStrategy.
+    strategy_name = "MultiWorkerMirroredStrategy" if role else type(strategy).__name__
+    cluster = f" on {role['workers']} worker(s); this is {role['name']}" if role else ""
+    print(f"Strategy: {strategy_name} with {strategy.num_replicas_in_sync} replica(s){cluster}; "
           f"TensorFlow {tf.__version__}")
     step_started = time.perf_counter()
     inputs = prepare_inputs(splits, config, strategy.num_replicas_in_sync)
@@ -879,13 +1004,17 @@ def run_training(config: TrainConfig) -> dict:
         classifier = build_classifier(config, len(inputs["vocabulary"]))
         if inputs["embedding_matrix"] is not None:
             classifier.get_layer("embedding").set_weights([inputs["embedding_matrix"]])
-        classifier.compile(optimizer=make_optimizer(config, inputs["steps_per_epoch"]),
-                           loss="binary_crossentropy", metrics=["accuracy"])
+        optimizer = make_optimizer(config, inputs["steps_per_epoch"])
+        optimizer.build(classifier.trainable_variables)
     classifier.summary(print_fn=print)
     step_started = time.perf_counter()
-    training = train(classifier, inputs["train_data"], inputs["val_data"], config, state_dir, saved_state)
+    training = train(classifier, optimizer, strategy, inputs, config, state_dir, saved_state, role is not None)
     timing["train_s"] = time.perf_counter() - step_started
     timing["epoch_s"] = training["epoch_seconds"]
+    if role and not role["chief"]:
+        print("Training done; the chief writes the model and the reports.")
+        return {"training": training}
+    classifier = local_copy(classifier, config)
 
     probabilities, model, blend_weight, validation_accuracy = score_models(classifier, splits, inputs, config,
                                                                            timing)
@@ -907,7 +1036,7 @@ def run_training(config: TrainConfig) -> dict:
         "timing": timing,
         "environment": {"python": platform.python_version(), "tensorflow": tf.__version__,
                         "machine": platform.platform(), "cpus": os.cpu_count(),
-                        "strategy": type(strategy).__name__, "replicas": strategy.num_replicas_in_sync},
+                        "strategy": strategy_name, "replicas": strategy.num_replicas_in_sync},
     }
     print("\nTest set results:\n" + summary_table(results))
     print(f"\n{classification_report(test_labels, probabilities[primary])}")
@@ -937,7 +1066,7 @@ def prepare_inputs(splits: dict, config: TrainConfig, replicas: int) -> dict:
     print(f"Vocabulary {len(vocabulary)} words; {int(train_data.cardinality())} batches per epoch")
     return {"vectorizer": vectorizer, "vocabulary": vocabulary, "ids": ids, "train_data": train_data,
             "val_data": val_data, "steps_per_epoch": int(train_data.cardinality()),
-            "embedding_matrix": embedding_matrix}
+            "validation_steps": int(val_data.cardinality()), "embedding_matrix": embedding_matrix}
 
 
 def score_models(classifier, splits: dict, inputs: dict, config: TrainConfig, timing: dict):
@@ -949,7 +1078,7 @@ def score_models(classifier, splits: dict, inputs: dict, config: TrainConfig, ti
     neural = config.arch
     probabilities = {neural: predict_token_ids(classifier, inputs["ids"]["test"])}
     timing["evaluate_s"] = time.perf_counter() - step_started
-    model = export_model(inputs["vectorizer"], classifier, config)
+    model = export_model(inputs["vectorizer"], classifier)
     if not config.baseline:
         return probabilities, model, None, None
     step_started = time.perf_counter()

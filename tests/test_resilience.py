@@ -1,13 +1,15 @@
-"""Crash and Ctrl-C during training, and the multi-device path on logical CPU devices."""
+"""Crash and Ctrl-C during training, several devices (logical CPUs) and two workers on 127.0.0.1."""
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 import pandas as pd
+import pytest
 
 from conftest import SCRIPT, TINY_CSV, TINY_FLAGS, assert_user_error, train_tiny
 
@@ -15,8 +17,9 @@ from conftest import SCRIPT, TINY_CSV, TINY_FLAGS, assert_user_error, train_tiny
 LONG_RUN = [*TINY_FLAGS, "--no-baseline", "--epochs", "8", "--patience", "8"]
 
 
-def start_training(output_dir, flags):
+def start_training(output_dir, flags, env_extra=None):
     env = {key: value for key, value in os.environ.items() if key not in ("DISPLAY", "TF_CONFIG")}
+    env.update(env_extra or {})
     command = [sys.executable, str(SCRIPT), "--data", str(TINY_CSV), "--output-dir", str(output_dir), *flags]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
@@ -89,9 +92,59 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
     assert 0.0 <= metrics["test"]["accuracy"] <= 1.0
 
 
-def test_multi_worker_config_is_refused_clearly(tmp_path):
-    cluster = json.dumps({"cluster": {"worker": ["127.0.0.1:23456", "127.0.0.1:23457"]},
-                          "task": {"type": "worker", "index": 0}})
-    result = train_tiny(tmp_path, env_extra={"TF_CONFIG": cluster})
-    assert_user_error(result, "TF_CONFIG", "keras-team/keras#20585")
-    assert not any(tmp_path.iterdir())
+def free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def test_two_workers_train_together_and_only_the_chief_writes(tmp_path):
+    """The README's one-machine cluster: the same command on two ports of 127.0.0.1, one TF_CONFIG each."""
+    addresses = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    workers = []
+    for index in range(2):
+        config = json.dumps({"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}})
+        # Two reviews per replica: the tiny validation split still makes whole batches for both workers.
+        flags = [*TINY_FLAGS, "--no-baseline", "--batch-size", "2"]
+        workers.append(start_training(tmp_path / f"worker-{index}", flags, env_extra={"TF_CONFIG": config}))
+    try:
+        outputs = [worker.communicate(timeout=400) for worker in workers]
+    finally:
+        for worker in workers:
+            worker.kill()
+    for worker, (stdout, stderr) in zip(workers, outputs):
+        assert worker.returncode == 0, stderr[-3000:]
+        assert "MultiWorkerMirroredStrategy with 2 replica(s) on 2 worker(s)" in stdout
+    chief, other = tmp_path / "worker-0", tmp_path / "worker-1"
+    metrics = json.loads((chief / "metrics.json").read_text())
+    assert metrics["environment"]["strategy"] == "MultiWorkerMirroredStrategy"
+    assert metrics["environment"]["replicas"] == 2 and metrics["training"]["epochs_run"] == 1
+    assert (chief / "model.keras").is_file() and not (chief / "training_state").exists()
+    assert "the chief writes" in outputs[1][0]
+    assert list(other.iterdir()) == [], "a worker that is not the chief writes nothing"
+    # Both workers ran the same steps on the same batches, split between them.
+    epoch_lines = [[line for line in stdout.splitlines() if "val_loss" in line] for stdout, _ in outputs]
+    assert len(epoch_lines[0]) == 1
+    assert epoch_lines[0][0].split(" - loss")[1] == epoch_lines[1][0].split(" - loss")[1]
+
+
+@pytest.mark.parametrize("tf_config, fragment", [
+    ("{not json", "TF_CONFIG is not a cluster description"),
+    ('{"cluster": {"worker": ["127.0.0.1:1"]}}', "TF_CONFIG is not a cluster description"),
+    ('{"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker", "index": 3}}', "task index 3"),
+    ('{"cluster": {"worker": ["a:1"], "ps": ["b:1"]}, "task": {"type": "worker", "index": 0}}', "only chief"),
+])
+def test_bad_tf_config_is_a_clear_error(tmp_path, tf_config, fragment):
+    result = train_tiny(tmp_path / "out", env_extra={"TF_CONFIG": tf_config})
+    assert_user_error(result, fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cpu_replicas_with_tf_config_is_refused(tmp_path):
+    tf_config = '{"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker", "index": 0}}'
+    result = train_tiny(tmp_path, "--cpu-replicas", "2", env_extra={"TF_CONFIG": tf_config})
+    assert_user_error(result, "--cpu-replicas", "TF_CONFIG")

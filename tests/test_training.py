@@ -117,7 +117,7 @@ def test_exported_blend_scores_exactly_like_scikit_learn(tmp_path):
     baseline = sa.fit_baseline(sa.standardized_strings(texts[:150]), labels[:150], config)
     expected = baseline.predict_proba(sa.standardized_strings(texts[150:]))[:, 1]
     vectorizer = sa.make_vectorizer(texts[:150], config)
-    neural = sa.export_model(vectorizer, sa.build_classifier(config, len(vectorizer.get_vocabulary())), config)
+    neural = sa.export_model(vectorizer, sa.build_classifier(config, len(vectorizer.get_vocabulary())))
     sa.save_model(sa.export_blend(neural, baseline, 0.0), tmp_path / "blend.keras")
     loaded = sa.load_model(tmp_path / "blend.keras")
     np.testing.assert_allclose(sa.predict_strings(loaded, list(texts[150:])), expected, atol=1e-5)
