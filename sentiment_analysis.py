@@ -315,7 +315,10 @@ def make_training_dataset(token_ids, labels, batch_size: int, max_length: int, s
     On several replicas each bucket's last partial batch is dropped, so every batch splits evenly across them.
     In a cluster every worker builds the same batches in the same order (same data, same seed) and keeps its
     replicas' share of each one (tf.data's DATA auto-sharding): every worker then runs the same number of steps,
-    which the collective gradient sums need."""
+    which the collective gradient sums need.
+
+    Training builds one such dataset per epoch, shuffled with a seed of that epoch's own, so that a resumed
+    run sees the same batches as one that was never interrupted."""
     import tensorflow as tf
 
     boundaries = bucket_boundaries(max_length)
@@ -324,9 +327,9 @@ def make_training_dataset(token_ids, labels, batch_size: int, max_length: int, s
 
     dataset = tf.data.Dataset.from_tensor_slices((token_ids, labels.astype(np.float32)))
     dataset = dataset.map(lambda ids, label: (ids[: tf.math.count_nonzero(ids, dtype=tf.int32)], label),
-                          num_parallel_calls=tf.data.AUTOTUNE).cache()
+                          num_parallel_calls=tf.data.AUTOTUNE)
     if shuffle_seed is not None:
-        dataset = dataset.shuffle(len(labels), seed=shuffle_seed, reshuffle_each_iteration=True)
+        dataset = dataset.shuffle(len(labels), seed=shuffle_seed, reshuffle_each_iteration=False)
     dataset = dataset.bucket_by_sequence_length(
         lambda ids, label: tf.maximum(tf.shape(ids)[0], 1), boundaries, [batch_size] * (len(boundaries) + 1),
         drop_remainder=drop_remainder)
@@ -632,7 +635,6 @@ def train(classifier, optimizer, strategy, inputs: dict, config: TrainConfig, st
     import keras
 
     train_step, validation_step = make_step_functions(classifier, optimizer, strategy)
-    train_data = strategy.experimental_distribute_dataset(inputs["train_data"])
     val_data = strategy.experimental_distribute_dataset(inputs["val_data"])
     variables = classifier.variables + optimizer.variables
     progress = {"epoch": 0, "history": {}, "epoch_seconds": [], "best_loss": math.inf, "best_epoch": None,
@@ -653,6 +655,7 @@ def train(classifier, optimizer, strategy, inputs: dict, config: TrainConfig, st
             started = time.perf_counter()
             bar = keras.utils.Progbar(inputs["steps_per_epoch"], verbose=1 if sys.stdout.isatty() else 2,
                                       stateful_metrics=names)
+            train_data = strategy.experimental_distribute_dataset(inputs["train_data"](progress["epoch"]))
             scores = run_epoch(train_step, train_data, inputs["steps_per_epoch"], bar)
             validation = run_epoch(validation_step, val_data, inputs["validation_steps"])
             scores.update({f"val_{name}": value for name, value in validation.items()})
@@ -1047,25 +1050,30 @@ def run_training(config: TrainConfig) -> dict:
 
 
 def prepare_inputs(splits: dict, config: TrainConfig, replicas: int) -> dict:
-    """Vocabulary, token ids, batched datasets and (with --embeddings word2vec) the starting embedding."""
+    """Vocabulary, token ids, the training batches of each epoch, the validation batches and (with
+    --embeddings word2vec) the starting embedding."""
     train_texts, train_labels = splits["train"]
     vectorizer = make_vectorizer(train_texts, config)
     vocabulary = vectorizer.get_vocabulary()
     ids = {name: vectorize(vectorizer, texts) for name, (texts, _) in splits.items()}
     global_batch, several = config.batch_size * replicas, replicas > 1
-    train_data = make_training_dataset(ids["train"], train_labels, global_batch, config.max_length, config.seed,
-                                       drop_remainder=several)
+
+    def train_data(epoch: int):
+        return make_training_dataset(ids["train"], train_labels, global_batch, config.max_length,
+                                     config.seed + epoch, drop_remainder=several)
+
     val_data = make_training_dataset(ids["validation"], splits["validation"][1], global_batch, config.max_length,
                                      None, drop_remainder=several)
-    if int(val_data.cardinality()) == 0 or int(train_data.cardinality()) == 0:
+    steps_per_epoch = int(train_data(0).cardinality())
+    if int(val_data.cardinality()) == 0 or steps_per_epoch == 0:
         raise UserError(f"too few rows for batches of {global_batch} on {replicas} replicas; lower --batch-size")
     embedding_matrix = None
     if config.embeddings == "word2vec":
         print("Training Word2Vec on the training split ...")
         embedding_matrix = word2vec_matrix(ids["train"], vocabulary, config)
-    print(f"Vocabulary {len(vocabulary)} words; {int(train_data.cardinality())} batches per epoch")
+    print(f"Vocabulary {len(vocabulary)} words; {steps_per_epoch} batches per epoch")
     return {"vectorizer": vectorizer, "vocabulary": vocabulary, "ids": ids, "train_data": train_data,
-            "val_data": val_data, "steps_per_epoch": int(train_data.cardinality()),
+            "val_data": val_data, "steps_per_epoch": steps_per_epoch,
             "validation_steps": int(val_data.cardinality()), "embedding_matrix": embedding_matrix}
 
 

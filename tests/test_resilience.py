@@ -54,6 +54,13 @@ def test_killed_run_resumes_where_it_stopped(tmp_path):
     assert history["loss"].iloc[0] == saved["history"]["loss"][0]
     assert not (tmp_path / "training_state").exists()
 
+    # The resumed run is the run that was never interrupted: same batches, same weights, same results.
+    whole = tmp_path / "uninterrupted"
+    result = train_tiny(whole, "--no-baseline", "--epochs", "8", "--patience", "8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    pd.testing.assert_frame_equal(pd.read_csv(whole / "history.csv"), history)
+    assert json.loads((whole / "metrics.json").read_text())["test"] == metrics["test"]
+
 
 def test_resume_with_other_settings_is_refused_and_fresh_starts_over(tmp_path):
     process = start_training(tmp_path, LONG_RUN)
