@@ -6,6 +6,7 @@ Run it:
     python sentiment_analysis.py --preset best            # the strongest recipe measured (see README)
     python sentiment_analysis.py predict "A wonderful film." "Two hours I will never get back."
     python sentiment_analysis.py predict --input my_reviews.csv --output predictions.csv
+    TF_CONFIG='{"cluster": ...}' python sentiment_analysis.py    # one worker of a cluster (see the README)
 
 The default model is the design card's: Embedding(vocab, 128) -> SpatialDropout1D(0.2) -> LSTM(100) ->
 Dense(1, sigmoid), its embedding started from Word2Vec vectors trained on the training split. Everything else
@@ -633,6 +634,7 @@ def train(classifier, optimizer, strategy, inputs: dict, config: TrainConfig, st
     GPUs or the workers of a cluster. Not Keras' fit(): in Keras 3.15 it fails under
     MultiWorkerMirroredStrategy (keras-team/keras#20585)."""
     import keras
+    import tensorflow as tf
 
     train_step, validation_step = make_step_functions(classifier, optimizer, strategy)
     val_data = strategy.experimental_distribute_dataset(inputs["val_data"])
@@ -676,6 +678,13 @@ def train(classifier, optimizer, strategy, inputs: dict, config: TrainConfig, st
         interrupted = True
         print(f"\nInterrupted: evaluating the best weights so far. The training state stays in {state_dir}: "
               "run the same command to continue.", file=sys.stderr)
+    except (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.DeadlineExceededError):
+        if not multi_worker:
+            raise
+        # TensorFlow notices a crashed worker by its missing heartbeats and aborts the collective operations.
+        raise UserError(f"another worker of the cluster stopped during epoch {progress['epoch'] + 1}; every "
+                        "worker's state after the last whole epoch is saved: start all workers again with the "
+                        "same command to resume") from None
     if best_weights is not None:
         print(f"Keeping the weights of epoch {progress['best_epoch']}, the lowest validation loss")
         classifier.set_weights(best_weights)

@@ -109,34 +109,78 @@ def free_ports(count):
     return ports
 
 
-def test_two_workers_train_together_and_only_the_chief_writes(tmp_path):
+def run_two_workers(output_dirs, flags):
     """The README's one-machine cluster: the same command on two ports of 127.0.0.1, one TF_CONFIG each."""
     addresses = [f"127.0.0.1:{port}" for port in free_ports(2)]
     workers = []
-    for index in range(2):
+    for index, output_dir in enumerate(output_dirs):
         config = json.dumps({"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}})
-        # Two reviews per replica: the tiny validation split still makes whole batches for both workers.
-        flags = [*TINY_FLAGS, "--no-baseline", "--batch-size", "2"]
-        workers.append(start_training(tmp_path / f"worker-{index}", flags, env_extra={"TF_CONFIG": config}))
+        workers.append(start_training(output_dir, flags, env_extra={"TF_CONFIG": config}))
     try:
         outputs = [worker.communicate(timeout=400) for worker in workers]
     finally:
         for worker in workers:
             worker.kill()
-    for worker, (stdout, stderr) in zip(workers, outputs):
-        assert worker.returncode == 0, stderr[-3000:]
-        assert "MultiWorkerMirroredStrategy with 2 replica(s) on 2 worker(s)" in stdout
+    return [(worker.returncode, stdout, stderr) for worker, (stdout, stderr) in zip(workers, outputs)]
+
+
+# Two reviews per replica: the tiny validation split still makes whole batches for both workers.
+CLUSTER_RUN = [*TINY_FLAGS, "--no-baseline", "--batch-size", "2"]
+
+
+def test_two_workers_train_together_and_only_the_chief_writes(tmp_path):
     chief, other = tmp_path / "worker-0", tmp_path / "worker-1"
+    results = run_two_workers([chief, other], CLUSTER_RUN)
+    for returncode, stdout, stderr in results:
+        assert returncode == 0, stderr[-3000:]
+        assert "MultiWorkerMirroredStrategy with 2 replica(s) on 2 worker(s)" in stdout
     metrics = json.loads((chief / "metrics.json").read_text())
     assert metrics["environment"]["strategy"] == "MultiWorkerMirroredStrategy"
     assert metrics["environment"]["replicas"] == 2 and metrics["training"]["epochs_run"] == 1
     assert (chief / "model.keras").is_file() and not (chief / "training_state").exists()
-    assert "the chief writes" in outputs[1][0]
+    assert "the chief writes" in results[1][1]
     assert list(other.iterdir()) == [], "a worker that is not the chief writes nothing"
     # Both workers ran the same steps on the same batches, split between them.
-    epoch_lines = [[line for line in stdout.splitlines() if "val_loss" in line] for stdout, _ in outputs]
+    epoch_lines = [[line for line in stdout.splitlines() if "val_loss" in line] for _, stdout, _ in results]
     assert len(epoch_lines[0]) == 1
     assert epoch_lines[0][0].split(" - loss")[1] == epoch_lines[1][0].split(" - loss")[1]
+
+
+def test_workers_that_saved_different_epochs_refuse_to_resume(tmp_path):
+    # A state saved by a single run: worker 0 (the chief) finds it and would resume, worker 1 has none.
+    chief, other = tmp_path / "worker-0", tmp_path / "worker-1"
+    flags = [*CLUSTER_RUN, "--epochs", "8", "--patience", "8"]
+    process = start_training(chief, flags)
+    wait_for_first_epoch(process, chief)
+    process.kill()
+    process.wait()
+    for returncode, _, stderr in run_two_workers([chief, other], flags):
+        assert_user_error(subprocess.CompletedProcess([], returncode, "", stderr), "different epochs", "--fresh")
+
+
+def test_a_crashed_worker_stops_the_others_with_a_clear_error(tmp_path):
+    chief, other = tmp_path / "worker-0", tmp_path / "worker-1"
+    addresses = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    flags = [*CLUSTER_RUN, "--epochs", "8", "--patience", "8"]
+    workers = []
+    for index, output_dir in enumerate([chief, other]):
+        config = json.dumps({"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}})
+        workers.append(start_training(output_dir, flags, env_extra={"TF_CONFIG": config}))
+    try:
+        state_file = other / "training_state-worker-1" / "state.json"
+        deadline = time.monotonic() + 240
+        while not state_file.exists():
+            assert workers[1].poll() is None and time.monotonic() < deadline, workers[1].communicate()[1][-3000:]
+            time.sleep(0.02)
+        workers[1].kill()
+        _, stderr = workers[0].communicate(timeout=240)
+    finally:
+        for worker in workers:
+            worker.kill()
+    assert_user_error(subprocess.CompletedProcess([], workers[0].returncode, "", stderr),
+                      "another worker", "start all workers again")
+    assert (chief / "training_state" / "state.json").is_file(), "kept so the cluster can resume"
+    assert not (chief / "metrics.json").exists()
 
 
 @pytest.mark.parametrize("tf_config, fragment", [
