@@ -109,13 +109,18 @@ def free_ports(count):
     return ports
 
 
-def run_two_workers(output_dirs, flags):
+def start_workers(output_dirs, flags):
     """The README's one-machine cluster: the same command on two ports of 127.0.0.1, one TF_CONFIG each."""
-    addresses = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    addresses = [f"127.0.0.1:{port}" for port in free_ports(len(output_dirs))]
     workers = []
     for index, output_dir in enumerate(output_dirs):
         config = json.dumps({"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}})
         workers.append(start_training(output_dir, flags, env_extra={"TF_CONFIG": config}))
+    return workers
+
+
+def run_two_workers(output_dirs, flags):
+    workers = start_workers(output_dirs, flags)
     try:
         outputs = [worker.communicate(timeout=400) for worker in workers]
     finally:
@@ -160,12 +165,7 @@ def test_workers_that_saved_different_epochs_refuse_to_resume(tmp_path):
 
 def test_a_crashed_worker_stops_the_others_with_a_clear_error(tmp_path):
     chief, other = tmp_path / "worker-0", tmp_path / "worker-1"
-    addresses = [f"127.0.0.1:{port}" for port in free_ports(2)]
-    flags = [*CLUSTER_RUN, "--epochs", "8", "--patience", "8"]
-    workers = []
-    for index, output_dir in enumerate([chief, other]):
-        config = json.dumps({"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}})
-        workers.append(start_training(output_dir, flags, env_extra={"TF_CONFIG": config}))
+    workers = start_workers([chief, other], [*CLUSTER_RUN, "--epochs", "8", "--patience", "8"])
     try:
         state_file = other / "training_state-worker-1" / "state.json"
         deadline = time.monotonic() + 240
