@@ -136,3 +136,34 @@ def test_blend_weight_is_chosen_on_validation_data():
     good, noise = labels * 0.8 + 0.1, np.full(100, 0.5)
     assert sa.choose_blend_weight(labels, good, noise) == 1.0
     assert sa.choose_blend_weight(labels, noise, good) == 0.0
+
+
+def test_mixed_precision_training_step_runs_with_loss_scaling():
+    """The --mixed-precision path of the custom loop (normally on a GPU), exercised on the CPU: the optimizer
+    scales the loss, the output layer stays float32, and one step changes the weights by a finite amount."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import sentiment_analysis as sa
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        config = sa.TrainConfig(vocab_size=50, max_length=10, embedding_dim=8, units=4)
+        strategy = tf.distribute.get_strategy()
+        classifier = sa.build_classifier(config, 50)
+        optimizer = sa.make_optimizer(config, steps_per_epoch=2)
+        optimizer.build(classifier.trainable_variables)
+        assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+        assert classifier.get_layer("probability").dtype_policy.compute_dtype == "float32"
+        train_step, _ = sa.make_step_functions(classifier, optimizer, strategy)
+        token_ids = np.random.default_rng(0).integers(1, 50, (8, 10)).astype(np.int32)
+        labels = (np.arange(8) % 2).astype(np.float32)
+        batches = tf.data.Dataset.from_tensor_slices((token_ids, labels)).batch(4)
+        before = classifier.get_weights()
+        loss_sum, correct, count = (float(value) for value in train_step(iter(batches)))
+        assert count == 4 and 0 <= correct <= 4 and np.isfinite(loss_sum) and loss_sum > 0
+        change = sum(np.abs(new - old).sum() for new, old in zip(classifier.get_weights(), before))
+        assert np.isfinite(change) and change > 0
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
