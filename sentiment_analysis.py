@@ -145,8 +145,8 @@ def current_value(config: TrainConfig, message: str) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def check_csv_file(path: Path) -> str:
-    """Refuse a missing, empty or binary file; return its encoding: UTF-8, or Latin-1 with a warning."""
+def check_csv_file(path: Path) -> None:
+    """Refuse a missing, empty or binary file, from its first 64 KB."""
     if not path.exists():
         raise UserError(f"data file not found: {path}")
     if path.is_dir():
@@ -157,20 +157,24 @@ def check_csv_file(path: Path) -> str:
         raise UserError(f"the file is empty: {path}")
     if b"\x00" in head:
         raise UserError(f"not a CSV text file (it contains binary data): {path}")
+
+
+def with_text_encoding(path: Path, read):
+    """Return read(encoding) for UTF-8; if the file is not valid UTF-8, warn and read it again as Latin-1
+    (which decodes any bytes). The read itself finds out, so the file is not scanned an extra time."""
     try:
-        with open(path, encoding="utf-8") as handle:  # The whole file: a clean head proves nothing.
-            for _ in handle:
-                pass
+        return read("utf-8")
     except UnicodeDecodeError:
         print(f"warning: {path} is not valid UTF-8; reading it as Latin-1", file=sys.stderr)
-        return "latin-1"
-    return "utf-8"
+        return read("latin-1")
 
 
 def read_csv(path: Path, encoding: str, **options):
     """pandas.read_csv with every cell as text; a malformed file becomes a UserError."""
     try:
         return pd.read_csv(path, encoding=encoding, dtype=str, keep_default_na=False, na_values=[""], **options)
+    except UnicodeDecodeError:
+        raise  # For with_text_encoding, which reads the file again as Latin-1.
     except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as error:
         raise UserError(f"could not parse {path} as CSV: {str(error).splitlines()[0]}") from None
 
@@ -179,6 +183,8 @@ def read_csv_chunks(path: Path, encoding: str, chunk_rows: int):
     """The CSV in DataFrames of chunk_rows rows, so memory stays bounded whatever the file's size."""
     try:
         yield from read_csv(path, encoding, chunksize=chunk_rows)
+    except UnicodeDecodeError:
+        raise
     except (pd.errors.ParserError, ValueError) as error:
         raise UserError(f"could not parse {path} as CSV: {str(error).splitlines()[0]}") from None
 
@@ -212,7 +218,9 @@ def encode_labels(labels: pd.Series) -> np.ndarray:
 
 def load_dataset(config: TrainConfig) -> tuple[np.ndarray, np.ndarray, dict]:
     """Read the CSV and return (texts, labels, counts), with empty and duplicate reviews dropped and counted."""
-    frame = read_csv(Path(config.data), check_csv_file(Path(config.data)), nrows=config.max_rows)
+    path = Path(config.data)
+    check_csv_file(path)
+    frame = with_text_encoding(path, lambda encoding: read_csv(path, encoding, nrows=config.max_rows))
     if frame.empty:
         raise UserError(f"the CSV has a header but no rows: {config.data}")
     text_column = find_column(frame.columns, TEXT_COLUMN_NAMES, config.text_column, "text", "--text-column")
@@ -1199,12 +1207,14 @@ def predict_csv_command(model_path: Path, input_path: Path, output_path: Path, t
                         threshold: float, chunk_rows: int = 5000) -> None:
     """Score a CSV in chunks (bounded memory); write every input column plus the prediction, whole or not at
     all."""
-    encoding = check_csv_file(input_path)
+    check_csv_file(input_path)
+    check_output_file(output_path)
+    # Counting first gives the progress bar its total, and settles the encoding and finds a malformed row
+    # before anything is written.
+    encoding, total_rows = with_text_encoding(input_path, lambda encoding: (
+        encoding, sum(len(chunk) for chunk in read_csv_chunks(input_path, encoding, 50000))))
     header = read_csv(input_path, encoding, nrows=0)
     column = find_column(header.columns, TEXT_COLUMN_NAMES, text_column, "text", "--text-column")
-    check_output_file(output_path)
-    # Counting first gives the progress bar its total and finds a malformed row before anything is written.
-    total_rows = sum(len(chunk) for chunk in read_csv_chunks(input_path, encoding, 50000))
     model = load_model(model_path)
     import keras
 

@@ -114,3 +114,17 @@ def test_predict_error_paths(trained_dir, tmp_path):
 def test_predict_help(subcommand):
     result = run_script(*subcommand)
     assert result.returncode == 0 and "--input" in result.stdout and "--threshold" in result.stdout
+
+
+def test_predict_csv_in_latin1_is_read_with_a_warning(trained_dir, tmp_path):
+    source = pd.read_csv(TINY_CSV).head(5)
+    source.loc[4, "reviews"] = "Un film très réussi, vraiment"  # The only non-ASCII text, in the last row.
+    input_path, output_path = tmp_path / "latin1.csv", tmp_path / "scored.csv"
+    source.to_csv(input_path, index=False, encoding="latin-1")
+    result = run_script("predict", "--model", trained_dir / "model.keras", "--input", input_path,
+                        "--output", output_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "not valid UTF-8; reading it as Latin-1" in result.stderr
+    scored = pd.read_csv(output_path)
+    assert scored["reviews"].tolist() == source["reviews"].tolist()
+    assert scored["predicted_sentiment"].isin(["positive", "negative"]).all()
