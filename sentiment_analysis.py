@@ -13,6 +13,11 @@ Dense(1, sigmoid), its embedding started from Word2Vec vectors trained on the tr
 (other architectures, random embeddings, the blend with the TF-IDF baseline) is an option on top of it.
 Outputs land in --output-dir (default outputs/): model.keras (takes raw strings),
 metrics.json, classification_report.txt, history.csv, errors.csv and three figures.
+
+How to read this file: it runs from the bottom up. Each section defines what the sections below it use, in
+the order a run needs it: configuration -> files -> data -> tokens -> model -> baseline and blend ->
+devices -> training loop -> evaluation -> figures -> the training run (`run_training`, the story of a run,
+stage by stage) -> prediction -> command line (`main`).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import shutil
 import sys
 import tempfile
 import time
+import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,16 +52,20 @@ POSITIVE_LABELS = {"positive", "pos", "1", "1.0", "true"}
 NEGATIVE_LABELS = {"negative", "neg", "0", "0.0", "false"}
 CLASS_NAMES = ("negative", "positive")
 MIN_ROWS = 10
+# A review is called positive when its probability of positive is at least this (predict --threshold aside).
+DECISION_THRESHOLD = 0.5
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Configuration
+# Configuration: one dataclass; each field's help text becomes its flag's --help line
 # ----------------------------------------------------------------------------------------------------------
 
 
-def option(default, help_text, **argparse_kwargs):
-    """A config field whose help text becomes the flag's --help line."""
-    return field(default=default, metadata={"help": help_text, **argparse_kwargs})
+def option(default, help_text, shapes_training=True, hidden=False, **argparse_kwargs):
+    """A config field. `shapes_training=False` marks a setting that a crashed run may change when it resumes
+    (where outputs go, what is reported); `hidden` keeps the flag out of --help."""
+    metadata = {"help": help_text, "shapes_training": shapes_training, "hidden": hidden, **argparse_kwargs}
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -63,7 +73,8 @@ class TrainConfig:
     data: str = option(str(SCRIPT_DIR / "imdb.csv"), "CSV file with a review text column and a label column")
     text_column: str | None = option(None, "name of the text column (default: reviews, review or text)")
     label_column: str | None = option(None, "name of the label column (default: sentiment or label)")
-    output_dir: str = option("outputs", "directory for the model, metrics, reports and figures")
+    output_dir: str = option("outputs", "directory for the model, metrics, reports and figures",
+                             shapes_training=False)
     max_rows: int | None = option(None, "read only the first N rows of the CSV (quick runs)")
     seed: int = option(42, "seed for the split, the weights and the data order")
     test_fraction: float = option(0.2, "share of the rows held out for the final test")
@@ -84,16 +95,19 @@ class TrainConfig:
                               "--epochs", choices=("constant", "cosine"))
     weight_decay: float = option(0.0, "decoupled weight decay (AdamW) when above zero")
     patience: int = option(1, "epochs without validation-loss improvement before stopping")
-    baseline: bool = option(True, "also fit the TF-IDF + logistic-regression baseline on the same split")
-    baseline_ngrams: int = option(2, "longest word n-gram in the baseline's TF-IDF features")
+    baseline: bool = option(True, "also fit the TF-IDF + logistic-regression baseline on the same split",
+                            shapes_training=False)
+    baseline_ngrams: int = option(2, "longest word n-gram in the baseline's TF-IDF features",
+                                  shapes_training=False)
     blend_weight: float | str | None = option(None, "W in [0, 1] or auto (chosen on the validation split): also "
                                               "report W * neural + (1 - W) * baseline and save that blend as "
-                                              "the model")
-    show: bool = option(True, "show the figures in windows when a display is available")
-    fresh: bool = option(False, "ignore a saved training state in the output directory and start over")
+                                              "the model", shapes_training=False)
+    show: bool = option(True, "show the figures in windows when a display is available", shapes_training=False)
+    fresh: bool = option(False, "ignore a saved training state in the output directory and start over",
+                         shapes_training=False)
     mixed_precision: bool = option(False, "use mixed float16 precision on GPUs (ignored on CPUs)")
     cpu_replicas: int = option(1, "split the CPU into N logical devices and mirror the model across them "
-                               "(tests the multi-device path without GPUs)")
+                               "(tests the multi-device path without GPUs)", hidden=True)
 
 
 # The strongest recipe measured on the shipped data, chosen by validation accuracy (figures in the README):
@@ -108,36 +122,128 @@ class UserError(Exception):
     """A mistake in the user's input or flags: reported as one line on stderr, never as a traceback."""
 
 
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
 def validate_config(config: TrainConfig) -> None:
-    checks = [
-        (config.epochs >= 1, "--epochs must be at least 1"),
-        (config.batch_size >= 1, "--batch-size must be at least 1"),
-        (config.vocab_size >= 3, "--vocab-size must be at least 3 (padding, [UNK] and one word)"),
-        (config.max_length >= 1, "--max-length must be at least 1"),
-        (config.embedding_dim >= 1, "--embedding-dim must be at least 1"),
-        (config.units >= 1, "--units must be at least 1"),
-        (config.layers >= 1, "--layers must be at least 1"),
-        (config.patience >= 1, "--patience must be at least 1"),
-        (config.learning_rate > 0, "--learning-rate must be positive"),
-        (config.weight_decay >= 0, "--weight-decay must be 0 or more"),
-        (0 <= config.spatial_dropout < 1, "--spatial-dropout must be in [0, 1)"),
-        (0 < config.test_fraction < 1, "--test-fraction must be between 0 and 1"),
-        (0 < config.validation_fraction < 1, "--validation-fraction must be between 0 and 1"),
-        (config.max_rows is None or config.max_rows >= 1, "--max-rows must be at least 1"),
-        (config.blend_weight in (None, "auto") or 0 <= config.blend_weight <= 1,
-         "--blend-weight must be in [0, 1] or auto"),
-        (config.baseline_ngrams >= 1, "--baseline-ngrams must be at least 1"),
-        (config.blend_weight is None or config.baseline, "--blend-weight needs the baseline (drop --no-baseline)"),
-        (config.cpu_replicas >= 1, "--cpu-replicas must be at least 1"),
+    """Refuse nonsensical flag values before any work. Each rule names the field it checks."""
+    rules = [
+        ("epochs", config.epochs >= 1, "must be at least 1"),
+        ("batch_size", config.batch_size >= 1, "must be at least 1"),
+        ("vocab_size", config.vocab_size >= 3, "must be at least 3 (padding, [UNK] and one word)"),
+        ("max_length", config.max_length >= 1, "must be at least 1"),
+        ("embedding_dim", config.embedding_dim >= 1, "must be at least 1"),
+        ("units", config.units >= 1, "must be at least 1"),
+        ("layers", config.layers >= 1, "must be at least 1"),
+        ("patience", config.patience >= 1, "must be at least 1"),
+        ("learning_rate", config.learning_rate > 0, "must be positive"),
+        ("weight_decay", config.weight_decay >= 0, "must be 0 or more"),
+        ("spatial_dropout", 0 <= config.spatial_dropout < 1, "must be in [0, 1)"),
+        ("test_fraction", 0 < config.test_fraction < 1, "must be between 0 and 1"),
+        ("validation_fraction", 0 < config.validation_fraction < 1, "must be between 0 and 1"),
+        ("max_rows", config.max_rows is None or config.max_rows >= 1, "must be at least 1"),
+        ("blend_weight", config.blend_weight in (None, "auto") or 0 <= config.blend_weight <= 1,
+         "must be in [0, 1] or auto"),
+        ("baseline_ngrams", config.baseline_ngrams >= 1, "must be at least 1"),
+        ("blend_weight", config.blend_weight is None or config.baseline,
+         "needs the baseline (drop --no-baseline)"),
+        ("cpu_replicas", config.cpu_replicas >= 1, "must be at least 1"),
     ]
-    for ok, message in checks:
+    for name, ok, requirement in rules:
         if not ok:
-            raise UserError(f"{message} (got {current_value(config, message)})")
+            raise UserError(f"{flag_name(name)} {requirement} (got {getattr(config, name)!r})")
 
 
-def current_value(config: TrainConfig, message: str) -> str:
-    flag = message.split()[0].lstrip("-").replace("-", "_")
-    return repr(getattr(config, flag, "?"))
+def training_fingerprint(config: TrainConfig) -> dict:
+    """The settings that shape training, which a resumed run must share with the run that saved the state."""
+    return {spec.name: getattr(config, spec.name) for spec in dataclasses.fields(config)
+            if spec.metadata["shapes_training"]}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Files: every output is written to a hidden temporary name in its directory, then renamed, so an interrupted
+# run never leaves half a file. Directories are checked for writing before any expensive work.
+# ----------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path):
+    """Yield a temporary path next to `path` (same extension); rename it over `path` only on success."""
+    temporary = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+
+
+def write_csv(path: Path, frame: pd.DataFrame) -> None:
+    with atomic_path(path) as temporary:
+        frame.to_csv(temporary, index=False)
+
+
+def save_figure(figure, path: Path) -> None:
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=120, format="png")
+
+
+def save_model(model, path: Path) -> None:
+    with atomic_path(path) as temporary:
+        model.save(temporary)
+
+
+def prepare_output_dir(path: Path) -> Path:
+    """Create the output directory and prove it is writable, before any expensive work."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"output directory is a file: {path}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise UserError(f"cannot write to the output directory {path}: {error.strerror}") from None
+    return path
+
+
+def check_output_file(path: Path) -> None:
+    if path.is_dir():
+        raise UserError(f"output path is a directory: {path}")
+    if not path.parent.is_dir():
+        raise UserError(f"output directory does not exist: {path.parent}")
+    try:
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise UserError(f"cannot write {path}: {error.strerror}") from None
+
+
+class Stopwatch:
+    """The seconds each named stage of a run took, and the whole run so far: the one owner of timing."""
+
+    def __init__(self):
+        self.started = time.perf_counter()
+        self.seconds: dict[str, float | list[float]] = {}
+
+    @contextlib.contextmanager
+    def timed(self, name: str):
+        started = time.perf_counter()
+        yield
+        self.seconds[name] = time.perf_counter() - started
+
+    def record(self, name: str, seconds: float | list[float]) -> None:
+        self.seconds[name] = seconds
+
+    def summary(self) -> dict:
+        """Every stage and the total so far, rounded to hundredths of a second, for the report."""
+        seconds = {**self.seconds, "total_s": time.perf_counter() - self.started}
+        return {name: np.round(value, 2).tolist() for name, value in seconds.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -216,8 +322,21 @@ def encode_labels(labels: pd.Series) -> np.ndarray:
     return normalized.isin(POSITIVE_LABELS).to_numpy(dtype=np.int32)
 
 
-def load_dataset(config: TrainConfig) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Read the CSV and return (texts, labels, counts), with empty and duplicate reviews dropped and counted."""
+@dataclass
+class LabelledTexts:
+    texts: np.ndarray   # object array of str
+    labels: np.ndarray  # int32, 1 for positive
+
+
+@dataclass
+class LoadedData(LabelledTexts):
+    """The usable rows of the CSV, and how many rows were read and dropped for each reason."""
+    rows_read: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+
+
+def load_dataset(config: TrainConfig) -> LoadedData:
+    """Read the CSV; drop empty and duplicate reviews and count them."""
     path = Path(config.data)
     check_csv_file(path)
     frame = with_text_encoding(path, lambda encoding: read_csv(path, encoding, nrows=config.max_rows))
@@ -232,34 +351,52 @@ def load_dataset(config: TrainConfig) -> tuple[np.ndarray, np.ndarray, dict]:
     duplicate = keep & texts.duplicated(keep="first") & ~missing_text
     # A duplicate that lands on both sides of the split would inflate the test score, so drop it first.
     keep &= ~duplicate
-    counts = {
-        "rows_read": int(len(frame)),
-        "dropped": {"missing_text": int(missing_text.sum()), "missing_label": int(missing_label.sum()),
-                    "duplicate_text": int(duplicate.sum())},
-        "rows_used": int(keep.sum()),
-    }
     encoded = encode_labels(labels[keep])
-    if counts["rows_used"] < MIN_ROWS:
-        raise UserError(f"too few usable rows to split into train, validation and test: {counts['rows_used']} "
+    if keep.sum() < MIN_ROWS:
+        raise UserError(f"too few usable rows to split into train, validation and test: {keep.sum()} "
                         f"(need at least {MIN_ROWS})")
-    return texts[keep].to_numpy(dtype=object), encoded, counts
+    dropped = {"missing_text": int(missing_text.sum()), "missing_label": int(missing_label.sum()),
+               "duplicate_text": int(duplicate.sum())}
+    return LoadedData(texts[keep].to_numpy(dtype=object), encoded, rows_read=len(frame), dropped=dropped)
 
 
-def split_dataset(texts, labels, config: TrainConfig) -> dict:
+@dataclass
+class DataSplits:
+    train: LabelledTexts
+    validation: LabelledTexts
+    test: LabelledTexts
+
+
+def split_dataset(data: LabelledTexts, config: TrainConfig) -> DataSplits:
     """Stratified train/validation/test split; the test part is never used to choose anything."""
     from sklearn.model_selection import train_test_split
 
+    labels = data.labels
     indices = np.arange(len(labels))
     try:
-        train_val, test = train_test_split(indices, test_size=config.test_fraction, stratify=labels,
-                                           random_state=config.seed)
-        train, val = train_test_split(train_val, test_size=config.validation_fraction,
-                                      stratify=labels[train_val], random_state=config.seed)
+        train_and_validation, test_indices = train_test_split(indices, test_size=config.test_fraction,
+                                                              stratify=labels, random_state=config.seed)
+        train_indices, validation_indices = train_test_split(
+            train_and_validation, test_size=config.validation_fraction, stratify=labels[train_and_validation],
+            random_state=config.seed)
     except ValueError as error:
         raise UserError(f"too few rows to split into train, validation and test ({len(labels)} rows, "
                         f"{int(labels.sum())} positive): {error}") from None
-    return {name: (texts[part], labels[part]) for name, part in (("train", train), ("validation", val),
-                                                                  ("test", test))}
+
+    def part(chosen):
+        return LabelledTexts(data.texts[chosen], labels[chosen])
+
+    return DataSplits(part(train_indices), part(validation_indices), part(test_indices))
+
+
+def data_summary(data: LoadedData, splits: DataSplits) -> dict:
+    """The row counts of the run, for the report."""
+    return {
+        "rows_read": data.rows_read, "dropped": data.dropped, "rows_used": len(data.labels),
+        "train": len(splits.train.labels), "validation": len(splits.validation.labels),
+        "test": len(splits.test.labels),
+        "positive": int(data.labels.sum()), "negative": int(len(data.labels) - data.labels.sum()),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -364,37 +501,14 @@ def make_inference_dataset(token_ids, batch_size: int):
     return dataset.apply(tf.data.experimental.assert_cardinality(math.ceil(len(token_ids) / batch_size)))
 
 
-def predict_token_ids(model, token_ids, batch_size: int = 512) -> np.ndarray:
+def predict_token_ids(classifier, token_ids, batch_size: int = 512) -> np.ndarray:
     """Positive-class probabilities in input order; sorting by length first keeps padding small."""
     lengths = np.count_nonzero(token_ids, axis=1)
     order = np.argsort(lengths, kind="stable")
     probabilities = np.empty(len(token_ids), dtype=np.float64)
-    sorted_probabilities = model.predict(make_inference_dataset(token_ids[order], batch_size), verbose=0)
+    sorted_probabilities = classifier.predict(make_inference_dataset(token_ids[order], batch_size), verbose=0)
     probabilities[order] = np.asarray(sorted_probabilities, dtype=np.float64).reshape(-1)
     return probabilities
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Model
-# ----------------------------------------------------------------------------------------------------------
-
-
-def build_classifier(config: TrainConfig, vocab_size: int):
-    """Embedding -> SpatialDropout1D -> recurrent layer(s) -> Dense(1, sigmoid), on token ids."""
-    import keras
-    from keras import layers
-
-    recurrent = {"lstm": layers.LSTM, "bilstm": layers.LSTM, "gru": layers.GRU}[config.arch]
-    inputs = keras.Input(shape=(None,), dtype="int32", name="token_ids")
-    # mask_zero lets the recurrent layer skip the right padding (and keeps cuDNN usable on a GPU).
-    x = layers.Embedding(vocab_size, config.embedding_dim, mask_zero=True, name="embedding")(inputs)
-    x = layers.SpatialDropout1D(config.spatial_dropout)(x)
-    for index in range(config.layers):
-        layer = recurrent(config.units, return_sequences=index < config.layers - 1)
-        x = layers.Bidirectional(layer)(x) if config.arch == "bilstm" else layer(x)
-    # The output stays float32 even under mixed precision, for a numerically sound sigmoid and loss.
-    outputs = layers.Dense(1, activation="sigmoid", dtype="float32", name="probability")(x)
-    return keras.Model(inputs, outputs, name=f"{config.arch}_classifier")
 
 
 def stable_hash(text: str) -> int:
@@ -422,6 +536,78 @@ def word2vec_matrix(token_ids, vocabulary: list[str], config: TrainConfig) -> np
     return matrix
 
 
+@dataclass
+class PreparedInputs:
+    """What the training loop and the scoring need from the text, made once from the splits."""
+    vectorizer: object          # the adapted keras TextVectorization layer
+    vocabulary: list[str]
+    train_ids: np.ndarray       # token ids of each split, right-padded to --max-length
+    validation_ids: np.ndarray
+    test_ids: np.ndarray
+    train_labels: np.ndarray
+    global_batch_size: int      # --batch-size times the number of replicas
+    max_length: int
+    seed: int
+    drop_remainder: bool        # with several replicas, every batch must split evenly
+    validation_batches: object  # a tf.data.Dataset, the same every epoch
+    steps_per_epoch: int
+    validation_steps: int
+    embedding_matrix: np.ndarray | None  # the embedding's starting weights (None: random)
+
+    def training_batches(self, epoch: int):
+        """This epoch's training batches, shuffled with a seed of its own."""
+        return make_training_dataset(self.train_ids, self.train_labels, self.global_batch_size, self.max_length,
+                                     self.seed + epoch, self.drop_remainder)
+
+
+def prepare_inputs(splits: DataSplits, config: TrainConfig, replicas: int) -> PreparedInputs:
+    """Vocabulary, token ids, the batching of each epoch and (with --embeddings word2vec) the starting
+    embedding."""
+    vectorizer = make_vectorizer(splits.train.texts, config)
+    vocabulary = vectorizer.get_vocabulary()
+    train_ids, validation_ids, test_ids = (vectorize(vectorizer, part.texts)
+                                           for part in (splits.train, splits.validation, splits.test))
+    global_batch_size, several = config.batch_size * replicas, replicas > 1
+    steps_per_epoch = count_batches(np.maximum(np.count_nonzero(train_ids, axis=1), 1), global_batch_size,
+                                    bucket_boundaries(config.max_length), several)
+    validation_batches = make_training_dataset(validation_ids, splits.validation.labels, global_batch_size,
+                                               config.max_length, None, drop_remainder=several)
+    if int(validation_batches.cardinality()) == 0 or steps_per_epoch == 0:
+        raise UserError(f"too few rows for batches of {global_batch_size} on {replicas} replicas; "
+                        "lower --batch-size")
+    embedding_matrix = None
+    if config.embeddings == "word2vec":
+        print("Training Word2Vec on the training split ...")
+        embedding_matrix = word2vec_matrix(train_ids, vocabulary, config)
+    print(f"Vocabulary {len(vocabulary)} words; {steps_per_epoch} batches per epoch")
+    return PreparedInputs(vectorizer, vocabulary, train_ids, validation_ids, test_ids, splits.train.labels,
+                          global_batch_size, config.max_length, config.seed, several, validation_batches,
+                          steps_per_epoch, int(validation_batches.cardinality()), embedding_matrix)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------
+
+
+def build_classifier(config: TrainConfig, vocab_size: int):
+    """Embedding -> SpatialDropout1D -> recurrent layer(s) -> Dense(1, sigmoid), on token ids."""
+    import keras
+    from keras import layers
+
+    recurrent = {"lstm": layers.LSTM, "bilstm": layers.LSTM, "gru": layers.GRU}[config.arch]
+    inputs = keras.Input(shape=(None,), dtype="int32", name="token_ids")
+    # mask_zero lets the recurrent layer skip the right padding (and keeps cuDNN usable on a GPU).
+    x = layers.Embedding(vocab_size, config.embedding_dim, mask_zero=True, name="embedding")(inputs)
+    x = layers.SpatialDropout1D(config.spatial_dropout)(x)
+    for index in range(config.layers):
+        layer = recurrent(config.units, return_sequences=index < config.layers - 1)
+        x = layers.Bidirectional(layer)(x) if config.arch == "bilstm" else layer(x)
+    # The output stays float32 even under mixed precision, for a numerically sound sigmoid and loss.
+    outputs = layers.Dense(1, activation="sigmoid", dtype="float32", name="probability")(x)
+    return keras.Model(inputs, outputs, name=f"{config.arch}_classifier")
+
+
 def make_optimizer(config: TrainConfig, steps_per_epoch: int):
     import keras
 
@@ -439,12 +625,17 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int):
     return optimizer
 
 
-def export_model(vectorizer, classifier):
-    """One model from raw strings to probabilities: the file is the whole predictor."""
-    import keras
-
-    text = keras.Input(shape=(1,), dtype="string", name="text")
-    return keras.Model(text, classifier(vectorizer(text)), name="sentiment_model")
+def build_model_and_optimizer(config: TrainConfig, inputs: PreparedInputs, strategy):
+    """The classifier with its starting embedding, and its optimizer, with their variables on the strategy's
+    devices."""
+    with strategy.scope():
+        classifier = build_classifier(config, len(inputs.vocabulary))
+        if inputs.embedding_matrix is not None:
+            classifier.get_layer("embedding").set_weights([inputs.embedding_matrix])
+        optimizer = make_optimizer(config, inputs.steps_per_epoch)
+        optimizer.build(classifier.trainable_variables)
+    classifier.summary(print_fn=print)
+    return classifier, optimizer
 
 
 def local_copy(classifier, config: TrainConfig):
@@ -455,267 +646,21 @@ def local_copy(classifier, config: TrainConfig):
     return copy
 
 
-def check_model_file(path: Path) -> None:
-    if not path.is_file():
-        raise UserError(f"model file not found: {path} (train one first: python sentiment_analysis.py)")
-
-
-def load_model(path: Path):
-    check_model_file(path)
+def export_model(vectorizer, classifier):
+    """One model from raw strings to probabilities: the file is the whole predictor."""
     import keras
 
-    try:
-        custom_objects = {"standardize_text": standardize_text, "TfidfLogistic": tfidf_logistic_layer()}
-        return keras.models.load_model(path, custom_objects=custom_objects, compile=False)
-    except Exception as error:  # Keras raises many types for a corrupt or foreign file.
-        raise UserError(f"could not load the model {path}: {str(error).splitlines()[0][:200]}") from None
+    text = keras.Input(shape=(1,), dtype="string", name="text")
+    return keras.Model(text, classifier(vectorizer(text)), name="sentiment_model")
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------------------
-
-
-def cluster_role() -> dict | None:
-    """This process's place in a cluster described by TF_CONFIG, or None when TF_CONFIG is not set.
-
-    The chief (the task of type chief, or worker 0 when the cluster has no chief) writes the model, figures and
-    reports; the other workers only train. Checked before any expensive work."""
-    raw = os.environ.get("TF_CONFIG", "").strip()
-    if not raw:
-        return None
-    try:
-        description = json.loads(raw)
-        cluster, task = description["cluster"], description["task"]
-        task_type, index = task["type"], int(task["index"])
-        addresses = cluster[task_type]
-    except (ValueError, KeyError, TypeError) as error:
-        example = '{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": 0}}'
-        raise UserError(f"TF_CONFIG is not a cluster description like {example} "
-                        f"({type(error).__name__}: {error})") from None
-    if task_type not in ("chief", "worker") or set(cluster) - {"chief", "worker"}:
-        raise UserError(f"TF_CONFIG: only chief and worker tasks are supported (got {sorted(set(cluster))})")
-    if not 0 <= index < len(addresses):
-        raise UserError(f"TF_CONFIG: task index {index} is outside the {len(addresses)} {task_type} address(es)")
-    chief = task_type == "chief" or (index == 0 and "chief" not in cluster)
-    return {"chief": chief, "name": f"{task_type}-{index}", "workers": sum(map(len, cluster.values()))}
-
-
-def choose_strategy(config: TrainConfig, role: dict | None):
-    """TF_CONFIG set: MultiWorkerMirroredStrategy across the cluster's workers. Otherwise, with several GPUs
-    (or --cpu-replicas N): MirroredStrategy on this machine. Otherwise TensorFlow's default strategy."""
-    import tensorflow as tf
-
-    if role:
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    gpus = tf.config.list_physical_devices("GPU")
-    if len(gpus) > 1:
-        return tf.distribute.MirroredStrategy()
-    if config.cpu_replicas > 1 and not gpus:
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] *
-                                                   config.cpu_replicas)
-        return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(config.cpu_replicas)])
-    return tf.distribute.get_strategy()
-
-
-def make_step_functions(classifier, optimizer, strategy):
-    """One training step and one validation step over a batch split across the strategy's replicas.
-
-    Each returns the batch's summed loss, number of correct predictions and number of reviews, added up over
-    all replicas (and workers), from which the epoch's mean loss and accuracy follow."""
-    import keras
-    import tensorflow as tf
-
-    replicas = strategy.num_replicas_in_sync
-
-    def sums(labels, outputs):
-        # The model's own (batch, 1) output: Keras then computes the loss from the sigmoid's input, which is
-        # exact for confident predictions, where clipped probabilities would cap the loss.
-        losses = keras.losses.binary_crossentropy(labels[:, None], outputs)
-        correct = tf.cast((outputs[:, 0] >= 0.5) == (labels >= 0.5), tf.float32)
-        return losses, [tf.reduce_sum(losses), tf.reduce_sum(correct), tf.cast(tf.size(labels), tf.float32)]
-
-    def train_batch(token_ids, labels):
-        with tf.GradientTape() as tape:
-            losses, batch_sums = sums(labels, classifier(token_ids, training=True))
-            # Keras' own rule: the mean over this replica's batch divided by the number of replicas, because
-            # the optimizer sums the replicas' gradients.
-            loss = optimizer.scale_loss(tf.reduce_mean(losses) / replicas)
-        gradients = tape.gradient(loss, classifier.trainable_variables)
-        optimizer.apply(gradients, classifier.trainable_variables)
-        return batch_sums
-
-    def validation_batch(token_ids, labels):
-        return sums(labels, classifier(token_ids, training=False))[1]
-
-    def on_all_replicas(batch_function):
-        @tf.function
-        def step(iterator):
-            per_replica = strategy.run(batch_function, args=next(iterator))
-            return [strategy.reduce("SUM", value, axis=None) for value in per_replica]
-        return step
-
-    return on_all_replicas(train_batch), on_all_replicas(validation_batch)
-
-
-def run_epoch(step, dataset, steps: int, progress=None) -> dict:
-    """Run `step` over one pass of the distributed dataset; the mean loss and accuracy per review."""
-    loss, correct, count = 0.0, 0.0, 0.0
-    iterator = iter(dataset)
-    for index in range(steps):
-        batch_loss, batch_correct, batch_count = (float(value) for value in step(iterator))
-        loss, correct, count = loss + batch_loss, correct + batch_correct, count + batch_count
-        if progress:
-            progress.update(index + 1, [("loss", loss / count), ("accuracy", correct / count)], finalize=False)
-    return {"loss": loss / count, "accuracy": correct / count}
-
-
-def read_training_state(state_dir: Path, fingerprint: dict) -> dict | None:
-    """The state a crashed run left in state_dir, if any; refused if it was saved with other settings."""
-    state_file = state_dir / "state.json"
-    if not state_file.is_file():
-        return None
-    saved = json.loads(state_file.read_text())
-    if saved["fingerprint"] != fingerprint:
-        raise UserError(f"the training state in {state_dir} was saved with other settings; "
-                        "run with the same flags to resume, or add --fresh to start over")
-    return saved
-
-
-def training_fingerprint(config: TrainConfig) -> dict:
-    """The settings a resumed run must share with the run that saved the state."""
-    return {key: value for key, value in dataclasses.asdict(config).items()
-            if key not in ("show", "fresh", "output_dir")}
-
-
-def save_training_state(state_dir: Path, progress: dict, variables, best_weights) -> None:
-    """Everything a crashed run needs to go on after this epoch: all model and optimizer variables (weights,
-    Adam moments, step count, dropout seed state), the best weights so far, and the epoch's records.
-
-    The arrays go first and state.json, naming them, last (each written whole): a crash at any moment leaves
-    the previous complete state."""
-    state_dir.mkdir(exist_ok=True)
-    arrays_name = f"epoch-{progress['epoch']}.npz"
-    arrays = {f"variable_{i}": variable.numpy() for i, variable in enumerate(variables)}
-    arrays.update({f"best_{i}": weight for i, weight in enumerate(best_weights or [])})
-    with atomic_path(state_dir / arrays_name) as temporary:
-        np.savez(temporary, **arrays)
-    write_text(state_dir / "state.json", json.dumps({**progress, "arrays": arrays_name}))
-    for path in state_dir.iterdir():
-        if path.name not in {"state.json", arrays_name}:
-            path.unlink()
-
-
-def restore_training_state(state_dir: Path, saved: dict, variables) -> list | None:
-    """Put the saved variables back; return the best weights saved with them."""
-    with np.load(state_dir / saved["arrays"]) as arrays:
-        for i, variable in enumerate(variables):
-            variable.assign(arrays[f"variable_{i}"])
-        best = sorted((name for name in arrays.files if name.startswith("best_")), key=lambda n: int(n[5:]))
-        return [arrays[name] for name in best] or None
-
-
-def check_workers_agree(strategy, epoch: int) -> None:
-    """In a cluster every worker must resume from the same epoch, or their steps would not line up."""
-    import tensorflow as tf
-
-    def this_worker():
-        return tf.constant([epoch])
-
-    @tf.function
-    def every_worker():
-        return strategy.gather(strategy.run(this_worker), axis=0)
-
-    epochs = sorted(set(every_worker().numpy().tolist()))
-    if len(epochs) > 1:
-        raise UserError(f"the workers saved training states of different epochs ({epochs}); "
-                        "run every worker with --fresh")
-
-
-def train(classifier, optimizer, strategy, inputs: dict, config: TrainConfig, state_dir: Path,
-          saved_state: dict | None, multi_worker: bool) -> dict:
-    """Train with early stopping on validation loss and keep the best weights; save the training state after
-    every epoch so that a crashed run continues; on Ctrl-C stop and keep the best weights so far.
-
-    One loop for every setup: the strategy runs each step on its replicas, whether that is this CPU, several
-    GPUs or the workers of a cluster. Not Keras' fit(): in Keras 3.15 it fails under
-    MultiWorkerMirroredStrategy (keras-team/keras#20585)."""
-    import keras
-    import tensorflow as tf
-
-    train_step, validation_step = make_step_functions(classifier, optimizer, strategy)
-    val_data = strategy.experimental_distribute_dataset(inputs["val_data"])
-    variables = classifier.variables + optimizer.variables
-    progress = {"epoch": 0, "history": {}, "epoch_seconds": [], "best_loss": math.inf, "best_epoch": None,
-                "wait": 0, "fingerprint": training_fingerprint(config)}
-    best_weights = None
-    if saved_state:
-        best_weights = restore_training_state(state_dir, saved_state, variables)
-        progress.update({key: saved_state[key] for key in progress})
-        print(f"Resuming after epoch {progress['epoch']} from the state saved in {state_dir} "
-              "(add --fresh to start over)")
-    if multi_worker:
-        check_workers_agree(strategy, progress["epoch"])
-    resumed_after_epoch, interrupted = progress["epoch"], False
-    names = ["loss", "accuracy", "val_loss", "val_accuracy"]
-    try:
-        while progress["epoch"] < config.epochs and progress["wait"] < config.patience:
-            print(f"Epoch {progress['epoch'] + 1}/{config.epochs}")
-            started = time.perf_counter()
-            bar = keras.utils.Progbar(inputs["steps_per_epoch"], verbose=1 if sys.stdout.isatty() else 2,
-                                      stateful_metrics=names)
-            train_data = strategy.experimental_distribute_dataset(inputs["train_data"](progress["epoch"]))
-            scores = run_epoch(train_step, train_data, inputs["steps_per_epoch"], bar)
-            validation = run_epoch(validation_step, val_data, inputs["validation_steps"])
-            scores.update({f"val_{name}": value for name, value in validation.items()})
-            bar.update(inputs["steps_per_epoch"], list(scores.items()), finalize=True)
-            progress["epoch"] += 1
-            progress["epoch_seconds"].append(time.perf_counter() - started)
-            for name in names:
-                progress["history"].setdefault(name, []).append(scores[name])
-            if scores["val_loss"] < progress["best_loss"]:
-                progress.update(best_loss=scores["val_loss"], best_epoch=progress["epoch"], wait=0)
-                best_weights = classifier.get_weights()
-            else:
-                progress["wait"] += 1
-            save_training_state(state_dir, progress, variables, best_weights)
-        if progress["wait"] >= config.patience:
-            print(f"Early stopping: no lower validation loss in the last {progress['wait']} epoch(s)")
-    except KeyboardInterrupt:
-        interrupted = True
-        print(f"\nInterrupted: evaluating the best weights so far. The training state stays in {state_dir}: "
-              "run the same command to continue.", file=sys.stderr)
-    except (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.DeadlineExceededError):
-        if not multi_worker:
-            raise
-        # TensorFlow notices a crashed worker by its missing heartbeats and aborts the collective operations.
-        raise UserError(f"another worker of the cluster stopped during epoch {progress['epoch'] + 1}; every "
-                        "worker's state after the last whole epoch is saved: start all workers again with the "
-                        "same command to resume") from None
-    if best_weights is not None:
-        print(f"Keeping the weights of epoch {progress['best_epoch']}, the lowest validation loss")
-        classifier.set_weights(best_weights)
-    if not interrupted:
-        shutil.rmtree(state_dir, ignore_errors=True)
-    return {
-        "history": progress["history"],
-        "epoch_seconds": progress["epoch_seconds"],
-        "epochs_run": progress["epoch"],
-        "best_epoch": progress["best_epoch"],
-        "interrupted": interrupted,
-        "resumed_after_epoch": resumed_after_epoch,
-    }
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Baseline: TF-IDF of word unigrams and bigrams with logistic regression
+# Baseline: TF-IDF of word unigrams and bigrams with logistic regression; and its blend with the neural model
 # ----------------------------------------------------------------------------------------------------------
 
 
 def standardized_strings(texts) -> list[str]:
     """The model's own standardization applied to Python strings, so the baseline sees the same words."""
-
     return [value.decode("utf-8") for batch in text_dataset(texts) for value in standardize_text(batch).numpy()]
 
 
@@ -734,9 +679,21 @@ def fit_baseline(train_texts, train_labels, config: TrainConfig):
     return make_pipeline(features, classifier).fit(train_texts, train_labels)
 
 
+def baseline_probabilities(baseline, texts) -> np.ndarray:
+    """The baseline's positive-class probabilities for raw texts."""
+    return baseline.predict_proba(standardized_strings(texts))[:, 1]
+
+
+def blend_probabilities(weight: float, neural, baseline):
+    """The blend: weight * neural + (1 - weight) * baseline. Works on NumPy arrays and on Keras tensors alike,
+    so the reported blend and the saved one are the same formula."""
+    return weight * neural + (1 - weight) * baseline
+
+
 @functools.cache
-def tfidf_logistic_layer():
-    """The fitted baseline's scoring as a Keras layer (made on first use so importing this file stays light).
+def tfidf_logistic_class():
+    """The Keras layer class that scores like the fitted baseline (defined on first use, so importing this file
+    stays light).
 
     Input: n-gram ids from a TextVectorization layer whose vocabulary is the baseline's (0 is padding, 1 is
     out of vocabulary). Output: the logistic regression's probability, computed as scikit-learn does:
@@ -778,7 +735,7 @@ def tfidf_logistic_layer():
 
 
 def export_blend(neural_model, baseline, weight: float):
-    """One model from raw strings to weight * neural + (1 - weight) * baseline probability."""
+    """One model from raw strings to the blended probability of positive, the baseline inside it."""
     import keras
     from keras import layers
 
@@ -788,39 +745,22 @@ def export_blend(neural_model, baseline, weight: float):
                                          ngrams=tuple(range(1, features.ngram_range[1] + 1)),
                                          output_mode="int",
                                          vocabulary=vocabulary, name="ngram_ids")
-    scorer = tfidf_logistic_layer()(len(vocabulary) + 2, name="tfidf_logistic")
+    scorer = tfidf_logistic_class()(len(vocabulary) + 2, name="tfidf_logistic")
     # Ids 0 (padding) and 1 (out of vocabulary) get zero weight, as unseen n-grams do in scikit-learn.
     scorer.build(None)
     scorer.set_weights([np.concatenate([[0.0, 0.0], features.idf_]).astype(np.float32),
                         np.concatenate([[0.0, 0.0], classifier.coef_[0]]).astype(np.float32),
                         np.float32(classifier.intercept_[0])])
     text = keras.Input(shape=(1,), dtype="string", name="text")
-    neural, linear = neural_model(text), scorer(ngram_ids(text))
-    blended = layers.Add(name="blend")([layers.Rescaling(weight)(neural), layers.Rescaling(1 - weight)(linear)])
+    blended = blend_probabilities(weight, neural_model(text), scorer(ngram_ids(text)))
     return keras.Model(text, blended, name="blended_sentiment_model")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Evaluation and reports
-# ----------------------------------------------------------------------------------------------------------
+def predicted_labels(probabilities: np.ndarray) -> np.ndarray:
+    return (probabilities >= DECISION_THRESHOLD).astype(int)
 
 
-def compute_metrics(labels, probabilities, threshold: float = 0.5) -> dict:
-    from sklearn import metrics
-
-    predicted = (probabilities >= threshold).astype(int)
-    return {
-        "accuracy": float(metrics.accuracy_score(labels, predicted)),
-        "precision": float(metrics.precision_score(labels, predicted, zero_division=0)),
-        "recall": float(metrics.recall_score(labels, predicted, zero_division=0)),
-        "f1": float(metrics.f1_score(labels, predicted, zero_division=0)),
-        "roc_auc": float(metrics.roc_auc_score(labels, probabilities)),
-        "confusion_matrix": metrics.confusion_matrix(labels, predicted, labels=[0, 1]).tolist(),
-        "threshold": threshold,
-    }
-
-
-def choose_blend_weight(labels, neural, linear) -> float:
+def choose_blend_weight(labels, neural, baseline) -> float:
     """The weight of the neural model (0 to 1 in steps of 0.05) with the lowest log loss on validation data.
 
     Log loss, a proper scoring rule, varies smoothly with the weight; validation accuracy moves in steps of
@@ -828,23 +768,406 @@ def choose_blend_weight(labels, neural, linear) -> float:
     from sklearn.metrics import log_loss
 
     weights = np.round(np.arange(0, 1.0001, 0.05), 2)
-    losses = [log_loss(labels, np.clip(w * neural + (1 - w) * linear, 1e-7, 1 - 1e-7), labels=[0, 1])
+    losses = [log_loss(labels, np.clip(blend_probabilities(w, neural, baseline), 1e-7, 1 - 1e-7), labels=[0, 1])
               for w in weights]
     return float(weights[int(np.argmin(losses))])
 
 
-def classification_report(labels, probabilities, threshold: float = 0.5) -> str:
+@dataclass
+class Blend:
+    weight: float
+    validation_accuracy: dict[str, float] | None  # of each part and the blend, when the weight was chosen here
+
+
+def choose_blend(config: TrainConfig, classifier, baseline, validation: LabelledTexts,
+                 validation_ids: np.ndarray) -> Blend:
+    """--blend-weight W as given, or with auto the weight chosen on the validation split (never the test)."""
+    if config.blend_weight != "auto":
+        return Blend(config.blend_weight, None)
+    parts = {config.arch: predict_token_ids(classifier, validation_ids),
+             "baseline": baseline_probabilities(baseline, validation.texts)}
+    weight = choose_blend_weight(validation.labels, parts[config.arch], parts["baseline"])
+    parts["blend"] = blend_probabilities(weight, parts[config.arch], parts["baseline"])
+    # Reported so that presets can be compared on validation data, never on the test set.
+    accuracy = {name: round(float(np.mean(predicted_labels(values) == validation.labels)), 4)
+                for name, values in parts.items()}
+    return Blend(weight, accuracy)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Devices: one machine, several GPUs (or logical CPUs), or the workers of a cluster described by TF_CONFIG
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClusterRole:
+    """This process's place in a cluster: the chief writes the model, figures and reports; the others train."""
+    chief: bool
+    name: str     # e.g. worker-1
+    workers: int  # in the whole cluster
+
+
+def cluster_role() -> ClusterRole | None:
+    """This process's place in the cluster that TF_CONFIG describes, or None when TF_CONFIG is not set.
+
+    The chief is the task of type chief, or worker 0 when the cluster has no chief. Checked before any
+    expensive work."""
+    raw = os.environ.get("TF_CONFIG", "").strip()
+    if not raw:
+        return None
+    try:
+        description = json.loads(raw)
+        cluster, task = description["cluster"], description["task"]
+        task_type, index = task["type"], int(task["index"])
+        addresses = cluster[task_type]
+    except (ValueError, KeyError, TypeError) as error:
+        example = '{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": 0}}'
+        raise UserError(f"TF_CONFIG is not a cluster description like {example} "
+                        f"({type(error).__name__}: {error})") from None
+    if task_type not in ("chief", "worker") or set(cluster) - {"chief", "worker"}:
+        raise UserError(f"TF_CONFIG: only chief and worker tasks are supported (got {sorted(set(cluster))})")
+    if not 0 <= index < len(addresses):
+        raise UserError(f"TF_CONFIG: task index {index} is outside the {len(addresses)} {task_type} address(es)")
+    chief = task_type == "chief" or (index == 0 and "chief" not in cluster)
+    return ClusterRole(chief=chief, name=f"{task_type}-{index}", workers=sum(map(len, cluster.values())))
+
+
+def logical_cpus(count: int) -> list[str]:
+    """Split the CPU into `count` logical devices (once per process, before TensorFlow starts its runtime)."""
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * count)
+    except RuntimeError:  # The runtime has started: use the devices it has, if there are enough.
+        if len(tf.config.list_logical_devices("CPU")) < count:
+            raise
+    return [f"/cpu:{index}" for index in range(count)]
+
+
+def choose_strategy(config: TrainConfig, role: ClusterRole | None):
+    """TF_CONFIG set: MultiWorkerMirroredStrategy across the cluster's workers. Otherwise, with several GPUs
+    (or --cpu-replicas N): MirroredStrategy on this machine. Otherwise TensorFlow's default strategy."""
+    import tensorflow as tf
+
+    if role:
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    gpus = tf.config.list_physical_devices("GPU")
+    if len(gpus) > 1:
+        return tf.distribute.MirroredStrategy()
+    if config.cpu_replicas > 1 and not gpus:
+        return tf.distribute.MirroredStrategy(logical_cpus(config.cpu_replicas))
+    return tf.distribute.get_strategy()
+
+
+def strategy_name(strategy, role: ClusterRole | None) -> str:
+    # TensorFlow's class for MultiWorkerMirroredStrategy is called CollectiveAllReduceStrategy.
+    return "MultiWorkerMirroredStrategy" if role else type(strategy).__name__
+
+
+def setup_tensorflow(config: TrainConfig, role: ClusterRole | None):
+    """Choose the distribution strategy (first: a cluster's must exist before any other TensorFlow work), then
+    seed everything and make ops deterministic, so the same seed gives the same run on the same machine."""
+    strategy = choose_strategy(config, role)
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(config.seed)
+    tf.config.experimental.enable_op_determinism()
+    if config.mixed_precision:
+        if tf.config.list_physical_devices("GPU"):
+            keras.mixed_precision.set_global_policy("mixed_float16")
+        else:
+            print("warning: --mixed-precision needs a GPU; training in float32", file=sys.stderr)
+    cluster = f" on {role.workers} worker(s); this is {role.name}" if role else ""
+    print(f"Strategy: {strategy_name(strategy, role)} with {strategy.num_replicas_in_sync} replica(s){cluster}; "
+          f"TensorFlow {tf.__version__}")
+    return strategy
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The training loop: one loop for every setup, with early stopping and a state saved after every epoch
+# ----------------------------------------------------------------------------------------------------------
+
+
+def make_step_functions(classifier, optimizer, strategy):
+    """One training step and one validation step over a batch split across the strategy's replicas.
+
+    Each returns the batch's summed loss, number of correct predictions and number of reviews, added up over
+    all replicas (and workers), from which the epoch's mean loss and accuracy follow."""
+    import keras
+    import tensorflow as tf
+
+    replicas = strategy.num_replicas_in_sync
+
+    def sums(labels, outputs):
+        # The model's own (batch, 1) output: Keras then computes the loss from the sigmoid's input, which is
+        # exact for confident predictions, where clipped probabilities would cap the loss.
+        losses = keras.losses.binary_crossentropy(labels[:, None], outputs)
+        correct = tf.cast(tf.cast(outputs[:, 0] >= DECISION_THRESHOLD, tf.float32) == labels, tf.float32)
+        return losses, [tf.reduce_sum(losses), tf.reduce_sum(correct), tf.cast(tf.size(labels), tf.float32)]
+
+    def train_batch(token_ids, labels):
+        with tf.GradientTape() as tape:
+            losses, batch_sums = sums(labels, classifier(token_ids, training=True))
+            # Keras' own rule: the mean over this replica's batch divided by the number of replicas, because
+            # the optimizer sums the replicas' gradients.
+            loss = optimizer.scale_loss(tf.reduce_mean(losses) / replicas)
+        gradients = tape.gradient(loss, classifier.trainable_variables)
+        optimizer.apply(gradients, classifier.trainable_variables)
+        return batch_sums
+
+    def validation_batch(token_ids, labels):
+        return sums(labels, classifier(token_ids, training=False))[1]
+
+    def on_all_replicas(batch_function):
+        @tf.function
+        def step(iterator):
+            per_replica = strategy.run(batch_function, args=next(iterator))
+            return [strategy.reduce("SUM", value, axis=None) for value in per_replica]
+        return step
+
+    return on_all_replicas(train_batch), on_all_replicas(validation_batch)
+
+
+def run_epoch(step, dataset, steps: int, progress=None) -> dict:
+    """Run `step` over one pass of the distributed dataset; the mean loss and accuracy per review."""
+    loss, correct, count = 0.0, 0.0, 0.0
+    iterator = iter(dataset)
+    for index in range(steps):
+        batch_loss, batch_correct, batch_count = (float(value) for value in step(iterator))
+        loss, correct, count = loss + batch_loss, correct + batch_correct, count + batch_count
+        if progress:
+            progress.update(index + 1, [("loss", loss / count), ("accuracy", correct / count)], finalize=False)
+    return {"loss": loss / count, "accuracy": correct / count}
+
+
+HISTORY_NAMES = ("loss", "accuracy", "val_loss", "val_accuracy")
+
+
+def numbered_arrays(arrays, prefix: str) -> list[np.ndarray]:
+    """The arrays saved as PREFIX0, PREFIX1, ... in that order."""
+    names = sorted((name for name in arrays.files if name.startswith(prefix)), key=lambda n: int(n[len(prefix):]))
+    return [arrays[name] for name in names]
+
+
+@dataclass
+class TrainingState:
+    """Where training stands after its last whole epoch: saved after every epoch, so that a crashed run goes on
+    from there. The arrays are every model and optimizer variable (weights, Adam moments, step count, dropout
+    seed state) and the best weights so far."""
+    fingerprint: dict
+    epoch: int = 0
+    history: dict[str, list[float]] = field(default_factory=dict)
+    epoch_seconds: list[float] = field(default_factory=list)
+    best_loss: float = math.inf
+    best_epoch: int | None = None
+    wait: int = 0  # epochs since the best one
+    variable_values: list[np.ndarray] | None = field(default=None, repr=False)
+    best_weights: list[np.ndarray] | None = field(default=None, repr=False)
+
+    ARRAY_FIELDS = ("variable_values", "best_weights")
+
+    def save(self, state_dir: Path) -> None:
+        """The arrays go first and state.json, naming them, last (each written whole): a crash at any moment
+        leaves the previous complete state."""
+        state_dir.mkdir(exist_ok=True)
+        arrays_name = f"epoch-{self.epoch}.npz"
+        arrays = {f"variable_{i}": value for i, value in enumerate(self.variable_values or [])}
+        arrays.update({f"best_{i}": weight for i, weight in enumerate(self.best_weights or [])})
+        with atomic_path(state_dir / arrays_name) as temporary:
+            np.savez(temporary, **arrays)
+        record = {spec.name: getattr(self, spec.name) for spec in dataclasses.fields(self)
+                  if spec.name not in self.ARRAY_FIELDS}
+        write_text(state_dir / "state.json", json.dumps({**record, "arrays": arrays_name}))
+        for path in state_dir.iterdir():
+            if path.name not in {"state.json", arrays_name}:
+                path.unlink()
+
+    @classmethod
+    def load(cls, state_dir: Path, fingerprint: dict) -> TrainingState | None:
+        """The state a crashed run left in state_dir, if any; refused if it was saved with other settings, and
+        a one-line error if it cannot be read."""
+        state_file = state_dir / "state.json"
+        if not state_file.is_file():
+            return None
+        try:
+            record = json.loads(state_file.read_text())
+            arrays_name = record.pop("arrays")
+            state = cls(**record)
+            with np.load(state_dir / arrays_name) as arrays:
+                state.variable_values = numbered_arrays(arrays, "variable_")
+                state.best_weights = numbered_arrays(arrays, "best_") or None
+        except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError, zipfile.BadZipFile) as error:
+            raise UserError(f"the training state in {state_dir} cannot be read ({type(error).__name__}); "
+                            "add --fresh to start over") from None
+        if state.fingerprint != fingerprint:
+            raise UserError(f"the training state in {state_dir} was saved with other settings; "
+                            "run with the same flags to resume, or add --fresh to start over")
+        return state
+
+
+def check_workers_agree(strategy, epoch: int) -> None:
+    """In a cluster every worker must resume from the same epoch, or their steps would not line up."""
+    import tensorflow as tf
+
+    def this_worker():
+        return tf.constant([epoch])
+
+    @tf.function
+    def every_worker():
+        return strategy.gather(strategy.run(this_worker), axis=0)
+
+    epochs = sorted(set(every_worker().numpy().tolist()))
+    if len(epochs) > 1:
+        raise UserError(f"the workers saved training states of different epochs ({epochs}); "
+                        "run every worker with --fresh")
+
+
+@dataclass
+class TrainingResult:
+    history: dict[str, list[float]]
+    epoch_seconds: list[float]
+    epochs_run: int
+    best_epoch: int | None
+    interrupted: bool
+    resumed_after_epoch: int
+
+    def summary(self) -> dict:
+        """What the report records of training."""
+        return {"epochs_run": self.epochs_run, "best_epoch": self.best_epoch, "interrupted": self.interrupted,
+                "resumed_after_epoch": self.resumed_after_epoch}
+
+
+def train(classifier, optimizer, strategy, inputs: PreparedInputs, config: TrainConfig, state_dir: Path,
+          saved: TrainingState | None, multi_worker: bool) -> TrainingResult:
+    """Train with early stopping on validation loss and keep the best weights; save the training state after
+    every epoch so that a crashed run continues; on Ctrl-C stop and keep the best weights so far.
+
+    One loop for every setup: the strategy runs each step on its replicas, whether that is this CPU, several
+    GPUs or the workers of a cluster. Not Keras' fit(): in Keras 3.15 it fails under
+    MultiWorkerMirroredStrategy (keras-team/keras#20585)."""
+    import keras
+    import tensorflow as tf
+
+    train_step, validation_step = make_step_functions(classifier, optimizer, strategy)
+    validation_batches = strategy.experimental_distribute_dataset(inputs.validation_batches)
+    variables = classifier.variables + optimizer.variables
+    state = saved or TrainingState(fingerprint=training_fingerprint(config))
+    if saved:
+        for variable, value in zip(variables, saved.variable_values):
+            variable.assign(value)
+        print(f"Resuming after epoch {state.epoch} from the state saved in {state_dir} (add --fresh to start over)")
+    if multi_worker:
+        check_workers_agree(strategy, state.epoch)
+    resumed_after_epoch, interrupted = state.epoch, False
+    try:
+        while state.epoch < config.epochs and state.wait < config.patience:
+            print(f"Epoch {state.epoch + 1}/{config.epochs}")
+            started = time.perf_counter()
+            bar = keras.utils.Progbar(inputs.steps_per_epoch, verbose=1 if sys.stdout.isatty() else 2,
+                                      stateful_metrics=HISTORY_NAMES)
+            train_batches = strategy.experimental_distribute_dataset(inputs.training_batches(state.epoch))
+            scores = run_epoch(train_step, train_batches, inputs.steps_per_epoch, bar)
+            validation = run_epoch(validation_step, validation_batches, inputs.validation_steps)
+            scores.update({f"val_{name}": value for name, value in validation.items()})
+            bar.update(inputs.steps_per_epoch, list(scores.items()), finalize=True)
+            state.epoch += 1
+            state.epoch_seconds.append(time.perf_counter() - started)
+            for name in HISTORY_NAMES:
+                state.history.setdefault(name, []).append(scores[name])
+            if scores["val_loss"] < state.best_loss:
+                state.best_loss, state.best_epoch, state.wait = scores["val_loss"], state.epoch, 0
+                state.best_weights = classifier.get_weights()
+            else:
+                state.wait += 1
+            state.variable_values = [variable.numpy() for variable in variables]
+            state.save(state_dir)
+        if state.wait >= config.patience:
+            print(f"Early stopping: no lower validation loss in the last {state.wait} epoch(s)")
+    except KeyboardInterrupt:
+        interrupted = True
+        print(f"\nInterrupted: evaluating the best weights so far. The training state stays in {state_dir}: "
+              "run the same command to continue.", file=sys.stderr)
+    except (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.DeadlineExceededError):
+        if not multi_worker:
+            raise
+        # TensorFlow notices a crashed worker by its missing heartbeats and aborts the collective operations.
+        raise UserError(f"another worker of the cluster stopped during epoch {state.epoch + 1}; every "
+                        "worker's state after the last whole epoch is saved: start all workers again with the "
+                        "same command to resume") from None
+    if state.best_weights is not None:
+        print(f"Keeping the weights of epoch {state.best_epoch}, the lowest validation loss")
+        classifier.set_weights(state.best_weights)
+    if not interrupted:
+        shutil.rmtree(state_dir, ignore_errors=True)
+    return TrainingResult(state.history, state.epoch_seconds, state.epoch, state.best_epoch, interrupted,
+                          resumed_after_epoch)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation: the test-set figures of every model, computed once, shared by the printout and the files
+# ----------------------------------------------------------------------------------------------------------
+
+
+def compute_metrics(labels, probabilities) -> dict:
     from sklearn import metrics
 
-    return metrics.classification_report(labels, (probabilities >= threshold).astype(int), labels=[0, 1],
+    predicted = predicted_labels(probabilities)
+    return {
+        "accuracy": float(metrics.accuracy_score(labels, predicted)),
+        "precision": float(metrics.precision_score(labels, predicted, zero_division=0)),
+        "recall": float(metrics.recall_score(labels, predicted, zero_division=0)),
+        "f1": float(metrics.f1_score(labels, predicted, zero_division=0)),
+        "roc_auc": float(metrics.roc_auc_score(labels, probabilities)),
+        "confusion_matrix": metrics.confusion_matrix(labels, predicted, labels=[0, 1]).tolist(),
+        "threshold": DECISION_THRESHOLD,
+    }
+
+
+def classification_report(labels, probabilities) -> str:
+    from sklearn import metrics
+
+    return metrics.classification_report(labels, predicted_labels(probabilities), labels=[0, 1],
                                          target_names=list(CLASS_NAMES), digits=4, zero_division=0)
+
+
+def summary_table(scores: dict[str, dict]) -> str:
+    names = ["accuracy", "precision", "recall", "f1", "roc_auc"]
+    lines = [f"{'model':<12}" + "".join(f"{name:>11}" for name in names)]
+    for model_name, model_scores in scores.items():
+        lines.append(f"{model_name:<12}" + "".join(f"{model_scores[name]:>11.4f}" for name in names))
+    return "\n".join(lines)
+
+
+@dataclass
+class Evaluation:
+    """Every model's test-set results. The first model is the primary one: the saved model (the blend, or the
+    neural model); the report, the table and errors.csv are about it."""
+    labels: np.ndarray
+    probabilities: dict[str, np.ndarray]
+    scores: dict[str, dict]
+    classification_report: str
+    table: str
+
+    @property
+    def primary(self) -> str:
+        return next(iter(self.probabilities))
+
+
+def evaluate(test: LabelledTexts, probabilities: dict[str, np.ndarray]) -> Evaluation:
+    """Score each model's test probabilities (the primary model first)."""
+    scores = {name: compute_metrics(test.labels, values) for name, values in probabilities.items()}
+    primary = next(iter(probabilities))
+    return Evaluation(test.labels, probabilities, scores, classification_report(test.labels, probabilities[primary]),
+                      summary_table(scores))
 
 
 def confident_errors(texts, labels, probabilities, limit: int = 100) -> pd.DataFrame:
     """The test reviews the model got wrong with the highest confidence."""
-    predicted = (probabilities >= 0.5).astype(int)
+    predicted = predicted_labels(probabilities)
     wrong = np.flatnonzero(predicted != labels)
-    confidence = np.abs(probabilities[wrong] - 0.5)
+    confidence = np.abs(probabilities[wrong] - DECISION_THRESHOLD)
     chosen = wrong[np.argsort(-confidence, kind="stable")[:limit]]
     return pd.DataFrame({
         "text": texts[chosen],
@@ -854,12 +1177,28 @@ def confident_errors(texts, labels, probabilities, limit: int = 100) -> pd.DataF
     })
 
 
-def summary_table(results: dict) -> str:
-    names = ["accuracy", "precision", "recall", "f1", "roc_auc"]
-    lines = [f"{'model':<12}" + "".join(f"{name:>11}" for name in names)]
-    for model_name, scores in results.items():
-        lines.append(f"{model_name:<12}" + "".join(f"{scores[name]:>11.4f}" for name in names))
-    return "\n".join(lines)
+def build_report(config: TrainConfig, data: dict, training: TrainingResult, evaluation: Evaluation,
+                 blend: Blend | None, strategy, role: ClusterRole | None) -> dict:
+    """The run's metrics.json: the primary model's test results first, then each other model's; the data,
+    settings, training, timing (filled in last) and environment."""
+    import tensorflow as tf
+
+    primary = evaluation.primary
+    return {
+        "model": primary,
+        **({"blend_weight": blend.weight} if blend else {}),
+        **({"validation_accuracy": blend.validation_accuracy} if blend and blend.validation_accuracy else {}),
+        "test": evaluation.scores[primary],
+        # The baseline, then the neural part of a blend, under their own names.
+        **{name: scores for name, scores in evaluation.scores.items() if name != primary},
+        "data": data,
+        "config": dataclasses.asdict(config),
+        "training": training.summary(),
+        "timing": None,
+        "environment": {"python": platform.python_version(), "tensorflow": tf.__version__,
+                        "machine": platform.platform(), "cpus": os.cpu_count(),
+                        "strategy": strategy_name(strategy, role), "replicas": strategy.num_replicas_in_sync},
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -916,249 +1255,10 @@ def plot_history(history: dict):
     return figure
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Writing outputs whole: write to a hidden temporary file in the same directory, then rename.
-# ----------------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path):
-    """Yield a temporary path next to `path` (same extension); rename it over `path` only on success."""
-    temporary = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        yield temporary
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
-
-
-def write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as temporary:
-        temporary.write_text(text, encoding="utf-8")
-
-
-def write_csv(path: Path, frame: pd.DataFrame) -> None:
-    with atomic_path(path) as temporary:
-        frame.to_csv(temporary, index=False)
-
-
-def save_figure(figure, path: Path) -> None:
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, dpi=120, format="png")
-
-
-def save_model(model, path: Path) -> None:
-    with atomic_path(path) as temporary:
-        model.save(temporary)
-
-
-def prepare_output_dir(path: Path) -> Path:
-    """Create the output directory and prove it is writable, before any expensive work."""
-    if path.exists() and not path.is_dir():
-        raise UserError(f"output directory is a file: {path}")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as error:
-        raise UserError(f"cannot write to the output directory {path}: {error.strerror}") from None
-    return path
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The training run
-# ----------------------------------------------------------------------------------------------------------
-
-
-def setup_tensorflow(config: TrainConfig, role: dict | None):
-    """Choose the distribution strategy (first: a cluster's must exist before any other TensorFlow work), then
-    seed everything and make ops deterministic, so the same seed gives the same run on the same machine."""
-    strategy = choose_strategy(config, role)
-    import keras
-    import tensorflow as tf
-
-    keras.utils.set_random_seed(config.seed)
-    tf.config.experimental.enable_op_determinism()
-    if config.mixed_precision:
-        if tf.config.list_physical_devices("GPU"):
-            keras.mixed_precision.set_global_policy("mixed_float16")
-        else:
-            print("warning: --mixed-precision needs a GPU; training in float32", file=sys.stderr)
-    return tf, strategy
-
-
-def run_training(config: TrainConfig) -> dict:
-    """The whole run: check, load, split, prepare, train, score, write. Returns the metrics report."""
-    started = time.perf_counter()
-    timing = {}
-    validate_config(config)
-    role = cluster_role()
-    if role and config.cpu_replicas > 1:
-        raise UserError("--cpu-replicas cannot be combined with TF_CONFIG: each worker uses its own devices")
-    output_dir = prepare_output_dir(Path(config.output_dir))
-    # Every worker of a cluster keeps its own training state; only the chief writes the outputs.
-    state_dir = output_dir / ("training_state" if not role or role["chief"] else f"training_state-{role['name']}")
-    if config.fresh:
-        shutil.rmtree(state_dir, ignore_errors=True)
-    saved_state = read_training_state(state_dir, training_fingerprint(config))
-    texts, labels, counts = load_dataset(config)
-    splits = split_dataset(texts, labels, config)
-    counts.update({name: int(len(part[1])) for name, part in splits.items()})
-    counts["positive"], counts["negative"] = int(labels.sum()), int(len(labels) - labels.sum())
-    timing["load_s"] = time.perf_counter() - started
-    print(f"Read {counts['rows_read']} rows from {config.data}; dropped {counts['dropped']}; "
-          f"train {counts['train']}, validation {counts['validation']}, test {counts['test']}")
-
-    tf, strategy = setup_tensorflow(config, role)
-    # TensorFlow's class for MultiWorkerMirroredStrategy is called CollectiveAllReduceStrategy.
-    strategy_name = "MultiWorkerMirroredStrategy" if role else type(strategy).__name__
-    cluster = f" on {role['workers']} worker(s); this is {role['name']}" if role else ""
-    print(f"Strategy: {strategy_name} with {strategy.num_replicas_in_sync} replica(s){cluster}; "
-          f"TensorFlow {tf.__version__}")
-    step_started = time.perf_counter()
-    inputs = prepare_inputs(splits, config, strategy.num_replicas_in_sync)
-    timing["preprocess_s"] = time.perf_counter() - step_started
-
-    with strategy.scope():
-        classifier = build_classifier(config, len(inputs["vocabulary"]))
-        if inputs["embedding_matrix"] is not None:
-            classifier.get_layer("embedding").set_weights([inputs["embedding_matrix"]])
-        optimizer = make_optimizer(config, inputs["steps_per_epoch"])
-        optimizer.build(classifier.trainable_variables)
-    classifier.summary(print_fn=print)
-    step_started = time.perf_counter()
-    training = train(classifier, optimizer, strategy, inputs, config, state_dir, saved_state, role is not None)
-    timing["train_s"] = time.perf_counter() - step_started
-    timing["epoch_s"] = training["epoch_seconds"]
-    if role and not role["chief"]:
-        print("Training done; the chief writes the model and the reports.")
-        return {"training": training}
-    classifier = local_copy(classifier, config)
-
-    probabilities, model, blend_weight, validation_accuracy = score_models(classifier, splits, inputs, config,
-                                                                           timing)
-    test_labels = splits["test"][1]
-    results = {name: compute_metrics(test_labels, values) for name, values in probabilities.items()}
-    neural = config.arch  # The neural model's results are named after it: lstm, bilstm or gru.
-    primary = "blend" if blend_weight is not None else neural
-    report = {
-        "model": primary,
-        **({"blend_weight": blend_weight} if blend_weight is not None else {}),
-        **({"validation_accuracy": validation_accuracy} if validation_accuracy else {}),
-        "test": results[primary],
-        **{name: scores for name, scores in results.items() if name not in (primary, neural)},
-        **({neural: results[neural]} if primary != neural else {}),
-        "data": counts,
-        "config": dataclasses.asdict(config),
-        "training": {key: training[key] for key in ("epochs_run", "best_epoch", "interrupted",
-                                                     "resumed_after_epoch")},
-        "timing": timing,
-        "environment": {"python": platform.python_version(), "tensorflow": tf.__version__,
-                        "machine": platform.platform(), "cpus": os.cpu_count(),
-                        "strategy": strategy_name, "replicas": strategy.num_replicas_in_sync},
-    }
-    print("\nTest set results:\n" + summary_table(results))
-    print(f"\n{classification_report(test_labels, probabilities[primary])}")
-    write_outputs(output_dir, model, report, training["history"], splits["test"], probabilities, config,
-                  started)
-    print(f"Outputs written to {output_dir}/; the whole run took {report['timing']['total_s']:.0f} s")
-    return report
-
-
-def prepare_inputs(splits: dict, config: TrainConfig, replicas: int) -> dict:
-    """Vocabulary, token ids, the training batches of each epoch, the validation batches and (with
-    --embeddings word2vec) the starting embedding."""
-    train_texts, train_labels = splits["train"]
-    vectorizer = make_vectorizer(train_texts, config)
-    vocabulary = vectorizer.get_vocabulary()
-    ids = {name: vectorize(vectorizer, texts) for name, (texts, _) in splits.items()}
-    global_batch, several = config.batch_size * replicas, replicas > 1
-
-    def train_data(epoch: int):
-        return make_training_dataset(ids["train"], train_labels, global_batch, config.max_length,
-                                     config.seed + epoch, drop_remainder=several)
-
-    val_data = make_training_dataset(ids["validation"], splits["validation"][1], global_batch, config.max_length,
-                                     None, drop_remainder=several)
-    steps_per_epoch = int(train_data(0).cardinality())
-    if int(val_data.cardinality()) == 0 or steps_per_epoch == 0:
-        raise UserError(f"too few rows for batches of {global_batch} on {replicas} replicas; lower --batch-size")
-    embedding_matrix = None
-    if config.embeddings == "word2vec":
-        print("Training Word2Vec on the training split ...")
-        embedding_matrix = word2vec_matrix(ids["train"], vocabulary, config)
-    print(f"Vocabulary {len(vocabulary)} words; {steps_per_epoch} batches per epoch")
-    return {"vectorizer": vectorizer, "vocabulary": vocabulary, "ids": ids, "train_data": train_data,
-            "val_data": val_data, "steps_per_epoch": steps_per_epoch,
-            "validation_steps": int(val_data.cardinality()), "embedding_matrix": embedding_matrix}
-
-
-def score_models(classifier, splits: dict, inputs: dict, config: TrainConfig, timing: dict):
-    """Test-set probabilities of the LSTM, the baseline and the blend; the model to save; the blend weight and,
-    when it was chosen here, the validation accuracy of each part.
-
-    Every choice (epochs, blend weight) is made on the validation split; the test split is only scored."""
-    step_started = time.perf_counter()
-    neural = config.arch
-    probabilities = {neural: predict_token_ids(classifier, inputs["ids"]["test"])}
-    timing["evaluate_s"] = time.perf_counter() - step_started
-    model = export_model(inputs["vectorizer"], classifier)
-    if not config.baseline:
-        return probabilities, model, None, None
-    step_started = time.perf_counter()
-    print("Fitting the TF-IDF + logistic-regression baseline ...")
-    (train_texts, train_labels), (val_texts, val_labels), (test_texts, _) = splits.values()
-    baseline = fit_baseline(standardized_strings(train_texts), train_labels, config)
-    probabilities["baseline"] = baseline.predict_proba(standardized_strings(test_texts))[:, 1]
-    timing["baseline_s"] = time.perf_counter() - step_started
-    if config.blend_weight is None:
-        return probabilities, model, None, None
-    weight, validation_accuracy = config.blend_weight, None
-    if weight == "auto":
-        validation = {neural: predict_token_ids(classifier, inputs["ids"]["validation"]),
-                      "baseline": baseline.predict_proba(standardized_strings(val_texts))[:, 1]}
-        weight = choose_blend_weight(val_labels, validation[neural], validation["baseline"])
-        validation["blend"] = weight * validation[neural] + (1 - weight) * validation["baseline"]
-        # Reported so that presets can be compared on validation data, never on the test set.
-        validation_accuracy = {name: round(float(np.mean((values >= 0.5) == val_labels)), 4)
-                               for name, values in validation.items()}
-    print(f"Blend: {weight:.2f} * {neural} + {1 - weight:.2f} * baseline")
-    probabilities["blend"] = weight * probabilities[neural] + (1 - weight) * probabilities["baseline"]
-    return probabilities, export_blend(model, baseline, weight), weight, validation_accuracy
-
-
-def write_outputs(output_dir, model, report, history, test_split, probabilities, config, started):
-    """Save the model, reports and figures, each file whole, metrics.json last with the total time; then show
-    the figures if asked and able."""
-    import matplotlib
-
-    show = config.show and display_available()
-    if not show:
-        matplotlib.use("Agg")
+def show_figures(show: bool) -> None:
+    """Open the figures in windows if asked and able, then free them."""
     import matplotlib.pyplot as plt
 
-    test_texts, test_labels = test_split
-    primary = report["model"]
-    save_model(model, output_dir / "model.keras")
-    report_text = classification_report(test_labels, probabilities[primary])
-    write_text(output_dir / "classification_report.txt",
-               f"Test set, model: {primary}\n\n{report_text}\n{summary_table_from_report(report)}\n")
-    history_frame = pd.DataFrame(history)
-    history_frame.insert(0, "epoch", np.arange(1, len(history_frame) + 1))
-    write_csv(output_dir / "history.csv", history_frame)
-    write_csv(output_dir / "errors.csv", confident_errors(test_texts, test_labels, probabilities[primary]))
-    figures = {
-        "confusion_matrix.png": plot_confusion_matrix(report["test"]["confusion_matrix"],
-                                                      f"Confusion matrix ({primary}, test set)"),
-        "roc_curve.png": plot_roc_curves(test_labels, probabilities),
-        "training_history.png": plot_history(history),
-    }
-    for name, figure in figures.items():
-        save_figure(figure, output_dir / name)
-    report["timing"]["total_s"] = time.perf_counter() - started
-    report["timing"] = {key: np.round(value, 2).tolist() for key, value in report["timing"].items()}
-    write_text(output_dir / "metrics.json", json.dumps(report, indent=2) + "\n")
     if show:
         try:
             plt.show()
@@ -1167,15 +1267,139 @@ def write_outputs(output_dir, model, report, history, test_split, probabilities,
     plt.close("all")
 
 
-def summary_table_from_report(report: dict) -> str:
-    scores = {report["model"]: report["test"]}
-    scores.update({name: report[name] for name in (report["config"]["arch"], "baseline") if name in report})
-    return summary_table(scores)
+def write_outputs(output_dir: Path, model, evaluation: Evaluation, history: dict, test: LabelledTexts,
+                  show: bool) -> None:
+    """Save the model, the reports and the figures, each file whole (metrics.json comes after, last)."""
+    import matplotlib
+
+    if not show:
+        matplotlib.use("Agg")
+    primary = evaluation.primary
+    save_model(model, output_dir / "model.keras")
+    write_text(output_dir / "classification_report.txt",
+               f"Test set, model: {primary}\n\n{evaluation.classification_report}\n{evaluation.table}\n")
+    history_frame = pd.DataFrame(history)
+    history_frame.insert(0, "epoch", np.arange(1, len(history_frame) + 1))
+    write_csv(output_dir / "history.csv", history_frame)
+    write_csv(output_dir / "errors.csv", confident_errors(test.texts, test.labels, evaluation.probabilities[primary]))
+    figures = {
+        "confusion_matrix.png": plot_confusion_matrix(evaluation.scores[primary]["confusion_matrix"],
+                                                      f"Confusion matrix ({primary}, test set)"),
+        "roc_curve.png": plot_roc_curves(test.labels, evaluation.probabilities),
+        "training_history.png": plot_history(history),
+    }
+    for name, figure in figures.items():
+        save_figure(figure, output_dir / name)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The training run: the checks that need no data, then the story of a run, stage by stage
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunSetup:
+    """What is settled before any data is read: this process's role, where it writes, and a saved state."""
+    role: ClusterRole | None
+    output_dir: Path
+    state_dir: Path
+    saved_state: TrainingState | None
+
+    @property
+    def writes_outputs(self) -> bool:
+        return self.role is None or self.role.chief
+
+
+def set_up_run(config: TrainConfig) -> RunSetup:
+    """Every check that needs no data, so a mistake costs seconds: the flags, TF_CONFIG, the output directory
+    and a saved training state."""
+    validate_config(config)
+    role = cluster_role()
+    if role and config.cpu_replicas > 1:
+        raise UserError("--cpu-replicas cannot be combined with TF_CONFIG: each worker uses its own devices")
+    output_dir = prepare_output_dir(Path(config.output_dir))
+    # Every worker of a cluster keeps its own training state; only the chief writes the outputs.
+    state_dir = output_dir / ("training_state" if not role or role.chief else f"training_state-{role.name}")
+    if config.fresh:
+        shutil.rmtree(state_dir, ignore_errors=True)
+    return RunSetup(role, output_dir, state_dir, TrainingState.load(state_dir, training_fingerprint(config)))
+
+
+def score_on_test(config: TrainConfig, classifier, inputs: PreparedInputs, splits: DataSplits, clock: Stopwatch):
+    """Test-set probabilities of every model (the primary one first), the model to save and the blend, if any.
+    Every choice (epochs, blend weight) is made on the validation split; the test split is only scored."""
+    with clock.timed("evaluate_s"):
+        neural = predict_token_ids(classifier, inputs.test_ids)
+    model, probabilities, blend = export_model(inputs.vectorizer, classifier), {config.arch: neural}, None
+    if config.baseline:
+        print("Fitting the TF-IDF + logistic-regression baseline ...")
+        with clock.timed("baseline_s"):
+            baseline = fit_baseline(standardized_strings(splits.train.texts), splits.train.labels, config)
+            probabilities["baseline"] = baseline_probabilities(baseline, splits.test.texts)
+        if config.blend_weight is not None:
+            blend = choose_blend(config, classifier, baseline, splits.validation, inputs.validation_ids)
+            print(f"Blend: {blend.weight:.2f} * {config.arch} + {1 - blend.weight:.2f} * baseline")
+            blended = blend_probabilities(blend.weight, neural, probabilities["baseline"])
+            probabilities = {"blend": blended, "baseline": probabilities["baseline"], config.arch: neural}
+            model = export_blend(model, baseline, blend.weight)
+    return probabilities, model, blend
+
+
+def run_training(config: TrainConfig) -> TrainingResult:
+    """The whole run: check, load, split, prepare, train, score, report, write."""
+    clock = Stopwatch()
+    setup = set_up_run(config)
+    with clock.timed("load_s"):
+        data = load_dataset(config)
+        splits = split_dataset(data, config)
+    counts = data_summary(data, splits)
+    print(f"Read {counts['rows_read']} rows from {config.data}; dropped {counts['dropped']}; "
+          f"train {counts['train']}, validation {counts['validation']}, test {counts['test']}")
+    strategy = setup_tensorflow(config, setup.role)
+    with clock.timed("preprocess_s"):
+        inputs = prepare_inputs(splits, config, strategy.num_replicas_in_sync)
+    classifier, optimizer = build_model_and_optimizer(config, inputs, strategy)
+    with clock.timed("train_s"):
+        training = train(classifier, optimizer, strategy, inputs, config, setup.state_dir, setup.saved_state,
+                         multi_worker=setup.role is not None)
+    clock.record("epoch_s", training.epoch_seconds)
+    if not setup.writes_outputs:
+        print("Training done; the chief writes the model and the reports.")
+        return training
+
+    classifier = local_copy(classifier, config)
+    probabilities, model, blend = score_on_test(config, classifier, inputs, splits, clock)
+    evaluation = evaluate(splits.test, probabilities)
+    report = build_report(config, counts, training, evaluation, blend, strategy, setup.role)
+    print(f"\nTest set results:\n{evaluation.table}\n\n{evaluation.classification_report}")
+    show = config.show and display_available()
+    write_outputs(setup.output_dir, model, evaluation, training.history, splits.test, show)
+    report["timing"] = clock.summary()
+    write_text(setup.output_dir / "metrics.json", json.dumps(report, indent=2) + "\n")
+    print(f"Outputs written to {setup.output_dir}/; the whole run took {report['timing']['total_s']:.0f} s")
+    show_figures(show)
+    return training
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Prediction with a saved model
 # ----------------------------------------------------------------------------------------------------------
+
+
+def check_model_file(path: Path) -> None:
+    if not path.is_file():
+        raise UserError(f"model file not found: {path} (train one first: python sentiment_analysis.py)")
+
+
+def load_model(path: Path):
+    check_model_file(path)
+    import keras
+
+    try:
+        custom_objects = {"standardize_text": standardize_text, "TfidfLogistic": tfidf_logistic_class()}
+        return keras.models.load_model(path, custom_objects=custom_objects, compile=False)
+    except Exception as error:  # Keras raises many types for a corrupt or foreign file.
+        raise UserError(f"could not load the model {path}: {str(error).splitlines()[0][:200]}") from None
 
 
 def one_line(text: str, width: int = 80) -> str:
@@ -1235,75 +1459,7 @@ def predict_csv_command(model_path: Path, input_path: Path, output_path: Path, t
     print(f"Wrote {done} predictions to {output_path}", file=sys.stderr)
 
 
-def check_output_file(path: Path) -> None:
-    if path.is_dir():
-        raise UserError(f"output path is a directory: {path}")
-    if not path.parent.is_dir():
-        raise UserError(f"output directory does not exist: {path.parent}")
-    try:
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".write-test-"):
-            pass
-    except OSError as error:
-        raise UserError(f"cannot write {path}: {error.strerror}") from None
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------------
-
-
-def build_train_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sentiment_analysis.py",
-        description="Train an LSTM sentiment classifier on a CSV of reviews (default: imdb.csv). "
-                    "Use 'sentiment_analysis.py predict --help' to apply a trained model.",
-        argument_default=argparse.SUPPRESS, allow_abbrev=False)
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="start from a named recipe (see README)")
-    for spec in dataclasses.fields(TrainConfig):
-        flag = "--" + spec.name.replace("_", "-")
-        help_text = spec.metadata["help"]
-        if spec.type == "bool":
-            negative = spec.default
-            parser.add_argument(f"--no-{spec.name.replace('_', '-')}" if negative else flag, dest=spec.name,
-                                action="store_false" if negative else "store_true", help=help_text)
-            continue
-        kind = {"int": int, "int | None": int, "float": float, "float | None": float,
-                "float | str | None": number_or_auto}.get(spec.type, str)
-        extra = {"choices": spec.metadata["choices"]} if "choices" in spec.metadata else {}
-        default = f" (default: {spec.default})" if spec.default is not None else ""
-        parser.add_argument(flag, dest=spec.name, type=kind, metavar=spec.name.upper(), help=help_text + default,
-                            **extra)
-    return parser
-
-
-def number_or_auto(text: str):
-    return "auto" if text == "auto" else float(text)
-
-
-def build_predict_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sentiment_analysis.py predict", allow_abbrev=False,
-        description="Label new reviews with a trained model. Prints label, probability of positive and the text "
-                    "for each text given (or each line of standard input with '-'), or scores a CSV.")
-    parser.add_argument("texts", nargs="*", help="reviews to label; '-' reads one review per line from stdin")
-    parser.add_argument("--model", default="outputs/model.keras", help="saved model (default: %(default)s)")
-    parser.add_argument("--input", help="CSV file of reviews to score")
-    parser.add_argument("--output", help="CSV file to write (with --input): input columns plus predictions")
-    parser.add_argument("--text-column", help="text column of --input (default: reviews, review or text)")
-    parser.add_argument("--threshold", type=float, default=0.5,
-                        help="probability at or above which a review is positive (default: %(default)s)")
-    return parser
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Defaults, then the preset's values, then the flags the user gave."""
-    given = vars(args)
-    preset = PRESETS.get(given.pop("preset", None), {})
-    return TrainConfig(**{**preset, **given})
-
-
-def run_predict(argv: list[str]) -> None:
-    args = build_predict_parser().parse_args(argv)
+def run_predict(args: argparse.Namespace) -> None:
     if not 0 < args.threshold < 1:
         raise UserError(f"--threshold must be between 0 and 1 (got {args.threshold})")
     model_path = Path(args.model)
@@ -1325,15 +1481,82 @@ def run_predict(argv: list[str]) -> None:
     predict_texts_command(model_path, texts, args.threshold)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------
+
+
+def number_or_auto(text: str):
+    return "auto" if text == "auto" else float(text)
+
+
+# How the text of a flag becomes a config field's value, by the field's declared type. A field of any other
+# type stops the script at start-up: it would otherwise be read as text without anyone noticing.
+FLAG_PARSERS = {"str": str, "str | None": str, "int": int, "int | None": int, "float": float,
+                "float | None": float, "float | str | None": number_or_auto}
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config_class) -> None:
+    """One flag per field of the config dataclass: --no-NAME for a field that is true by default, --NAME for
+    one that is false, --NAME VALUE otherwise."""
+    for spec in dataclasses.fields(config_class):
+        flag = flag_name(spec.name)
+        help_text = argparse.SUPPRESS if spec.metadata["hidden"] else spec.metadata["help"]
+        if spec.type == "bool":
+            on_by_default = spec.default
+            parser.add_argument(flag_name(f"no_{spec.name}") if on_by_default else flag, dest=spec.name,
+                                action="store_false" if on_by_default else "store_true", help=help_text)
+            continue
+        if spec.type not in FLAG_PARSERS:
+            raise TypeError(f"config field {spec.name!r} has type {spec.type!r}, which has no flag parser")
+        extra = {"choices": spec.metadata["choices"]} if "choices" in spec.metadata else {}
+        default = f" (default: {spec.default})" if spec.default is not None else ""
+        parser.add_argument(flag, dest=spec.name, type=FLAG_PARSERS[spec.type], metavar=spec.name.upper(),
+                            help=help_text if spec.metadata["hidden"] else help_text + default, **extra)
+
+
+def build_train_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sentiment_analysis.py",
+        description="Train an LSTM sentiment classifier on a CSV of reviews (default: imdb.csv). "
+                    "Use 'sentiment_analysis.py predict --help' to apply a trained model.",
+        argument_default=argparse.SUPPRESS, allow_abbrev=False)
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="start from a named recipe (see README)")
+    add_config_flags(parser, TrainConfig)
+    return parser
+
+
+def build_predict_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sentiment_analysis.py predict", allow_abbrev=False,
+        description="Label new reviews with a trained model. Prints label, probability of positive and the text "
+                    "for each text given (or each line of standard input with '-'), or scores a CSV.")
+    parser.add_argument("texts", nargs="*", help="reviews to label; '-' reads one review per line from stdin")
+    parser.add_argument("--model", default="outputs/model.keras", help="saved model (default: %(default)s)")
+    parser.add_argument("--input", help="CSV file of reviews to score")
+    parser.add_argument("--output", help="CSV file to write (with --input): input columns plus predictions")
+    parser.add_argument("--text-column", help="text column of --input (default: reviews, review or text)")
+    parser.add_argument("--threshold", type=float, default=DECISION_THRESHOLD,
+                        help="probability at or above which a review is positive (default: %(default)s)")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Defaults, then the preset's values, then the flags the user gave."""
+    given = vars(args)
+    preset = PRESETS.get(given.pop("preset", None), {})
+    return TrainConfig(**{**preset, **given})
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Train (the default) or predict. Returns the exit status: 0, 2 for a user's mistake, 130 when training
+    was interrupted (the reports are written, but training was cut short)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         if argv[:1] == ["predict"]:
-            run_predict(argv[1:])
-        else:
-            report = run_training(config_from_args(build_train_parser().parse_args(argv)))
-            if report["training"]["interrupted"]:
-                return 130  # The shell's code for Ctrl-C: the reports are written, but training was cut short.
+            run_predict(build_predict_parser().parse_args(argv[1:]))
+        elif run_training(config_from_args(build_train_parser().parse_args(argv))).interrupted:
+            return 130  # The shell's code for Ctrl-C.
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

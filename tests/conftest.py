@@ -1,5 +1,8 @@
-"""Shared helpers: run the script in a subprocess with tiny settings, as a user would."""
+"""Shared helpers: the script in-process (`run_main`) for most tests, in a subprocess (`run_script`) where the
+promise is about the process itself (no traceback, no TensorFlow on --help, signals, clusters)."""
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -16,6 +19,15 @@ TINY_FLAGS = ["--epochs", "1", "--vocab-size", "2000", "--max-length", "80", "--
 sys.path.insert(0, str(ROOT))
 
 
+def pytest_configure(config):
+    """Two logical CPU devices for this test process, so that in-process tests can mirror a model across two
+    replicas. (TensorFlow fixes its devices when its runtime starts, so this must come first.)"""
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
+
 def run_script(*args, stdin=None, timeout=300, env_extra=None, cwd=None):
     env = {key: value for key, value in os.environ.items() if key not in ("DISPLAY", "TF_CONFIG")}
     env.update({"PYTHONUNBUFFERED": "1", **(env_extra or {})})
@@ -23,13 +35,43 @@ def run_script(*args, stdin=None, timeout=300, env_extra=None, cwd=None):
                           input=stdin, timeout=timeout, env=env, cwd=cwd or ROOT)
 
 
+def run_main(*args, stdin=""):
+    """sentiment_analysis.main(args) in this process, as a CompletedProcess: exit status, stdout, stderr."""
+    import sentiment_analysis
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    old_stdin = sys.stdin
+    sys.stdin = io.StringIO(stdin)
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                returncode = sentiment_analysis.main([str(arg) for arg in args])
+            except SystemExit as exit_:  # argparse's usage errors and --help
+                returncode = exit_.code
+    finally:
+        sys.stdin = old_stdin
+    return subprocess.CompletedProcess(list(args), returncode, stdout.getvalue(), stderr.getvalue())
+
+
+@pytest.fixture(autouse=True)
+def no_display_no_cluster(monkeypatch):
+    """In-process runs see neither a display nor a cluster description, like the subprocess runs."""
+    for name in ("DISPLAY", "WAYLAND_DISPLAY", "TF_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+
+
 def train_tiny(output_dir, *extra, data=TINY_CSV, **kwargs):
+    """A tiny training run in a subprocess, as a user runs it."""
     return run_script("--data", data, "--output-dir", output_dir, *TINY_FLAGS, *extra, **kwargs)
+
+
+def train_tiny_in_process(output_dir, *extra, data=TINY_CSV):
+    return run_main("--data", data, "--output-dir", output_dir, *TINY_FLAGS, *extra)
 
 
 @pytest.fixture(scope="session")
 def trained_dir(tmp_path_factory):
-    """One tiny training run shared by the end-to-end and predict tests."""
+    """One tiny training run, in a subprocess as a user runs it, shared by the end-to-end and predict tests."""
     output_dir = tmp_path_factory.mktemp("trained")
     result = train_tiny(output_dir)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,9 +1,10 @@
-"""The predict subcommand on the model saved by the tiny training run: every mode and every error path."""
+"""The predict subcommand on the model saved by the tiny training run: every mode and every error path.
+
+In-process (main([...])) except where the process itself is the promise."""
 
 import pandas as pd
-import pytest
 
-from conftest import TINY_CSV, assert_user_error, run_script
+from conftest import TINY_CSV, assert_user_error, run_main, run_script
 
 TEXTS = ["An absolute delight, the best film of the year!", "Dull, slow and badly acted. Avoid.",
          "It was fine."]
@@ -25,14 +26,14 @@ def check_rows(rows, texts, threshold=0.5):
 
 
 def test_predict_texts_in_order(trained_dir):
-    result = run_script("predict", "--model", trained_dir / "model.keras", *TEXTS)
+    result = run_main("predict", "--model", trained_dir / "model.keras", *TEXTS)
     assert result.returncode == 0, result.stderr[-3000:]
     check_rows(parse_lines(result.stdout), TEXTS)
 
 
 def test_predict_long_text_is_shown_on_one_short_line(trained_dir):
     long_text = "Great acting.\nGreat story. " * 40
-    result = run_script("predict", "--model", trained_dir / "model.keras", long_text)
+    result = run_main("predict", "--model", trained_dir / "model.keras", long_text)
     assert result.returncode == 0, result.stderr[-3000:]
     (label, probability, shown), = parse_lines(result.stdout)
     assert len(shown) <= 80 and shown.endswith("...") and "\n" not in shown
@@ -40,14 +41,14 @@ def test_predict_long_text_is_shown_on_one_short_line(trained_dir):
 
 def test_predict_from_stdin_matches_arguments(trained_dir):
     model = trained_dir / "model.keras"
-    from_stdin = run_script("predict", "--model", model, "-", stdin="\n".join(TEXTS) + "\n\n")
-    from_args = run_script("predict", "--model", model, *TEXTS)
+    from_stdin = run_main("predict", "--model", model, "-", stdin="\n".join(TEXTS) + "\n\n")
+    from_args = run_main("predict", "--model", model, *TEXTS)
     assert from_stdin.returncode == 0, from_stdin.stderr[-3000:]
     assert from_stdin.stdout == from_args.stdout
 
 
 def test_threshold_decides_the_label(trained_dir):
-    result = run_script("predict", "--model", trained_dir / "model.keras", "--threshold", "0.99", *TEXTS)
+    result = run_main("predict", "--model", trained_dir / "model.keras", "--threshold", "0.99", *TEXTS)
     rows = parse_lines(result.stdout)
     check_rows(rows, TEXTS, threshold=0.99)
 
@@ -58,7 +59,7 @@ def test_predict_csv_keeps_columns_order_and_empty_rows(trained_dir, tmp_path):
     source.loc[[3, 17], "reviews"] = ["", "   "]
     input_path, output_path = tmp_path / "in.csv", tmp_path / "out.csv"
     source.to_csv(input_path, index=False)
-    result = run_script("predict", "--model", trained_dir / "model.keras", "--input", input_path,
+    result = run_main("predict", "--model", trained_dir / "model.keras", "--input", input_path,
                         "--output", output_path)
     assert result.returncode == 0, result.stderr[-3000:]
     scored = pd.read_csv(output_path, keep_default_na=False)
@@ -72,7 +73,7 @@ def test_predict_csv_keeps_columns_order_and_empty_rows(trained_dir, tmp_path):
     assert probabilities.between(0, 1).all()
     assert ((probabilities >= 0.5) == (rest["predicted_sentiment"] == "positive")).all()
     # The CSV path and the text path give the same probabilities for the same reviews.
-    direct = run_script("predict", "--model", trained_dir / "model.keras", *rest["reviews"].head(3))
+    direct = run_main("predict", "--model", trained_dir / "model.keras", *rest["reviews"].head(3))
     assert [row[1] for row in parse_lines(direct.stdout)] == [f"{p:.4f}" for p in probabilities.head(3)]
 
 
@@ -80,11 +81,11 @@ def test_predict_csv_with_named_text_column(trained_dir, tmp_path):
     source = pd.read_csv(TINY_CSV).head(5).rename(columns={"reviews": "body"})
     input_path, output_path = tmp_path / "in.csv", tmp_path / "out.csv"
     source.to_csv(input_path, index=False)
-    missing = run_script("predict", "--model", trained_dir / "model.keras", "--input", input_path,
+    missing = run_main("predict", "--model", trained_dir / "model.keras", "--input", input_path,
                          "--output", output_path)
     assert_user_error(missing, "'body'")
     assert not output_path.exists()
-    result = run_script("predict", "--model", trained_dir / "model.keras", "--input", input_path,
+    result = run_main("predict", "--model", trained_dir / "model.keras", "--input", input_path,
                         "--output", output_path, "--text-column", "body")
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(pd.read_csv(output_path)) == 5
@@ -92,28 +93,31 @@ def test_predict_csv_with_named_text_column(trained_dir, tmp_path):
 
 def test_predict_error_paths(trained_dir, tmp_path):
     model = trained_dir / "model.keras"
-    assert_user_error(run_script("predict", "--model", tmp_path / "missing.keras", "hello"), "not found")
+    assert_user_error(run_main("predict", "--model", tmp_path / "missing.keras", "hello"), "not found")
     broken = tmp_path / "broken.keras"
     broken.write_bytes(b"not a zip file")
-    assert_user_error(run_script("predict", "--model", broken, "hello"), "could not load")
-    assert_user_error(run_script("predict", "--model", model), "nothing to predict")
-    assert_user_error(run_script("predict", "--model", model, "--threshold", "1.5", "x"), "--threshold")
-    assert_user_error(run_script("predict", "--model", model, "--input", TINY_CSV), "--output")
-    assert_user_error(run_script("predict", "--model", model, "--input", tmp_path / "no.csv",
+    assert_user_error(run_main("predict", "--model", broken, "hello"), "could not load")
+    assert_user_error(run_main("predict", "--model", model), "nothing to predict")
+    assert_user_error(run_main("predict", "--model", model, "--threshold", "1.5", "x"), "--threshold")
+    assert_user_error(run_main("predict", "--model", model, "--input", TINY_CSV), "--output")
+    assert_user_error(run_main("predict", "--model", model, "--input", tmp_path / "no.csv",
                                  "--output", tmp_path / "o.csv"), "not found")
     malformed = tmp_path / "malformed.txt"
     malformed.write_text("reviews\n" + "fine review\n" * 10 + '"never closed quote\n')
-    assert_user_error(run_script("predict", "--model", model, "--input", malformed,
+    assert_user_error(run_main("predict", "--model", model, "--input", malformed,
                                  "--output", tmp_path / "o.csv"), "could not parse")
     for output in (tmp_path, tmp_path / "missing_dir" / "out.csv"):
-        assert_user_error(run_script("predict", "--model", model, "--input", TINY_CSV, "--output", output))
+        assert_user_error(run_main("predict", "--model", model, "--input", TINY_CSV, "--output", output))
     assert list(tmp_path.glob("*.csv")) == []
 
 
-@pytest.mark.parametrize("subcommand", [["predict", "--help"]])
-def test_predict_help(subcommand):
-    result = run_script(*subcommand)
+def test_predict_help():
+    result = run_main("predict", "--help")
     assert result.returncode == 0 and "--input" in result.stdout and "--threshold" in result.stdout
+
+
+def test_predict_with_a_missing_model_in_a_subprocess_is_one_line(tmp_path):
+    assert_user_error(run_script("predict", "--model", tmp_path / "missing.keras", "hello"), "not found")
 
 
 def test_predict_csv_in_latin1_is_read_with_a_warning(trained_dir, tmp_path):
@@ -121,7 +125,7 @@ def test_predict_csv_in_latin1_is_read_with_a_warning(trained_dir, tmp_path):
     source.loc[4, "reviews"] = "Un film très réussi, vraiment"  # The only non-ASCII text, in the last row.
     input_path, output_path = tmp_path / "latin1.csv", tmp_path / "scored.csv"
     source.to_csv(input_path, index=False, encoding="latin-1")
-    result = run_script("predict", "--model", trained_dir / "model.keras", "--input", input_path,
+    result = run_main("predict", "--model", trained_dir / "model.keras", "--input", input_path,
                         "--output", output_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "not valid UTF-8; reading it as Latin-1" in result.stderr

@@ -29,3 +29,33 @@ def test_shipped_dataset_has_the_documented_shape():
     assert list(frame.columns) == ["reviews", "sentiment"]
     assert len(frame) == 49992
     assert frame["sentiment"].value_counts().to_dict() == {"negative": 24998, "positive": 24994}
+
+
+def test_the_script_reads_in_one_direction():
+    """Each function or class uses only the functions, classes and constants defined above it, so a reader can
+    follow a run from main() upwards without jumping down and back."""
+    import ast
+
+    tree = ast.parse((ROOT / "sentiment_analysis.py").read_text())
+    defined = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            defined[node.name] = node.lineno
+        elif isinstance(node, ast.Assign):
+            defined.update({target.id: node.lineno for target in node.targets if isinstance(target, ast.Name)})
+    backwards = sorted({f"{node.name} uses {name.id}" for node in tree.body
+                        if isinstance(node, (ast.FunctionDef, ast.ClassDef))
+                        for name in ast.walk(node)
+                        if isinstance(name, ast.Name) and isinstance(name.ctx, ast.Load)
+                        and defined.get(name.id, 0) > node.lineno})
+    assert backwards == []
+
+
+def test_the_stages_hand_each_other_typed_objects():
+    import dataclasses
+
+    import sentiment_analysis as sa
+
+    for name in ("LabelledTexts", "LoadedData", "DataSplits", "PreparedInputs", "TrainingState", "TrainingResult",
+                 "ClusterRole", "RunSetup", "Evaluation", "Blend"):
+        assert dataclasses.is_dataclass(getattr(sa, name)), name

@@ -8,10 +8,11 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import SCRIPT, TINY_CSV, TINY_FLAGS, assert_user_error, train_tiny
+from conftest import SCRIPT, TINY_CSV, TINY_FLAGS, assert_user_error, run_main, train_tiny, train_tiny_in_process
 
 # Many epochs with patience to match, so the run is still training when the test stops it.
 LONG_RUN = [*TINY_FLAGS, "--no-baseline", "--epochs", "8", "--patience", "8"]
@@ -34,21 +35,27 @@ def wait_for_first_epoch(process, output_dir, timeout=240):
 
 
 def test_killed_run_resumes_where_it_stopped(tmp_path):
-    process = start_training(tmp_path, LONG_RUN)
-    wait_for_first_epoch(process, tmp_path)
+    crashed = tmp_path / "crashed"
+    process = start_training(crashed, LONG_RUN)
+    wait_for_first_epoch(process, crashed)
     process.kill()  # SIGKILL: no clean-up code runs, as in a crash or a power cut.
     process.wait()
-    saved = json.loads((tmp_path / "training_state" / "state.json").read_text())
+    saved = json.loads((crashed / "training_state" / "state.json").read_text())
     completed = saved["epoch"]
     assert 1 <= completed < 8
-    assert not (tmp_path / "metrics.json").exists()
+    assert not (crashed / "metrics.json").exists()
 
-    result = train_tiny(tmp_path, "--no-baseline", "--epochs", "8", "--patience", "8")
+    # Settings that do not shape training may change: another directory name, the baseline and a blend.
+    resumed = tmp_path / "renamed"
+    crashed.rename(resumed)
+    result = train_tiny_in_process(resumed, "--epochs", "8", "--patience", "8", "--blend-weight", "0.5")
     assert result.returncode == 0, result.stderr[-3000:]
+    tmp_path = resumed
     assert f"Resuming after epoch {completed}" in result.stdout
     assert f"Epoch {completed + 1}/8" in result.stdout and "Epoch 1/8" not in result.stdout
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["training"]["resumed_after_epoch"] == completed
+    assert metrics["model"] == "blend" and metrics["blend_weight"] == 0.5
     history = pd.read_csv(tmp_path / "history.csv")
     assert history["epoch"].tolist() == list(range(1, 9))
     assert history["loss"].iloc[0] == saved["history"]["loss"][0]
@@ -59,7 +66,7 @@ def test_killed_run_resumes_where_it_stopped(tmp_path):
     result = train_tiny(whole, "--no-baseline", "--epochs", "8", "--patience", "8")
     assert result.returncode == 0, result.stderr[-3000:]
     pd.testing.assert_frame_equal(pd.read_csv(whole / "history.csv"), history)
-    assert json.loads((whole / "metrics.json").read_text())["test"] == metrics["test"]
+    assert json.loads((whole / "metrics.json").read_text())["test"] == metrics["lstm"]
 
 
 def test_resume_with_other_settings_is_refused_and_fresh_starts_over(tmp_path):
@@ -67,12 +74,57 @@ def test_resume_with_other_settings_is_refused_and_fresh_starts_over(tmp_path):
     wait_for_first_epoch(process, tmp_path)
     process.kill()
     process.wait()
-    result = train_tiny(tmp_path, "--no-baseline", "--epochs", "8", "--patience", "8", "--units", "8")
-    assert result.returncode == 2 and "--fresh" in result.stderr and "Traceback" not in result.stderr
-    result = train_tiny(tmp_path, "--no-baseline", "--units", "8", "--fresh")
+    for changed in (["--units", "8"], ["--seed", "7"], ["--vocab-size", "1000"]):
+        result = train_tiny_in_process(tmp_path, "--no-baseline", "--epochs", "8", "--patience", "8", *changed)
+        assert_user_error(result, "other settings", "--fresh")
+    result = train_tiny_in_process(tmp_path, "--no-baseline", "--epochs", "5", "--patience", "8")
+    assert_user_error(result, "other settings", "--fresh")
+    result = train_tiny_in_process(tmp_path, "--no-baseline", "--units", "8", "--fresh")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Resuming" not in result.stdout
     assert json.loads((tmp_path / "metrics.json").read_text())["training"]["resumed_after_epoch"] == 0
+
+
+def config_for(*flags):
+    import sentiment_analysis as sa
+
+    return sa.config_from_args(sa.build_train_parser().parse_args(list(flags)))
+
+
+def test_only_settings_that_shape_training_must_match_to_resume():
+    import sentiment_analysis as sa
+
+    base = sa.training_fingerprint(config_for())
+    for flags in (["--output-dir", "elsewhere"], ["--no-show"], ["--no-baseline"], ["--blend-weight", "0.3"],
+                  ["--preset", "best", "--epochs", "4"], ["--baseline-ngrams", "3"], ["--fresh"]):
+        assert sa.training_fingerprint(config_for(*flags)) == base, flags
+    for flags in (["--epochs", "5"], ["--vocab-size", "100"], ["--seed", "1"], ["--batch-size", "64"],
+                  ["--arch", "gru"], ["--max-rows", "100"], ["--learning-rate", "0.01"], ["--cpu-replicas", "2"]):
+        assert sa.training_fingerprint(config_for(*flags)) != base, flags
+
+
+@pytest.mark.parametrize("damage", ["not json", '{"epoch": 1', '{"epoch": 1}', "missing arrays", "bad arrays"])
+def test_a_damaged_training_state_is_one_line_suggesting_fresh(tmp_path, damage):
+    import sentiment_analysis as sa
+
+    state_dir = tmp_path / "training_state"
+    config = sa.TrainConfig(data=str(TINY_CSV), output_dir=str(tmp_path))
+    state = sa.TrainingState(fingerprint=sa.training_fingerprint(config), epoch=1,
+                             variable_values=[np.zeros(3)], best_weights=[np.ones(2)])
+    state.save(state_dir)
+    loaded = sa.TrainingState.load(state_dir, sa.training_fingerprint(config))
+    assert loaded.epoch == 1 and loaded.variable_values[0].tolist() == [0, 0, 0]
+    assert loaded.best_weights[0].tolist() == [1, 1]
+    if damage == "missing arrays":
+        (state_dir / "epoch-1.npz").unlink()
+    elif damage == "bad arrays":
+        (state_dir / "epoch-1.npz").write_bytes(b"truncated")
+    else:
+        (state_dir / "state.json").write_text(damage)
+    result = run_main("--data", TINY_CSV, "--output-dir", tmp_path, "--no-show")
+    assert_user_error(result, "training state", "--fresh")
+    result = run_main("--data", TINY_CSV, "--output-dir", tmp_path, *TINY_FLAGS, "--no-baseline", "--fresh")
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def test_ctrl_c_keeps_the_best_weights_and_still_reports(tmp_path):
@@ -91,7 +143,7 @@ def test_ctrl_c_keeps_the_best_weights_and_still_reports(tmp_path):
 
 
 def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
-    result = train_tiny(tmp_path, "--no-baseline", "--cpu-replicas", "2", "--batch-size", "2")
+    result = train_tiny_in_process(tmp_path, "--no-baseline", "--cpu-replicas", "2", "--batch-size", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MirroredStrategy with 2 replica(s)" in result.stdout
     metrics = json.loads((tmp_path / "metrics.json").read_text())

@@ -5,7 +5,7 @@ import json
 import pandas as pd
 import pytest
 
-from conftest import TINY_CSV, train_tiny
+from conftest import TINY_CSV, train_tiny, train_tiny_in_process
 
 EXPECTED_FILES = ["model.keras", "metrics.json", "classification_report.txt", "history.csv", "errors.csv",
                   "confusion_matrix.png", "roc_curve.png", "training_history.png"]
@@ -66,25 +66,39 @@ def test_history_report_and_errors(trained_dir):
     assert confidence.is_monotonic_decreasing
 
 
-@pytest.mark.parametrize("flags", [
-    ["--arch", "bilstm"],
-    ["--arch", "gru", "--layers", "2", "--units", "16"],
-    ["--embeddings", "random", "--lr-schedule", "constant", "--weight-decay", "0.01"],
+@pytest.mark.parametrize("flags, recurrent", [
+    (["--arch", "bilstm"], ["Bidirectional(LSTM(100))"]),
+    (["--arch", "gru", "--layers", "2", "--units", "16"], ["GRU(16)", "GRU(16)"]),
+    (["--embeddings", "random", "--lr-schedule", "constant", "--weight-decay", "0.01"], ["LSTM(100)"]),
 ])
-def test_architecture_and_embedding_options_train(tmp_path, flags):
-    result = train_tiny(tmp_path, "--no-baseline", *flags)
+def test_architecture_and_embedding_options_train(tmp_path, flags, recurrent):
+    """Each option trains, and the saved model holds the recurrent layers the flags name."""
+    import sentiment_analysis as sa
+
+    result = train_tiny_in_process(tmp_path, "--no-baseline", *flags)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     check_scores(metrics["test"])
     assert "baseline" not in metrics
     assert metrics["model"] == metrics["config"]["arch"]
-    for flag, value in zip(flags[::2], flags[1::2]):
-        key = flag.lstrip("-").replace("-", "_")
-        assert str(metrics["config"][key]) == value
+    classifier = next(layer for layer in sa.load_model(tmp_path / "model.keras").layers
+                      if layer.name.endswith("_classifier"))
+    assert recurrent_layers(classifier) == recurrent
+
+
+def recurrent_layers(classifier) -> list[str]:
+    """The recurrent layers of a classifier as TYPE(UNITS), a Bidirectional one as Bidirectional(TYPE(UNITS))."""
+    described = []
+    for layer in classifier.layers:
+        inner = getattr(layer, "forward_layer", layer)
+        if hasattr(inner, "units") and type(inner).__name__ in ("LSTM", "GRU"):
+            text = f"{type(inner).__name__}({inner.units})"
+            described.append(f"Bidirectional({text})" if inner is not layer else text)
+    return described
 
 
 def test_best_preset_reports_each_part_and_the_blend(tmp_path):
-    result = train_tiny(tmp_path, "--preset", "best")
+    result = train_tiny_in_process(tmp_path, "--preset", "best")
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["model"] == "blend" and metrics["config"]["blend_weight"] == "auto"
@@ -94,14 +108,14 @@ def test_best_preset_reports_each_part_and_the_blend(tmp_path):
     assert "blend" in result.stdout and "baseline" in result.stdout
 
 
-def test_same_seed_gives_the_same_run(tmp_path):
-    first, second = tmp_path / "first", tmp_path / "second"
-    for output_dir in (first, second):
-        result = train_tiny(output_dir, "--no-baseline", "--seed", "7")
-        assert result.returncode == 0, result.stderr[-3000:]
-    metrics = [json.loads((path / "metrics.json").read_text()) for path in (first, second)]
-    assert metrics[0]["test"] == metrics[1]["test"]
-    history = [pd.read_csv(path / "history.csv") for path in (first, second)]
+def test_same_seed_gives_the_same_run(trained_dir, tmp_path):
+    """A second process with the flags of the shared run gives the same figures and history."""
+    result = train_tiny(tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = [json.loads((path / "metrics.json").read_text()) for path in (trained_dir, tmp_path)]
+    for part in ("test", "baseline"):
+        assert metrics[0][part] == metrics[1][part]
+    history = [pd.read_csv(path / "history.csv") for path in (trained_dir, tmp_path)]
     pd.testing.assert_frame_equal(history[0], history[1])
 
 

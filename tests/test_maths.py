@@ -1,0 +1,144 @@
+"""The pieces that every reported figure rests on, pinned in process: the gradient sum across replicas, the
+length-sorted scoring, the batch count, the model the flags build, the text cleaning and the blend choice."""
+
+import json
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+
+import sentiment_analysis as sa
+from conftest import TINY_CSV, TINY_FLAGS, run_main
+
+
+def tiny_texts(count=60):
+    rows = pd.read_csv(TINY_CSV).head(count)
+    return rows["reviews"].to_numpy(object), (rows["sentiment"] == "positive").to_numpy(np.int32)
+
+
+def one_training_step(strategy, initial_weights, token_ids, labels, config):
+    """The weights after one step of the script's own training step on one batch, under `strategy`."""
+    with strategy.scope():
+        classifier = sa.build_classifier(config, 50)
+        classifier.set_weights(initial_weights)
+        optimizer = sa.make_optimizer(config, steps_per_epoch=1)
+        optimizer.build(classifier.trainable_variables)
+    train_step, _ = sa.make_step_functions(classifier, optimizer, strategy)
+    batches = tf.data.Dataset.from_tensor_slices((token_ids, labels)).batch(len(labels))
+    loss_sum, correct, count = (float(value) for value in train_step(iter(
+        strategy.experimental_distribute_dataset(batches))))
+    return classifier.get_weights(), loss_sum, count
+
+
+def test_gradient_sum_across_two_replicas_equals_one_replica():
+    """The loss scaling by the number of replicas is the one piece of hand-written maths in the loop: the same
+    step on the same batch on one replica and on two logical CPUs must give the same weights."""
+    config = sa.TrainConfig(vocab_size=50, embedding_dim=8, units=6, spatial_dropout=0.0, lr_schedule="constant")
+    keras.utils.set_random_seed(1)
+    initial = sa.build_classifier(config, 50).get_weights()
+    rng = np.random.default_rng(0)
+    token_ids = rng.integers(1, 50, (8, 12)).astype(np.int32)
+    token_ids[:, 9:] = 0  # right padding, as the real batches have
+    labels = (np.arange(8) % 2).astype(np.float32)
+
+    one, loss_one, count_one = one_training_step(tf.distribute.get_strategy(), initial, token_ids, labels, config)
+    mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    assert mirrored.num_replicas_in_sync == 2
+    two, loss_two, count_two = one_training_step(mirrored, initial, token_ids, labels, config)
+
+    assert count_one == count_two == 8
+    np.testing.assert_allclose(loss_one, loss_two, rtol=1e-5)
+    assert any(np.abs(after - before).max() > 1e-4 for after, before in zip(one, initial)), "the step moved"
+    for after_one, after_two in zip(one, two):
+        np.testing.assert_allclose(after_one, after_two, rtol=1e-4, atol=1e-6)
+
+
+def test_length_sorted_scoring_matches_the_saved_model_row_by_row():
+    """Every reported test metric comes from predict_token_ids; it must equal the exported model on raw text."""
+    texts, _ = tiny_texts()
+    config = sa.TrainConfig(vocab_size=300, max_length=40, embedding_dim=8, units=6)
+    keras.utils.set_random_seed(2)
+    vectorizer = sa.make_vectorizer(texts, config)
+    classifier = sa.build_classifier(config, len(vectorizer.get_vocabulary()))
+    by_ids = sa.predict_token_ids(classifier, sa.vectorize(vectorizer, texts), batch_size=7)
+    by_text = sa.predict_strings(sa.export_model(vectorizer, classifier), list(texts))
+    assert by_ids.shape == by_text.shape == (len(texts),)
+    assert np.ptp(by_ids) > 0, "a model that scores every review alike would prove nothing"
+    np.testing.assert_allclose(by_ids, by_text, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8, 32, 200])
+@pytest.mark.parametrize("drop_remainder", [False, True])
+def test_count_batches_equals_the_batches_the_dataset_makes(batch_size, drop_remainder):
+    rng = np.random.default_rng(batch_size)
+    max_length = 60
+    lengths = rng.integers(1, max_length + 1, 150)
+    token_ids = np.zeros((150, max_length), dtype=np.int32)
+    for row, length in enumerate(lengths):
+        token_ids[row, :length] = rng.integers(2, 100, length)
+    labels = rng.integers(0, 2, 150)
+    dataset = sa.make_training_dataset(token_ids, labels, batch_size, max_length, shuffle_seed=3,
+                                       drop_remainder=drop_remainder)
+    real = sum(1 for _ in dataset)
+    assert real == sa.count_batches(lengths, batch_size, sa.bucket_boundaries(max_length), drop_remainder)
+    assert int(dataset.cardinality()) == real
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ([], ["LSTM(100)"]),
+    (["--arch", "gru"], ["GRU(100)"]),
+    (["--arch", "bilstm", "--units", "7"], ["Bidirectional(LSTM(7))"]),
+    (["--arch", "lstm", "--layers", "3", "--units", "5"], ["LSTM(5)"] * 3),
+])
+def test_flags_build_the_layers_they_name(flags, expected):
+    from test_training import recurrent_layers
+
+    config = sa.config_from_args(sa.build_train_parser().parse_args(flags))
+    classifier = sa.build_classifier(config, 100)
+    assert recurrent_layers(classifier) == expected
+    stacked = [layer for layer in classifier.layers if hasattr(layer, "return_sequences")]
+    assert [layer.return_sequences for layer in stacked] == [True] * (len(expected) - 1) + [False]
+    assert type(classifier.layers[1]).__name__ == "Embedding" and classifier.layers[1].output_dim == 128
+    assert type(classifier.layers[2]).__name__ == "SpatialDropout1D" and classifier.layers[2].rate == 0.2
+    output = classifier.get_layer("probability")
+    assert output.units == 1 and output.activation.__name__ == "sigmoid"
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("Great film!<br /><br />Loved it", "great film ! loved it"),
+    ("Why?? Really?!", "why ? ? really ? !"),
+    ("Don't miss it, it's the director's best", "dont miss it its the directors best"),
+    ("Amélie, Ça ira: Große Kunst", "amélie ça ira große kunst"),
+    ("10/10 in 2005 -- 3.5 stars", "10 10 in 2005 3 5 stars"),
+    ("<i>Italic</i> and <a href='x'>a link</a>", " italic and a link "),
+])
+def test_standardize_text(raw, expected):
+    cleaned = sa.standardize_text(tf.constant([raw])).numpy()[0].decode("utf-8")
+    assert cleaned.split() == expected.split()
+    assert sa.standardized_strings(np.array([raw], dtype=object)) == [cleaned]
+
+
+def test_a_run_chooses_the_blend_weight_on_the_validation_split(tmp_path):
+    """Not only the helper: the weight a whole run records is the one that minimizes log loss on the validation
+    split, as recomputed here from the two parts inside the saved blend."""
+    result = run_main("--data", TINY_CSV, "--output-dir", tmp_path, *TINY_FLAGS, "--blend-weight", "auto")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    config = sa.TrainConfig(data=str(TINY_CSV), **{key: metrics["config"][key] for key in ("seed",)})
+    validation = sa.split_dataset(sa.load_dataset(config), config).validation
+
+    blend = sa.load_model(tmp_path / "model.keras")
+    neural = sa.predict_strings(blend.get_layer("sentiment_model"), list(validation.texts))
+    text = tf.reshape(tf.constant(list(validation.texts)), (-1, 1))
+    scorer, ngram_ids = blend.get_layer("tfidf_logistic"), blend.get_layer("ngram_ids")
+    baseline = np.asarray(scorer(ngram_ids(text)), dtype=np.float64).reshape(-1)
+    weight = sa.choose_blend_weight(validation.labels, neural, baseline)
+    assert metrics["blend_weight"] == weight
+    blended = sa.blend_probabilities(weight, neural, baseline)
+    for name, values in (("lstm", neural), ("baseline", baseline), ("blend", blended)):
+        accuracy = round(float(np.mean(sa.predicted_labels(values) == validation.labels)), 4)
+        assert metrics["validation_accuracy"][name] == accuracy, name
+    # The saved blend is the same formula as the reported one.
+    np.testing.assert_allclose(sa.predict_strings(blend, list(validation.texts)), blended, atol=1e-5)
