@@ -442,23 +442,47 @@ def vectorize(vectorizer, texts) -> np.ndarray:
     return np.concatenate([vectorizer(batch).numpy().astype(np.int32) for batch in text_dataset(texts)])
 
 
-def bucket_boundaries(max_length: int) -> list[int]:
-    """Length limits for batching reviews of similar length, so little time goes into padding."""
-    step = max(1, max_length // 20)
+def review_lengths(token_ids: np.ndarray) -> np.ndarray:
+    """Tokens per review (at least 1: an empty review still takes one step)."""
+    return np.maximum(np.count_nonzero(token_ids, axis=1), 1)
+
+
+def bucket_boundaries(max_length: int, rows: int, batch_size: int) -> list[int]:
+    """Length limits for batching reviews of similar length, so little time goes into padding: 20 buckets, or
+    fewer when there are too few rows to fill a batch in each (each bucket ends with a partial batch, which
+    several replicas pad to a whole one)."""
+    buckets = min(20, max(1, rows // batch_size))
+    step = max(1, max_length // buckets)
     return list(range(step, max_length, step)) or [max_length]
 
 
-def count_batches(lengths: np.ndarray, batch_size: int, boundaries: list[int], drop_remainder: bool) -> int:
+def count_batches(lengths: np.ndarray, batch_size: int, boundaries: list[int]) -> int:
     """How many batches bucket_by_sequence_length makes from these lengths (for the learning-rate schedule)."""
     buckets = np.bincount(np.searchsorted(boundaries, lengths, side="right"))
-    return int(sum(count // batch_size if drop_remainder else math.ceil(count / batch_size) for count in buckets))
+    return int(sum(math.ceil(count / batch_size) for count in buckets))
+
+
+def weighted_batch(token_ids, labels, full_size: int | None):
+    """Add a weight to each review of a batch: 1 for a real review, 0 for padding. With `full_size`, a partial
+    batch is filled up to that size with copies of its own reviews at weight 0, so that it splits evenly across
+    replicas; the weighted loss and metrics then count every real review once and the copies not at all."""
+    import tensorflow as tf
+
+    if full_size is None:
+        return token_ids, labels, tf.ones_like(labels)
+    real = tf.shape(labels)[0]
+    rows = tf.range(full_size) % real
+    weights = tf.cast(tf.range(full_size) < real, tf.float32)
+    return tf.gather(token_ids, rows), tf.gather(labels, rows), weights
 
 
 def make_training_dataset(token_ids, labels, batch_size: int, max_length: int, shuffle_seed: int | None,
-                          drop_remainder: bool = False):
-    """Batches of similar-length reviews, padded on the right only as far as the longest in the batch.
+                          pad_to_full_batches: bool = False):
+    """Batches of similar-length reviews, padded on the right only as far as the longest in the batch, as
+    (token ids, labels, weights).
 
-    On several replicas each bucket's last partial batch is dropped, so every batch splits evenly across them.
+    Every review is in exactly one batch. On several replicas (`pad_to_full_batches`) each bucket's last,
+    partial batch is filled up to a whole one with weight-0 copies, so every batch splits evenly across them.
     In a cluster every worker builds the same batches in the same order (same data, same seed) and keeps its
     replicas' share of each one (tf.data's DATA auto-sharding): every worker then runs the same number of steps,
     which the collective gradient sums need.
@@ -467,9 +491,8 @@ def make_training_dataset(token_ids, labels, batch_size: int, max_length: int, s
     run sees the same batches as one that was never interrupted."""
     import tensorflow as tf
 
-    boundaries = bucket_boundaries(max_length)
-    lengths = np.maximum(np.count_nonzero(token_ids, axis=1), 1)
-    batches = count_batches(lengths, batch_size, boundaries, drop_remainder)
+    boundaries = bucket_boundaries(max_length, len(labels), batch_size)
+    batches = count_batches(review_lengths(token_ids), batch_size, boundaries)
 
     dataset = tf.data.Dataset.from_tensor_slices((token_ids, labels.astype(np.float32)))
     dataset = dataset.map(lambda ids, label: (ids[: tf.math.count_nonzero(ids, dtype=tf.int32)], label),
@@ -477,8 +500,9 @@ def make_training_dataset(token_ids, labels, batch_size: int, max_length: int, s
     if shuffle_seed is not None:
         dataset = dataset.shuffle(len(labels), seed=shuffle_seed, reshuffle_each_iteration=False)
     dataset = dataset.bucket_by_sequence_length(
-        lambda ids, label: tf.maximum(tf.shape(ids)[0], 1), boundaries, [batch_size] * (len(boundaries) + 1),
-        drop_remainder=drop_remainder)
+        lambda ids, label: tf.maximum(tf.shape(ids)[0], 1), boundaries, [batch_size] * (len(boundaries) + 1))
+    full_size = batch_size if pad_to_full_batches else None
+    dataset = dataset.map(lambda ids, labels: weighted_batch(ids, labels, full_size))
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     # The number of batches is known up front: the loop runs exactly that many steps on every worker.
@@ -490,7 +514,7 @@ def make_inference_dataset(token_ids, batch_size: int):
     """Batches in the order given (callers sort by length first), each padded to its longest review."""
     import tensorflow as tf
 
-    lengths = np.maximum(np.count_nonzero(token_ids, axis=1), 1)
+    lengths = review_lengths(token_ids)
 
     def batches():
         for start in range(0, len(token_ids), batch_size):
@@ -548,7 +572,7 @@ class PreparedInputs:
     global_batch_size: int      # --batch-size times the number of replicas
     max_length: int
     seed: int
-    drop_remainder: bool        # with several replicas, every batch must split evenly
+    pad_to_full_batches: bool   # with several replicas, every batch must split evenly
     validation_batches: object  # a tf.data.Dataset, the same every epoch
     steps_per_epoch: int
     validation_steps: int
@@ -557,7 +581,7 @@ class PreparedInputs:
     def training_batches(self, epoch: int):
         """This epoch's training batches, shuffled with a seed of its own."""
         return make_training_dataset(self.train_ids, self.train_labels, self.global_batch_size, self.max_length,
-                                     self.seed + epoch, self.drop_remainder)
+                                     self.seed + epoch, self.pad_to_full_batches)
 
 
 def prepare_inputs(splits: DataSplits, config: TrainConfig, replicas: int) -> PreparedInputs:
@@ -568,13 +592,10 @@ def prepare_inputs(splits: DataSplits, config: TrainConfig, replicas: int) -> Pr
     train_ids, validation_ids, test_ids = (vectorize(vectorizer, part.texts)
                                            for part in (splits.train, splits.validation, splits.test))
     global_batch_size, several = config.batch_size * replicas, replicas > 1
-    steps_per_epoch = count_batches(np.maximum(np.count_nonzero(train_ids, axis=1), 1), global_batch_size,
-                                    bucket_boundaries(config.max_length), several)
+    steps_per_epoch = count_batches(review_lengths(train_ids), global_batch_size,
+                                    bucket_boundaries(config.max_length, len(train_ids), global_batch_size))
     validation_batches = make_training_dataset(validation_ids, splits.validation.labels, global_batch_size,
-                                               config.max_length, None, drop_remainder=several)
-    if int(validation_batches.cardinality()) == 0 or steps_per_epoch == 0:
-        raise UserError(f"too few rows for batches of {global_batch_size} on {replicas} replicas; "
-                        "lower --batch-size")
+                                               config.max_length, None, pad_to_full_batches=several)
     embedding_matrix = None
     if config.embeddings == "word2vec":
         print("Training Word2Vec on the training split ...")
@@ -856,7 +877,10 @@ def choose_strategy(config: TrainConfig, role: ClusterRole | None):
     if len(gpus) > 1:
         return tf.distribute.MirroredStrategy()
     if config.cpu_replicas > 1 and not gpus:
-        return tf.distribute.MirroredStrategy(logical_cpus(config.cpu_replicas))
+        # Summed on one device rather than with collective ops, whose cached shapes would clash when a second
+        # strategy is made in the same process (as the in-process tests do).
+        return tf.distribute.MirroredStrategy(logical_cpus(config.cpu_replicas),
+                                              cross_device_ops=tf.distribute.ReductionToOneDevice())
     return tf.distribute.get_strategy()
 
 
@@ -893,32 +917,33 @@ def setup_tensorflow(config: TrainConfig, role: ClusterRole | None):
 def make_step_functions(classifier, optimizer, strategy):
     """One training step and one validation step over a batch split across the strategy's replicas.
 
-    Each returns the batch's summed loss, number of correct predictions and number of reviews, added up over
-    all replicas (and workers), from which the epoch's mean loss and accuracy follow."""
+    Each returns the batch's summed loss, number of correct predictions and number of reviews (padding
+    reviews, of weight 0, not counted), added up over all replicas (and workers), from which the epoch's mean
+    loss and accuracy follow."""
     import keras
     import tensorflow as tf
 
-    replicas = strategy.num_replicas_in_sync
-
-    def sums(labels, outputs):
+    def sums(labels, weights, outputs):
         # The model's own (batch, 1) output: Keras then computes the loss from the sigmoid's input, which is
         # exact for confident predictions, where clipped probabilities would cap the loss.
         losses = keras.losses.binary_crossentropy(labels[:, None], outputs)
         correct = tf.cast(tf.cast(outputs[:, 0] >= DECISION_THRESHOLD, tf.float32) == labels, tf.float32)
-        return losses, [tf.reduce_sum(losses), tf.reduce_sum(correct), tf.cast(tf.size(labels), tf.float32)]
+        return losses, [tf.reduce_sum(losses * weights), tf.reduce_sum(correct * weights), tf.reduce_sum(weights)]
 
-    def train_batch(token_ids, labels):
+    def train_batch(token_ids, labels, weights):
+        # The loss is the weighted mean over the real reviews of the whole global batch: this replica's weighted
+        # sum divided by the number of real reviews on all replicas, because the optimizer sums the replicas'
+        # gradients. Padding reviews (weight 0) change neither the loss nor the gradient.
+        real_reviews = tf.distribute.get_replica_context().all_reduce("SUM", tf.reduce_sum(weights))
         with tf.GradientTape() as tape:
-            losses, batch_sums = sums(labels, classifier(token_ids, training=True))
-            # Keras' own rule: the mean over this replica's batch divided by the number of replicas, because
-            # the optimizer sums the replicas' gradients.
-            loss = optimizer.scale_loss(tf.reduce_mean(losses) / replicas)
+            losses, batch_sums = sums(labels, weights, classifier(token_ids, training=True))
+            loss = optimizer.scale_loss(batch_sums[0] / real_reviews)
         gradients = tape.gradient(loss, classifier.trainable_variables)
         optimizer.apply(gradients, classifier.trainable_variables)
         return batch_sums
 
-    def validation_batch(token_ids, labels):
-        return sums(labels, classifier(token_ids, training=False))[1]
+    def validation_batch(token_ids, labels, weights):
+        return sums(labels, weights, classifier(token_ids, training=False))[1]
 
     def on_all_replicas(batch_function):
         @tf.function

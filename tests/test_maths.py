@@ -18,40 +18,52 @@ def tiny_texts(count=60):
     return rows["reviews"].to_numpy(object), (rows["sentiment"] == "positive").to_numpy(np.int32)
 
 
-def one_training_step(strategy, initial_weights, token_ids, labels, config):
-    """The weights after one step of the script's own training step on one batch, under `strategy`."""
+def one_step_each(strategy, initial_weights, token_ids, labels, config):
+    """The script's own training step and validation step, once each on the same batches under `strategy`:
+    the weights after the step, the training sums and the validation sums (loss, correct, reviews)."""
+    replicas = strategy.num_replicas_in_sync
     with strategy.scope():
         classifier = sa.build_classifier(config, 50)
         classifier.set_weights(initial_weights)
         optimizer = sa.make_optimizer(config, steps_per_epoch=1)
         optimizer.build(classifier.trainable_variables)
-    train_step, _ = sa.make_step_functions(classifier, optimizer, strategy)
-    batches = tf.data.Dataset.from_tensor_slices((token_ids, labels)).batch(len(labels))
-    loss_sum, correct, count = (float(value) for value in train_step(iter(
-        strategy.experimental_distribute_dataset(batches))))
-    return classifier.get_weights(), loss_sum, count
+    train_step, validation_step = sa.make_step_functions(classifier, optimizer, strategy)
+
+    def batches():
+        dataset = sa.make_training_dataset(token_ids, labels, 8, token_ids.shape[1], shuffle_seed=None,
+                                           pad_to_full_batches=replicas > 1)
+        return iter(strategy.experimental_distribute_dataset(dataset))
+
+    validation = [float(value) for value in validation_step(batches())]
+    training = [float(value) for value in train_step(batches())]
+    return classifier.get_weights(), training, validation
 
 
-def test_gradient_sum_across_two_replicas_equals_one_replica():
-    """The loss scaling by the number of replicas is the one piece of hand-written maths in the loop: the same
-    step on the same batch on one replica and on two logical CPUs must give the same weights."""
+@pytest.mark.parametrize("reviews", [8, 7, 1])
+def test_one_replica_and_two_replicas_compute_the_same_step(reviews):
+    """The distributed step's hand-written maths: the same weights and the same batch give the same loss,
+    metrics and updated weights on one replica and on two logical CPUs, also for a batch that does not divide
+    by two (7 reviews: the two replicas get a padded batch of 8, one review of weight 0) or that leaves one
+    replica with padding only (1 review)."""
     config = sa.TrainConfig(vocab_size=50, embedding_dim=8, units=6, spatial_dropout=0.0, lr_schedule="constant")
     keras.utils.set_random_seed(1)
     initial = sa.build_classifier(config, 50).get_weights()
     rng = np.random.default_rng(0)
-    token_ids = rng.integers(1, 50, (8, 12)).astype(np.int32)
+    token_ids = rng.integers(1, 50, (reviews, 12)).astype(np.int32)
     token_ids[:, 9:] = 0  # right padding, as the real batches have
-    labels = (np.arange(8) % 2).astype(np.float32)
+    labels = (np.arange(reviews) % 2).astype(np.float32)
 
-    one, loss_one, count_one = one_training_step(tf.distribute.get_strategy(), initial, token_ids, labels, config)
-    mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    one = one_step_each(tf.distribute.get_strategy(), initial, token_ids, labels, config)
+    mirrored = sa.choose_strategy(sa.TrainConfig(cpu_replicas=2), role=None)  # what --cpu-replicas 2 uses
     assert mirrored.num_replicas_in_sync == 2
-    two, loss_two, count_two = one_training_step(mirrored, initial, token_ids, labels, config)
+    two = one_step_each(mirrored, initial, token_ids, labels, config)
 
-    assert count_one == count_two == 8
-    np.testing.assert_allclose(loss_one, loss_two, rtol=1e-5)
-    assert any(np.abs(after - before).max() > 1e-4 for after, before in zip(one, initial)), "the step moved"
-    for after_one, after_two in zip(one, two):
+    (weights_one, training_one, validation_one), (weights_two, training_two, validation_two) = one, two
+    assert training_one[2] == training_two[2] == validation_one[2] == validation_two[2] == reviews
+    np.testing.assert_allclose(training_one, training_two, rtol=1e-5)
+    np.testing.assert_allclose(validation_one, validation_two, rtol=1e-5)
+    assert any(np.abs(after - before).max() > 1e-4 for after, before in zip(weights_one, initial)), "it moved"
+    for after_one, after_two in zip(weights_one, weights_two):
         np.testing.assert_allclose(after_one, after_two, rtol=1e-4, atol=1e-6)
 
 
@@ -70,20 +82,30 @@ def test_length_sorted_scoring_matches_the_saved_model_row_by_row():
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 8, 32, 200])
-@pytest.mark.parametrize("drop_remainder", [False, True])
-def test_count_batches_equals_the_batches_the_dataset_makes(batch_size, drop_remainder):
+@pytest.mark.parametrize("pad", [False, True])
+def test_every_review_is_in_exactly_one_batch_and_count_batches_knows_how_many(batch_size, pad):
     rng = np.random.default_rng(batch_size)
     max_length = 60
     lengths = rng.integers(1, max_length + 1, 150)
     token_ids = np.zeros((150, max_length), dtype=np.int32)
     for row, length in enumerate(lengths):
         token_ids[row, :length] = rng.integers(2, 100, length)
+    token_ids[:, 0] = np.arange(150) + 1000  # each review's own first token, to recognise it in the batches
     labels = rng.integers(0, 2, 150)
     dataset = sa.make_training_dataset(token_ids, labels, batch_size, max_length, shuffle_seed=3,
-                                       drop_remainder=drop_remainder)
-    real = sum(1 for _ in dataset)
-    assert real == sa.count_batches(lengths, batch_size, sa.bucket_boundaries(max_length), drop_remainder)
-    assert int(dataset.cardinality()) == real
+                                       pad_to_full_batches=pad)
+    batches = list(dataset.as_numpy_iterator())
+    boundaries = sa.bucket_boundaries(max_length, 150, batch_size)
+    assert len(batches) == sa.count_batches(lengths, batch_size, boundaries) == int(dataset.cardinality())
+    real_reviews = []
+    for ids, batch_labels, weights in batches:
+        assert len(ids) == len(batch_labels) == len(weights)
+        assert len(ids) == batch_size if pad else 1 <= len(ids) <= batch_size
+        real = weights == 1
+        assert set(np.unique(weights)) <= {0.0, 1.0} and real.any()
+        real_reviews.extend(ids[real, 0] - 1000)
+        np.testing.assert_array_equal(batch_labels[real], labels[ids[real, 0] - 1000])
+    assert sorted(real_reviews) == list(range(150)), "every review once, padding never"
 
 
 @pytest.mark.parametrize("flags, expected", [

@@ -173,7 +173,7 @@ def test_mixed_precision_training_step_runs_with_loss_scaling():
         train_step, _ = sa.make_step_functions(classifier, optimizer, strategy)
         token_ids = np.random.default_rng(0).integers(1, 50, (8, 10)).astype(np.int32)
         labels = (np.arange(8) % 2).astype(np.float32)
-        batches = tf.data.Dataset.from_tensor_slices((token_ids, labels)).batch(4)
+        batches = tf.data.Dataset.from_tensor_slices((token_ids, labels, np.ones(8, np.float32))).batch(4)
         before = classifier.get_weights()
         loss_sum, correct, count = (float(value) for value in train_step(iter(batches)))
         assert count == 4 and 0 <= correct <= 4 and np.isfinite(loss_sum) and loss_sum > 0
