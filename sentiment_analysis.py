@@ -50,8 +50,11 @@ TEXT_COLUMN_NAMES = ("reviews", "review", "text")
 LABEL_COLUMN_NAMES = ("sentiment", "label")
 POSITIVE_LABELS = {"positive", "pos", "1", "1.0", "true"}
 NEGATIVE_LABELS = {"negative", "neg", "0", "0.0", "false"}
-CLASS_NAMES = ("negative", "positive")
+CLASS_NAMES = ("negative", "positive")  # the classes of positive/negative-style labels, and of older model files
 MIN_ROWS = 10
+MAX_CLASSES = 100
+MIN_CLASS_ROWS = 3  # one for each of the training, validation and test splits
+SMALL_CLASS_SHARE = 0.2  # a smaller class than this share of the rows is pointed out
 # A review is called positive when its probability of positive is at least this (predict --threshold aside).
 DECISION_THRESHOLD = 0.5
 
@@ -73,6 +76,11 @@ class TrainConfig:
     data: str = option(str(SCRIPT_DIR / "imdb.csv"), "CSV file with a review text column and a label column")
     text_column: str | None = option(None, "name of the text column (default: reviews, review or text)")
     label_column: str | None = option(None, "name of the label column (default: sentiment or label)")
+    sep: str | None = option(None, "column separator of --data: a character, or tab (default: tab for .tsv "
+                             "files, else a comma)")
+    positive_label: str | None = option(None, "with two label values: the one that precision, recall, F1 and "
+                                        "the ROC curve are about (default: positive for positive/negative-style "
+                                        "labels, else the less frequent class)")
     output_dir: str = option("outputs", "directory for the model, metrics, reports and figures",
                              shapes_training=False)
     max_rows: int | None = option(None, "read only the first N rows of the CSV (quick runs)")
@@ -95,6 +103,9 @@ class TrainConfig:
                               "--epochs", choices=("constant", "cosine"))
     weight_decay: float = option(0.0, "decoupled weight decay (AdamW) when above zero")
     patience: int = option(1, "epochs without validation-loss improvement before stopping")
+    class_weight: str = option("none", "balanced weights each review's loss by the inverse frequency of its "
+                               "class in the training split (and the baseline likewise)",
+                               choices=("none", "balanced"))
     baseline: bool = option(True, "also fit the TF-IDF + logistic-regression baseline on the same split",
                             shapes_training=False)
     baseline_ngrams: int = option(2, "longest word n-gram in the baseline's TF-IDF features",
@@ -285,10 +296,10 @@ def read_csv(path: Path, encoding: str, **options):
         raise UserError(f"could not parse {path} as CSV: {str(error).splitlines()[0]}") from None
 
 
-def read_csv_chunks(path: Path, encoding: str, chunk_rows: int):
+def read_csv_chunks(path: Path, encoding: str, chunk_rows: int, sep: str = ","):
     """The CSV in DataFrames of chunk_rows rows, so memory stays bounded whatever the file's size."""
     try:
-        yield from read_csv(path, encoding, chunksize=chunk_rows)
+        yield from read_csv(path, encoding, chunksize=chunk_rows, sep=sep)
     except UnicodeDecodeError:
         raise
     except (pd.errors.ParserError, ValueError) as error:
@@ -307,19 +318,66 @@ def find_column(columns, candidates, override: str | None, kind: str, flag: str)
     raise UserError(f"no {kind} column {expected} in the CSV (columns found: {found}); use {flag}")
 
 
-def encode_labels(labels: pd.Series) -> np.ndarray:
-    """Map label strings (positive/negative, pos/neg, 1/0, true/false, any case) to 1/0."""
-    normalized = labels.astype(str).str.strip().str.lower()
-    values = sorted(normalized.unique())
-    unknown = [value for value in values if value not in POSITIVE_LABELS | NEGATIVE_LABELS]
-    if len(values) > 2:
-        raise UserError(f"expected two label values but found {len(values)}: {', '.join(map(repr, values[:10]))}")
-    if unknown:
-        raise UserError(f"label values not understood: {', '.join(map(repr, unknown))} "
-                        "(use positive/negative, pos/neg, 1/0 or true/false)")
+@dataclass(frozen=True)
+class LabelSet:
+    """The classes of a run, in the model's order. With two, the second is the positive class: the one the
+    sigmoid's probability, precision, recall, F1 and the ROC curve are about."""
+    names: tuple[str, ...]
+    chosen_by: str = ""  # how the positive class of two was chosen, for the log
+
+    @property
+    def binary(self) -> bool:
+        return len(self.names) == 2
+
+
+def class_order(values: list[str]) -> list[str]:
+    """Numbers in numeric order (star ratings: 1, 2, ..., 10), anything else alphabetically."""
+    try:
+        return sorted(values, key=float)
+    except ValueError:
+        return sorted(values)
+
+
+def encode_labels(labels: pd.Series, positive_label: str | None = None) -> tuple[np.ndarray, LabelSet]:
+    """Class indices for label strings, and the classes. Positive/negative-style labels (positive/negative,
+    pos/neg, 1/0, true/false, any case) keep their meaning; other values are compared after stripping spaces,
+    their case kept. With two other values the positive class is --positive-label, else the less frequent one
+    (as in spam or fraud detection)."""
+    stripped = labels.astype(str).str.strip()
+    lowered = stripped.str.lower()
+    known = set(lowered) <= POSITIVE_LABELS | NEGATIVE_LABELS
+    if known:
+        stripped = lowered.isin(POSITIVE_LABELS).map({True: "positive", False: "negative"})
+        values = [name for name in CLASS_NAMES if name in set(stripped)]
+        chosen_by = "positive/negative labels"
+    else:
+        values = class_order(list(stripped.unique()))
+        chosen_by = "the less frequent class"
     if len(values) < 2:
-        raise UserError(f"only one label value in the data: {values[0]!r}; a classifier needs both classes")
-    return normalized.isin(POSITIVE_LABELS).to_numpy(dtype=np.int32)
+        raise UserError(f"only one label value in the data: {values[0]!r}; a classifier needs at least two classes")
+    if len(values) > MAX_CLASSES:
+        raise UserError(f"{len(values)} label values, more than the {MAX_CLASSES} classes supported: "
+                        f"{', '.join(map(repr, values[:10]))}, ... (is --label-column the right column?)")
+    if positive_label is not None:
+        wanted = positive_label.strip()
+        if known and wanted.lower() in POSITIVE_LABELS | NEGATIVE_LABELS:
+            wanted = "positive" if wanted.lower() in POSITIVE_LABELS else "negative"
+        matches = [value for value in values if value == wanted]
+        if len(values) > 2:
+            raise UserError(f"--positive-label needs two classes, but the labels have {len(values)}")
+        if not matches:
+            raise UserError(f"--positive-label {positive_label!r} is not one of the labels "
+                            f"({', '.join(map(repr, values))})")
+        positive, chosen_by = matches[0], "--positive-label"
+    elif len(values) == 2 and chosen_by != "positive/negative labels":
+        counts = stripped.value_counts()
+        positive = min(values, key=lambda value: (counts[value], -values.index(value)))
+    else:
+        positive = values[-1]
+    if len(values) == 2:
+        values = [value for value in values if value != positive] + [positive]
+    index = {value: position for position, value in enumerate(values)}
+    return stripped.map(index).to_numpy(dtype=np.int32), LabelSet(tuple(values), chosen_by)
 
 
 @dataclass
@@ -330,16 +388,28 @@ class LabelledTexts:
 
 @dataclass
 class LoadedData(LabelledTexts):
-    """The usable rows of the CSV, and how many rows were read and dropped for each reason."""
+    """The usable rows of the CSV, their classes, and how many rows were read and dropped for each reason."""
+    classes: LabelSet = LabelSet(CLASS_NAMES)
     rows_read: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
+
+
+def column_separator(path: Path, sep: str | None) -> str:
+    """--sep as given (tab, \\t or one character), else a tab for a .tsv file and a comma for anything else."""
+    if sep is None:
+        return "\t" if path.suffix.lower() == ".tsv" else ","
+    sep = {"tab": "\t", "\\t": "\t"}.get(sep.lower(), sep)
+    if len(sep) != 1:
+        raise UserError(f"--sep must be one character or tab (got {sep!r})")
+    return sep
 
 
 def load_dataset(config: TrainConfig) -> LoadedData:
     """Read the CSV; drop empty and duplicate reviews and count them."""
     path = Path(config.data)
     check_csv_file(path)
-    frame = with_text_encoding(path, lambda encoding: read_csv(path, encoding, nrows=config.max_rows))
+    sep = column_separator(path, config.sep)
+    frame = with_text_encoding(path, lambda encoding: read_csv(path, encoding, nrows=config.max_rows, sep=sep))
     if frame.empty:
         raise UserError(f"the CSV has a header but no rows: {config.data}")
     text_column = find_column(frame.columns, TEXT_COLUMN_NAMES, config.text_column, "text", "--text-column")
@@ -351,13 +421,13 @@ def load_dataset(config: TrainConfig) -> LoadedData:
     duplicate = keep & texts.duplicated(keep="first") & ~missing_text
     # A duplicate that lands on both sides of the split would inflate the test score, so drop it first.
     keep &= ~duplicate
-    encoded = encode_labels(labels[keep])
+    encoded, classes = encode_labels(labels[keep], config.positive_label)
     if keep.sum() < MIN_ROWS:
         raise UserError(f"too few usable rows to split into train, validation and test: {keep.sum()} "
                         f"(need at least {MIN_ROWS})")
     dropped = {"missing_text": int(missing_text.sum()), "missing_label": int(missing_label.sum()),
                "duplicate_text": int(duplicate.sum())}
-    return LoadedData(texts[keep].to_numpy(dtype=object), encoded, rows_read=len(frame), dropped=dropped)
+    return LoadedData(texts[keep].to_numpy(dtype=object), encoded, classes, rows_read=len(frame), dropped=dropped)
 
 
 @dataclass
@@ -367,11 +437,22 @@ class DataSplits:
     test: LabelledTexts
 
 
-def split_dataset(data: LabelledTexts, config: TrainConfig) -> DataSplits:
-    """Stratified train/validation/test split; the test part is never used to choose anything."""
+def class_counts_text(names, counts) -> str:
+    return ", ".join(f"{name!r} ({count} rows)" for name, count in zip(names, counts))
+
+
+def split_dataset(data: LoadedData, config: TrainConfig) -> DataSplits:
+    """Stratified train/validation/test split; the test part is never used to choose anything. Every class
+    must have rows in every part."""
     from sklearn.model_selection import train_test_split
 
-    labels = data.labels
+    labels, names = data.labels, data.classes.names
+    counts = np.bincount(labels, minlength=len(names))
+    too_small = [index for index, count in enumerate(counts) if count < MIN_CLASS_ROWS]
+    if too_small:
+        raise UserError(f"too few rows to put these classes in the training, validation and test splits: "
+                        f"{class_counts_text([names[i] for i in too_small], counts[too_small])}; "
+                        "add rows or drop the class")
     indices = np.arange(len(labels))
     try:
         train_and_validation, test_indices = train_test_split(indices, test_size=config.test_fraction,
@@ -380,23 +461,46 @@ def split_dataset(data: LabelledTexts, config: TrainConfig) -> DataSplits:
             train_and_validation, test_size=config.validation_fraction, stratify=labels[train_and_validation],
             random_state=config.seed)
     except ValueError as error:
-        raise UserError(f"too few rows to split into train, validation and test ({len(labels)} rows, "
-                        f"{int(labels.sum())} positive): {error}") from None
+        raise UserError(f"too few rows to split into train, validation and test ({len(labels)} rows: "
+                        f"{class_counts_text(names, counts)}): {error}") from None
 
     def part(chosen):
         return LabelledTexts(data.texts[chosen], labels[chosen])
 
-    return DataSplits(part(train_indices), part(validation_indices), part(test_indices))
+    splits = DataSplits(part(train_indices), part(validation_indices), part(test_indices))
+    missing = sorted({index for split in (splits.train, splits.validation, splits.test)
+                      for index in set(range(len(names))) - set(split.labels.tolist())})
+    if missing:
+        raise UserError(f"too few rows to put these classes in the training, validation and test splits: "
+                        f"{class_counts_text([names[i] for i in missing], counts[missing])}; "
+                        "add rows or drop the class")
+    return splits
 
 
 def data_summary(data: LoadedData, splits: DataSplits) -> dict:
-    """The row counts of the run, for the report."""
+    """The row counts of the run, for the report: read, dropped, used, in each split and in each class."""
+    counts = np.bincount(data.labels, minlength=len(data.classes.names))
+    binary = {"positive": int(counts[1]), "negative": int(counts[0])} if data.classes.binary else {}
     return {
         "rows_read": data.rows_read, "dropped": data.dropped, "rows_used": len(data.labels),
         "train": len(splits.train.labels), "validation": len(splits.validation.labels),
-        "test": len(splits.test.labels),
-        "positive": int(data.labels.sum()), "negative": int(len(data.labels) - data.labels.sum()),
+        "test": len(splits.test.labels), **binary,
+        "classes": {name: int(count) for name, count in zip(data.classes.names, counts)},
     }
+
+
+def describe_classes(data: LoadedData) -> str:
+    """One line for the log: the classes, which one is positive and why, and a warning about a small class."""
+    names, counts = data.classes.names, np.bincount(data.labels, minlength=len(data.classes.names))
+    text = f"{len(names)} classes: {class_counts_text(names, counts)}"
+    if data.classes.binary:
+        text += f"; positive class {names[1]!r} ({data.classes.chosen_by})"
+    smallest = int(np.argmin(counts))
+    if counts[smallest] < SMALL_CLASS_SHARE * len(data.labels):
+        text += (f"\nnote: the smallest class, {names[smallest]!r}, is {counts[smallest] / len(data.labels):.1%} "
+                 "of the rows; the per-class figures show how it fares, and --class-weight balanced gives it "
+                 "more weight")
+    return text
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -525,14 +629,30 @@ def make_inference_dataset(token_ids, batch_size: int):
     return dataset.apply(tf.data.experimental.assert_cardinality(math.ceil(len(token_ids) / batch_size)))
 
 
+def class_probabilities(model_output) -> np.ndarray:
+    """(reviews, classes) probabilities from a model's output: a sigmoid's (reviews, 1) probability of the
+    positive class p becomes the two columns [1 - p, p]; a softmax's output stays as it is."""
+    output = np.asarray(model_output, dtype=np.float64).reshape(len(model_output), -1)
+    return np.column_stack([1 - output[:, 0], output[:, 0]]) if output.shape[1] == 1 else output
+
+
 def predict_token_ids(classifier, token_ids, batch_size: int = 512) -> np.ndarray:
-    """Positive-class probabilities in input order; sorting by length first keeps padding small."""
+    """Class probabilities (reviews, classes) in input order; sorting by length first keeps padding small."""
     lengths = np.count_nonzero(token_ids, axis=1)
     order = np.argsort(lengths, kind="stable")
-    probabilities = np.empty(len(token_ids), dtype=np.float64)
-    sorted_probabilities = classifier.predict(make_inference_dataset(token_ids[order], batch_size), verbose=0)
-    probabilities[order] = np.asarray(sorted_probabilities, dtype=np.float64).reshape(-1)
+    sorted_output = classifier.predict(make_inference_dataset(token_ids[order], batch_size), verbose=0)
+    probabilities = np.empty_like(class_probabilities(sorted_output))
+    probabilities[order] = class_probabilities(sorted_output)
     return probabilities
+
+
+def count_truncated(texts, max_length: int) -> int:
+    """How many texts have more than max_length tokens, so that the model saw only their first max_length."""
+    import tensorflow as tf
+
+    return int(sum(int(tf.reduce_sum(tf.cast(tf.strings.split(standardize_text(batch)).row_lengths() > max_length,
+                                             tf.int32)))
+                   for batch in text_dataset(texts)))
 
 
 def stable_hash(text: str) -> int:
@@ -577,6 +697,8 @@ class PreparedInputs:
     steps_per_epoch: int
     validation_steps: int
     embedding_matrix: np.ndarray | None  # the embedding's starting weights (None: random)
+    class_weights: np.ndarray | None     # loss weight of each class (None: all 1)
+    truncated_reviews: int               # reviews longer than --max-length tokens, in all splits
 
     def training_batches(self, epoch: int):
         """This epoch's training batches, shuffled with a seed of its own."""
@@ -584,9 +706,9 @@ class PreparedInputs:
                                      self.seed + epoch, self.pad_to_full_batches)
 
 
-def prepare_inputs(splits: DataSplits, config: TrainConfig, replicas: int) -> PreparedInputs:
-    """Vocabulary, token ids, the batching of each epoch and (with --embeddings word2vec) the starting
-    embedding."""
+def prepare_inputs(splits: DataSplits, config: TrainConfig, replicas: int, num_classes: int) -> PreparedInputs:
+    """Vocabulary, token ids, the batching of each epoch, (with --embeddings word2vec) the starting embedding
+    and (with --class-weight balanced) the class weights."""
     vectorizer = make_vectorizer(splits.train.texts, config)
     vocabulary = vectorizer.get_vocabulary()
     train_ids, validation_ids, test_ids = (vectorize(vectorizer, part.texts)
@@ -600,10 +722,93 @@ def prepare_inputs(splits: DataSplits, config: TrainConfig, replicas: int) -> Pr
     if config.embeddings == "word2vec":
         print("Training Word2Vec on the training split ...")
         embedding_matrix = word2vec_matrix(train_ids, vocabulary, config)
-    print(f"Vocabulary {len(vocabulary)} words; {steps_per_epoch} batches per epoch")
+    class_weights = None
+    if config.class_weight == "balanced":
+        # scikit-learn's "balanced": rows / (classes * rows of the class), on the training split.
+        counts = np.bincount(splits.train.labels, minlength=num_classes)
+        class_weights = (len(splits.train.labels) / (num_classes * np.maximum(counts, 1))).astype(np.float32)
+        print("Class weights: " + ", ".join(f"{weight:.3f}" for weight in class_weights))
+    truncated = sum(count_truncated(part.texts, config.max_length)
+                    for part in (splits.train, splits.validation, splits.test))
+    print(f"Vocabulary {len(vocabulary)} words; {steps_per_epoch} batches per epoch; {truncated} reviews longer "
+          f"than {config.max_length} tokens are cut")
     return PreparedInputs(vectorizer, vocabulary, train_ids, validation_ids, test_ids, splits.train.labels,
                           global_batch_size, config.max_length, config.seed, several, validation_batches,
-                          steps_per_epoch, int(validation_batches.cardinality()), embedding_matrix)
+                          steps_per_epoch, int(validation_batches.cardinality()), embedding_matrix, class_weights,
+                          truncated)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Keras pieces that live inside the saved model file (defined on first use, so importing this file stays light)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def custom_layers() -> dict:
+    """The script's own Keras layer classes by name: what keras.models.load_model needs to read a model file.
+
+    TfidfLogistic scores like the fitted baseline. Input: n-gram ids from a TextVectorization layer whose
+    vocabulary is the baseline's (0 is padding, 1 is out of vocabulary). Output: the logistic regression's
+    probabilities, computed as scikit-learn does: (1 + log count) * idf, L2-normalized per review, dot the
+    coefficients, plus the intercept; a sigmoid for two classes (one column), a softmax for more.
+
+    ClassNames passes the probabilities through unchanged and keeps the class names in the model file, so that
+    predict needs nothing else."""
+    import keras
+    import tensorflow as tf
+
+    @keras.saving.register_keras_serializable(package="sentiment_analysis")
+    class TfidfLogistic(keras.layers.Layer):
+        def __init__(self, num_ids, outputs=1, **kwargs):
+            super().__init__(**kwargs)
+            self.num_ids, self.outputs = num_ids, outputs
+            per_class = () if outputs == 1 else (outputs,)
+            self.idf = self.add_weight(shape=(num_ids,), initializer="zeros", trainable=False, name="idf")
+            self.coef = self.add_weight(shape=(num_ids, *per_class), initializer="zeros", trainable=False,
+                                        name="coef")
+            self.intercept = self.add_weight(shape=per_class, initializer="zeros", trainable=False,
+                                             name="intercept")
+
+        def call(self, ids):
+            # Count each (review, n-gram) pair: one key per pair, counted with unique_with_counts.
+            ids = tf.cast(ids, "int64")
+            batch = tf.shape(ids)[0]
+            rows = tf.repeat(tf.range(batch, dtype="int64"), tf.shape(ids)[1])
+            flat = tf.reshape(ids, [-1])
+            known = flat > 1
+            keys = tf.boolean_mask(rows, known) * self.num_ids + tf.boolean_mask(flat, known)
+            unique_keys, _, counts = tf.unique_with_counts(keys)
+            review, ngram = unique_keys // self.num_ids, unique_keys % self.num_ids
+            weights = (1.0 + tf.math.log(tf.cast(counts, "float32"))) * tf.gather(self.idf, ngram)
+            norms = tf.sqrt(tf.math.unsorted_segment_sum(weights**2, review, batch))
+            if self.outputs == 1:
+                scores = tf.math.unsorted_segment_sum(weights * tf.gather(self.coef, ngram), review, batch)
+                return tf.sigmoid(scores / tf.maximum(norms, 1e-12) + self.intercept)[:, None]
+            scores = tf.math.unsorted_segment_sum(weights[:, None] * tf.gather(self.coef, ngram), review, batch)
+            return tf.nn.softmax(scores / tf.maximum(norms, 1e-12)[:, None] + self.intercept)
+
+        def compute_output_shape(self, input_shape):
+            return (input_shape[0], self.outputs)
+
+        def get_config(self):
+            return {**super().get_config(), "num_ids": self.num_ids, "outputs": self.outputs}
+
+    @keras.saving.register_keras_serializable(package="sentiment_analysis")
+    class ClassNames(keras.layers.Layer):
+        def __init__(self, names, **kwargs):
+            super().__init__(**kwargs)
+            self.names = list(names)
+
+        def call(self, probabilities):
+            return probabilities
+
+        def compute_output_shape(self, input_shape):
+            return input_shape
+
+        def get_config(self):
+            return {**super().get_config(), "names": self.names}
+
+    return {"TfidfLogistic": TfidfLogistic, "ClassNames": ClassNames}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -611,8 +816,9 @@ def prepare_inputs(splits: DataSplits, config: TrainConfig, replicas: int) -> Pr
 # ----------------------------------------------------------------------------------------------------------
 
 
-def build_classifier(config: TrainConfig, vocab_size: int):
-    """Embedding -> SpatialDropout1D -> recurrent layer(s) -> Dense(1, sigmoid), on token ids."""
+def build_classifier(config: TrainConfig, vocab_size: int, num_classes: int = 2):
+    """Embedding -> SpatialDropout1D -> recurrent layer(s) -> Dense(1, sigmoid) for two classes, or
+    Dense(classes, softmax) for more, on token ids."""
     import keras
     from keras import layers
 
@@ -625,7 +831,10 @@ def build_classifier(config: TrainConfig, vocab_size: int):
         layer = recurrent(config.units, return_sequences=index < config.layers - 1)
         x = layers.Bidirectional(layer)(x) if config.arch == "bilstm" else layer(x)
     # The output stays float32 even under mixed precision, for a numerically sound sigmoid and loss.
-    outputs = layers.Dense(1, activation="sigmoid", dtype="float32", name="probability")(x)
+    if num_classes == 2:
+        outputs = layers.Dense(1, activation="sigmoid", dtype="float32", name="probability")(x)
+    else:
+        outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="probability")(x)
     return keras.Model(inputs, outputs, name=f"{config.arch}_classifier")
 
 
@@ -646,11 +855,11 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int):
     return optimizer
 
 
-def build_model_and_optimizer(config: TrainConfig, inputs: PreparedInputs, strategy):
+def build_model_and_optimizer(config: TrainConfig, inputs: PreparedInputs, num_classes: int, strategy):
     """The classifier with its starting embedding, and its optimizer, with their variables on the strategy's
     devices."""
     with strategy.scope():
-        classifier = build_classifier(config, len(inputs.vocabulary))
+        classifier = build_classifier(config, len(inputs.vocabulary), num_classes)
         if inputs.embedding_matrix is not None:
             classifier.get_layer("embedding").set_weights([inputs.embedding_matrix])
         optimizer = make_optimizer(config, inputs.steps_per_epoch)
@@ -659,20 +868,26 @@ def build_model_and_optimizer(config: TrainConfig, inputs: PreparedInputs, strat
     return classifier, optimizer
 
 
+def count_classes(classifier) -> int:
+    """2 for a classifier with a sigmoid output, else the size of its softmax."""
+    return max(2, classifier.get_layer("probability").units)
+
+
 def local_copy(classifier, config: TrainConfig):
     """The trained classifier with plain variables on this machine, outside any distribution strategy: for
     scoring and saving, on the chief alone."""
-    copy = build_classifier(config, classifier.get_layer("embedding").input_dim)
+    copy = build_classifier(config, classifier.get_layer("embedding").input_dim, count_classes(classifier))
     copy.set_weights(classifier.get_weights())
     return copy
 
 
-def export_model(vectorizer, classifier):
-    """One model from raw strings to probabilities: the file is the whole predictor."""
+def export_model(vectorizer, classifier, class_names):
+    """One model from raw strings to probabilities, the class names inside: the file is the whole predictor."""
     import keras
 
     text = keras.Input(shape=(1,), dtype="string", name="text")
-    return keras.Model(text, classifier(vectorizer(text)), name="sentiment_model")
+    probabilities = custom_layers()["ClassNames"](class_names, name="class_names")(classifier(vectorizer(text)))
+    return keras.Model(text, probabilities, name="sentiment_model")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -696,13 +911,14 @@ def fit_baseline(train_texts, train_labels, config: TrainConfig):
 
     features = TfidfVectorizer(ngram_range=(1, config.baseline_ngrams), sublinear_tf=True, min_df=2, max_df=0.95,
                                lowercase=False, tokenizer=str.split, token_pattern=None, dtype=np.float32)
-    classifier = LogisticRegression(C=8.0, max_iter=1000, random_state=config.seed)
+    classifier = LogisticRegression(C=8.0, max_iter=1000, random_state=config.seed,
+                                    class_weight="balanced" if config.class_weight == "balanced" else None)
     return make_pipeline(features, classifier).fit(train_texts, train_labels)
 
 
 def baseline_probabilities(baseline, texts) -> np.ndarray:
-    """The baseline's positive-class probabilities for raw texts."""
-    return baseline.predict_proba(standardized_strings(texts))[:, 1]
+    """The baseline's class probabilities (reviews, classes) for raw texts."""
+    return baseline.predict_proba(standardized_strings(texts))
 
 
 def blend_probabilities(weight: float, neural, baseline):
@@ -711,52 +927,8 @@ def blend_probabilities(weight: float, neural, baseline):
     return weight * neural + (1 - weight) * baseline
 
 
-@functools.cache
-def tfidf_logistic_class():
-    """The Keras layer class that scores like the fitted baseline (defined on first use, so importing this file
-    stays light).
-
-    Input: n-gram ids from a TextVectorization layer whose vocabulary is the baseline's (0 is padding, 1 is
-    out of vocabulary). Output: the logistic regression's probability, computed as scikit-learn does:
-    (1 + log count) * idf, L2-normalized per review, dot the coefficients, plus the intercept, sigmoid."""
-    import keras
-    import tensorflow as tf
-
-    @keras.saving.register_keras_serializable(package="sentiment_analysis")
-    class TfidfLogistic(keras.layers.Layer):
-        def __init__(self, num_ids, **kwargs):
-            super().__init__(**kwargs)
-            self.num_ids = num_ids
-            self.idf = self.add_weight(shape=(num_ids,), initializer="zeros", trainable=False, name="idf")
-            self.coef = self.add_weight(shape=(num_ids,), initializer="zeros", trainable=False, name="coef")
-            self.intercept = self.add_weight(shape=(), initializer="zeros", trainable=False, name="intercept")
-
-        def call(self, ids):
-            # Count each (review, n-gram) pair: one key per pair, counted with unique_with_counts.
-            ids = tf.cast(ids, "int64")
-            batch = tf.shape(ids)[0]
-            rows = tf.repeat(tf.range(batch, dtype="int64"), tf.shape(ids)[1])
-            flat = tf.reshape(ids, [-1])
-            known = flat > 1
-            keys = tf.boolean_mask(rows, known) * self.num_ids + tf.boolean_mask(flat, known)
-            unique_keys, _, counts = tf.unique_with_counts(keys)
-            review, ngram = unique_keys // self.num_ids, unique_keys % self.num_ids
-            weights = (1.0 + tf.math.log(tf.cast(counts, "float32"))) * tf.gather(self.idf, ngram)
-            norms = tf.sqrt(tf.math.unsorted_segment_sum(weights**2, review, batch))
-            scores = tf.math.unsorted_segment_sum(weights * tf.gather(self.coef, ngram), review, batch)
-            return tf.sigmoid(scores / tf.maximum(norms, 1e-12) + self.intercept)[:, None]
-
-        def compute_output_shape(self, input_shape):
-            return (input_shape[0], 1)
-
-        def get_config(self):
-            return {**super().get_config(), "num_ids": self.num_ids}
-
-    return TfidfLogistic
-
-
-def export_blend(neural_model, baseline, weight: float):
-    """One model from raw strings to the blended probability of positive, the baseline inside it."""
+def export_blend(neural_model, baseline, weight: float, class_names):
+    """One model from raw strings to the blended probabilities, the baseline and the class names inside it."""
     import keras
     from keras import layers
 
@@ -766,19 +938,28 @@ def export_blend(neural_model, baseline, weight: float):
                                          ngrams=tuple(range(1, features.ngram_range[1] + 1)),
                                          output_mode="int",
                                          vocabulary=vocabulary, name="ngram_ids")
-    scorer = tfidf_logistic_class()(len(vocabulary) + 2, name="tfidf_logistic")
+    binary = classifier.coef_.shape[0] == 1
+    scorer = custom_layers()["TfidfLogistic"](len(vocabulary) + 2, 1 if binary else len(classifier.classes_),
+                                              name="tfidf_logistic")
     # Ids 0 (padding) and 1 (out of vocabulary) get zero weight, as unseen n-grams do in scikit-learn.
     scorer.build(None)
+    coef, intercept = (classifier.coef_[0], classifier.intercept_[0]) if binary else (classifier.coef_.T,
+                                                                                       classifier.intercept_)
     scorer.set_weights([np.concatenate([[0.0, 0.0], features.idf_]).astype(np.float32),
-                        np.concatenate([[0.0, 0.0], classifier.coef_[0]]).astype(np.float32),
-                        np.float32(classifier.intercept_[0])])
+                        np.concatenate([np.zeros((2, *coef.shape[1:])), coef]).astype(np.float32),
+                        np.asarray(intercept, dtype=np.float32)])
     text = keras.Input(shape=(1,), dtype="string", name="text")
     blended = blend_probabilities(weight, neural_model(text), scorer(ngram_ids(text)))
-    return keras.Model(text, blended, name="blended_sentiment_model")
+    probabilities = custom_layers()["ClassNames"](class_names, name="class_names")(blended)
+    return keras.Model(text, probabilities, name="blended_sentiment_model")
 
 
 def predicted_labels(probabilities: np.ndarray) -> np.ndarray:
-    return (probabilities >= DECISION_THRESHOLD).astype(int)
+    """Class indices from (reviews, classes) probabilities: for two classes positive when its probability is
+    at least DECISION_THRESHOLD, for more the most probable class."""
+    if probabilities.shape[1] == 2:
+        return (probabilities[:, 1] >= DECISION_THRESHOLD).astype(int)
+    return np.argmax(probabilities, axis=1)
 
 
 def choose_blend_weight(labels, neural, baseline) -> float:
@@ -788,9 +969,16 @@ def choose_blend_weight(labels, neural, baseline) -> float:
     single reviews and would make the choice noisy."""
     from sklearn.metrics import log_loss
 
+    def clipped(probabilities):
+        # Two classes: the positive column, as log_loss takes it. More: rows that sum to one exactly.
+        if probabilities.shape[1] == 2:
+            return np.clip(probabilities[:, 1], 1e-7, 1 - 1e-7)
+        probabilities = np.clip(probabilities, 1e-7, 1)
+        return probabilities / probabilities.sum(axis=1, keepdims=True)
+
     weights = np.round(np.arange(0, 1.0001, 0.05), 2)
-    losses = [log_loss(labels, np.clip(blend_probabilities(w, neural, baseline), 1e-7, 1 - 1e-7), labels=[0, 1])
-              for w in weights]
+    classes = list(range(neural.shape[1]))
+    losses = [log_loss(labels, clipped(blend_probabilities(w, neural, baseline)), labels=classes) for w in weights]
     return float(weights[int(np.argmin(losses))])
 
 
@@ -914,21 +1102,33 @@ def setup_tensorflow(config: TrainConfig, role: ClusterRole | None):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def make_step_functions(classifier, optimizer, strategy):
+def make_step_functions(classifier, optimizer, strategy, class_weights: np.ndarray | None = None):
     """One training step and one validation step over a batch split across the strategy's replicas.
 
     Each returns the batch's summed loss, number of correct predictions and number of reviews (padding
     reviews, of weight 0, not counted), added up over all replicas (and workers), from which the epoch's mean
-    loss and accuracy follow."""
+    loss and accuracy follow. With class weights, each training review's loss is weighted by its class's
+    weight (validation stays unweighted, as in Keras' fit)."""
     import keras
     import tensorflow as tf
 
-    def sums(labels, weights, outputs):
-        # The model's own (batch, 1) output: Keras then computes the loss from the sigmoid's input, which is
+    binary = count_classes(classifier) == 2
+
+    def sums(labels, weights, outputs, class_weighted=False):
+        # The model's own output: Keras then computes the loss from the sigmoid's or softmax's input, which is
         # exact for confident predictions, where clipped probabilities would cap the loss.
-        losses = keras.losses.binary_crossentropy(labels[:, None], outputs)
-        correct = tf.cast(tf.cast(outputs[:, 0] >= DECISION_THRESHOLD, tf.float32) == labels, tf.float32)
-        return losses, [tf.reduce_sum(losses * weights), tf.reduce_sum(correct * weights), tf.reduce_sum(weights)]
+        if binary:
+            losses = keras.losses.binary_crossentropy(labels[:, None], outputs)
+            predicted = tf.cast(outputs[:, 0] >= DECISION_THRESHOLD, tf.float32)
+        else:
+            losses = keras.losses.sparse_categorical_crossentropy(labels, outputs)
+            predicted = tf.cast(tf.argmax(outputs, axis=1), tf.float32)
+        loss_weights = weights
+        if class_weighted and class_weights is not None:
+            loss_weights = weights * tf.gather(tf.constant(class_weights), tf.cast(labels, tf.int32))
+        correct = tf.cast(predicted == labels, tf.float32)
+        return losses, [tf.reduce_sum(losses * loss_weights), tf.reduce_sum(correct * weights),
+                        tf.reduce_sum(weights)]
 
     def train_batch(token_ids, labels, weights):
         # The loss is the weighted mean over the real reviews of the whole global batch: this replica's weighted
@@ -936,7 +1136,7 @@ def make_step_functions(classifier, optimizer, strategy):
         # gradients. Padding reviews (weight 0) change neither the loss nor the gradient.
         real_reviews = tf.distribute.get_replica_context().all_reduce("SUM", tf.reduce_sum(weights))
         with tf.GradientTape() as tape:
-            losses, batch_sums = sums(labels, weights, classifier(token_ids, training=True))
+            losses, batch_sums = sums(labels, weights, classifier(token_ids, training=True), class_weighted=True)
             loss = optimizer.scale_loss(batch_sums[0] / real_reviews)
         gradients = tape.gradient(loss, classifier.trainable_variables)
         optimizer.apply(gradients, classifier.trainable_variables)
@@ -1075,7 +1275,7 @@ def train(classifier, optimizer, strategy, inputs: PreparedInputs, config: Train
     import keras
     import tensorflow as tf
 
-    train_step, validation_step = make_step_functions(classifier, optimizer, strategy)
+    train_step, validation_step = make_step_functions(classifier, optimizer, strategy, inputs.class_weights)
     validation_batches = strategy.experimental_distribute_dataset(inputs.validation_batches)
     variables = classifier.variables + optimizer.variables
     state = saved or TrainingState(fingerprint=training_fingerprint(config))
@@ -1135,33 +1335,56 @@ def train(classifier, optimizer, strategy, inputs: PreparedInputs, config: Train
 # ----------------------------------------------------------------------------------------------------------
 
 
-def compute_metrics(labels, probabilities) -> dict:
+def compute_metrics(labels, probabilities, class_names) -> dict:
+    """Test-set figures from (reviews, classes) probabilities. Two classes: precision, recall, F1 and ROC AUC of
+    the positive class. More: macro and weighted averages, and ROC AUC one-vs-rest (macro). Both: accuracy,
+    the confusion matrix and each class's precision, recall, F1 and support."""
     from sklearn import metrics
 
-    predicted = predicted_labels(probabilities)
-    return {
-        "accuracy": float(metrics.accuracy_score(labels, predicted)),
-        "precision": float(metrics.precision_score(labels, predicted, zero_division=0)),
-        "recall": float(metrics.recall_score(labels, predicted, zero_division=0)),
-        "f1": float(metrics.f1_score(labels, predicted, zero_division=0)),
-        "roc_auc": float(metrics.roc_auc_score(labels, probabilities)),
-        "confusion_matrix": metrics.confusion_matrix(labels, predicted, labels=[0, 1]).tolist(),
-        "threshold": DECISION_THRESHOLD,
-    }
+    predicted, classes = predicted_labels(probabilities), list(range(len(class_names)))
+    if len(classes) == 2:
+        positive = probabilities[:, 1]
+        scores = {
+            "accuracy": float(metrics.accuracy_score(labels, predicted)),
+            "precision": float(metrics.precision_score(labels, predicted, zero_division=0)),
+            "recall": float(metrics.recall_score(labels, predicted, zero_division=0)),
+            "f1": float(metrics.f1_score(labels, predicted, zero_division=0)),
+            "roc_auc": float(metrics.roc_auc_score(labels, positive)),
+            "confusion_matrix": metrics.confusion_matrix(labels, predicted, labels=classes).tolist(),
+            "threshold": DECISION_THRESHOLD,
+        }
+    else:
+        scores = {"accuracy": float(metrics.accuracy_score(labels, predicted))}
+        for average in ("macro", "weighted"):
+            precision, recall, f1, _ = metrics.precision_recall_fscore_support(
+                labels, predicted, labels=classes, average=average, zero_division=0)
+            scores.update({f"precision_{average}": float(precision), f"recall_{average}": float(recall),
+                           f"f1_{average}": float(f1)})
+        scores["roc_auc"] = float(metrics.roc_auc_score(labels, probabilities, multi_class="ovr", average="macro",
+                                                        labels=classes))
+        scores["confusion_matrix"] = metrics.confusion_matrix(labels, predicted, labels=classes).tolist()
+    precision, recall, f1, support = metrics.precision_recall_fscore_support(labels, predicted, labels=classes,
+                                                                             zero_division=0)
+    scores["per_class"] = {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                                  "support": int(support[i])} for i, name in enumerate(class_names)}
+    return scores
 
 
-def classification_report(labels, probabilities) -> str:
+def classification_report(labels, probabilities, class_names) -> str:
     from sklearn import metrics
 
-    return metrics.classification_report(labels, predicted_labels(probabilities), labels=[0, 1],
-                                         target_names=list(CLASS_NAMES), digits=4, zero_division=0)
+    return metrics.classification_report(labels, predicted_labels(probabilities), labels=range(len(class_names)),
+                                         target_names=list(class_names), digits=4, zero_division=0)
 
 
 def summary_table(scores: dict[str, dict]) -> str:
-    names = ["accuracy", "precision", "recall", "f1", "roc_auc"]
-    lines = [f"{'model':<12}" + "".join(f"{name:>11}" for name in names)]
+    """One line per model: the figures of two classes, or accuracy and the averages of more."""
+    first = next(iter(scores.values()))
+    names = (["accuracy", "precision", "recall", "f1", "roc_auc"] if "precision" in first
+             else ["accuracy", "f1_macro", "f1_weighted", "roc_auc"])
+    lines = [f"{'model':<12}" + "".join(f"{name:>12}" for name in names)]
     for model_name, model_scores in scores.items():
-        lines.append(f"{model_name:<12}" + "".join(f"{model_scores[name]:>11.4f}" for name in names))
+        lines.append(f"{model_name:<12}" + "".join(f"{model_scores[name]:>12.4f}" for name in names))
     return "\n".join(lines)
 
 
@@ -1170,7 +1393,8 @@ class Evaluation:
     """Every model's test-set results. The first model is the primary one: the saved model (the blend, or the
     neural model); the report, the table and errors.csv are about it."""
     labels: np.ndarray
-    probabilities: dict[str, np.ndarray]
+    class_names: tuple[str, ...]
+    probabilities: dict[str, np.ndarray]  # model name -> (reviews, classes)
     scores: dict[str, dict]
     classification_report: str
     table: str
@@ -1180,25 +1404,32 @@ class Evaluation:
         return next(iter(self.probabilities))
 
 
-def evaluate(test: LabelledTexts, probabilities: dict[str, np.ndarray]) -> Evaluation:
+def evaluate(test: LabelledTexts, class_names, probabilities: dict[str, np.ndarray]) -> Evaluation:
     """Score each model's test probabilities (the primary model first)."""
-    scores = {name: compute_metrics(test.labels, values) for name, values in probabilities.items()}
-    primary = next(iter(probabilities))
-    return Evaluation(test.labels, probabilities, scores, classification_report(test.labels, probabilities[primary]),
-                      summary_table(scores))
+    scores = {name: compute_metrics(test.labels, values, class_names) for name, values in probabilities.items()}
+    report = classification_report(test.labels, next(iter(probabilities.values())), class_names)
+    return Evaluation(test.labels, tuple(class_names), probabilities, scores, report, summary_table(scores))
 
 
-def confident_errors(texts, labels, probabilities, limit: int = 100) -> pd.DataFrame:
-    """The test reviews the model got wrong with the highest confidence."""
+def confident_errors(texts, labels, probabilities, class_names, limit: int = 100) -> pd.DataFrame:
+    """The test reviews the model got wrong with the highest confidence. Two classes: ordered by the distance of
+    the positive probability from the threshold (column probability_positive); more: by the probability of
+    the predicted class (column probability_predicted)."""
     predicted = predicted_labels(probabilities)
     wrong = np.flatnonzero(predicted != labels)
-    confidence = np.abs(probabilities[wrong] - DECISION_THRESHOLD)
-    chosen = wrong[np.argsort(-confidence, kind="stable")[:limit]]
+    if len(class_names) == 2:
+        shown, name = probabilities[wrong, 1], "probability_positive"
+        confidence = np.abs(shown - DECISION_THRESHOLD)
+    else:
+        shown, name = probabilities[wrong, predicted[wrong]], "probability_predicted"
+        confidence = shown
+    order = np.argsort(-confidence, kind="stable")[:limit]
+    chosen = wrong[order]
     return pd.DataFrame({
         "text": texts[chosen],
-        "true_label": [CLASS_NAMES[label] for label in labels[chosen]],
-        "predicted_label": [CLASS_NAMES[label] for label in predicted[chosen]],
-        "probability_positive": np.round(probabilities[chosen], 4),
+        "true_label": [class_names[label] for label in labels[chosen]],
+        "predicted_label": [class_names[label] for label in predicted[chosen]],
+        name: np.round(shown[order], 4),
     })
 
 
@@ -1211,6 +1442,7 @@ def build_report(config: TrainConfig, data: dict, training: TrainingResult, eval
     primary = evaluation.primary
     return {
         "model": primary,
+        "classes": list(evaluation.class_names),
         **({"blend_weight": blend.weight} if blend else {}),
         **({"validation_accuracy": blend.validation_accuracy} if blend and blend.validation_accuracy else {}),
         "test": evaluation.scores[primary],
@@ -1237,29 +1469,39 @@ def display_available() -> bool:
     return True
 
 
-def plot_confusion_matrix(matrix, title: str):
+def plot_confusion_matrix(matrix, class_names, title: str):
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    figure, axes = plt.subplots(figsize=(5.5, 4.5))
-    sns.heatmap(np.array(matrix), annot=True, fmt="d", cmap="Blues", xticklabels=CLASS_NAMES,
-                yticklabels=CLASS_NAMES, cbar=False, ax=axes)
+    size = min(4.5 + 0.45 * max(0, len(class_names) - 2), 16)
+    figure, axes = plt.subplots(figsize=(size + 1, size))
+    sns.heatmap(np.array(matrix), annot=len(class_names) <= 25, fmt="d", cmap="Blues", xticklabels=class_names,
+                yticklabels=class_names, cbar=False, ax=axes)
     axes.set(xlabel="Predicted", ylabel="True", title=title)
     figure.tight_layout()
     return figure
 
 
-def plot_roc_curves(labels, curves: dict):
+def plot_roc_curves(labels, probabilities: dict[str, np.ndarray], class_names):
+    """Two classes: one ROC curve per model, for the positive class. More: one curve per class, one-vs-rest, for
+    the primary (first) model."""
     import matplotlib.pyplot as plt
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    figure, axes = plt.subplots(figsize=(5.5, 5))
-    for name, probabilities in curves.items():
-        false_positive, true_positive, _ = roc_curve(labels, probabilities)
-        auc = roc_auc_score(labels, probabilities)
+    if len(class_names) == 2:
+        curves = {name: (labels == 1, values[:, 1]) for name, values in probabilities.items()}
+        title = f"ROC curve (test set, positive class {class_names[1]!r})"
+    else:
+        primary, values = next(iter(probabilities.items()))
+        curves = {name: (labels == index, values[:, index]) for index, name in enumerate(class_names)}
+        title = f"ROC curves one-vs-rest ({primary}, test set)"
+    figure, axes = plt.subplots(figsize=(5.5, 5) if len(curves) <= 4 else (7, 6))
+    for name, (is_class, scores) in curves.items():
+        false_positive, true_positive, _ = roc_curve(is_class, scores)
+        auc = roc_auc_score(is_class, scores)
         axes.plot(false_positive, true_positive, label=f"{name} (AUC = {auc:.4f})")
     axes.plot([0, 1], [0, 1], linestyle="--", color="grey", label="chance")
-    axes.set(xlabel="False positive rate", ylabel="True positive rate", title="ROC curve (test set)")
+    axes.set(xlabel="False positive rate", ylabel="True positive rate", title=title)
     axes.legend(loc="lower right")
     figure.tight_layout()
     return figure
@@ -1306,11 +1548,12 @@ def write_outputs(output_dir: Path, model, evaluation: Evaluation, history: dict
     history_frame = pd.DataFrame(history)
     history_frame.insert(0, "epoch", np.arange(1, len(history_frame) + 1))
     write_csv(output_dir / "history.csv", history_frame)
-    write_csv(output_dir / "errors.csv", confident_errors(test.texts, test.labels, evaluation.probabilities[primary]))
+    write_csv(output_dir / "errors.csv", confident_errors(test.texts, test.labels, evaluation.probabilities[primary],
+                                                          evaluation.class_names))
     figures = {
         "confusion_matrix.png": plot_confusion_matrix(evaluation.scores[primary]["confusion_matrix"],
-                                                      f"Confusion matrix ({primary}, test set)"),
-        "roc_curve.png": plot_roc_curves(test.labels, evaluation.probabilities),
+                                                      evaluation.class_names, f"Confusion matrix ({primary}, test set)"),
+        "roc_curve.png": plot_roc_curves(test.labels, evaluation.probabilities, evaluation.class_names),
         "training_history.png": plot_history(history),
     }
     for name, figure in figures.items():
@@ -1350,12 +1593,13 @@ def set_up_run(config: TrainConfig) -> RunSetup:
     return RunSetup(role, output_dir, state_dir, TrainingState.load(state_dir, training_fingerprint(config)))
 
 
-def score_on_test(config: TrainConfig, classifier, inputs: PreparedInputs, splits: DataSplits, clock: Stopwatch):
+def score_on_test(config: TrainConfig, classifier, inputs: PreparedInputs, splits: DataSplits, class_names,
+                  clock: Stopwatch):
     """Test-set probabilities of every model (the primary one first), the model to save and the blend, if any.
     Every choice (epochs, blend weight) is made on the validation split; the test split is only scored."""
     with clock.timed("evaluate_s"):
         neural = predict_token_ids(classifier, inputs.test_ids)
-    model, probabilities, blend = export_model(inputs.vectorizer, classifier), {config.arch: neural}, None
+    model, probabilities, blend = export_model(inputs.vectorizer, classifier, class_names), {config.arch: neural}, None
     if config.baseline:
         print("Fitting the TF-IDF + logistic-regression baseline ...")
         with clock.timed("baseline_s"):
@@ -1366,7 +1610,7 @@ def score_on_test(config: TrainConfig, classifier, inputs: PreparedInputs, split
             print(f"Blend: {blend.weight:.2f} * {config.arch} + {1 - blend.weight:.2f} * baseline")
             blended = blend_probabilities(blend.weight, neural, probabilities["baseline"])
             probabilities = {"blend": blended, "baseline": probabilities["baseline"], config.arch: neural}
-            model = export_blend(model, baseline, blend.weight)
+            model = export_blend(model, baseline, blend.weight, class_names)
     return probabilities, model, blend
 
 
@@ -1377,13 +1621,15 @@ def run_training(config: TrainConfig) -> TrainingResult:
     with clock.timed("load_s"):
         data = load_dataset(config)
         splits = split_dataset(data, config)
-    counts = data_summary(data, splits)
+    counts, class_names = data_summary(data, splits), data.classes.names
     print(f"Read {counts['rows_read']} rows from {config.data}; dropped {counts['dropped']}; "
-          f"train {counts['train']}, validation {counts['validation']}, test {counts['test']}")
+          f"train {counts['train']}, validation {counts['validation']}, test {counts['test']}; "
+          f"{describe_classes(data)}")
     strategy = setup_tensorflow(config, setup.role)
     with clock.timed("preprocess_s"):
-        inputs = prepare_inputs(splits, config, strategy.num_replicas_in_sync)
-    classifier, optimizer = build_model_and_optimizer(config, inputs, strategy)
+        inputs = prepare_inputs(splits, config, strategy.num_replicas_in_sync, len(class_names))
+    counts["longer_than_max_length"] = inputs.truncated_reviews
+    classifier, optimizer = build_model_and_optimizer(config, inputs, len(class_names), strategy)
     with clock.timed("train_s"):
         training = train(classifier, optimizer, strategy, inputs, config, setup.state_dir, setup.saved_state,
                          multi_worker=setup.role is not None)
@@ -1393,8 +1639,8 @@ def run_training(config: TrainConfig) -> TrainingResult:
         return training
 
     classifier = local_copy(classifier, config)
-    probabilities, model, blend = score_on_test(config, classifier, inputs, splits, clock)
-    evaluation = evaluate(splits.test, probabilities)
+    probabilities, model, blend = score_on_test(config, classifier, inputs, splits, class_names, clock)
+    evaluation = evaluate(splits.test, class_names, probabilities)
     report = build_report(config, counts, training, evaluation, blend, strategy, setup.role)
     print(f"\nTest set results:\n{evaluation.table}\n\n{evaluation.classification_report}")
     show = config.show and display_available()
@@ -1421,10 +1667,18 @@ def load_model(path: Path):
     import keras
 
     try:
-        custom_objects = {"standardize_text": standardize_text, "TfidfLogistic": tfidf_logistic_class()}
+        custom_objects = {"standardize_text": standardize_text, **custom_layers()}
         return keras.models.load_model(path, custom_objects=custom_objects, compile=False)
     except Exception as error:  # Keras raises many types for a corrupt or foreign file.
         raise UserError(f"could not load the model {path}: {str(error).splitlines()[0][:200]}") from None
+
+
+def model_class_names(model) -> tuple[str, ...]:
+    """The class names saved in the model file (files written before they were saved: negative, positive)."""
+    try:
+        return tuple(model.get_layer("class_names").names)
+    except ValueError:
+        return CLASS_NAMES
 
 
 def one_line(text: str, width: int = 80) -> str:
@@ -1433,51 +1687,94 @@ def one_line(text: str, width: int = 80) -> str:
 
 
 def predict_strings(model, texts: list[str], batch_size: int = 256) -> np.ndarray:
-    """Probabilities of the positive class for raw strings, using the model's own vectorizer."""
+    """Class probabilities (texts, classes) for raw strings, using the model's own vectorizer."""
     import tensorflow as tf
 
     if not texts:
-        return np.empty(0)
+        return np.empty((0, len(model_class_names(model))))
     inputs = tf.reshape(tf.constant([str(text) for text in texts]), (-1, 1))
-    return np.asarray(model.predict(inputs, batch_size=batch_size, verbose=0), dtype=np.float64).reshape(-1)
+    return class_probabilities(model.predict(inputs, batch_size=batch_size, verbose=0))
 
 
-def label_for(probability: float, threshold: float) -> str:
-    return CLASS_NAMES[int(probability >= threshold)]
+def predicted_names(probabilities: np.ndarray, class_names, threshold: float) -> list[str]:
+    """Two classes: the positive one when its probability is at least `threshold`; more: the most probable."""
+    if len(class_names) == 2:
+        return [class_names[int(p >= threshold)] for p in probabilities[:, 1]]
+    return [class_names[index] for index in np.argmax(probabilities, axis=1)]
 
 
-def predict_texts_command(model_path: Path, texts: list[str], threshold: float) -> None:
-    model = load_model(model_path)
-    for text, probability in zip(texts, predict_strings(model, texts)):
-        print(f"{label_for(probability, threshold)}\t{probability:.4f}\t{one_line(text)}")
+def shown_probability(probabilities: np.ndarray, class_names) -> np.ndarray:
+    """What predict prints beside a name: the positive class's probability for two classes (as always), the
+    predicted class's for more."""
+    return probabilities[:, 1] if len(class_names) == 2 else probabilities.max(axis=1)
+
+
+def predict_texts_command(model, texts: list[str], threshold: float) -> None:
+    class_names = model_class_names(model)
+    probabilities = predict_strings(model, texts)
+    names = predicted_names(probabilities, class_names, threshold)
+    for text, name, probability in zip(texts, names, shown_probability(probabilities, class_names)):
+        print(f"{name}\t{probability:.4f}\t{one_line(text)}")
+
+
+def prediction_columns(probabilities: np.ndarray, present: np.ndarray, class_names, threshold: float) -> dict:
+    """The columns predict adds to a CSV. Two classes: predicted_sentiment and probability_positive (the
+    positive class's probability), as always. More: predicted_label and probability_NAME per class. Rows with
+    no text stay empty."""
+    rows = len(present)
+
+    def spread(values, empty):
+        column = np.full(rows, empty, dtype=object)
+        column[present] = values
+        return column
+
+    names = predicted_names(probabilities, class_names, threshold)
+    if len(class_names) == 2:
+        return {"predicted_sentiment": spread(names, ""),
+                "probability_positive": spread(np.round(probabilities[:, 1], 4), np.nan).astype(float)}
+    columns = {"predicted_label": spread(names, "")}
+    for index, name in enumerate(class_names):
+        columns[f"probability_{name}"] = spread(np.round(probabilities[:, index], 4), np.nan).astype(float)
+    return columns
+
+
+def checked_threshold(threshold: float | None, class_names) -> float:
+    """--threshold for a two-class model (default DECISION_THRESHOLD); a model of more classes takes none."""
+    if threshold is None:
+        return DECISION_THRESHOLD
+    if len(class_names) != 2:
+        raise UserError(f"--threshold applies to two-class models; this one has {len(class_names)} classes")
+    return threshold
 
 
 def predict_csv_command(model_path: Path, input_path: Path, output_path: Path, text_column: str | None,
-                        threshold: float, chunk_rows: int = 5000) -> None:
+                        threshold: float | None, sep: str | None, chunk_rows: int = 5000) -> None:
     """Score a CSV in chunks (bounded memory); write every input column plus the prediction, whole or not at
     all."""
     check_csv_file(input_path)
     check_output_file(output_path)
+    input_sep, output_sep = column_separator(input_path, sep), column_separator(output_path, sep)
     # Counting first gives the progress bar its total, and settles the encoding and finds a malformed row
     # before anything is written.
     encoding, total_rows = with_text_encoding(input_path, lambda encoding: (
-        encoding, sum(len(chunk) for chunk in read_csv_chunks(input_path, encoding, 50000))))
-    header = read_csv(input_path, encoding, nrows=0)
+        encoding, sum(len(chunk) for chunk in read_csv_chunks(input_path, encoding, 50000, sep=input_sep))))
+    header = read_csv(input_path, encoding, nrows=0, sep=input_sep)
     column = find_column(header.columns, TEXT_COLUMN_NAMES, text_column, "text", "--text-column")
     model = load_model(model_path)
+    class_names = model_class_names(model)
+    threshold = checked_threshold(threshold, class_names)
     import keras
 
     progress = keras.utils.Progbar(total_rows, unit_name="review") if total_rows else None
     done = 0
     with atomic_path(output_path) as temporary:
-        for index, chunk in enumerate(read_csv_chunks(input_path, encoding, chunk_rows)):
+        for index, chunk in enumerate(read_csv_chunks(input_path, encoding, chunk_rows, sep=input_sep)):
             texts = chunk[column].fillna("").astype(str)
-            present = texts.str.strip() != ""
-            probabilities = np.full(len(chunk), np.nan)
-            probabilities[present.to_numpy()] = predict_strings(model, texts[present].tolist())
-            chunk["predicted_sentiment"] = ["" if np.isnan(p) else label_for(p, threshold) for p in probabilities]
-            chunk["probability_positive"] = np.round(probabilities, 4)
-            chunk.to_csv(temporary, mode="w" if index == 0 else "a", header=index == 0, index=False)
+            present = (texts.str.strip() != "").to_numpy()
+            probabilities = predict_strings(model, texts[present].tolist())
+            for name, values in prediction_columns(probabilities, present, class_names, threshold).items():
+                chunk[name] = values
+            chunk.to_csv(temporary, mode="w" if index == 0 else "a", header=index == 0, index=False, sep=output_sep)
             done += len(chunk)
             if progress is not None:
                 progress.update(done)
@@ -1485,7 +1782,7 @@ def predict_csv_command(model_path: Path, input_path: Path, output_path: Path, t
 
 
 def run_predict(args: argparse.Namespace) -> None:
-    if not 0 < args.threshold < 1:
+    if args.threshold is not None and not 0 < args.threshold < 1:
         raise UserError(f"--threshold must be between 0 and 1 (got {args.threshold})")
     model_path = Path(args.model)
     check_model_file(model_path)  # Before reading any input, which can be a large CSV.
@@ -1494,7 +1791,8 @@ def run_predict(args: argparse.Namespace) -> None:
             raise UserError("give either texts or --input, not both")
         if not args.output:
             raise UserError("--input needs --output (the CSV to write)")
-        predict_csv_command(model_path, Path(args.input), Path(args.output), args.text_column, args.threshold)
+        predict_csv_command(model_path, Path(args.input), Path(args.output), args.text_column, args.threshold,
+                            args.sep)
         return
     if args.output:
         raise UserError("--output goes with --input")
@@ -1503,7 +1801,8 @@ def run_predict(args: argparse.Namespace) -> None:
         texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not texts:
         raise UserError("nothing to predict: give texts, '-' for standard input, or --input FILE --output FILE")
-    predict_texts_command(model_path, texts, args.threshold)
+    model = load_model(model_path)
+    predict_texts_command(model, texts, checked_threshold(args.threshold, model_class_names(model)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1554,15 +1853,19 @@ def build_train_parser() -> argparse.ArgumentParser:
 def build_predict_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sentiment_analysis.py predict", allow_abbrev=False,
-        description="Label new reviews with a trained model. Prints label, probability of positive and the text "
-                    "for each text given (or each line of standard input with '-'), or scores a CSV.")
+        description="Label new texts with a trained model. Prints the predicted class, its probability (for a "
+                    "two-class model: the positive class's probability) and the text for each text given (or "
+                    "each line of standard input with '-'), or scores a CSV.")
     parser.add_argument("texts", nargs="*", help="reviews to label; '-' reads one review per line from stdin")
     parser.add_argument("--model", default="outputs/model.keras", help="saved model (default: %(default)s)")
     parser.add_argument("--input", help="CSV file of reviews to score")
     parser.add_argument("--output", help="CSV file to write (with --input): input columns plus predictions")
     parser.add_argument("--text-column", help="text column of --input (default: reviews, review or text)")
-    parser.add_argument("--threshold", type=float, default=DECISION_THRESHOLD,
-                        help="probability at or above which a review is positive (default: %(default)s)")
+    parser.add_argument("--threshold", type=float,
+                        help="two-class models: probability at or above which a text gets the positive class "
+                             f"(default: {DECISION_THRESHOLD})")
+    parser.add_argument("--sep", help="column separator of --input and --output: a character, or tab "
+                                      "(default: tab for .tsv files, else a comma)")
     return parser
 
 

@@ -33,9 +33,10 @@ BAD_FILES = {
     "header_only": ("reviews,sentiment\n", "no rows"),
     "no_text_column": ("title,sentiment\nGreat,positive\nBad,negative\n", "'title'"),
     "no_label_column": ("reviews,stars\nGreat film,5\nBad film,1\n", "'stars'"),
-    "three_labels": ("reviews,sentiment\na,positive\nb,negative\nc,neutral\n", "neutral"),
+    "class_too_small": ("reviews,sentiment\n" + "".join(f"r{i},{'good' if i % 2 else 'bad'}\n" for i in range(12))
+                        + "r12,meh\n", "'meh' (1 rows)"),
+    "too_many_classes": ("reviews,sentiment\n" + "".join(f"r{i},class{i}\n" for i in range(101)), "101 label values"),
     "one_label": ("reviews,sentiment\na,positive\nb,positive\nc, Positive \n", "only one label"),
-    "unknown_labels": ("reviews,sentiment\na,good\nb,bad\n", "not understood"),
     "too_few_rows": ("reviews,sentiment\na,positive\nb,negative\nc,positive\nd,negative\n", "too few"),
     "not_csv": ('reviews,sentiment\n"unclosed quote,positive\nb,negative\n', "could not parse"),
 }
@@ -52,10 +53,10 @@ def test_bad_csv_is_refused_before_training(tmp_path, case):
 
 def test_bad_input_in_a_subprocess_is_one_line_without_tensorflow(tmp_path):
     """The promise as a user sees it: one line, no traceback, within seconds, before TensorFlow is imported."""
-    data = write_csv(tmp_path / "labels.csv", BAD_FILES["unknown_labels"][0])
+    data = write_csv(tmp_path / "labels.csv", BAD_FILES["one_label"][0])
     started = time.perf_counter()
     result = run_script("--data", data, "--output-dir", tmp_path / "out", env_extra={"PYTHONVERBOSE": "1"})
-    assert_user_error(result, "not understood")
+    assert_user_error(result, "only one label")
     assert time.perf_counter() - started < 60
     assert "import 'tensorflow'" not in result.stderr
 
@@ -72,9 +73,10 @@ def test_listing_of_found_columns_and_labels(tmp_path):
     data = write_csv(tmp_path / "cols.csv", "Title,Score\nx,1\n")
     line = assert_user_error(run_main("--data", data, "--output-dir", tmp_path / "out"))
     assert "'Title'" in line and "'Score'" in line and "--text-column" in line
-    data = write_csv(tmp_path / "labels.csv", "text,label\na,x\nb,y\nc,z\n")
+    rows = "".join(f"t{i},{label}\n" for i, label in enumerate(["x"] * 10 + ["y"] * 10 + ["z", "w", "w"]))
+    data = write_csv(tmp_path / "labels.csv", "text,label\n" + rows)
     line = assert_user_error(run_main("--data", data, "--output-dir", tmp_path / "out"))
-    assert "'x'" in line and "'y'" in line and "'z'" in line
+    assert "'z' (1 rows)" in line and "'w' (2 rows)" in line and "'x'" not in line
 
 
 def test_unwritable_output_directory(tmp_path):
@@ -153,7 +155,9 @@ def test_every_field_of_the_config_has_a_flag_parser():
     (["1.0", "0.0"], [1, 0]),
 ])
 def test_label_variants(raw, expected):
-    assert sa.encode_labels(pd.Series(raw * 2)).tolist() == expected * 2
+    encoded, classes = sa.encode_labels(pd.Series(raw * 2))
+    assert encoded.tolist() == expected * 2
+    assert classes.names == ("negative", "positive")
 
 
 def test_columns_found_case_insensitively_or_by_flag():
@@ -198,7 +202,7 @@ def test_latin1_file_is_read_with_a_warning(tmp_path, capsys):
 
 
 def test_split_is_stratified_and_repeatable():
-    data = sa.LabelledTexts(np.array([f"review {i}" for i in range(200)], dtype=object), np.array([0, 1] * 100))
+    data = sa.LoadedData(np.array([f"review {i}" for i in range(200)], dtype=object), np.array([0, 1] * 100))
     config = sa.TrainConfig(seed=3)
     first, second = sa.split_dataset(data, config), sa.split_dataset(data, config)
     for name in ("train", "validation", "test"):

@@ -75,8 +75,8 @@ def test_length_sorted_scoring_matches_the_saved_model_row_by_row():
     vectorizer = sa.make_vectorizer(texts, config)
     classifier = sa.build_classifier(config, len(vectorizer.get_vocabulary()))
     by_ids = sa.predict_token_ids(classifier, sa.vectorize(vectorizer, texts), batch_size=7)
-    by_text = sa.predict_strings(sa.export_model(vectorizer, classifier), list(texts))
-    assert by_ids.shape == by_text.shape == (len(texts),)
+    by_text = sa.predict_strings(sa.export_model(vectorizer, classifier, sa.CLASS_NAMES), list(texts))
+    assert by_ids.shape == by_text.shape == (len(texts), 2)
     assert np.ptp(by_ids) > 0, "a model that scores every review alike would prove nothing"
     np.testing.assert_allclose(by_ids, by_text, atol=1e-5)
 
@@ -155,7 +155,7 @@ def test_a_run_chooses_the_blend_weight_on_the_validation_split(tmp_path):
     neural = sa.predict_strings(blend.get_layer("sentiment_model"), list(validation.texts))
     text = tf.reshape(tf.constant(list(validation.texts)), (-1, 1))
     scorer, ngram_ids = blend.get_layer("tfidf_logistic"), blend.get_layer("ngram_ids")
-    baseline = np.asarray(scorer(ngram_ids(text)), dtype=np.float64).reshape(-1)
+    baseline = sa.class_probabilities(scorer(ngram_ids(text)))
     weight = sa.choose_blend_weight(validation.labels, neural, baseline)
     assert metrics["blend_weight"] == weight
     blended = sa.blend_probabilities(weight, neural, baseline)

@@ -35,6 +35,15 @@ def test_metrics_json_is_complete(trained_dir):
     metrics = json.loads((trained_dir / "metrics.json").read_text())
     rows = pd.read_csv(TINY_CSV)
     assert metrics["model"] == "lstm"
+    # The binary IMDB run keeps its names: the positive class's figures, plus every class's own.
+    assert metrics["classes"] == ["negative", "positive"]
+    assert list(metrics["test"]) == ["accuracy", "precision", "recall", "f1", "roc_auc", "confusion_matrix",
+                                     "threshold", "per_class"]
+    assert set(metrics["test"]["per_class"]) == {"negative", "positive"}
+    assert metrics["test"]["per_class"]["positive"]["recall"] == metrics["test"]["recall"]
+    assert metrics["data"]["positive"] + metrics["data"]["negative"] == metrics["data"]["rows_used"]
+    assert metrics["data"]["classes"] == {"negative": metrics["data"]["negative"],
+                                          "positive": metrics["data"]["positive"]}
     test_rows = check_scores(metrics["test"])
     check_scores(metrics["baseline"])
     data = metrics["data"]
@@ -129,13 +138,15 @@ def test_exported_blend_scores_exactly_like_scikit_learn(tmp_path):
     texts, labels = rows["reviews"].to_numpy(object), (rows["sentiment"] == "positive").to_numpy(int)
     config = sa.TrainConfig(vocab_size=500, max_length=50, baseline_ngrams=3)
     baseline = sa.fit_baseline(sa.standardized_strings(texts[:150]), labels[:150], config)
-    expected = baseline.predict_proba(sa.standardized_strings(texts[150:]))[:, 1]
+    expected = baseline.predict_proba(sa.standardized_strings(texts[150:]))
     vectorizer = sa.make_vectorizer(texts[:150], config)
-    neural = sa.export_model(vectorizer, sa.build_classifier(config, len(vectorizer.get_vocabulary())))
-    sa.save_model(sa.export_blend(neural, baseline, 0.0), tmp_path / "blend.keras")
+    neural = sa.export_model(vectorizer, sa.build_classifier(config, len(vectorizer.get_vocabulary())),
+                             sa.CLASS_NAMES)
+    sa.save_model(sa.export_blend(neural, baseline, 0.0, sa.CLASS_NAMES), tmp_path / "blend.keras")
     loaded = sa.load_model(tmp_path / "blend.keras")
     np.testing.assert_allclose(sa.predict_strings(loaded, list(texts[150:])), expected, atol=1e-5)
-    half = sa.export_blend(neural, baseline, 0.5)
+    assert sa.model_class_names(loaded) == sa.CLASS_NAMES
+    half = sa.export_blend(neural, baseline, 0.5, sa.CLASS_NAMES)
     neural_part = sa.predict_strings(neural, list(texts[150:]))
     np.testing.assert_allclose(sa.predict_strings(half, list(texts[150:])), 0.5 * neural_part + 0.5 * expected,
                                atol=1e-5)
@@ -147,7 +158,7 @@ def test_blend_weight_is_chosen_on_validation_data():
     import sentiment_analysis as sa
 
     labels = np.array([0, 1] * 50)
-    good, noise = labels * 0.8 + 0.1, np.full(100, 0.5)
+    good, noise = sa.class_probabilities(labels * 0.8 + 0.1), sa.class_probabilities(np.full(100, 0.5))
     assert sa.choose_blend_weight(labels, good, noise) == 1.0
     assert sa.choose_blend_weight(labels, noise, good) == 0.0
 
