@@ -640,9 +640,10 @@ def predict_token_ids(classifier, token_ids, batch_size: int = 512) -> np.ndarra
     """Class probabilities (reviews, classes) in input order; sorting by length first keeps padding small."""
     lengths = np.count_nonzero(token_ids, axis=1)
     order = np.argsort(lengths, kind="stable")
-    sorted_output = classifier.predict(make_inference_dataset(token_ids[order], batch_size), verbose=0)
-    probabilities = np.empty_like(class_probabilities(sorted_output))
-    probabilities[order] = class_probabilities(sorted_output)
+    sorted_probabilities = class_probabilities(
+        classifier.predict(make_inference_dataset(token_ids[order], batch_size), verbose=0))
+    probabilities = np.empty_like(sorted_probabilities)
+    probabilities[order] = sorted_probabilities
     return probabilities
 
 

@@ -223,3 +223,16 @@ def test_cut_reviews_are_counted(tmp_path):
     result = run_main("--data", data, "--output-dir", tmp_path, *TINY_FLAGS, "--max-length", "50", "--no-baseline")
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((tmp_path / "metrics.json").read_text())["data"]["longer_than_max_length"] == 10
+
+
+def test_a_model_file_without_class_names_is_read_as_negative_positive():
+    """Model files written before the class names were saved still predict, with the names they meant."""
+    import keras
+
+    text = keras.Input(shape=(1,), dtype="string")
+    vectorizer = keras.layers.TextVectorization(max_tokens=20, standardize=sa.standardize_text)
+    vectorizer.adapt(["good film", "bad film"])
+    classifier = sa.build_classifier(sa.TrainConfig(embedding_dim=4, units=2), 20)
+    old_style = keras.Model(text, classifier(vectorizer(text)))
+    assert sa.model_class_names(old_style) == ("negative", "positive")
+    assert sa.predict_strings(old_style, ["good"]).shape == (1, 2)
