@@ -6,16 +6,19 @@ Run it:
     python sentiment_analysis.py --preset best            # the strongest recipe measured (see README)
     python sentiment_analysis.py predict "A wonderful film." "Two hours I will never get back."
     python sentiment_analysis.py predict --input my_reviews.csv --output predictions.csv
+    python sentiment_analysis.py --data tweets.tsv --label-column airline_sentiment   # your own labels
     TF_CONFIG='{"cluster": ...}' python sentiment_analysis.py    # one worker of a cluster (see the README)
 
 The default model is the design card's: Embedding(vocab, 128) -> SpatialDropout1D(0.2) -> LSTM(100) ->
 Dense(1, sigmoid), its embedding started from Word2Vec vectors trained on the training split. Everything else
-(other architectures, random embeddings, the blend with the TF-IDF baseline) is an option on top of it.
+(other architectures, random embeddings, the blend with the TF-IDF baseline) is an option on top of it. Labels
+of other names train the same model; three or more classes end in Dense(classes, softmax).
 Outputs land in --output-dir (default outputs/): model.keras (takes raw strings),
 metrics.json, classification_report.txt, history.csv, errors.csv and three figures.
 
 How to read this file: it runs from the bottom up. Each section defines what the sections below it use, in
-the order a run needs it: configuration -> files -> data -> tokens -> model -> baseline and blend ->
+the order a run needs it: configuration -> files -> data -> tokens -> Keras pieces saved in the model file ->
+model -> baseline and blend ->
 devices -> training loop -> evaluation -> figures -> the training run (`run_training`, the story of a run,
 stage by stage) -> prediction -> command line (`main`).
 """
@@ -55,7 +58,8 @@ MIN_ROWS = 10
 MAX_CLASSES = 100
 MIN_CLASS_ROWS = 3  # one for each of the training, validation and test splits
 SMALL_CLASS_SHARE = 0.2  # a smaller class than this share of the rows is pointed out
-# A review is called positive when its probability of positive is at least this (predict --threshold aside).
+# With two classes, a review gets the positive class when that class's probability is at least this
+# (predict --threshold aside); with more, it gets the most probable class.
 DECISION_THRESHOLD = 0.5
 
 
@@ -383,7 +387,7 @@ def encode_labels(labels: pd.Series, positive_label: str | None = None) -> tuple
 @dataclass
 class LabelledTexts:
     texts: np.ndarray   # object array of str
-    labels: np.ndarray  # int32, 1 for positive
+    labels: np.ndarray  # int32 class indices (with two classes, 1 is the positive one)
 
 
 @dataclass
