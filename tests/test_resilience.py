@@ -128,8 +128,13 @@ def test_a_damaged_training_state_is_one_line_suggesting_fresh(tmp_path, damage)
         assert result.returncode == 0, result.stderr[-3000:]
 
 
+# Far more epochs than the test waits for, of many small batches: the run is surely still training when Ctrl-C
+# comes (with LONG_RUN's few short epochs it could finish first on a fast machine).
+CTRL_C_RUN = [*TINY_FLAGS, "--no-baseline", "--epochs", "60", "--patience", "60", "--batch-size", "4"]
+
+
 def test_ctrl_c_keeps_the_best_weights_and_still_reports(tmp_path):
-    process = start_training(tmp_path, LONG_RUN)
+    process = start_training(tmp_path, CTRL_C_RUN)
     wait_for_first_epoch(process, tmp_path)
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=240)
@@ -137,7 +142,7 @@ def test_ctrl_c_keeps_the_best_weights_and_still_reports(tmp_path):
     assert "Interrupted" in stderr and "Traceback" not in stderr
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["training"]["interrupted"] is True
-    assert 1 <= metrics["training"]["epochs_run"] < 8
+    assert 1 <= metrics["training"]["epochs_run"] < 60
     for name in ("model.keras", "roc_curve.png", "confusion_matrix.png", "training_history.png", "errors.csv"):
         assert (tmp_path / name).is_file()
     assert (tmp_path / "training_state" / "state.json").is_file(), "kept so the same command continues"
