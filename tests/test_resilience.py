@@ -22,7 +22,10 @@ def start_training(output_dir, flags, env_extra=None):
     env = {key: value for key, value in os.environ.items() if key not in ("DISPLAY", "TF_CONFIG")}
     env.update(env_extra or {})
     command = [sys.executable, str(SCRIPT), "--data", str(TINY_CSV), "--output-dir", str(output_dir), *flags]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # A shell without job control starts background commands with SIGINT ignored, and the child would inherit
+    # that (Python then never raises KeyboardInterrupt): give the run the default, as a terminal would.
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for_first_epoch(process, output_dir, timeout=240):
