@@ -29,6 +29,9 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import html
+import importlib.abc
+import importlib.util
 import json
 import math
 import os
@@ -212,6 +215,23 @@ def save_figure(figure, path: Path) -> None:
 def save_model(model, path: Path) -> None:
     with atomic_path(path) as temporary:
         model.save(temporary)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: Path):
+    """Yield a temporary directory next to `path`; on success it replaces `path` (and whatever was there)."""
+    temporary = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    shutil.rmtree(temporary, ignore_errors=True)
+    try:
+        yield temporary
+        path.parent.mkdir(parents=True, exist_ok=True)
+        old = path.with_name(f".old-{os.getpid()}-{path.name}")
+        if path.exists():
+            os.replace(path, old)
+        os.replace(temporary, path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
 
 
 def prepare_output_dir(path: Path) -> Path:
@@ -744,23 +764,35 @@ def prepare_inputs(splits: DataSplits, config: TrainConfig, replicas: int, num_c
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Keras pieces that live inside the saved model file (defined on first use, so importing this file stays light)
+# Keras pieces that live inside the saved model file. Defined and registered with Keras the moment Keras is
+# first imported (by this script or by anyone), so importing this file stays light and a model file still loads
+# with plain keras.models.load_model after `import sentiment_analysis`.
 # ----------------------------------------------------------------------------------------------------------
+
+
+def blend_probabilities(weight: float, neural, baseline):
+    """The blend: weight * neural + (1 - weight) * baseline. Works on NumPy arrays and on Keras tensors alike,
+    so the reported blend and the saved one are the same formula."""
+    return weight * neural + (1 - weight) * baseline
 
 
 @functools.cache
 def custom_layers() -> dict:
-    """The script's own Keras layer classes by name: what keras.models.load_model needs to read a model file.
+    """The script's own Keras layer classes by name, registered with Keras' serialization registry (as is the
+    standardizer) so that keras.models.load_model finds them by their saved names.
 
     TfidfLogistic scores like the fitted baseline. Input: n-gram ids from a TextVectorization layer whose
     vocabulary is the baseline's (0 is padding, 1 is out of vocabulary). Output: the logistic regression's
     probabilities, computed as scikit-learn does: (1 + log count) * idf, L2-normalized per review, dot the
     coefficients, plus the intercept; a sigmoid for two classes (one column), a softmax for more.
 
-    ClassNames passes the probabilities through unchanged and keeps the class names in the model file, so that
-    predict needs nothing else."""
+    WeightedBlend mixes the neural model's and the baseline's probabilities, keeping its weight in the file (for
+    --explain). ClassNames passes the probabilities through unchanged and keeps the class names in the model
+    file, so that predict needs nothing else."""
     import keras
     import tensorflow as tf
+
+    keras.saving.register_keras_serializable(package="sentiment_analysis")(standardize_text)
 
     @keras.saving.register_keras_serializable(package="sentiment_analysis")
     class TfidfLogistic(keras.layers.Layer):
@@ -813,7 +845,49 @@ def custom_layers() -> dict:
         def get_config(self):
             return {**super().get_config(), "names": self.names}
 
-    return {"TfidfLogistic": TfidfLogistic, "ClassNames": ClassNames}
+    @keras.saving.register_keras_serializable(package="sentiment_analysis")
+    class WeightedBlend(keras.layers.Layer):
+        def __init__(self, weight, **kwargs):
+            super().__init__(**kwargs)
+            self.weight = float(weight)
+
+        def call(self, inputs):
+            neural, baseline = inputs
+            return blend_probabilities(self.weight, neural, baseline)
+
+        def compute_output_shape(self, input_shapes):
+            return input_shapes[0]
+
+        def get_config(self):
+            return {**super().get_config(), "weight": self.weight}
+
+    return {"TfidfLogistic": TfidfLogistic, "ClassNames": ClassNames, "WeightedBlend": WeightedBlend}
+
+
+class RegisterWhenKerasLoads(importlib.abc.MetaPathFinder):
+    """An import hook that waits for the first `import keras` in this process, lets it run, then registers the
+    layers above. (Importing Keras takes seconds; this file must import in a blink for --help and its errors.)"""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "keras":
+            return None
+        sys.meta_path.remove(self)  # Once is enough; and find_spec below must not find this hook again.
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            load_keras = spec.loader.exec_module
+
+            def load_keras_then_register(module):
+                load_keras(module)
+                custom_layers()
+
+            spec.loader.exec_module = load_keras_then_register
+        return spec
+
+
+if "keras" in sys.modules:
+    custom_layers()
+elif not any(isinstance(hook, RegisterWhenKerasLoads) for hook in sys.meta_path):
+    sys.meta_path.insert(0, RegisterWhenKerasLoads())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -895,6 +969,33 @@ def export_model(vectorizer, classifier, class_names):
     return keras.Model(text, probabilities, name="sentiment_model")
 
 
+def export_saved_model(model, directory: Path, class_names) -> None:
+    """Write `model` as a TensorFlow SavedModel for serving (TensorFlow Serving, or tf.saved_model.load). Its
+    serving_default signature takes `texts`, a 1-D string tensor of raw texts, and returns `probabilities`
+    (texts, classes) in the order of `class_names`, and `label`, each text's predicted class name. The text
+    cleaning, the tokenizer and (in a blend) the baseline are inside the graph: nothing else is needed."""
+    import keras
+    import tensorflow as tf
+
+    names = tf.constant(list(class_names))
+
+    def serve(texts):
+        probabilities = model(tf.reshape(texts, (-1, 1)), training=False)
+        if len(class_names) == 2:
+            probabilities = tf.concat([1 - probabilities, probabilities], axis=1)
+            predicted = tf.cast(probabilities[:, 1] >= DECISION_THRESHOLD, tf.int32)
+        else:
+            predicted = tf.argmax(probabilities, axis=1, output_type=tf.int32)
+        return {"probabilities": probabilities, "label": tf.gather(names, predicted)}
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serving_default", serve,
+                         input_signature=[tf.TensorSpec(shape=(None,), dtype=tf.string, name="texts")])
+    with atomic_directory(directory) as temporary, contextlib.redirect_stdout(sys.stderr):
+        archive.write_out(str(temporary), verbose=False)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Baseline: TF-IDF of word unigrams and bigrams with logistic regression; and its blend with the neural model
 # ----------------------------------------------------------------------------------------------------------
@@ -926,12 +1027,6 @@ def baseline_probabilities(baseline, texts) -> np.ndarray:
     return baseline.predict_proba(standardized_strings(texts))
 
 
-def blend_probabilities(weight: float, neural, baseline):
-    """The blend: weight * neural + (1 - weight) * baseline. Works on NumPy arrays and on Keras tensors alike,
-    so the reported blend and the saved one are the same formula."""
-    return weight * neural + (1 - weight) * baseline
-
-
 def export_blend(neural_model, baseline, weight: float, class_names):
     """One model from raw strings to the blended probabilities, the baseline and the class names inside it."""
     import keras
@@ -954,7 +1049,7 @@ def export_blend(neural_model, baseline, weight: float, class_names):
                         np.concatenate([np.zeros((2, *coef.shape[1:])), coef]).astype(np.float32),
                         np.asarray(intercept, dtype=np.float32)])
     text = keras.Input(shape=(1,), dtype="string", name="text")
-    blended = blend_probabilities(weight, neural_model(text), scorer(ngram_ids(text)))
+    blended = custom_layers()["WeightedBlend"](weight, name="blend")([neural_model(text), scorer(ngram_ids(text))])
     probabilities = custom_layers()["ClassNames"](class_names, name="class_names")(blended)
     return keras.Model(text, probabilities, name="blended_sentiment_model")
 
@@ -1160,8 +1255,9 @@ def make_step_functions(classifier, optimizer, strategy, class_weights: np.ndarr
     return on_all_replicas(train_batch), on_all_replicas(validation_batch)
 
 
-def run_epoch(step, dataset, steps: int, progress=None) -> dict:
-    """Run `step` over one pass of the distributed dataset; the mean loss and accuracy per review."""
+def run_epoch(step, dataset, steps: int, progress=None, on_batch=None) -> dict:
+    """Run `step` over one pass of the distributed dataset; the mean loss and accuracy per review.
+    `on_batch(index, mean loss of the batch)` is told of each batch."""
     loss, correct, count = 0.0, 0.0, 0.0
     iterator = iter(dataset)
     for index in range(steps):
@@ -1169,7 +1265,48 @@ def run_epoch(step, dataset, steps: int, progress=None) -> dict:
         loss, correct, count = loss + batch_loss, correct + batch_correct, count + batch_count
         if progress:
             progress.update(index + 1, [("loss", loss / count), ("accuracy", correct / count)], finalize=False)
+        if on_batch:
+            on_batch(index, batch_loss / max(batch_count, 1.0))
     return {"loss": loss / count, "accuracy": correct / count}
+
+
+class TrainingLog:
+    """TensorBoard summaries of training in LOG_DIR/train and LOG_DIR/validation, named as Keras' TensorBoard
+    callback names them (which the custom loop cannot use): epoch_loss, epoch_accuracy and
+    epoch_learning_rate at each epoch's number, and batch_loss every BATCH_EVERY steps at the global step. A
+    resumed run adds a new event file to the same directories and goes on from the epoch it resumes after.
+    Without a directory (a worker other than the chief) it writes nothing."""
+    BATCH_EVERY = 25
+
+    def __init__(self, log_dir: Path | None):
+        import tensorflow as tf
+
+        self.tf = tf
+        if log_dir is None:
+            self.train = self.validation = tf.summary.create_noop_writer()
+        else:
+            self.train = tf.summary.create_file_writer(str(log_dir / "train"))
+            self.validation = tf.summary.create_file_writer(str(log_dir / "validation"))
+
+    def batch(self, global_step: int, loss: float) -> None:
+        if global_step % self.BATCH_EVERY == 0:
+            with self.train.as_default():
+                self.tf.summary.scalar("batch_loss", loss, step=global_step)
+
+    def epoch(self, epoch: int, scores: dict, learning_rate: float) -> None:
+        with self.train.as_default():
+            self.tf.summary.scalar("epoch_loss", scores["loss"], step=epoch)
+            self.tf.summary.scalar("epoch_accuracy", scores["accuracy"], step=epoch)
+            self.tf.summary.scalar("epoch_learning_rate", learning_rate, step=epoch)
+        with self.validation.as_default():
+            self.tf.summary.scalar("epoch_loss", scores["val_loss"], step=epoch)
+            self.tf.summary.scalar("epoch_accuracy", scores["val_accuracy"], step=epoch)
+        self.train.flush()
+        self.validation.flush()
+
+    def close(self) -> None:
+        self.train.close()
+        self.validation.close()
 
 
 HISTORY_NAMES = ("loss", "accuracy", "val_loss", "val_accuracy")
@@ -1270,9 +1407,10 @@ class TrainingResult:
 
 
 def train(classifier, optimizer, strategy, inputs: PreparedInputs, config: TrainConfig, state_dir: Path,
-          saved: TrainingState | None, multi_worker: bool) -> TrainingResult:
+          saved: TrainingState | None, multi_worker: bool, log_dir: Path | None = None) -> TrainingResult:
     """Train with early stopping on validation loss and keep the best weights; save the training state after
-    every epoch so that a crashed run continues; on Ctrl-C stop and keep the best weights so far.
+    every epoch so that a crashed run continues; on Ctrl-C stop and keep the best weights so far. With
+    `log_dir`, log the curves for TensorBoard there.
 
     One loop for every setup: the strategy runs each step on its replicas, whether that is this CPU, several
     GPUs or the workers of a cluster. Not Keras' fit(): in Keras 3.15 it fails under
@@ -1291,6 +1429,9 @@ def train(classifier, optimizer, strategy, inputs: PreparedInputs, config: Train
     if multi_worker:
         check_workers_agree(strategy, state.epoch)
     resumed_after_epoch, interrupted = state.epoch, False
+    if log_dir is not None and not saved:
+        shutil.rmtree(log_dir, ignore_errors=True)  # A new run's curves replace the last run's, as its files do.
+    log = TrainingLog(log_dir)
     try:
         while state.epoch < config.epochs and state.wait < config.patience:
             print(f"Epoch {state.epoch + 1}/{config.epochs}")
@@ -1298,11 +1439,14 @@ def train(classifier, optimizer, strategy, inputs: PreparedInputs, config: Train
             bar = keras.utils.Progbar(inputs.steps_per_epoch, verbose=1 if sys.stdout.isatty() else 2,
                                       stateful_metrics=HISTORY_NAMES)
             train_batches = strategy.experimental_distribute_dataset(inputs.training_batches(state.epoch))
-            scores = run_epoch(train_step, train_batches, inputs.steps_per_epoch, bar)
+            first_step = state.epoch * inputs.steps_per_epoch
+            scores = run_epoch(train_step, train_batches, inputs.steps_per_epoch, bar,
+                               on_batch=lambda index, loss: log.batch(first_step + index + 1, loss))
             validation = run_epoch(validation_step, validation_batches, inputs.validation_steps)
             scores.update({f"val_{name}": value for name, value in validation.items()})
             bar.update(inputs.steps_per_epoch, list(scores.items()), finalize=True)
             state.epoch += 1
+            log.epoch(state.epoch, scores, float(optimizer.learning_rate))
             state.epoch_seconds.append(time.perf_counter() - started)
             for name in HISTORY_NAMES:
                 state.history.setdefault(name, []).append(scores[name])
@@ -1326,6 +1470,8 @@ def train(classifier, optimizer, strategy, inputs: PreparedInputs, config: Train
         raise UserError(f"another worker of the cluster stopped during epoch {state.epoch + 1}; every "
                         "worker's state after the last whole epoch is saved: start all workers again with the "
                         "same command to resume") from None
+    finally:
+        log.close()
     if state.best_weights is not None:
         print(f"Keeping the weights of epoch {state.best_epoch}, the lowest validation loss")
         classifier.set_weights(state.best_weights)
@@ -1548,6 +1694,7 @@ def write_outputs(output_dir: Path, model, evaluation: Evaluation, history: dict
         matplotlib.use("Agg")
     primary = evaluation.primary
     save_model(model, output_dir / "model.keras")
+    export_saved_model(model, output_dir / "saved_model" / "1", evaluation.class_names)
     write_text(output_dir / "classification_report.txt",
                f"Test set, model: {primary}\n\n{evaluation.classification_report}\n{evaluation.table}\n")
     history_frame = pd.DataFrame(history)
@@ -1637,7 +1784,8 @@ def run_training(config: TrainConfig) -> TrainingResult:
     classifier, optimizer = build_model_and_optimizer(config, inputs, len(class_names), strategy)
     with clock.timed("train_s"):
         training = train(classifier, optimizer, strategy, inputs, config, setup.state_dir, setup.saved_state,
-                         multi_worker=setup.role is not None)
+                         multi_worker=setup.role is not None,
+                         log_dir=setup.output_dir / "tensorboard" if setup.writes_outputs else None)
     clock.record("epoch_s", training.epoch_seconds)
     if not setup.writes_outputs:
         print("Training done; the chief writes the model and the reports.")
@@ -1672,8 +1820,9 @@ def load_model(path: Path):
     import keras
 
     try:
-        custom_objects = {"standardize_text": standardize_text, **custom_layers()}
-        return keras.models.load_model(path, custom_objects=custom_objects, compile=False)
+        # The layers are registered with Keras (see custom_layers); files saved before the standardizer was
+        # registered name it plainly.
+        return keras.models.load_model(path, custom_objects={"standardize_text": standardize_text}, compile=False)
     except Exception as error:  # Keras raises many types for a corrupt or foreign file.
         raise UserError(f"could not load the model {path}: {str(error).splitlines()[0][:200]}") from None
 
