@@ -1686,8 +1686,9 @@ def show_figures(show: bool) -> None:
 
 
 def write_outputs(output_dir: Path, model, evaluation: Evaluation, history: dict, test: LabelledTexts,
-                  show: bool) -> None:
-    """Save the model, the reports and the figures, each file whole (metrics.json comes after, last)."""
+                  show: bool) -> tuple[pd.DataFrame, dict[str, Path]]:
+    """Save the model (model.keras and saved_model/1/), the reports and the figures, each file whole
+    (report.html and metrics.json come after, last). Returns the confident errors and the figures' paths."""
     import matplotlib
 
     if not show:
@@ -1700,8 +1701,8 @@ def write_outputs(output_dir: Path, model, evaluation: Evaluation, history: dict
     history_frame = pd.DataFrame(history)
     history_frame.insert(0, "epoch", np.arange(1, len(history_frame) + 1))
     write_csv(output_dir / "history.csv", history_frame)
-    write_csv(output_dir / "errors.csv", confident_errors(test.texts, test.labels, evaluation.probabilities[primary],
-                                                          evaluation.class_names))
+    errors = confident_errors(test.texts, test.labels, evaluation.probabilities[primary], evaluation.class_names)
+    write_csv(output_dir / "errors.csv", errors)
     figures = {
         "confusion_matrix.png": plot_confusion_matrix(evaluation.scores[primary]["confusion_matrix"],
                                                       evaluation.class_names, f"Confusion matrix ({primary}, test set)"),
@@ -1710,6 +1711,357 @@ def write_outputs(output_dir: Path, model, evaluation: Evaluation, history: dict
     }
     for name, figure in figures.items():
         save_figure(figure, output_dir / name)
+    return errors, {name: output_dir / name for name in figures}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Explanations: how much each word of a text pushed the prediction, for predict --explain and the report
+# ----------------------------------------------------------------------------------------------------------
+
+EXPLAIN_STEPS = 32  # integrated-gradients steps from the all-zero embedding to the text's own
+
+
+@dataclass
+class Explanation:
+    """Each word's push on one prediction, in probability units: positive scores push towards `towards` (the
+    positive class of two, else the predicted class). With the neural model alone they add up to about
+    p(text) - p(all-zero embeddings); the baseline's to exactly p(text) - p(empty text); a blend's are the
+    blend-weighted sum of the two."""
+    words: list[str]       # the text as the model reads it: standardized, split on spaces
+    scores: np.ndarray     # one per word
+    towards: str           # the class the scores are about
+
+
+@dataclass
+class Explainer:
+    """The parts of a saved model that an explanation needs, found by their layer names."""
+    vectorizer: object            # the neural model's TextVectorization
+    classifier: object            # token ids -> probabilities
+    class_names: tuple[str, ...]
+    gradients: object             # tf.function: (embedding vectors, target class) -> integrated gradients
+    neural_weight: float = 1.0    # the blend's weight of the neural model (1 without a baseline)
+    ngram_index: dict | None = None   # the baseline's n-gram -> id (None without a baseline)
+    ngram_lengths: int = 0
+    idf: np.ndarray | None = None
+    coef: np.ndarray | None = None
+    intercept: np.ndarray | None = None
+
+
+def model_layers(model) -> dict:
+    """Every layer of a model by name, the layers of models inside it included (the outer name wins)."""
+    found = {}
+
+    def walk(layer):
+        found.setdefault(layer.name, layer)
+        for inner in getattr(layer, "layers", []):
+            walk(inner)
+
+    walk(model)
+    return found
+
+
+def integrated_gradients_function(classifier):
+    """A compiled function: integrated gradients of the classifier's probability of one class with respect to
+    the embedding vectors of one text, from all-zero vectors (Sundararajan et al., 2017; the method of
+    TensorFlow's integrated-gradients tutorial), summed over each vector: one attribution per token."""
+    import keras
+    import tensorflow as tf
+
+    def probabilities_from_vectors(vectors):
+        mask = tf.ones(tf.shape(vectors)[:2], dtype=tf.bool)
+        x = vectors
+        for layer in classifier.layers:
+            if isinstance(layer, keras.layers.InputLayer) or layer.name == "embedding":
+                continue
+            recurrent = isinstance(layer, (keras.layers.RNN, keras.layers.Bidirectional))
+            x = layer(x, mask=mask, training=False) if recurrent else layer(x, training=False)
+        return x
+
+    @tf.function(reduce_retracing=True)
+    def attributions(vectors, target):
+        alphas = tf.linspace(0.0, 1.0, EXPLAIN_STEPS + 1)[:, None, None]
+        path = alphas * vectors[None]  # (steps + 1, tokens, dimensions)
+        with tf.GradientTape() as tape:
+            tape.watch(path)
+            probabilities = probabilities_from_vectors(path)
+            # A sigmoid's single column is the positive class's probability.
+            chosen = probabilities[:, 0] if probabilities.shape[-1] == 1 else probabilities[:, target]
+        gradients = tape.gradient(chosen, path)
+        average = tf.reduce_mean((gradients[:-1] + gradients[1:]) / 2, axis=0)  # trapezoidal rule
+        return tf.reduce_sum(average * vectors, axis=-1)
+
+    return attributions
+
+
+def make_explainer(model, class_names) -> Explainer:
+    """Find the neural model and, in a blend, the baseline's n-grams, weights and blend weight."""
+    layers_by_name = model_layers(model)
+    classifier = next((layer for name, layer in layers_by_name.items()
+                       if name.endswith("_classifier") and "embedding" in model_layers(layer)), None)
+    if classifier is None or "vectorizer" not in layers_by_name:
+        raise UserError("--explain needs a model saved by this script (its neural part was not found)")
+    explainer = Explainer(layers_by_name["vectorizer"], classifier, tuple(class_names),
+                          integrated_gradients_function(classifier))
+    if "tfidf_logistic" in layers_by_name:
+        if "blend" not in layers_by_name:
+            raise UserError("--explain needs a blended model saved by a newer version of this script; "
+                            "train it again")
+        ngram_ids = layers_by_name["ngram_ids"]
+        explainer.neural_weight = layers_by_name["blend"].weight
+        explainer.ngram_index = {gram: index for index, gram in enumerate(ngram_ids.get_vocabulary()) if index > 1}
+        ngrams = ngram_ids.get_config()["ngrams"]  # an int N (up to N words), or the n-gram lengths
+        explainer.ngram_lengths = max(ngrams) if isinstance(ngrams, (tuple, list)) else int(ngrams)
+        explainer.idf, explainer.coef, explainer.intercept = (
+            np.asarray(weight, dtype=np.float64) for weight in layers_by_name["tfidf_logistic"].get_weights())
+    return explainer
+
+
+def text_words(text: str) -> list[str]:
+    """The words of a text as the model reads them."""
+    return standardize_text(str(text)).numpy().decode("utf-8").split()
+
+
+def neural_word_scores(explainer: Explainer, text: str, target: int, words: int) -> np.ndarray:
+    """Integrated gradients of the neural model, one per word (words past --max-length get 0: unseen)."""
+    import tensorflow as tf
+
+    token_ids = explainer.vectorizer(tf.constant([[str(text)]])).numpy()[0]
+    token_ids = token_ids[: np.count_nonzero(token_ids)]
+    scores = np.zeros(words)
+    if len(token_ids):
+        vectors = explainer.classifier.get_layer("embedding")(tf.constant(token_ids[None]))[0]
+        scores[: len(token_ids)] = explainer.gradients(tf.cast(vectors, tf.float32), tf.constant(target)).numpy()
+    return scores
+
+
+def baseline_word_scores(explainer: Explainer, words: list[str], target: int) -> np.ndarray:
+    """The baseline's exact per-n-gram terms of its score, shared out among the words of each n-gram.
+
+    The logistic regression's score (the logit; for several classes the target's logit minus the mean logit)
+    is a sum of one term per distinct n-gram, (1 + log count) * idf * coefficient / norm, plus the intercept.
+    The terms are scaled by one factor so that they add up to p(text) - p(empty text), the probability units of
+    the neural scores; each n-gram's share goes equally to its words, at each place it occurs."""
+    places: dict[int, list[int]] = {}  # n-gram id -> where it starts, each time it occurs
+    lengths: dict[int, int] = {}       # n-gram id -> its number of words
+    for n in range(1, explainer.ngram_lengths + 1):
+        for start in range(len(words) - n + 1):
+            index = explainer.ngram_index.get(" ".join(words[start:start + n]))
+            if index is not None:
+                places.setdefault(index, []).append(start)
+                lengths[index] = n
+    scores = np.zeros(len(words))
+    if not places:
+        return scores
+    ids = np.array(list(places))
+    counts = np.array([len(starts) for starts in places.values()], dtype=np.float64)
+    weights = (1 + np.log(counts)) * explainer.idf[ids]
+    weights /= max(np.sqrt(np.sum(weights**2)), 1e-12)
+    if explainer.coef.ndim == 1:
+        terms = weights * explainer.coef[ids]
+        logit = terms.sum() + explainer.intercept
+        change = 1 / (1 + np.exp(-logit)) - 1 / (1 + np.exp(-explainer.intercept))
+    else:
+        coef = explainer.coef[ids]
+        terms = weights * (coef[:, target] - coef.mean(axis=1))
+
+        def softmax(logits):
+            exps = np.exp(logits - logits.max())
+            return exps / exps.sum()
+
+        change = (softmax(weights @ coef + explainer.intercept)[target] - softmax(explainer.intercept)[target])
+    scale = float(change / terms.sum()) if abs(terms.sum()) > 1e-12 else 0.0
+    for index, term, starts in zip(ids, terms, places.values()):
+        length = lengths[index]
+        for start in starts:
+            scores[start:start + length] += scale * term / len(starts) / length
+    return scores
+
+
+def explained_class(probabilities: np.ndarray) -> int:
+    """The class an explanation is about, from a text's row of probabilities: the positive class of two (so
+    that scores read the same way for every text), else the predicted class."""
+    return 1 if len(probabilities) == 2 else int(np.argmax(probabilities))
+
+
+def explain_text(explainer: Explainer, text: str, target: int) -> Explanation:
+    """Each word's push towards class `target` in the model's prediction for `text`."""
+    words = text_words(text)
+    scores = explainer.neural_weight * neural_word_scores(explainer, text, target, len(words))
+    if explainer.ngram_index is not None:
+        scores += (1 - explainer.neural_weight) * baseline_word_scores(explainer, words, target)
+    return Explanation(words, scores, explainer.class_names[target])
+
+
+def strongest_words(explanation: Explanation, sign: int, limit: int = 5) -> str:
+    """The words that pushed hardest towards (sign 1) or away from (sign -1) the explained class, each word's
+    places added up: 'great (+0.2130); superb (+0.0412)'."""
+    totals: dict[str, float] = {}
+    for word, score in zip(explanation.words, explanation.scores):
+        totals[word] = totals.get(word, 0.0) + float(score)
+    chosen = sorted((item for item in totals.items() if item[1] * sign > 0), key=lambda item: -abs(item[1]))
+    return "; ".join(f"{word} ({score:+.4f})" for word, score in chosen[:limit])
+
+
+def explanation_lines(explanation: Explanation) -> list[str]:
+    """word<TAB>score, one line per word in text order (what predict --explain prints into a pipe)."""
+    return [f"{word}\t{score:+.4f}" for word, score in zip(explanation.words, explanation.scores)]
+
+
+def coloured_text(explanation: Explanation, width: int = 100) -> str:
+    """The text for a terminal: green words pushed towards the explained class, red ones away; bold for the
+    strongest third, plain for the middle, dim for the weakest (relative to the strongest word of the text)."""
+    strongest = max((abs(score) for score in explanation.scores), default=0.0) or 1.0
+    coloured = []
+    for word, score in zip(explanation.words, explanation.scores):
+        strength = abs(score) / strongest
+        if strength < 0.05:
+            coloured.append(word)
+            continue
+        style = "1" if strength > 2 / 3 else "22" if strength > 1 / 3 else "2"
+        coloured.append(f"\033[{style};{32 if score > 0 else 31}m{word}\033[0m")
+    # Wrap on the plain words (escape codes take no room on screen), then colour the wrapped lines.
+    lines, line, used = [], [], 0
+    for plain, shown in zip(explanation.words, coloured):
+        if line and used + 1 + len(plain) > width:
+            lines.append(" ".join(line))
+            line, used = [], 0
+        used += len(plain) + (1 if line else 0)
+        line.append(shown)
+    if line:
+        lines.append(" ".join(line))
+    return "\n".join("    " + line for line in lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The one-page report: report.html, self-contained (figures embedded), to open in any browser or send on
+# ----------------------------------------------------------------------------------------------------------
+
+REPORT_MISTAKES = 20
+REPORT_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ccc; }
+table { border-collapse: collapse; margin: 0.5em 0; } td, th { padding: 0.2em 0.8em; border: 1px solid #ddd; }
+th { background: #f4f4f4; text-align: left; } td.number { text-align: right; font-variant-numeric: tabular-nums; }
+img { width: 48%; border: 1px solid #eee; margin: 0.5em 0.5em 0.5em 0; vertical-align: top; }
+img.wide { width: 97%; }
+.mistake { margin: 1em 0; padding: 0.5em 0.8em; border-left: 4px solid #c33; background: #fafafa; }
+.mistake .text { line-height: 1.7; } .small { color: #666; font-size: 0.9em; }
+"""
+
+
+def html_table(header: list[str], rows: list[list]) -> str:
+    """A table; numbers get 4 decimals and align right."""
+    def cell(value):
+        if isinstance(value, float):
+            return f'<td class="number">{value:.4f}</td>'
+        if isinstance(value, int) and not isinstance(value, bool):
+            return f'<td class="number">{value}</td>'
+        return f"<td>{html.escape(str(value))}</td>"
+
+    head = "".join(f"<th>{html.escape(str(name))}</th>" for name in header)
+    body = "".join("<tr>" + "".join(cell(value) for value in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def embedded_image(path: Path, title: str, wide: bool = False) -> str:
+    """A PNG file as an <img> that carries its own bytes (a data: URI), so the page needs no other file."""
+    import base64
+
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return (f'<img src="data:image/png;base64,{data}" alt="{html.escape(title)}" title="{html.escape(title)}"'
+            f'{" class=wide" if wide else ""}>')
+
+
+def highlighted_html(explanation: Explanation) -> str:
+    """The words of a text with a green (towards the explained class) or red (away) background as strong as
+    their push, relative to the strongest word; the score shows on hovering."""
+    strongest = max((abs(score) for score in explanation.scores), default=0.0) or 1.0
+    spans = []
+    for word, score in zip(explanation.words, explanation.scores):
+        alpha = min(1.0, abs(score) / strongest)
+        colour = f"rgba(0,160,60,{alpha:.2f})" if score > 0 else f"rgba(220,40,40,{alpha:.2f})"
+        spans.append(f'<span style="background:{colour}" title="{score:+.4f}">{html.escape(word)}</span>')
+    return " ".join(spans)
+
+
+def metric_rows(scores: dict[str, dict]) -> list[list]:
+    """Side by side: one row per figure, one column per model (the primary model first)."""
+    names = [name for name, value in next(iter(scores.values())).items() if isinstance(value, float)]
+    return [[name, *(model_scores[name] for model_scores in scores.values())] for name in names]
+
+
+def build_html_report(report: dict, evaluation: Evaluation, history: dict, figures: dict[str, Path],
+                      mistakes: list[tuple[dict, Explanation]]) -> str:
+    """The page: settings, metrics side by side, per-class figures, the figures, the learning curves and the
+    most confident mistakes with each word coloured by its push (see Explanation)."""
+    primary = evaluation.primary
+    title = f"{report['model']} on {Path(report['config']['data']).name}"
+    blend = f"; blend weight {report['blend_weight']:.2f} on the neural model" if "blend_weight" in report else ""
+    sections = [f"<h1>Sentiment model report: {html.escape(title)}</h1>",
+                f'<p class="small">Written {time.strftime("%Y-%m-%d %H:%M")}; classes: '
+                f"{html.escape(', '.join(evaluation.class_names))}{html.escape(blend)}</p>"]
+    sections.append("<h2>Test-set metrics</h2>")
+    sections.append(html_table(["metric", *evaluation.scores], metric_rows(evaluation.scores)))
+    per_class = evaluation.scores[primary]["per_class"]
+    sections.append(f"<h2>Per class ({html.escape(primary)})</h2>")
+    sections.append(html_table(["class", "precision", "recall", "f1", "support"],
+                               [[name, *values.values()] for name, values in per_class.items()]))
+    sections.append("<h2>Figures</h2>" + "".join(embedded_image(path, name, wide=name.startswith("training"))
+                                                 for name, path in figures.items()))
+    epochs = len(history.get("loss", []))
+    sections.append("<h2>Learning curves</h2>")
+    sections.append(html_table(["epoch", *history], [[epoch + 1, *(values[epoch] for values in history.values())]
+                                                     for epoch in range(epochs)]))
+    sections.append(f"<h2>The {len(mistakes)} most confident mistakes ({html.escape(primary)})</h2>")
+    if mistakes:
+        sections.append(f'<p class="small">Green words pushed towards the class named in each box, red words '
+                        f"away from it; stronger colour, stronger push.</p>")
+    for row, explanation in mistakes:
+        sections.append(
+            f'<div class="mistake"><div class="small">true: <b>{html.escape(row["true_label"])}</b>, predicted: '
+            f'<b>{html.escape(row["predicted_label"])}</b>, {html.escape(row["probability_name"])} '
+            f'{row["probability"]:.4f}; colours: towards <b>{html.escape(explanation.towards)}</b></div>'
+            f'<div class="text">{highlighted_html(explanation)}</div></div>')
+    sections.append("<h2>Data</h2>")
+    sections.append(html_table(["", "value"], [[name, value] for name, value in report["data"].items()]))
+    sections.append("<h2>Settings</h2>")
+    sections.append(html_table(["setting", "value"], [[name, value] for name, value in report["config"].items()]))
+    if report.get("training"):
+        sections.append("<h2>Training</h2>")
+        sections.append(html_table(["", "value"], [[name, value] for name, value in report["training"].items()]))
+    if report.get("timing"):
+        sections.append("<h2>Time</h2>")
+        sections.append(html_table(["stage", "seconds"],
+                                   [[name, value] for name, value in report["timing"].items()
+                                    if not isinstance(value, list)]))
+    sections.append("<h2>Environment</h2>")
+    sections.append(html_table(["", "value"], [[name, value] for name, value in report["environment"].items()]))
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{REPORT_STYLE}</style></head><body>{''.join(sections)}</body></html>\n")
+
+
+def report_mistakes(model, errors: pd.DataFrame, class_names) -> list[tuple[dict, Explanation]]:
+    """The first REPORT_MISTAKES rows of errors.csv, each with the explanation of the model's prediction."""
+    explainer = make_explainer(model, class_names)
+    probability_name = next(column for column in errors.columns if column.startswith("probability"))
+    mistakes = []
+    for _, row in errors.head(REPORT_MISTAKES).iterrows():
+        target = 1 if len(class_names) == 2 else list(class_names).index(row["predicted_label"])
+        mistakes.append(({"true_label": row["true_label"], "predicted_label": row["predicted_label"],
+                          "probability_name": probability_name.replace("_", " "),
+                          "probability": float(row[probability_name])},
+                         explain_text(explainer, row["text"], target)))
+    return mistakes
+
+
+def open_report(path: Path) -> None:
+    """Open the report in the browser (where there is a display; a failure only warns)."""
+    import webbrowser
+
+    try:
+        webbrowser.open(path.resolve().as_uri())
+    except Exception as error:
+        print(f"warning: could not open {path} in a browser: {error}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1797,10 +2149,20 @@ def run_training(config: TrainConfig) -> TrainingResult:
     report = build_report(config, counts, training, evaluation, blend, strategy, setup.role)
     print(f"\nTest set results:\n{evaluation.table}\n\n{evaluation.classification_report}")
     show = config.show and display_available()
-    write_outputs(setup.output_dir, model, evaluation, training.history, splits.test, show)
+    with clock.timed("write_s"):
+        errors, figures = write_outputs(setup.output_dir, model, evaluation, training.history, splits.test, show)
+    with clock.timed("report_s"):
+        mistakes = report_mistakes(model, errors, class_names)
+        report["timing"] = clock.summary()
+        page = build_html_report(report, evaluation, training.history, figures, mistakes)
+        write_text(setup.output_dir / "report.html", page)
     report["timing"] = clock.summary()
     write_text(setup.output_dir / "metrics.json", json.dumps(report, indent=2) + "\n")
-    print(f"Outputs written to {setup.output_dir}/; the whole run took {report['timing']['total_s']:.0f} s")
+    print(f"Outputs written to {setup.output_dir}/ (the overview: report.html; serving: saved_model/; curves: "
+          f"tensorboard --logdir {setup.output_dir / 'tensorboard'}); the whole run took "
+          f"{report['timing']['total_s']:.0f} s")
+    if show:
+        open_report(setup.output_dir / "report.html")
     show_figures(show)
     return training
 
@@ -1863,12 +2225,25 @@ def shown_probability(probabilities: np.ndarray, class_names) -> np.ndarray:
     return probabilities[:, 1] if len(class_names) == 2 else probabilities.max(axis=1)
 
 
-def predict_texts_command(model, texts: list[str], threshold: float) -> None:
+def predict_texts_command(model, texts: list[str], threshold: float, explain: bool = False) -> None:
+    """One line per text: the predicted class, the shown probability and the text. With `explain`, each word's
+    push after each line: coloured words in a terminal, else word<TAB>score lines and an empty line."""
     class_names = model_class_names(model)
     probabilities = predict_strings(model, texts)
     names = predicted_names(probabilities, class_names, threshold)
-    for text, name, probability in zip(texts, names, shown_probability(probabilities, class_names)):
+    explainer = make_explainer(model, class_names) if explain else None
+    terminal = sys.stdout.isatty()
+    for index, (text, name, probability) in enumerate(zip(texts, names, shown_probability(probabilities,
+                                                                                          class_names))):
         print(f"{name}\t{probability:.4f}\t{one_line(text)}")
+        if explainer is None:
+            continue
+        explanation = explain_text(explainer, text, explained_class(probabilities[index]))
+        if terminal:
+            print(f"    (green: towards {explanation.towards!r}, red: away from it)")
+            print(coloured_text(explanation) + "\n")
+        else:
+            print("\n".join(explanation_lines(explanation)) + "\n")
 
 
 def prediction_columns(probabilities: np.ndarray, present: np.ndarray, class_names, threshold: float) -> dict:
@@ -1902,9 +2277,10 @@ def checked_threshold(threshold: float | None, class_names) -> float:
 
 
 def predict_csv_command(model_path: Path, input_path: Path, output_path: Path, text_column: str | None,
-                        threshold: float | None, sep: str | None, chunk_rows: int = 5000) -> None:
-    """Score a CSV in chunks (bounded memory); write every input column plus the prediction, whole or not at
-    all."""
+                        threshold: float | None, sep: str | None, explain: bool = False,
+                        chunk_rows: int = 5000) -> None:
+    """Score a CSV in chunks (bounded memory); write every input column plus the prediction (with `explain`,
+    also the strongest words each way), whole or not at all."""
     check_csv_file(input_path)
     check_output_file(output_path)
     input_sep, output_sep = column_separator(input_path, sep), column_separator(output_path, sep)
@@ -1917,6 +2293,7 @@ def predict_csv_command(model_path: Path, input_path: Path, output_path: Path, t
     model = load_model(model_path)
     class_names = model_class_names(model)
     threshold = checked_threshold(threshold, class_names)
+    explainer = make_explainer(model, class_names) if explain else None
     import keras
 
     progress = keras.utils.Progbar(total_rows, unit_name="review") if total_rows else None
@@ -1928,6 +2305,13 @@ def predict_csv_command(model_path: Path, input_path: Path, output_path: Path, t
             probabilities = predict_strings(model, texts[present].tolist())
             for name, values in prediction_columns(probabilities, present, class_names, threshold).items():
                 chunk[name] = values
+            if explainer is not None:
+                explanations = [explain_text(explainer, text, explained_class(row))
+                                for text, row in zip(texts[present], probabilities)]
+                for name, sign in (("top_words_for", 1), ("top_words_against", -1)):
+                    column = np.full(len(chunk), "", dtype=object)
+                    column[present] = [strongest_words(explanation, sign) for explanation in explanations]
+                    chunk[name] = column
             chunk.to_csv(temporary, mode="w" if index == 0 else "a", header=index == 0, index=False, sep=output_sep)
             done += len(chunk)
             if progress is not None:
@@ -1946,7 +2330,7 @@ def run_predict(args: argparse.Namespace) -> None:
         if not args.output:
             raise UserError("--input needs --output (the CSV to write)")
         predict_csv_command(model_path, Path(args.input), Path(args.output), args.text_column, args.threshold,
-                            args.sep)
+                            args.sep, args.explain)
         return
     if args.output:
         raise UserError("--output goes with --input")
@@ -1956,7 +2340,7 @@ def run_predict(args: argparse.Namespace) -> None:
     if not texts:
         raise UserError("nothing to predict: give texts, '-' for standard input, or --input FILE --output FILE")
     model = load_model(model_path)
-    predict_texts_command(model, texts, checked_threshold(args.threshold, model_class_names(model)))
+    predict_texts_command(model, texts, checked_threshold(args.threshold, model_class_names(model)), args.explain)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2020,6 +2404,10 @@ def build_predict_parser() -> argparse.ArgumentParser:
                              f"(default: {DECISION_THRESHOLD})")
     parser.add_argument("--sep", help="column separator of --input and --output: a character, or tab "
                                       "(default: tab for .tsv files, else a comma)")
+    parser.add_argument("--explain", action="store_true",
+                        help="show how much each word pushed each prediction (towards the positive class of "
+                             "two, else the predicted class); with --input, add the columns top_words_for and "
+                             "top_words_against")
     return parser
 
 
