@@ -88,3 +88,14 @@ def assert_user_error(result, *fragments):
     for fragment in fragments:
         assert fragment.lower() in error_lines[0].lower(), error_lines[0]
     return error_lines[0]
+
+
+def read_scalars(log_dir):
+    """The scalars of a TensorBoard log directory as TensorBoard itself reads them: {tag: {step: value}}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    import tensorflow as tf
+
+    events = EventAccumulator(str(log_dir), size_guidance={"tensors": 0})
+    events.Reload()
+    return {tag: {event.step: float(tf.make_ndarray(event.tensor_proto)) for event in events.Tensors(tag)}
+            for tag in events.Tags()["tensors"]}

@@ -12,7 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import SCRIPT, TINY_CSV, TINY_FLAGS, assert_user_error, run_main, train_tiny, train_tiny_in_process
+from conftest import (SCRIPT, TINY_CSV, TINY_FLAGS, assert_user_error, read_scalars, run_main, train_tiny,
+                      train_tiny_in_process)
 
 # Many epochs with patience to match, so the run is still training when the test stops it.
 LONG_RUN = [*TINY_FLAGS, "--no-baseline", "--epochs", "8", "--patience", "8"]
@@ -63,6 +64,11 @@ def test_killed_run_resumes_where_it_stopped(tmp_path):
     assert history["epoch"].tolist() == list(range(1, 9))
     assert history["loss"].iloc[0] == saved["history"]["loss"][0]
     assert not (tmp_path / "training_state").exists()
+    # TensorBoard: the resumed run added its own event file and its curve goes on from the crashed run's.
+    assert len(list((tmp_path / "tensorboard" / "train").glob("events.out.tfevents.*"))) == 2
+    logged = read_scalars(tmp_path / "tensorboard" / "train")["epoch_loss"]
+    assert sorted(logged) == list(range(1, 9))
+    np.testing.assert_allclose([logged[epoch] for epoch in range(1, 9)], history["loss"], rtol=1e-6)
 
     # The resumed run is the run that was never interrupted: same batches, same weights, same results.
     whole = tmp_path / "uninterrupted"

@@ -8,7 +8,8 @@ import pytest
 from conftest import TINY_CSV, train_tiny, train_tiny_in_process
 
 EXPECTED_FILES = ["model.keras", "metrics.json", "classification_report.txt", "history.csv", "errors.csv",
-                  "confusion_matrix.png", "roc_curve.png", "training_history.png"]
+                  "confusion_matrix.png", "roc_curve.png", "training_history.png", "report.html",
+                  "saved_model/1/saved_model.pb", "saved_model/1/fingerprint.pb"]
 METRIC_NAMES = ["accuracy", "precision", "recall", "f1", "roc_auc"]
 
 
