@@ -58,6 +58,8 @@ POSITIVE_LABELS = {"positive", "pos", "1", "1.0", "true"}
 NEGATIVE_LABELS = {"negative", "neg", "0", "0.0", "false"}
 CLASS_NAMES = ("negative", "positive")  # the classes of positive/negative-style labels, and of older model files
 MIN_ROWS = 10
+EMBEDDING_METHODS = ("word2vec", "random")  # else --embeddings names a word-vector file
+DEFAULT_EMBEDDING_DIM = 128
 MAX_CLASSES = 100
 MIN_CLASS_ROWS = 3  # one for each of the training, validation and test splits
 SMALL_CLASS_SHARE = 0.2  # a smaller class than this share of the rows is pointed out
@@ -96,13 +98,15 @@ class TrainConfig:
     validation_fraction: float = option(0.1, "share of the training rows used for early stopping")
     vocab_size: int = option(30000, "number of distinct words kept, including padding and [UNK]")
     max_length: int = option(500, "tokens kept from the start of each review")
-    embedding_dim: int = option(128, "size of the word vectors")
+    embedding_dim: int | None = option(None, "size of the word vectors (default: 128, or the size of the "
+                                       "vectors in an --embeddings file)")
     spatial_dropout: float = option(0.2, "SpatialDropout1D rate after the embedding")
     arch: str = option("lstm", "recurrent layer type", choices=("lstm", "bilstm", "gru"))
     units: int = option(100, "units in each recurrent layer")
     layers: int = option(1, "number of stacked recurrent layers")
     embeddings: str = option("word2vec", "embedding initialisation: word2vec trains gensim Word2Vec on the "
-                             "training split; random starts from random vectors", choices=("word2vec", "random"))
+                             "training split; random starts from random vectors; or a word-vector file to start "
+                             "from (GloVe text, word2vec text or binary, fastText .vec)")
     epochs: int = option(4, "maximum number of training epochs")
     batch_size: int = option(128, "examples per batch (per device when several are used)")
     learning_rate: float = option(2e-3, "initial Adam learning rate")
@@ -151,7 +155,9 @@ def validate_config(config: TrainConfig) -> None:
         ("batch_size", config.batch_size >= 1, "must be at least 1"),
         ("vocab_size", config.vocab_size >= 3, "must be at least 3 (padding, [UNK] and one word)"),
         ("max_length", config.max_length >= 1, "must be at least 1"),
-        ("embedding_dim", config.embedding_dim >= 1, "must be at least 1"),
+        ("embedding_dim", config.embedding_dim is None or config.embedding_dim >= 1, "must be at least 1"),
+        ("embeddings", config.embeddings in EMBEDDING_METHODS or Path(config.embeddings).is_file(),
+         "must be word2vec, random or an existing word-vector file"),
         ("units", config.units >= 1, "must be at least 1"),
         ("layers", config.layers >= 1, "must be at least 1"),
         ("patience", config.patience >= 1, "must be at least 1"),
@@ -171,6 +177,39 @@ def validate_config(config: TrainConfig) -> None:
     for name, ok, requirement in rules:
         if not ok:
             raise UserError(f"{flag_name(name)} {requirement} (got {getattr(config, name)!r})")
+
+
+def word_vector_file_dimension(path: Path) -> int:
+    """The vector size of a word-vector file, from its first line: 'WORDS SIZE' in word2vec and fastText
+    files (text or binary), else a GloVe line 'word v1 v2 ...'. A one-line error if it is neither."""
+    import gzip
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as file:
+            first = file.readline(1_000_000).decode("utf-8").split()
+    except (OSError, UnicodeDecodeError, EOFError) as error:
+        raise UserError(f"cannot read the word-vector file {path}: {error}") from None
+    if len(first) == 2 and all(part.isdigit() for part in first):
+        return int(first[1])
+    try:
+        [float(value) for value in first[1:]]
+    except ValueError:
+        first = []
+    if len(first) < 2:
+        raise UserError(f"{path} is not a word-vector file (GloVe text, word2vec text or binary, or fastText .vec)")
+    return len(first) - 1
+
+
+def resolve_embedding_dim(config: TrainConfig) -> TrainConfig:
+    """The config with its embedding size settled: a word-vector file's own, else --embedding-dim or 128."""
+    if config.embeddings in EMBEDDING_METHODS:
+        return dataclasses.replace(config, embedding_dim=config.embedding_dim or DEFAULT_EMBEDDING_DIM)
+    size = word_vector_file_dimension(Path(config.embeddings))
+    if config.embedding_dim not in (None, size):
+        raise UserError(f"--embedding-dim {config.embedding_dim} conflicts with the vectors of {config.embeddings}, "
+                        f"which have {size} dimensions (leave --embedding-dim out)")
+    return dataclasses.replace(config, embedding_dim=size)
 
 
 def training_fingerprint(config: TrainConfig) -> dict:
@@ -705,6 +744,49 @@ def word2vec_matrix(token_ids, vocabulary: list[str], config: TrainConfig) -> np
     return matrix
 
 
+def load_word_vectors(path: Path):
+    """A word-vector file as gensim KeyedVectors: GloVe text (no header line), word2vec text or binary, or
+    fastText .vec (text with a header line). A file with a header is read as text, then as binary (first as
+    binary when its name ends in .bin)."""
+    try:
+        from gensim.models import KeyedVectors
+    except ImportError:
+        raise UserError("--embeddings FILE needs gensim: pip install gensim") from None
+
+    with open(path, "rb") as file:
+        header = len(file.readline(1000).split()) == 2
+    attempts = [dict(binary=False, no_header=True)]
+    if header:
+        attempts = [dict(binary=False), dict(binary=True)]
+        if ".bin" in path.suffixes:
+            attempts.reverse()
+    errors = []
+    for options in attempts:
+        try:
+            return KeyedVectors.load_word2vec_format(str(path), **options)
+        except (ValueError, UnicodeDecodeError, EOFError, OSError, IndexError) as error:
+            errors.append(str(error).splitlines()[0][:150] if str(error) else type(error).__name__)
+    raise UserError(f"cannot read word vectors from {path}: {errors[0]}")
+
+
+def pretrained_matrix(vectors, token_ids, vocabulary: list[str], seed: int) -> tuple[np.ndarray, dict]:
+    """The embedding matrix for `vocabulary` from a file's vectors; words the file lacks start random, at the
+    file's own scale. Also how much of the vocabulary and of the training tokens the file covered."""
+    found = [index for index, word in enumerate(vocabulary) if index > 1 and word in vectors.key_to_index]
+    known = np.array([vectors[vocabulary[index]] for index in found], dtype=np.float32)
+    scale = float(known.std()) if len(found) else 0.05
+    matrix = np.random.default_rng(seed).normal(0, scale, (len(vocabulary), vectors.vector_size)).astype(np.float32)
+    matrix[0] = 0.0
+    if found:
+        matrix[found] = known
+    tokens = np.bincount(token_ids.ravel(), minlength=len(vocabulary))
+    tokens[0] = 0  # padding; [UNK] (1) counts as not covered
+    coverage = {"file_words": len(vectors.key_to_index), "dimension": vectors.vector_size,
+                "vocabulary_covered": round(len(found) / max(1, len(vocabulary) - 2), 4),
+                "training_tokens_covered": round(float(tokens[found].sum() / max(1, tokens.sum())), 4)}
+    return matrix, coverage
+
+
 @dataclass
 class PreparedInputs:
     """What the training loop and the scoring need from the text, made once from the splits."""
@@ -723,6 +805,7 @@ class PreparedInputs:
     validation_steps: int
     embedding_matrix: np.ndarray | None  # the embedding's starting weights (None: random)
     class_weights: np.ndarray | None     # loss weight of each class (None: all 1)
+    embedding_coverage: dict | None      # with a word-vector file: how much of the text it covered
     truncated_reviews: int               # reviews longer than --max-length tokens, in all splits
 
     def training_batches(self, epoch: int):
@@ -743,10 +826,16 @@ def prepare_inputs(splits: DataSplits, config: TrainConfig, replicas: int, num_c
                                     bucket_boundaries(config.max_length, len(train_ids), global_batch_size))
     validation_batches = make_training_dataset(validation_ids, splits.validation.labels, global_batch_size,
                                                config.max_length, None, pad_to_full_batches=several)
-    embedding_matrix = None
+    embedding_matrix, coverage = None, None
     if config.embeddings == "word2vec":
         print("Training Word2Vec on the training split ...")
         embedding_matrix = word2vec_matrix(train_ids, vocabulary, config)
+    elif config.embeddings != "random":
+        print(f"Reading word vectors from {config.embeddings} ...")
+        embedding_matrix, coverage = pretrained_matrix(load_word_vectors(Path(config.embeddings)), train_ids,
+                                                       vocabulary, config.seed)
+        print(f"The file covers {coverage['vocabulary_covered']:.1%} of the vocabulary and "
+              f"{coverage['training_tokens_covered']:.1%} of the training tokens; the rest start random")
     class_weights = None
     if config.class_weight == "balanced":
         # scikit-learn's "balanced": rows / (classes * rows of the class), on the training split.
@@ -760,7 +849,7 @@ def prepare_inputs(splits: DataSplits, config: TrainConfig, replicas: int, num_c
     return PreparedInputs(vectorizer, vocabulary, train_ids, validation_ids, test_ids, splits.train.labels,
                           global_batch_size, config.max_length, config.seed, several, validation_batches,
                           steps_per_epoch, int(validation_batches.cardinality()), embedding_matrix, class_weights,
-                          truncated)
+                          coverage, truncated)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2071,7 +2160,9 @@ def open_report(path: Path) -> None:
 
 @dataclass
 class RunSetup:
-    """What is settled before any data is read: this process's role, where it writes, and a saved state."""
+    """What is settled before any data is read: the settings (the embedding size resolved), this process's
+    role, where it writes, and a saved state."""
+    config: TrainConfig
     role: ClusterRole | None
     output_dir: Path
     state_dir: Path
@@ -2086,6 +2177,7 @@ def set_up_run(config: TrainConfig) -> RunSetup:
     """Every check that needs no data, so a mistake costs seconds: the flags, TF_CONFIG, the output directory
     and a saved training state."""
     validate_config(config)
+    config = resolve_embedding_dim(config)
     role = cluster_role()
     if role and config.cpu_replicas > 1:
         raise UserError("--cpu-replicas cannot be combined with TF_CONFIG: each worker uses its own devices")
@@ -2094,7 +2186,7 @@ def set_up_run(config: TrainConfig) -> RunSetup:
     state_dir = output_dir / ("training_state" if not role or role.chief else f"training_state-{role.name}")
     if config.fresh:
         shutil.rmtree(state_dir, ignore_errors=True)
-    return RunSetup(role, output_dir, state_dir, TrainingState.load(state_dir, training_fingerprint(config)))
+    return RunSetup(config, role, output_dir, state_dir, TrainingState.load(state_dir, training_fingerprint(config)))
 
 
 def score_on_test(config: TrainConfig, classifier, inputs: PreparedInputs, splits: DataSplits, class_names,
@@ -2122,6 +2214,7 @@ def run_training(config: TrainConfig) -> TrainingResult:
     """The whole run: check, load, split, prepare, train, score, report, write."""
     clock = Stopwatch()
     setup = set_up_run(config)
+    config = setup.config
     with clock.timed("load_s"):
         data = load_dataset(config)
         splits = split_dataset(data, config)
@@ -2133,6 +2226,8 @@ def run_training(config: TrainConfig) -> TrainingResult:
     with clock.timed("preprocess_s"):
         inputs = prepare_inputs(splits, config, strategy.num_replicas_in_sync, len(class_names))
     counts["longer_than_max_length"] = inputs.truncated_reviews
+    if inputs.embedding_coverage:
+        counts["embedding_coverage"] = inputs.embedding_coverage
     classifier, optimizer = build_model_and_optimizer(config, inputs, len(class_names), strategy)
     with clock.timed("train_s"):
         training = train(classifier, optimizer, strategy, inputs, config, setup.state_dir, setup.saved_state,

@@ -173,6 +173,29 @@ def test_three_class_model_predicts_the_names_in_every_mode(three_class_run, air
     assert_user_error(run_main("predict", "--model", model, "--threshold", "0.7", "x"), "two-class models")
 
 
+def test_three_class_saved_model_and_explanations_are_about_the_predicted_class(three_class_run):
+    import sentiment_analysis as sa
+    import tensorflow as tf
+
+    texts = ["awful rude delayed lost", "thanks lovely friendly"]
+    model = sa.load_model(three_class_run[0] / "model.keras")
+    expected = sa.predict_strings(model, texts)
+    served = tf.saved_model.load(str(three_class_run[0] / "saved_model" / "1")).signatures["serving_default"](
+        texts=tf.constant(texts))
+    np.testing.assert_allclose(served["probabilities"].numpy(), expected, atol=1e-5)
+    names = sa.predicted_names(expected, sa.model_class_names(model), 0.5)
+    assert [label.decode() for label in served["label"].numpy()] == names
+    explainer = sa.make_explainer(model, sa.model_class_names(model))
+    for text, row in zip(texts, expected):
+        explanation = sa.explain_text(explainer, text, sa.explained_class(row))
+        assert explanation.towards == sa.model_class_names(model)[int(np.argmax(row))]
+        assert explanation.words == text.split() and np.isfinite(explanation.scores).all()
+    page = (three_class_run[0] / "report.html").read_text()
+    assert "<td>f1_macro</td>" in page and "<td>roc_auc</td>" in page
+    errors = pd.read_csv(three_class_run[0] / "errors.csv")
+    assert page.count('class="mistake"') == min(20, len(errors))
+
+
 # --- Two classes of other names -----------------------------------------------------------------------------
 
 

@@ -117,7 +117,7 @@ def test_every_review_is_in_exactly_one_batch_and_count_batches_knows_how_many(b
 def test_flags_build_the_layers_they_name(flags, expected):
     from test_training import recurrent_layers
 
-    config = sa.config_from_args(sa.build_train_parser().parse_args(flags))
+    config = sa.resolve_embedding_dim(sa.config_from_args(sa.build_train_parser().parse_args(flags)))
     classifier = sa.build_classifier(config, 100)
     assert recurrent_layers(classifier) == expected
     stacked = [layer for layer in classifier.layers if hasattr(layer, "return_sequences")]
