@@ -17,10 +17,10 @@ Outputs land in --output-dir (default outputs/): model.keras (takes raw strings)
 metrics.json, classification_report.txt, history.csv, errors.csv and three figures.
 
 How to read this file: it runs from the bottom up. Each section defines what the sections below it use, in
-the order a run needs it: configuration -> files -> data -> tokens -> Keras pieces saved in the model file ->
-model -> baseline and blend ->
-devices -> training loop -> evaluation -> figures -> the training run (`run_training`, the story of a run,
-stage by stage) -> prediction -> command line (`main`).
+the order a run needs it: configuration -> files -> data -> Keras pieces saved in the model file -> tokens ->
+model -> baseline and blend -> devices -> training loop -> evaluation -> figures -> explanations -> the HTML
+report -> the training run (`run_training`, the story of a run, stage by stage) -> prediction -> command line
+(`main`).
 """
 
 from __future__ import annotations
@@ -101,9 +101,15 @@ class TrainConfig:
     embedding_dim: int | None = option(None, "size of the word vectors (default: 128, or the size of the "
                                        "vectors in an --embeddings file)")
     spatial_dropout: float = option(0.2, "SpatialDropout1D rate after the embedding")
-    arch: str = option("lstm", "recurrent layer type", choices=("lstm", "bilstm", "gru"))
+    arch: str = option("lstm", "the model: a recurrent layer type, or bert to fine-tune a pretrained KerasHub "
+                       "BERT (see --bert-preset)", choices=("lstm", "bilstm", "gru", "bert"))
+    bert_preset: str = option("bert_tiny_en_uncased", "with --arch bert: a KerasHub BERT preset name (downloaded "
+                              "by KerasHub on first use) or a local preset directory written by save_to_preset")
     units: int = option(100, "units in each recurrent layer")
     layers: int = option(1, "number of stacked recurrent layers")
+    tokenizer: str = option("word", "word: whole words (Keras TextVectorization); wordpiece: WordPiece subword "
+                            "pieces learned on the training split (KerasHub), --vocab-size of them",
+                            choices=("word", "wordpiece"))
     embeddings: str = option("word2vec", "embedding initialisation: word2vec trains gensim Word2Vec on the "
                              "training split; random starts from random vectors; or a word-vector file to start "
                              "from (GloVe text, word2vec text or binary, fastText .vec)")
@@ -137,6 +143,16 @@ class TrainConfig:
 # data. Flags given on the command line still override these values.
 PRESETS = {
     "best": dict(epochs=6, blend_weight="auto"),
+}
+
+# Fine-tuning defaults of --arch bert, where the card's LSTM settings do not fit: Adam at 5e-5, batch size 32
+# and 3 epochs, from the ranges the BERT paper recommends for fine-tuning (Devlin et al., 2019, appendix A.3:
+# 5e-5, 3e-5 or 2e-5; 16 or 32; 2 to 4 epochs) and the learning rate of KerasHub's classification guide;
+# 256 tokens, half of BERT's 512, which covers the median IMDB review whole at a quarter of the attention
+# cost. The embedding and the tokenizer are the preset's. Flags given on the command line override these.
+ARCH_DEFAULTS = {
+    "bert": dict(learning_rate=5e-5, batch_size=32, epochs=3, max_length=256, embeddings="random",
+                 tokenizer="wordpiece"),
 }
 
 
@@ -173,6 +189,10 @@ def validate_config(config: TrainConfig) -> None:
         ("blend_weight", config.blend_weight is None or config.baseline,
          "needs the baseline (drop --no-baseline)"),
         ("cpu_replicas", config.cpu_replicas >= 1, "must be at least 1"),
+        ("bert_preset", config.arch != "bert" or "://" in config.bert_preset or os.sep not in config.bert_preset
+         or Path(config.bert_preset).is_dir(), "must be a KerasHub preset name or an existing directory"),
+        ("embeddings", config.arch != "bert" or config.embeddings == "random",
+         "does not apply to --arch bert, which starts from its preset's weights"),
     ]
     for name, ok, requirement in rules:
         if not ok:
@@ -567,7 +587,9 @@ def describe_classes(data: LoadedData) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Text to tokens. The standardizer lives inside the saved model, so training and prediction share it.
+# Keras pieces that live inside the saved model file. Defined and registered with Keras the moment Keras is
+# first imported (by this script or by anyone), so importing this file stays light and a model file still loads
+# with plain keras.models.load_model after `import sentiment_analysis`.
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -582,6 +604,179 @@ def standardize_text(text):
     return tf.strings.regex_replace(text, r"[^\p{L}\p{N}!?]+", " ")
 
 
+def blend_probabilities(weight: float, neural, baseline):
+    """The blend: weight * neural + (1 - weight) * baseline. Works on NumPy arrays and on Keras tensors alike,
+    so the reported blend and the saved one are the same formula."""
+    return weight * neural + (1 - weight) * baseline
+
+
+@functools.cache
+def custom_layers() -> dict:
+    """The script's own Keras layer classes by name, registered with Keras' serialization registry (as is the
+    standardizer) so that keras.models.load_model finds them by their saved names.
+
+    TfidfLogistic scores like the fitted baseline. Input: n-gram ids from a TextVectorization layer whose
+    vocabulary is the baseline's (0 is padding, 1 is out of vocabulary). Output: the logistic regression's
+    probabilities, computed as scikit-learn does: (1 + log count) * idf, L2-normalized per review, dot the
+    coefficients, plus the intercept; a sigmoid for two classes (one column), a softmax for more.
+
+    WeightedBlend mixes the neural model's and the baseline's probabilities, keeping its weight in the file (for
+    --explain).
+
+    WordPieceVectorizer (--tokenizer wordpiece) does what TextVectorization does for words: standardize, split
+    into WordPiece subword tokens of its vocabulary (KerasHub's WordPieceTokenizer; 0 is padding, 1 is
+    [UNK]), pad or cut to sequence_length. ClassNames passes the probabilities through unchanged and keeps the class names in the model
+    file, so that predict needs nothing else."""
+    import keras
+    import tensorflow as tf
+
+    keras.saving.register_keras_serializable(package="sentiment_analysis")(standardize_text)
+
+    @keras.saving.register_keras_serializable(package="sentiment_analysis")
+    class TfidfLogistic(keras.layers.Layer):
+        def __init__(self, num_ids, outputs=1, **kwargs):
+            super().__init__(**kwargs)
+            self.num_ids, self.outputs = num_ids, outputs
+            per_class = () if outputs == 1 else (outputs,)
+            self.idf = self.add_weight(shape=(num_ids,), initializer="zeros", trainable=False, name="idf")
+            self.coef = self.add_weight(shape=(num_ids, *per_class), initializer="zeros", trainable=False,
+                                        name="coef")
+            self.intercept = self.add_weight(shape=per_class, initializer="zeros", trainable=False,
+                                             name="intercept")
+
+        def call(self, ids):
+            # Count each (review, n-gram) pair: one key per pair, counted with unique_with_counts.
+            ids = tf.cast(ids, "int64")
+            batch = tf.shape(ids)[0]
+            rows = tf.repeat(tf.range(batch, dtype="int64"), tf.shape(ids)[1])
+            flat = tf.reshape(ids, [-1])
+            known = flat > 1
+            keys = tf.boolean_mask(rows, known) * self.num_ids + tf.boolean_mask(flat, known)
+            unique_keys, _, counts = tf.unique_with_counts(keys)
+            review, ngram = unique_keys // self.num_ids, unique_keys % self.num_ids
+            weights = (1.0 + tf.math.log(tf.cast(counts, "float32"))) * tf.gather(self.idf, ngram)
+            norms = tf.sqrt(tf.math.unsorted_segment_sum(weights**2, review, batch))
+            if self.outputs == 1:
+                scores = tf.math.unsorted_segment_sum(weights * tf.gather(self.coef, ngram), review, batch)
+                return tf.sigmoid(scores / tf.maximum(norms, 1e-12) + self.intercept)[:, None]
+            scores = tf.math.unsorted_segment_sum(weights[:, None] * tf.gather(self.coef, ngram), review, batch)
+            return tf.nn.softmax(scores / tf.maximum(norms, 1e-12)[:, None] + self.intercept)
+
+        def compute_output_shape(self, input_shape):
+            return (input_shape[0], self.outputs)
+
+        def get_config(self):
+            return {**super().get_config(), "num_ids": self.num_ids, "outputs": self.outputs}
+
+    @keras.saving.register_keras_serializable(package="sentiment_analysis")
+    class ClassNames(keras.layers.Layer):
+        def __init__(self, names, **kwargs):
+            super().__init__(**kwargs)
+            self.names = list(names)
+
+        def call(self, probabilities):
+            return probabilities
+
+        def compute_output_shape(self, input_shape):
+            return input_shape
+
+        def get_config(self):
+            return {**super().get_config(), "names": self.names}
+
+    @keras.saving.register_keras_serializable(package="sentiment_analysis")
+    class WeightedBlend(keras.layers.Layer):
+        def __init__(self, weight, **kwargs):
+            super().__init__(**kwargs)
+            self.weight = float(weight)
+
+        def call(self, inputs):
+            neural, baseline = inputs
+            return blend_probabilities(self.weight, neural, baseline)
+
+        def compute_output_shape(self, input_shapes):
+            return input_shapes[0]
+
+        def get_config(self):
+            return {**super().get_config(), "weight": self.weight}
+
+    @keras.saving.register_keras_serializable(package="sentiment_analysis")
+    class WordPieceVectorizer(keras.layers.Layer):
+        def __init__(self, vocabulary, sequence_length, start_id=None, end_id=None, **kwargs):
+            super().__init__(**kwargs)
+            try:
+                import keras_hub
+            except ImportError:
+                raise UserError("--tokenizer wordpiece and --arch bert need KerasHub: pip install keras-hub") from None
+            self.vocabulary, self.sequence_length = list(vocabulary), sequence_length
+            self.start_id, self.end_id = start_id, end_id
+            self.tokenizer, self.uncut = (keras_hub.tokenizers.WordPieceTokenizer(
+                vocabulary=self.vocabulary, sequence_length=length, lowercase=False, strip_accents=False,
+                oov_token="[UNK]", dtype="int32") for length in (sequence_length, None))
+            # BERT's inputs: [CLS] pieces [SEP], cut to fit, then padding.
+            self.packer = None if start_id is None else keras_hub.layers.StartEndPacker(
+                sequence_length, start_value=start_id, end_value=end_id, pad_value=0)
+
+        def call(self, texts):
+            texts = standardize_text(tf.reshape(texts, [-1]))
+            if self.packer is None:
+                return self.tokenizer(texts)
+            pieces = self.uncut(texts)
+            if isinstance(pieces, list):  # eager KerasHub gives Python lists for ragged output
+                pieces = tf.ragged.constant(pieces, dtype=tf.int32, ragged_rank=1, inner_shape=())
+            return self.packer(pieces)
+
+        def build(self, input_shape=None):
+            pass  # The tokenizers are made whole in __init__.
+
+        def token_counts(self, texts):
+            """Tokens per text before the cut to sequence_length."""
+            return np.array([len(row) for row in self.uncut(standardize_text(tf.reshape(texts, [-1])))])
+
+        def get_vocabulary(self):
+            return list(self.vocabulary)
+
+        def compute_output_shape(self, input_shape):
+            return (input_shape[0], self.sequence_length)
+
+        def get_config(self):
+            return {**super().get_config(), "vocabulary": self.vocabulary, "sequence_length": self.sequence_length,
+                    "start_id": self.start_id, "end_id": self.end_id}
+
+    return {"TfidfLogistic": TfidfLogistic, "ClassNames": ClassNames, "WeightedBlend": WeightedBlend,
+            "WordPieceVectorizer": WordPieceVectorizer}
+
+
+class RegisterWhenKerasLoads(importlib.abc.MetaPathFinder):
+    """An import hook that waits for the first `import keras` in this process, lets it run, then registers the
+    layers above. (Importing Keras takes seconds; this file must import in a blink for --help and its errors.)"""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "keras":
+            return None
+        sys.meta_path.remove(self)  # Once is enough; and find_spec below must not find this hook again.
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            load_keras = spec.loader.exec_module
+
+            def load_keras_then_register(module):
+                load_keras(module)
+                custom_layers()
+
+            spec.loader.exec_module = load_keras_then_register
+        return spec
+
+
+if "keras" in sys.modules:
+    custom_layers()
+elif not any(isinstance(hook, RegisterWhenKerasLoads) for hook in sys.meta_path):
+    sys.meta_path.insert(0, RegisterWhenKerasLoads())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Text to tokens. The tokenizer lives inside the saved model, so training and prediction share it.
+# ----------------------------------------------------------------------------------------------------------
+
+
 def text_dataset(texts, batch_size: int = 2048):
     """Batches of tf.string. (NumPy's astype(str) would make a fixed-width array as wide as the longest
     review: gigabytes for IMDB.)"""
@@ -594,19 +789,50 @@ def text_dataset(texts, batch_size: int = 2048):
     return tf.data.Dataset.from_generator(batches, output_signature=tf.TensorSpec((None,), tf.string))
 
 
+def bert_preset_part(kind: str, preset: str):
+    """The BertTokenizer or BertBackbone of a KerasHub preset (a name, downloaded by KerasHub, or a directory);
+    a one-line error if it cannot be had."""
+    try:
+        import keras_hub
+    except ImportError:
+        raise UserError("--arch bert needs KerasHub: pip install keras-hub tensorflow-text") from None
+    part = keras_hub.models.BertTokenizer if kind == "BertTokenizer" else keras_hub.models.BertBackbone
+    try:
+        return part.from_preset(preset)
+    except Exception as error:  # KerasHub raises many types for a missing, foreign or unreachable preset.
+        raise UserError(f"cannot load the BERT preset {preset!r}: {str(error).splitlines()[0][:200]}") from None
+
+
 def make_vectorizer(texts, config: TrainConfig):
-    """A TextVectorization layer adapted on the training texts; pads or cuts every review to max_length."""
+    """The tokenizer, learned on the training texts, as a layer from strings to token ids that pads or cuts
+    every review to max_length: a TextVectorization of the --vocab-size most frequent words, or with
+    --tokenizer wordpiece a WordPiece vocabulary of about --vocab-size subword pieces."""
     from keras import layers
 
-    vectorizer = layers.TextVectorization(max_tokens=config.vocab_size, standardize=standardize_text,
-                                          output_sequence_length=config.max_length, name="vectorizer")
-    vectorizer.adapt(text_dataset(texts))
-    return vectorizer
+    if config.arch == "bert":
+        tokenizer = bert_preset_part("BertTokenizer", config.bert_preset)
+        return custom_layers()["WordPieceVectorizer"](tokenizer.get_vocabulary(), config.max_length,
+                                                      tokenizer.cls_token_id, tokenizer.sep_token_id,
+                                                      name="vectorizer")
+    if config.tokenizer == "word":
+        vectorizer = layers.TextVectorization(max_tokens=config.vocab_size, standardize=standardize_text,
+                                              output_sequence_length=config.max_length, name="vectorizer")
+        vectorizer.adapt(text_dataset(texts))
+        return vectorizer
+    try:
+        import keras_hub
+    except ImportError:
+        raise UserError("--tokenizer wordpiece needs KerasHub: pip install keras-hub") from None
+    print("Learning a WordPiece vocabulary on the training split ...")
+    vocabulary = keras_hub.tokenizers.compute_word_piece_vocabulary(
+        text_dataset(texts).unbatch().map(standardize_text), config.vocab_size, lowercase=False,
+        strip_accents=False, reserved_tokens=["[PAD]", "[UNK]"])
+    return custom_layers()["WordPieceVectorizer"](vocabulary, config.max_length, name="vectorizer")
 
 
 def vectorize(vectorizer, texts) -> np.ndarray:
     """Token ids, right-padded with zeros to max_length, as int32 to halve the memory of int64."""
-    return np.concatenate([vectorizer(batch).numpy().astype(np.int32) for batch in text_dataset(texts)])
+    return np.concatenate([np.asarray(vectorizer(batch), dtype=np.int32) for batch in text_dataset(texts)])
 
 
 def review_lengths(token_ids: np.ndarray) -> np.ndarray:
@@ -710,12 +936,16 @@ def predict_token_ids(classifier, token_ids, batch_size: int = 512) -> np.ndarra
     return probabilities
 
 
-def count_truncated(texts, max_length: int) -> int:
+def count_truncated(vectorizer, texts, max_length: int) -> int:
     """How many texts have more than max_length tokens, so that the model saw only their first max_length."""
     import tensorflow as tf
 
-    return int(sum(int(tf.reduce_sum(tf.cast(tf.strings.split(standardize_text(batch)).row_lengths() > max_length,
-                                             tf.int32)))
+    def token_counts(batch):
+        if hasattr(vectorizer, "token_counts"):  # subword pieces
+            return vectorizer.token_counts(batch)
+        return tf.strings.split(standardize_text(batch)).row_lengths()  # words, as TextVectorization splits
+
+    return int(sum(int(tf.reduce_sum(tf.cast(token_counts(batch) > max_length, tf.int32)))
                    for batch in text_dataset(texts)))
 
 
@@ -842,7 +1072,7 @@ def prepare_inputs(splits: DataSplits, config: TrainConfig, replicas: int, num_c
         counts = np.bincount(splits.train.labels, minlength=num_classes)
         class_weights = (len(splits.train.labels) / (num_classes * np.maximum(counts, 1))).astype(np.float32)
         print("Class weights: " + ", ".join(f"{weight:.3f}" for weight in class_weights))
-    truncated = sum(count_truncated(part.texts, config.max_length)
+    truncated = sum(count_truncated(vectorizer, part.texts, config.max_length)
                     for part in (splits.train, splits.validation, splits.test))
     print(f"Vocabulary {len(vocabulary)} words; {steps_per_epoch} batches per epoch; {truncated} reviews longer "
           f"than {config.max_length} tokens are cut")
@@ -853,143 +1083,36 @@ def prepare_inputs(splits: DataSplits, config: TrainConfig, replicas: int, num_c
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Keras pieces that live inside the saved model file. Defined and registered with Keras the moment Keras is
-# first imported (by this script or by anyone), so importing this file stays light and a model file still loads
-# with plain keras.models.load_model after `import sentiment_analysis`.
-# ----------------------------------------------------------------------------------------------------------
-
-
-def blend_probabilities(weight: float, neural, baseline):
-    """The blend: weight * neural + (1 - weight) * baseline. Works on NumPy arrays and on Keras tensors alike,
-    so the reported blend and the saved one are the same formula."""
-    return weight * neural + (1 - weight) * baseline
-
-
-@functools.cache
-def custom_layers() -> dict:
-    """The script's own Keras layer classes by name, registered with Keras' serialization registry (as is the
-    standardizer) so that keras.models.load_model finds them by their saved names.
-
-    TfidfLogistic scores like the fitted baseline. Input: n-gram ids from a TextVectorization layer whose
-    vocabulary is the baseline's (0 is padding, 1 is out of vocabulary). Output: the logistic regression's
-    probabilities, computed as scikit-learn does: (1 + log count) * idf, L2-normalized per review, dot the
-    coefficients, plus the intercept; a sigmoid for two classes (one column), a softmax for more.
-
-    WeightedBlend mixes the neural model's and the baseline's probabilities, keeping its weight in the file (for
-    --explain). ClassNames passes the probabilities through unchanged and keeps the class names in the model
-    file, so that predict needs nothing else."""
-    import keras
-    import tensorflow as tf
-
-    keras.saving.register_keras_serializable(package="sentiment_analysis")(standardize_text)
-
-    @keras.saving.register_keras_serializable(package="sentiment_analysis")
-    class TfidfLogistic(keras.layers.Layer):
-        def __init__(self, num_ids, outputs=1, **kwargs):
-            super().__init__(**kwargs)
-            self.num_ids, self.outputs = num_ids, outputs
-            per_class = () if outputs == 1 else (outputs,)
-            self.idf = self.add_weight(shape=(num_ids,), initializer="zeros", trainable=False, name="idf")
-            self.coef = self.add_weight(shape=(num_ids, *per_class), initializer="zeros", trainable=False,
-                                        name="coef")
-            self.intercept = self.add_weight(shape=per_class, initializer="zeros", trainable=False,
-                                             name="intercept")
-
-        def call(self, ids):
-            # Count each (review, n-gram) pair: one key per pair, counted with unique_with_counts.
-            ids = tf.cast(ids, "int64")
-            batch = tf.shape(ids)[0]
-            rows = tf.repeat(tf.range(batch, dtype="int64"), tf.shape(ids)[1])
-            flat = tf.reshape(ids, [-1])
-            known = flat > 1
-            keys = tf.boolean_mask(rows, known) * self.num_ids + tf.boolean_mask(flat, known)
-            unique_keys, _, counts = tf.unique_with_counts(keys)
-            review, ngram = unique_keys // self.num_ids, unique_keys % self.num_ids
-            weights = (1.0 + tf.math.log(tf.cast(counts, "float32"))) * tf.gather(self.idf, ngram)
-            norms = tf.sqrt(tf.math.unsorted_segment_sum(weights**2, review, batch))
-            if self.outputs == 1:
-                scores = tf.math.unsorted_segment_sum(weights * tf.gather(self.coef, ngram), review, batch)
-                return tf.sigmoid(scores / tf.maximum(norms, 1e-12) + self.intercept)[:, None]
-            scores = tf.math.unsorted_segment_sum(weights[:, None] * tf.gather(self.coef, ngram), review, batch)
-            return tf.nn.softmax(scores / tf.maximum(norms, 1e-12)[:, None] + self.intercept)
-
-        def compute_output_shape(self, input_shape):
-            return (input_shape[0], self.outputs)
-
-        def get_config(self):
-            return {**super().get_config(), "num_ids": self.num_ids, "outputs": self.outputs}
-
-    @keras.saving.register_keras_serializable(package="sentiment_analysis")
-    class ClassNames(keras.layers.Layer):
-        def __init__(self, names, **kwargs):
-            super().__init__(**kwargs)
-            self.names = list(names)
-
-        def call(self, probabilities):
-            return probabilities
-
-        def compute_output_shape(self, input_shape):
-            return input_shape
-
-        def get_config(self):
-            return {**super().get_config(), "names": self.names}
-
-    @keras.saving.register_keras_serializable(package="sentiment_analysis")
-    class WeightedBlend(keras.layers.Layer):
-        def __init__(self, weight, **kwargs):
-            super().__init__(**kwargs)
-            self.weight = float(weight)
-
-        def call(self, inputs):
-            neural, baseline = inputs
-            return blend_probabilities(self.weight, neural, baseline)
-
-        def compute_output_shape(self, input_shapes):
-            return input_shapes[0]
-
-        def get_config(self):
-            return {**super().get_config(), "weight": self.weight}
-
-    return {"TfidfLogistic": TfidfLogistic, "ClassNames": ClassNames, "WeightedBlend": WeightedBlend}
-
-
-class RegisterWhenKerasLoads(importlib.abc.MetaPathFinder):
-    """An import hook that waits for the first `import keras` in this process, lets it run, then registers the
-    layers above. (Importing Keras takes seconds; this file must import in a blink for --help and its errors.)"""
-
-    def find_spec(self, name, path=None, target=None):
-        if name != "keras":
-            return None
-        sys.meta_path.remove(self)  # Once is enough; and find_spec below must not find this hook again.
-        spec = importlib.util.find_spec(name)
-        if spec is not None and spec.loader is not None:
-            load_keras = spec.loader.exec_module
-
-            def load_keras_then_register(module):
-                load_keras(module)
-                custom_layers()
-
-            spec.loader.exec_module = load_keras_then_register
-        return spec
-
-
-if "keras" in sys.modules:
-    custom_layers()
-elif not any(isinstance(hook, RegisterWhenKerasLoads) for hook in sys.meta_path):
-    sys.meta_path.insert(0, RegisterWhenKerasLoads())
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------------------
 
 
-def build_classifier(config: TrainConfig, vocab_size: int, num_classes: int = 2):
-    """Embedding -> SpatialDropout1D -> recurrent layer(s) -> Dense(1, sigmoid) for two classes, or
-    Dense(classes, softmax) for more, on token ids."""
+def build_bert_classifier(config: TrainConfig, num_classes: int):
+    """A pretrained BERT backbone on token ids ([CLS] ... [SEP], then 0 padding), its pooled [CLS] output ->
+    Dropout(0.1) -> the same output layer as the recurrent models (KerasHub's BertTextClassifier's head)."""
     import keras
     from keras import layers
 
+    backbone = bert_preset_part("BertBackbone", config.bert_preset)
+    token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
+    features = backbone({"token_ids": token_ids, "segment_ids": keras.ops.zeros_like(token_ids),
+                         "padding_mask": keras.ops.not_equal(token_ids, 0)})
+    x = layers.Dropout(0.1)(features["pooled_output"])
+    if num_classes == 2:
+        outputs = layers.Dense(1, activation="sigmoid", dtype="float32", name="probability")(x)
+    else:
+        outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="probability")(x)
+    return keras.Model(token_ids, outputs, name="bert_classifier")
+
+
+def build_classifier(config: TrainConfig, vocab_size: int, num_classes: int = 2):
+    """Embedding -> SpatialDropout1D -> recurrent layer(s) -> Dense(1, sigmoid) for two classes, or
+    Dense(classes, softmax) for more, on token ids. (--arch bert: build_bert_classifier.)"""
+    import keras
+    from keras import layers
+
+    if config.arch == "bert":
+        return build_bert_classifier(config, num_classes)
     recurrent = {"lstm": layers.LSTM, "bilstm": layers.LSTM, "gru": layers.GRU}[config.arch]
     inputs = keras.Input(shape=(None,), dtype="int32", name="token_ids")
     # mask_zero lets the recurrent layer skip the right padding (and keeps cuDNN usable on a GPU).
@@ -1041,10 +1164,10 @@ def count_classes(classifier) -> int:
     return max(2, classifier.get_layer("probability").units)
 
 
-def local_copy(classifier, config: TrainConfig):
+def local_copy(classifier, config: TrainConfig, vocab_size: int):
     """The trained classifier with plain variables on this machine, outside any distribution strategy: for
     scoring and saving, on the chief alone."""
-    copy = build_classifier(config, classifier.get_layer("embedding").input_dim, count_classes(classifier))
+    copy = build_classifier(config, vocab_size, count_classes(classifier))
     copy.set_weights(classifier.get_weights())
     return copy
 
@@ -1828,6 +1951,7 @@ class Explainer:
     classifier: object            # token ids -> probabilities
     class_names: tuple[str, ...]
     gradients: object             # tf.function: (embedding vectors, target class) -> integrated gradients
+    subword_pieces: list[str] | None = None  # a WordPiece vectorizer's vocabulary (None: whole words)
     neural_weight: float = 1.0    # the blend's weight of the neural model (1 without a baseline)
     ngram_index: dict | None = None   # the baseline's n-gram -> id (None without a baseline)
     ngram_lengths: int = 0
@@ -1887,10 +2011,15 @@ def make_explainer(model, class_names) -> Explainer:
     layers_by_name = model_layers(model)
     classifier = next((layer for name, layer in layers_by_name.items()
                        if name.endswith("_classifier") and "embedding" in model_layers(layer)), None)
+    if "bert_classifier" in layers_by_name:
+        raise UserError("--explain is not available for BERT models yet (it is for the LSTM, GRU and BiLSTM "
+                        "models and their blends)")
     if classifier is None or "vectorizer" not in layers_by_name:
         raise UserError("--explain needs a model saved by this script (its neural part was not found)")
-    explainer = Explainer(layers_by_name["vectorizer"], classifier, tuple(class_names),
-                          integrated_gradients_function(classifier))
+    vectorizer = layers_by_name["vectorizer"]
+    explainer = Explainer(vectorizer, classifier, tuple(class_names), integrated_gradients_function(classifier))
+    if hasattr(vectorizer, "token_counts"):  # the WordPiece vectorizer
+        explainer.subword_pieces = vectorizer.get_vocabulary()
     if "tfidf_logistic" in layers_by_name:
         if "blend" not in layers_by_name:
             raise UserError("--explain needs a blended model saved by a newer version of this script; "
@@ -1911,15 +2040,23 @@ def text_words(text: str) -> list[str]:
 
 
 def neural_word_scores(explainer: Explainer, text: str, target: int, words: int) -> np.ndarray:
-    """Integrated gradients of the neural model, one per word (words past --max-length get 0: unseen)."""
+    """Integrated gradients of the neural model, one per word (words past --max-length get 0: unseen). With
+    WordPiece tokens, a word's score is the sum of its pieces' (a piece marked ## continues a word)."""
     import tensorflow as tf
 
-    token_ids = explainer.vectorizer(tf.constant([[str(text)]])).numpy()[0]
+    token_ids = np.asarray(explainer.vectorizer(tf.constant([[str(text)]])))[0]
     token_ids = token_ids[: np.count_nonzero(token_ids)]
     scores = np.zeros(words)
-    if len(token_ids):
-        vectors = explainer.classifier.get_layer("embedding")(tf.constant(token_ids[None]))[0]
-        scores[: len(token_ids)] = explainer.gradients(tf.cast(vectors, tf.float32), tf.constant(target)).numpy()
+    if not len(token_ids):
+        return scores
+    vectors = explainer.classifier.get_layer("embedding")(tf.constant(token_ids[None]))[0]
+    token_scores = explainer.gradients(tf.cast(vectors, tf.float32), tf.constant(target)).numpy()
+    if explainer.subword_pieces is None:
+        word_of_token = np.arange(len(token_ids))
+    else:
+        word_of_token = np.cumsum([not explainer.subword_pieces[i].startswith("##") for i in token_ids]) - 1
+    seen = word_of_token < words
+    np.add.at(scores, word_of_token[seen], token_scores[seen])
     return scores
 
 
@@ -2130,8 +2267,12 @@ def build_html_report(report: dict, evaluation: Evaluation, history: dict, figur
 
 
 def report_mistakes(model, errors: pd.DataFrame, class_names) -> list[tuple[dict, Explanation]]:
-    """The first REPORT_MISTAKES rows of errors.csv, each with the explanation of the model's prediction."""
-    explainer = make_explainer(model, class_names)
+    """The first REPORT_MISTAKES rows of errors.csv, each with the explanation of the model's prediction (all
+    scores 0, so no colours, for a model that --explain cannot explain)."""
+    try:
+        explainer = make_explainer(model, class_names)
+    except UserError:
+        explainer = None
     probability_name = next(column for column in errors.columns if column.startswith("probability"))
     mistakes = []
     for _, row in errors.head(REPORT_MISTAKES).iterrows():
@@ -2139,7 +2280,9 @@ def report_mistakes(model, errors: pd.DataFrame, class_names) -> list[tuple[dict
         mistakes.append(({"true_label": row["true_label"], "predicted_label": row["predicted_label"],
                           "probability_name": probability_name.replace("_", " "),
                           "probability": float(row[probability_name])},
-                         explain_text(explainer, row["text"], target)))
+                         explain_text(explainer, row["text"], target) if explainer else
+                         Explanation(text_words(row["text"]), np.zeros(len(text_words(row["text"]))),
+                                     class_names[target])))
     return mistakes
 
 
@@ -2238,7 +2381,7 @@ def run_training(config: TrainConfig) -> TrainingResult:
         print("Training done; the chief writes the model and the reports.")
         return training
 
-    classifier = local_copy(classifier, config)
+    classifier = local_copy(classifier, config, len(inputs.vocabulary))
     probabilities, model, blend = score_on_test(config, classifier, inputs, splits, class_names, clock)
     evaluation = evaluate(splits.test, class_names, probabilities)
     report = build_report(config, counts, training, evaluation, blend, strategy, setup.role)
@@ -2507,10 +2650,11 @@ def build_predict_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Defaults, then the preset's values, then the flags the user gave."""
+    """Defaults, then those of the architecture (ARCH_DEFAULTS), the preset's values, the flags the user gave."""
     given = vars(args)
     preset = PRESETS.get(given.pop("preset", None), {})
-    return TrainConfig(**{**preset, **given})
+    arch = given.get("arch", preset.get("arch", "lstm"))
+    return TrainConfig(**{**ARCH_DEFAULTS.get(arch, {}), **preset, **given})
 
 
 def main(argv: list[str] | None = None) -> int:
