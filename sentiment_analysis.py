@@ -623,10 +623,12 @@ def custom_layers() -> dict:
     WeightedBlend mixes the neural model's and the baseline's probabilities, keeping its weight in the file (for
     --explain).
 
-    WordPieceVectorizer (--tokenizer wordpiece) does what TextVectorization does for words: standardize, split
-    into WordPiece subword tokens of its vocabulary (KerasHub's WordPieceTokenizer; 0 is padding, 1 is
-    [UNK]), pad or cut to sequence_length. ClassNames passes the probabilities through unchanged and keeps the class names in the model
-    file, so that predict needs nothing else."""
+    WordPieceVectorizer (--tokenizer wordpiece, and BERT's inputs) does what TextVectorization does for
+    words: standardize, split into WordPiece subword tokens of its vocabulary (KerasHub's WordPieceTokenizer;
+    0 is padding), for BERT between [CLS] and [SEP], pad or cut to sequence_length.
+
+    ClassNames passes the probabilities through unchanged and keeps the class names in the model file, so that
+    predict needs nothing else."""
     import keras
     import tensorflow as tf
 
@@ -1917,7 +1919,8 @@ def write_outputs(output_dir: Path, model, evaluation: Evaluation, history: dict
     write_csv(output_dir / "errors.csv", errors)
     figures = {
         "confusion_matrix.png": plot_confusion_matrix(evaluation.scores[primary]["confusion_matrix"],
-                                                      evaluation.class_names, f"Confusion matrix ({primary}, test set)"),
+                                                      evaluation.class_names,
+                                                      f"Confusion matrix ({primary}, test set)"),
         "roc_curve.png": plot_roc_curves(test.labels, evaluation.probabilities, evaluation.class_names),
         "training_history.png": plot_history(history),
     }
