@@ -137,7 +137,7 @@ def test_exported_blend_scores_exactly_like_scikit_learn(tmp_path):
 
     rows = pd.read_csv(TINY_CSV)
     texts, labels = rows["reviews"].to_numpy(object), (rows["sentiment"] == "positive").to_numpy(int)
-    config = sa.TrainConfig(vocab_size=500, max_length=50, baseline_ngrams=3)
+    config = sa.resolve_embedding_dim(sa.TrainConfig(vocab_size=500, max_length=50, baseline_ngrams=3))
     baseline = sa.fit_baseline(sa.standardized_strings(texts[:150]), labels[:150], config)
     expected = baseline.predict_proba(sa.standardized_strings(texts[150:]))
     vectorizer = sa.make_vectorizer(texts[:150], config)
