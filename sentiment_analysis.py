@@ -1950,11 +1950,12 @@ class Explanation:
 @dataclass
 class Explainer:
     """The parts of a saved model that an explanation needs, found by their layer names."""
-    vectorizer: object            # the neural model's TextVectorization
-    classifier: object            # token ids -> probabilities
+    vectorizer: object            # the neural model's TextVectorization (or WordPiece vectorizer)
+    embedding: object             # its token embedding layer
     class_names: tuple[str, ...]
     gradients: object             # tf.function: (embedding vectors, target class) -> integrated gradients
     subword_pieces: list[str] | None = None  # a WordPiece vectorizer's vocabulary (None: whole words)
+    special_ids: set = field(default_factory=set)  # BERT's [CLS] and [SEP]: not words of the text
     neural_weight: float = 1.0    # the blend's weight of the neural model (1 without a baseline)
     ngram_index: dict | None = None   # the baseline's n-gram -> id (None without a baseline)
     ngram_lengths: int = 0
@@ -1976,22 +1977,47 @@ def model_layers(model) -> dict:
     return found
 
 
-def integrated_gradients_function(classifier):
-    """A compiled function: integrated gradients of the classifier's probability of one class with respect to
-    the embedding vectors of one text, from all-zero vectors (Sundararajan et al., 2017; the method of
-    TensorFlow's integrated-gradients tutorial), summed over each vector: one attribution per token."""
+def embedding_and_rest(classifier):
+    """The classifier split in two for integrated gradients: its token embedding layer, and a function from the
+    embedded tokens of texts (no padding) to the classifier's output, at inference (no dropout).
+
+    Recurrent models: every layer after the embedding, in order. BERT: the steps of KerasHub's BertBackbone
+    after its token embedding (add the position and segment embeddings, normalize, the transformer layers, the
+    pooled [CLS] output), then the classifier's head."""
     import keras
     import tensorflow as tf
 
-    def probabilities_from_vectors(vectors):
-        mask = tf.ones(tf.shape(vectors)[:2], dtype=tf.bool)
-        x = vectors
-        for layer in classifier.layers:
-            if isinstance(layer, keras.layers.InputLayer) or layer.name == "embedding":
-                continue
-            recurrent = isinstance(layer, (keras.layers.RNN, keras.layers.Bidirectional))
-            x = layer(x, mask=mask, training=False) if recurrent else layer(x, training=False)
-        return x
+    layers_after = [layer for layer in classifier.layers if not isinstance(layer, keras.layers.InputLayer)]
+    backbone = next((layer for layer in layers_after if hasattr(layer, "transformer_layers")), None)
+    if backbone is None:
+        def rest(vectors):
+            mask = tf.ones(tf.shape(vectors)[:2], dtype=tf.bool)
+            x = vectors
+            for layer in layers_after[1:]:  # after the embedding
+                recurrent = isinstance(layer, (keras.layers.RNN, keras.layers.Bidirectional))
+                x = layer(x, mask=mask, training=False) if recurrent else layer(x, training=False)
+            return x
+
+        return classifier.get_layer("embedding"), rest
+
+    def rest(vectors):
+        shape = tf.shape(vectors)[:2]
+        x = backbone.embeddings_add((vectors, backbone.position_embedding(vectors),
+                                     backbone.segment_embedding(tf.zeros(shape, tf.int32))))
+        x = backbone.embeddings_layer_norm(x)
+        for layer in backbone.transformer_layers:
+            x = layer(x, padding_mask=tf.ones(shape, tf.int32), training=False)
+        x = backbone.pooled_dense(x[:, 0, :])
+        return classifier.get_layer("probability")(x)
+
+    return backbone.token_embedding, rest
+
+
+def integrated_gradients_function(probabilities_from_vectors):
+    """A compiled function: integrated gradients of the classifier's probability of one class with respect to
+    the embedding vectors of one text, from all-zero vectors (Sundararajan et al., 2017; the method of
+    TensorFlow's integrated-gradients tutorial), summed over each vector: one attribution per token."""
+    import tensorflow as tf
 
     @tf.function(reduce_retracing=True)
     def attributions(vectors, target):
@@ -2013,16 +2039,15 @@ def make_explainer(model, class_names) -> Explainer:
     """Find the neural model and, in a blend, the baseline's n-grams, weights and blend weight."""
     layers_by_name = model_layers(model)
     classifier = next((layer for name, layer in layers_by_name.items()
-                       if name.endswith("_classifier") and "embedding" in model_layers(layer)), None)
-    if "bert_classifier" in layers_by_name:
-        raise UserError("--explain is not available for BERT models yet (it is for the LSTM, GRU and BiLSTM "
-                        "models and their blends)")
+                       if name.endswith("_classifier") and "probability" in model_layers(layer)), None)
     if classifier is None or "vectorizer" not in layers_by_name:
         raise UserError("--explain needs a model saved by this script (its neural part was not found)")
     vectorizer = layers_by_name["vectorizer"]
-    explainer = Explainer(vectorizer, classifier, tuple(class_names), integrated_gradients_function(classifier))
-    if hasattr(vectorizer, "token_counts"):  # the WordPiece vectorizer
+    embedding, rest = embedding_and_rest(classifier)
+    explainer = Explainer(vectorizer, embedding, tuple(class_names), integrated_gradients_function(rest))
+    if hasattr(vectorizer, "token_counts"):  # the WordPiece vectorizer (words or BERT)
         explainer.subword_pieces = vectorizer.get_vocabulary()
+        explainer.special_ids = {vectorizer.start_id, vectorizer.end_id} - {None}
     if "tfidf_logistic" in layers_by_name:
         if "blend" not in layers_by_name:
             raise UserError("--explain needs a blended model saved by a newer version of this script; "
@@ -2052,8 +2077,10 @@ def neural_word_scores(explainer: Explainer, text: str, target: int, words: int)
     scores = np.zeros(words)
     if not len(token_ids):
         return scores
-    vectors = explainer.classifier.get_layer("embedding")(tf.constant(token_ids[None]))[0]
+    vectors = explainer.embedding(tf.constant(token_ids[None]))[0]
     token_scores = explainer.gradients(tf.cast(vectors, tf.float32), tf.constant(target)).numpy()
+    words_in_text = ~np.isin(token_ids, list(explainer.special_ids))
+    token_ids, token_scores = token_ids[words_in_text], token_scores[words_in_text]
     if explainer.subword_pieces is None:
         word_of_token = np.arange(len(token_ids))
     else:

@@ -171,8 +171,15 @@ def test_bert_fine_tunes_from_a_local_preset_and_predicts_from_its_file(tiny_ber
     rows = [line.split("\t") for line in predicted.stdout.splitlines()]
     probabilities = sa.predict_strings(model, texts)[:, 1]
     assert [float(row[1]) for row in rows] == pytest.approx(probabilities, abs=1e-4)
-    assert_user_error(run_main("predict", "--model", tmp_path / "model.keras", "--explain", "x"),
-                      "not available for BERT")
+    # Explanations: integrated gradients over BERT's token embedding, pieces summed per word, [CLS] and [SEP]
+    # left out; plus the baseline's terms, half and half.
+    explained = run_main("predict", "--model", tmp_path / "model.keras", "--explain", *texts)
+    assert explained.returncode == 0, explained.stderr[-3000:]
+    words = [line.split("\t")[0] for line in explained.stdout.splitlines() if line.count("\t") == 1]
+    assert words == ["a", "good", "film", "!", "bad", "bad", "bad"]
+    explainer = sa.make_explainer(model, sa.model_class_names(model))
+    neural = sa.neural_word_scores(explainer, texts[0], 1, 4)
+    assert np.count_nonzero(neural) == 4 and explainer.special_ids == {ids[0], ids[np.count_nonzero(ids) - 1]}
 
 
 def test_bert_settings_come_from_its_defaults_unless_given_and_a_bad_preset_is_one_line(tmp_path):
