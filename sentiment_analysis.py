@@ -628,7 +628,7 @@ def custom_layers() -> dict:
     0 is padding), for BERT between [CLS] and [SEP], pad or cut to sequence_length.
 
     ClassNames passes the probabilities through unchanged and keeps the class names in the model file, so that
-    predict needs nothing else."""
+    predict needs nothing else, and the training settings, so that the file says how it was made."""
     import keras
     import tensorflow as tf
 
@@ -672,9 +672,9 @@ def custom_layers() -> dict:
 
     @keras.saving.register_keras_serializable(package="sentiment_analysis")
     class ClassNames(keras.layers.Layer):
-        def __init__(self, names, **kwargs):
+        def __init__(self, names, settings=None, **kwargs):
             super().__init__(**kwargs)
-            self.names = list(names)
+            self.names, self.settings = list(names), settings
 
         def call(self, probabilities):
             return probabilities
@@ -683,7 +683,7 @@ def custom_layers() -> dict:
             return input_shape
 
         def get_config(self):
-            return {**super().get_config(), "names": self.names}
+            return {**super().get_config(), "names": self.names, "settings": self.settings}
 
     @keras.saving.register_keras_serializable(package="sentiment_analysis")
     class WeightedBlend(keras.layers.Layer):
@@ -1174,12 +1174,13 @@ def local_copy(classifier, config: TrainConfig, vocab_size: int):
     return copy
 
 
-def export_model(vectorizer, classifier, class_names):
+def export_model(vectorizer, classifier, class_names, settings: dict | None = None):
     """One model from raw strings to probabilities, the class names inside: the file is the whole predictor."""
     import keras
 
     text = keras.Input(shape=(1,), dtype="string", name="text")
-    probabilities = custom_layers()["ClassNames"](class_names, name="class_names")(classifier(vectorizer(text)))
+    probabilities = custom_layers()["ClassNames"](class_names, settings, name="class_names")(
+        classifier(vectorizer(text)))
     return keras.Model(text, probabilities, name="sentiment_model")
 
 
@@ -1241,7 +1242,7 @@ def baseline_probabilities(baseline, texts) -> np.ndarray:
     return baseline.predict_proba(standardized_strings(texts))
 
 
-def export_blend(neural_model, baseline, weight: float, class_names):
+def export_blend(neural_model, baseline, weight: float, class_names, settings: dict | None = None):
     """One model from raw strings to the blended probabilities, the baseline and the class names inside it."""
     import keras
     from keras import layers
@@ -1264,7 +1265,7 @@ def export_blend(neural_model, baseline, weight: float, class_names):
                         np.asarray(intercept, dtype=np.float32)])
     text = keras.Input(shape=(1,), dtype="string", name="text")
     blended = custom_layers()["WeightedBlend"](weight, name="blend")([neural_model(text), scorer(ngram_ids(text))])
-    probabilities = custom_layers()["ClassNames"](class_names, name="class_names")(blended)
+    probabilities = custom_layers()["ClassNames"](class_names, settings, name="class_names")(blended)
     return keras.Model(text, probabilities, name="blended_sentiment_model")
 
 
@@ -2368,7 +2369,9 @@ def score_on_test(config: TrainConfig, classifier, inputs: PreparedInputs, split
     Every choice (epochs, blend weight) is made on the validation split; the test split is only scored."""
     with clock.timed("evaluate_s"):
         neural = predict_token_ids(classifier, inputs.test_ids)
-    model, probabilities, blend = export_model(inputs.vectorizer, classifier, class_names), {config.arch: neural}, None
+    settings = dataclasses.asdict(config)  # kept in the model file
+    model = export_model(inputs.vectorizer, classifier, class_names, settings)
+    probabilities, blend = {config.arch: neural}, None
     if config.baseline:
         print("Fitting the TF-IDF + logistic-regression baseline ...")
         with clock.timed("baseline_s"):
@@ -2379,7 +2382,7 @@ def score_on_test(config: TrainConfig, classifier, inputs: PreparedInputs, split
             print(f"Blend: {blend.weight:.2f} * {config.arch} + {1 - blend.weight:.2f} * baseline")
             blended = blend_probabilities(blend.weight, neural, probabilities["baseline"])
             probabilities = {"blend": blended, "baseline": probabilities["baseline"], config.arch: neural}
-            model = export_blend(model, baseline, blend.weight, class_names)
+            model = export_blend(model, baseline, blend.weight, class_names, settings)
     return probabilities, model, blend
 
 

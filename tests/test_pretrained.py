@@ -101,6 +101,7 @@ def test_wordpiece_tokens_train_blend_and_predict_the_same_after_loading(tmp_pat
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["config"]["tokenizer"] == "wordpiece" and metrics["model"] == "blend"
     model = sa.load_model(tmp_path / "model.keras")
+    assert model.get_layer("class_names").settings == metrics["config"]  # the file says how it was made
     vectorizer = sa.model_layers(model)["vectorizer"]
     pieces = vectorizer.get_vocabulary()
     assert pieces[:2] == ["[PAD]", "[UNK]"] and len(pieces) <= 400
