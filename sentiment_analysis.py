@@ -6,6 +6,7 @@ Run it:
     python sentiment_analysis.py --preset best            # the strongest recipe measured (see README)
     python sentiment_analysis.py predict "A wonderful film." "Two hours I will never get back."
     python sentiment_analysis.py predict --input my_reviews.csv --output predictions.csv
+    python sentiment_analysis.py predict --explain "Great cast, dull plot."    # each word's push
     python sentiment_analysis.py --data tweets.tsv --label-column airline_sentiment   # your own labels
     TF_CONFIG='{"cluster": ...}' python sentiment_analysis.py    # one worker of a cluster (see the README)
 
@@ -13,8 +14,11 @@ The default model is the design card's: Embedding(vocab, 128) -> SpatialDropout1
 Dense(1, sigmoid), its embedding started from Word2Vec vectors trained on the training split. Everything else
 (other architectures, random embeddings, the blend with the TF-IDF baseline) is an option on top of it. Labels
 of other names train the same model; three or more classes end in Dense(classes, softmax).
-Outputs land in --output-dir (default outputs/): model.keras (takes raw strings),
-metrics.json, classification_report.txt, history.csv, errors.csv and three figures.
+Pretrained knowledge comes in as options: --embeddings FILE (GloVe, word2vec, fastText vectors),
+--tokenizer wordpiece (subword pieces) and --arch bert (a KerasHub BERT preset, fine-tuned).
+Outputs land in --output-dir (default outputs/): model.keras (takes raw strings), saved_model/1/ (the same
+for TensorFlow Serving), metrics.json, classification_report.txt, history.csv, errors.csv, three figures,
+report.html (all of it on one page) and tensorboard/ (the training curves).
 
 How to read this file: it runs from the bottom up. Each section defines what the sections below it use, in
 the order a run needs it: configuration -> files -> data -> Keras pieces saved in the model file -> tokens ->
@@ -102,7 +106,8 @@ class TrainConfig:
                                        "vectors in an --embeddings file)")
     spatial_dropout: float = option(0.2, "SpatialDropout1D rate after the embedding")
     arch: str = option("lstm", "the model: a recurrent layer type, or bert to fine-tune a pretrained KerasHub "
-                       "BERT (see --bert-preset)", choices=("lstm", "bilstm", "gru", "bert"))
+                       "BERT (see --bert-preset; it brings its own defaults for --learning-rate, --batch-size, "
+                       "--epochs and --max-length)", choices=("lstm", "bilstm", "gru", "bert"))
     bert_preset: str = option("bert_tiny_en_uncased", "with --arch bert: a KerasHub BERT preset name (downloaded "
                               "by KerasHub on first use) or a local preset directory written by save_to_preset")
     units: int = option(100, "units in each recurrent layer")
