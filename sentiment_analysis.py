@@ -35,7 +35,7 @@ import dataclasses
 import functools
 import html
 import importlib.abc
-import importlib.util
+import importlib.machinery
 import json
 import math
 import os
@@ -755,21 +755,25 @@ def custom_layers() -> dict:
 
 class RegisterWhenKerasLoads(importlib.abc.MetaPathFinder):
     """An import hook that waits for the first `import keras` in this process, lets it run, then registers the
-    layers above. (Importing Keras takes seconds; this file must import in a blink for --help and its errors.)"""
+    layers above. (Importing Keras takes seconds; this file must import in a blink for --help and its errors.)
+    TensorFlow only looks for Keras at first (find_spec without loading it), so the hook stays until Keras is
+    really loaded."""
 
     def find_spec(self, name, path=None, target=None):
         if name != "keras":
             return None
-        sys.meta_path.remove(self)  # Once is enough; and find_spec below must not find this hook again.
-        spec = importlib.util.find_spec(name)
-        if spec is not None and spec.loader is not None:
-            load_keras = spec.loader.exec_module
+        spec = importlib.machinery.PathFinder.find_spec(name, path)  # where Keras is, skipping this hook
+        if spec is None or spec.loader is None:
+            return None
+        load_keras = spec.loader.exec_module
 
-            def load_keras_then_register(module):
-                load_keras(module)
-                custom_layers()
+        def load_keras_then_register(module):
+            load_keras(module)
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
+            custom_layers()
 
-            spec.loader.exec_module = load_keras_then_register
+        spec.loader.exec_module = load_keras_then_register
         return spec
 
 

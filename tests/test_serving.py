@@ -72,8 +72,8 @@ LOAD = """
 import json, sys
 sys.path.insert(0, sys.argv[3])
 import sentiment_analysis
+import tensorflow as tf  # TensorFlow looks for Keras first, without loading it
 import keras
-import tensorflow as tf
 model = keras.models.load_model(sys.argv[1])
 print(json.dumps(model(tf.constant(json.loads(sys.argv[2]))[:, None]).numpy().tolist()))
 """
