@@ -1997,13 +1997,13 @@ def embedding_and_rest(classifier):
     import keras
     import tensorflow as tf
 
-    layers_after = [layer for layer in classifier.layers if not isinstance(layer, keras.layers.InputLayer)]
-    backbone = next((layer for layer in layers_after if hasattr(layer, "transformer_layers")), None)
+    in_order = [layer for layer in classifier.layers if not isinstance(layer, keras.layers.InputLayer)]
+    backbone = next((layer for layer in in_order if hasattr(layer, "transformer_layers")), None)
     if backbone is None:
         def rest(vectors):
             mask = tf.ones(tf.shape(vectors)[:2], dtype=tf.bool)
             x = vectors
-            for layer in layers_after[1:]:  # after the embedding
+            for layer in in_order[1:]:  # after the embedding
                 recurrent = isinstance(layer, (keras.layers.RNN, keras.layers.Bidirectional))
                 x = layer(x, mask=mask, training=False) if recurrent else layer(x, training=False)
             return x
