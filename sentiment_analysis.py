@@ -204,17 +204,22 @@ def validate_config(config: TrainConfig) -> None:
             raise UserError(f"{flag_name(name)} {requirement} (got {getattr(config, name)!r})")
 
 
-def word_vector_file_dimension(path: Path) -> int:
-    """The vector size of a word-vector file, from its first line: 'WORDS SIZE' in word2vec and fastText
-    files (text or binary), else a GloVe line 'word v1 v2 ...'. A one-line error if it is neither."""
+def word_vector_file_header(path: Path) -> list[str]:
+    """The first line of a word-vector file (gzipped or not), split on spaces; a one-line error if unreadable."""
     import gzip
 
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as file:
-            first = file.readline(1_000_000).decode("utf-8").split()
+            return file.readline(1_000_000).decode("utf-8").split()
     except (OSError, UnicodeDecodeError, EOFError) as error:
         raise UserError(f"cannot read the word-vector file {path}: {error}") from None
+
+
+def word_vector_file_dimension(path: Path) -> int:
+    """The vector size of a word-vector file, from its first line: 'WORDS SIZE' in word2vec and fastText
+    files (text or binary), else a GloVe line 'word v1 v2 ...'. A one-line error if it is neither."""
+    first = word_vector_file_header(path)
     if len(first) == 2 and all(part.isdigit() for part in first):
         return int(first[1])
     try:
@@ -994,10 +999,8 @@ def load_word_vectors(path: Path):
     except ImportError:
         raise UserError("--embeddings FILE needs gensim: pip install gensim") from None
 
-    with open(path, "rb") as file:
-        header = len(file.readline(1000).split()) == 2
     attempts = [dict(binary=False, no_header=True)]
-    if header:
+    if len(word_vector_file_header(path)) == 2:
         attempts = [dict(binary=False), dict(binary=True)]
         if ".bin" in path.suffixes:
             attempts.reverse()
@@ -2306,6 +2309,12 @@ def build_html_report(report: dict, evaluation: Evaluation, history: dict, figur
             f"<style>{REPORT_STYLE}</style></head><body>{''.join(sections)}</body></html>\n")
 
 
+def unexplained(text: str, towards: str) -> Explanation:
+    """A text's words with no scores (shown without colours)."""
+    words = text_words(text)
+    return Explanation(words, np.zeros(len(words)), towards)
+
+
 def report_mistakes(model, errors: pd.DataFrame, class_names) -> list[tuple[dict, Explanation]]:
     """The first REPORT_MISTAKES rows of errors.csv, each with the explanation of the model's prediction (all
     scores 0, so no colours, for a model that --explain cannot explain)."""
@@ -2321,8 +2330,7 @@ def report_mistakes(model, errors: pd.DataFrame, class_names) -> list[tuple[dict
                           "probability_name": probability_name.replace("_", " "),
                           "probability": float(row[probability_name])},
                          explain_text(explainer, row["text"], target) if explainer else
-                         Explanation(text_words(row["text"]), np.zeros(len(text_words(row["text"]))),
-                                     class_names[target])))
+                         unexplained(row["text"], class_names[target])))
     return mistakes
 
 
