@@ -40,6 +40,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -62,7 +63,7 @@ POSITIVE_LABELS = {"positive", "pos", "1", "1.0", "true"}
 NEGATIVE_LABELS = {"negative", "neg", "0", "0.0", "false"}
 CLASS_NAMES = ("negative", "positive")  # the classes of positive/negative-style labels, and of older model files
 MIN_ROWS = 10
-EMBEDDING_METHODS = ("word2vec", "random")  # else --embeddings names a word-vector file
+EMBEDDING_METHODS = ("auto", "word2vec", "random")  # else --embeddings names a word-vector file
 DEFAULT_EMBEDDING_DIM = 128
 MAX_CLASSES = 100
 MIN_CLASS_ROWS = 3  # one for each of the training, validation and test splits
@@ -115,16 +116,22 @@ class TrainConfig:
     tokenizer: str = option("word", "word: whole words (Keras TextVectorization); wordpiece: WordPiece subword "
                             "pieces learned on the training split (KerasHub), --vocab-size of them",
                             choices=("word", "wordpiece"))
-    embeddings: str = option("word2vec", "embedding initialisation: word2vec trains gensim Word2Vec on the "
-                             "training split; random starts from random vectors; or a word-vector file to start "
-                             "from (GloVe text, word2vec text or binary, fastText .vec)")
-    epochs: int = option(4, "maximum number of training epochs")
-    batch_size: int = option(128, "examples per batch (per device when several are used)")
+    embeddings: str = option("auto", "embedding initialisation: word2vec trains gensim Word2Vec on the training "
+                             "split; random starts from random vectors; auto is word2vec on a large training split "
+                             "and random on a small one (see plan_training); or a word-vector file to start from "
+                             "(GloVe text, word2vec text or binary, fastText .vec), or a name of gensim's "
+                             "downloader such as glove-wiki-gigaword-100")
+    epochs: int | None = option(None, "number of training epochs, early stopping aside (default: planned from the "
+                                "data size, at least --min-epochs; see plan_training)")
+    min_epochs: int = option(4, "with the planned --epochs: the fewest epochs planned, on any data size")
+    batch_size: int | None = option(None, "examples per batch, per device when several are used (default: 128, "
+                                    "or 32 on a small training split; see plan_training)")
     learning_rate: float = option(2e-3, "initial Adam learning rate")
     lr_schedule: str = option("cosine", "learning-rate schedule: constant, or cosine decay to zero over "
                               "--epochs", choices=("constant", "cosine"))
     weight_decay: float = option(0.0, "decoupled weight decay (AdamW) when above zero")
-    patience: int = option(1, "epochs without validation-loss improvement before stopping")
+    patience: int | None = option(None, "epochs without validation-loss improvement before stopping (default: "
+                                  "1, or more when epochs are short; see plan_training)")
     class_weight: str = option("none", "balanced weights each review's loss by the inverse frequency of its "
                                "class in the training split (and the baseline likewise)",
                                choices=("none", "balanced"))
@@ -147,7 +154,7 @@ class TrainConfig:
 # the default LSTM trained for 6 epochs, blended with the TF-IDF baseline at a weight chosen on validation
 # data. Flags given on the command line still override these values.
 PRESETS = {
-    "best": dict(epochs=6, blend_weight="auto"),
+    "best": dict(min_epochs=6, blend_weight="auto"),
 }
 
 # Fine-tuning defaults of --arch bert, where the card's LSTM settings do not fit: Adam at 5e-5, batch size 32
@@ -169,19 +176,27 @@ def flag_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
+def is_downloader_name(value: str) -> bool:
+    """A name of gensim's downloader such as glove-wiki-gigaword-100 (lower-case words and numbers joined by
+    hyphens), as opposed to a path."""
+    return re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)+", value) is not None
+
+
 def validate_config(config: TrainConfig) -> None:
     """Refuse nonsensical flag values before any work. Each rule names the field it checks."""
     rules = [
-        ("epochs", config.epochs >= 1, "must be at least 1"),
-        ("batch_size", config.batch_size >= 1, "must be at least 1"),
+        ("epochs", config.epochs is None or config.epochs >= 1, "must be at least 1"),
+        ("min_epochs", config.min_epochs >= 1, "must be at least 1"),
+        ("batch_size", config.batch_size is None or config.batch_size >= 1, "must be at least 1"),
         ("vocab_size", config.vocab_size >= 3, "must be at least 3 (padding, [UNK] and one word)"),
         ("max_length", config.max_length >= 1, "must be at least 1"),
         ("embedding_dim", config.embedding_dim is None or config.embedding_dim >= 1, "must be at least 1"),
-        ("embeddings", config.embeddings in EMBEDDING_METHODS or Path(config.embeddings).is_file(),
-         "must be word2vec, random or an existing word-vector file"),
+        ("embeddings", config.embeddings in EMBEDDING_METHODS or Path(config.embeddings).is_file()
+         or is_downloader_name(config.embeddings),
+         "must be word2vec, random, an existing word-vector file or a name of gensim's downloader"),
         ("units", config.units >= 1, "must be at least 1"),
         ("layers", config.layers >= 1, "must be at least 1"),
-        ("patience", config.patience >= 1, "must be at least 1"),
+        ("patience", config.patience is None or config.patience >= 1, "must be at least 1"),
         ("learning_rate", config.learning_rate > 0, "must be positive"),
         ("weight_decay", config.weight_decay >= 0, "must be 0 or more"),
         ("spatial_dropout", 0 <= config.spatial_dropout < 1, "must be in [0, 1)"),
@@ -229,6 +244,36 @@ def word_vector_file_dimension(path: Path) -> int:
     if len(first) < 2:
         raise UserError(f"{path} is not a word-vector file (GloVe text, word2vec text or binary, or fastText .vec)")
     return len(first) - 1
+
+
+def fetch_word_vectors(config: TrainConfig) -> TrainConfig:
+    """--embeddings NAME (no such file): the word-vector file of that name from gensim's downloader, which fetches
+    it once from the internet and keeps it in ~/gensim-data (GENSIM_DATA_DIR); the config then names that file."""
+    name = config.embeddings
+    if name in EMBEDDING_METHODS or Path(name).is_file():
+        return config
+    try:
+        import gensim.downloader
+    except ImportError:
+        raise UserError(f"--embeddings {name} needs gensim: pip install gensim") from None
+    print(f"Word vectors {name}: from gensim's downloader (fetched once, then kept in {gensim.downloader.BASE_DIR})")
+    try:
+        path = gensim.downloader.load(name, return_path=True)
+    except ValueError:
+        raise UserError(f"--embeddings {name} is neither a file nor a name gensim's downloader knows (python -m "
+                        "gensim.downloader --info lists its names)") from None
+    except Exception as error:  # no network, a proxy, a full disk: gensim raises all sorts
+        raise UserError(f"--embeddings {name}: gensim's downloader could not fetch it ({type(error).__name__}: "
+                        f"{one_line(error, 120)}); download the vectors and give the file instead") from None
+    if not Path(path).is_file():
+        raise UserError(f"--embeddings {name}: gensim's downloader gave no file ({path})")
+    return dataclasses.replace(config, embeddings=str(path))
+
+
+def one_line(text, width: int = 80) -> str:
+    """A text (or an error) on one line, cut to `width` characters."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def resolve_embedding_dim(config: TrainConfig) -> TrainConfig:
@@ -1031,6 +1076,76 @@ def pretrained_matrix(vectors, token_ids, vocabulary: list[str], seed: int) -> t
     return matrix, coverage
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The training plan: how many steps a run takes, decided by the size of the data (explicit flags win)
+# ----------------------------------------------------------------------------------------------------------
+
+# The card's batch of 128 and a patience of one epoch suit the full IMDB data (about 290 steps an epoch). A
+# small training split gets batches of SMALL_BATCH_SIZE and enough epochs for at least MIN_STEPS optimizer
+# steps, with the learning rate's cosine decay spread over all of them, and a patience of at least
+# PATIENCE_STEPS steps, so that early stopping does not end a run during its first noisy epochs. The numbers
+# were chosen on validation figures of IMDB subsets (README, "Small data").
+BATCH_SIZE = 128
+SMALL_BATCH_SIZE = 32
+SMALL_TRAINING_ROWS = 20_000  # fewer training reviews than this: batches of SMALL_BATCH_SIZE
+MIN_STEPS = 1000
+PATIENCE_STEPS = 250
+MAX_PLANNED_EPOCHS = 100
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    batch_size: int       # per replica
+    steps_per_epoch: int  # batches of the training split in one epoch (all replicas together)
+    epochs: int           # at most; early stopping may end the run sooner
+    patience: int         # epochs without a lower validation loss before stopping
+    embeddings: str       # word2vec, random or a word-vector file: where the embedding starts
+    reason: str           # how the plan came about, in words
+
+    @property
+    def planned_steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+    def summary(self) -> dict:
+        return {"batch_size": self.batch_size, "steps_per_epoch": self.steps_per_epoch, "planned_epochs": self.epochs,
+                "planned_steps": self.planned_steps, "patience": self.patience, "embeddings": self.embeddings,
+                "plan": self.reason}
+
+
+def plan_training(config: TrainConfig, lengths: np.ndarray, replicas: int) -> TrainingPlan:
+    """The batch size, epochs and patience of a run on training reviews of these token counts: the values given
+    as flags, and for the rest the rule above. (Several replicas take --batch-size each, as one device would.)"""
+    rows, notes = len(lengths), []
+    batch_size = config.batch_size
+    if batch_size is None:
+        batch_size = SMALL_BATCH_SIZE if rows < SMALL_TRAINING_ROWS else BATCH_SIZE
+        if batch_size != BATCH_SIZE:
+            notes.append(f"batches of {batch_size} for {rows} training reviews (fewer than {SMALL_TRAINING_ROWS})")
+    global_batch = batch_size * replicas
+    steps = count_batches(lengths, global_batch, bucket_boundaries(config.max_length, rows, global_batch))
+    epochs = config.epochs
+    if epochs is None:
+        epochs = min(MAX_PLANNED_EPOCHS, max(config.min_epochs, math.ceil(MIN_STEPS / steps)))
+        if epochs == MAX_PLANNED_EPOCHS:
+            notes.append(f"{epochs} epochs, the most planned")
+        elif epochs > config.min_epochs:
+            notes.append(f"{epochs} epochs to reach about {MIN_STEPS} optimizer steps")
+    else:
+        notes.append(f"{epochs} epochs as given")
+    patience = config.patience
+    if patience is None:
+        patience = min(epochs, max(1, math.ceil(PATIENCE_STEPS / steps)))
+        if patience > 1:
+            notes.append(f"patience {patience} epochs (about {PATIENCE_STEPS} steps)")
+    embeddings = config.embeddings
+    if embeddings == "auto":
+        embeddings = "word2vec" if rows >= SMALL_TRAINING_ROWS else "random"
+        if embeddings == "random":
+            notes.append("random starting word vectors (Word2Vec learned on so few texts starts the model worse)")
+    reason = "; ".join(notes) or f"the defaults for {rows} training reviews"
+    return TrainingPlan(batch_size, steps, epochs, patience, embeddings, reason)
+
+
 @dataclass
 class PreparedInputs:
     """What the training loop and the scoring need from the text, made once from the splits."""
@@ -1040,17 +1155,18 @@ class PreparedInputs:
     validation_ids: np.ndarray
     test_ids: np.ndarray
     train_labels: np.ndarray
-    global_batch_size: int      # --batch-size times the number of replicas
+    plan: TrainingPlan          # batch size, steps per epoch, epochs and patience
+    global_batch_size: int      # the plan's batch size times the number of replicas
     max_length: int
     seed: int
     pad_to_full_batches: bool   # with several replicas, every batch must split evenly
     validation_batches: object  # a tf.data.Dataset, the same every epoch
-    steps_per_epoch: int
     validation_steps: int
     embedding_matrix: np.ndarray | None  # the embedding's starting weights (None: random)
     class_weights: np.ndarray | None     # loss weight of each class (None: all 1)
     embedding_coverage: dict | None      # with a word-vector file: how much of the text it covered
     truncated_reviews: int               # reviews longer than --max-length tokens, in all splits
+    notes: list[str]                     # advice about the data, for the run's output and the report
 
     def training_batches(self, epoch: int):
         """This epoch's training batches, shuffled with a seed of its own."""
@@ -1065,18 +1181,17 @@ def prepare_inputs(splits: DataSplits, config: TrainConfig, replicas: int, num_c
     vocabulary = vectorizer.get_vocabulary()
     train_ids, validation_ids, test_ids = (vectorize(vectorizer, part.texts)
                                            for part in (splits.train, splits.validation, splits.test))
-    global_batch_size, several = config.batch_size * replicas, replicas > 1
-    steps_per_epoch = count_batches(review_lengths(train_ids), global_batch_size,
-                                    bucket_boundaries(config.max_length, len(train_ids), global_batch_size))
+    plan = plan_training(config, review_lengths(train_ids), replicas)
+    global_batch_size, several = plan.batch_size * replicas, replicas > 1
     validation_batches = make_training_dataset(validation_ids, splits.validation.labels, global_batch_size,
                                                config.max_length, None, pad_to_full_batches=several)
     embedding_matrix, coverage = None, None
-    if config.embeddings == "word2vec":
+    if plan.embeddings == "word2vec":
         print("Training Word2Vec on the training split ...")
         embedding_matrix = word2vec_matrix(train_ids, vocabulary, config)
-    elif config.embeddings != "random":
-        print(f"Reading word vectors from {config.embeddings} ...")
-        embedding_matrix, coverage = pretrained_matrix(load_word_vectors(Path(config.embeddings)), train_ids,
+    elif plan.embeddings != "random":
+        print(f"Reading word vectors from {plan.embeddings} ...")
+        embedding_matrix, coverage = pretrained_matrix(load_word_vectors(Path(plan.embeddings)), train_ids,
                                                        vocabulary, config.seed)
         print(f"The file covers {coverage['vocabulary_covered']:.1%} of the vocabulary and "
               f"{coverage['training_tokens_covered']:.1%} of the training tokens; the rest start random")
@@ -1088,12 +1203,22 @@ def prepare_inputs(splits: DataSplits, config: TrainConfig, replicas: int, num_c
         print("Class weights: " + ", ".join(f"{weight:.3f}" for weight in class_weights))
     truncated = sum(count_truncated(vectorizer, part.texts, config.max_length)
                     for part in (splits.train, splits.validation, splits.test))
-    print(f"Vocabulary {len(vocabulary)} words; {steps_per_epoch} batches per epoch; {truncated} reviews longer "
-          f"than {config.max_length} tokens are cut")
-    return PreparedInputs(vectorizer, vocabulary, train_ids, validation_ids, test_ids, splits.train.labels,
+    print(f"Vocabulary {len(vocabulary)} words; {truncated} reviews longer than {config.max_length} tokens are cut")
+    print(f"Plan: {plan.epochs} epochs of {plan.steps_per_epoch} batches of {plan.batch_size} ({plan.planned_steps} "
+          f"steps), patience {plan.patience}, embedding from {plan.embeddings} ({plan.reason})")
+    notes = []
+    if plan.embeddings in ("word2vec", "random") and len(train_ids) < SMALL_TRAINING_ROWS and config.arch != "bert":
+        start = ("Word2Vec vectors learned on" if plan.embeddings == "word2vec" else "random vectors, as Word2Vec "
+                 "learns poor ones from")
+        notes.append(f"Small data: the embedding starts from {start} only {len(train_ids)} training texts. "
+                     "Pretrained word vectors help most here: --embeddings glove-wiki-gigaword-100 (gensim "
+                     "downloads it once), or --embeddings FILE with a GloVe, word2vec or fastText file.")
+    for note in notes:
+        print(f"Note: {note}")
+    return PreparedInputs(vectorizer, vocabulary, train_ids, validation_ids, test_ids, splits.train.labels, plan,
                           global_batch_size, config.max_length, config.seed, several, validation_batches,
-                          steps_per_epoch, int(validation_batches.cardinality()), embedding_matrix, class_weights,
-                          coverage, truncated)
+                          int(validation_batches.cardinality()), embedding_matrix, class_weights, coverage, truncated,
+                          notes)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1143,13 +1268,13 @@ def build_classifier(config: TrainConfig, vocab_size: int, num_classes: int = 2)
     return keras.Model(inputs, outputs, name=f"{config.arch}_classifier")
 
 
-def make_optimizer(config: TrainConfig, steps_per_epoch: int):
+def make_optimizer(config: TrainConfig, plan: TrainingPlan):
     import keras
 
     learning_rate = config.learning_rate
     if config.lr_schedule == "cosine":
         learning_rate = keras.optimizers.schedules.CosineDecay(
-            config.learning_rate, decay_steps=max(1, steps_per_epoch * config.epochs), alpha=0.0)
+            config.learning_rate, decay_steps=max(1, plan.planned_steps), alpha=0.0)
     if config.weight_decay > 0:
         optimizer = keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=config.weight_decay)
     else:
@@ -1167,7 +1292,7 @@ def build_model_and_optimizer(config: TrainConfig, inputs: PreparedInputs, num_c
         classifier = build_classifier(config, len(inputs.vocabulary), num_classes)
         if inputs.embedding_matrix is not None:
             classifier.get_layer("embedding").set_weights([inputs.embedding_matrix])
-        optimizer = make_optimizer(config, inputs.steps_per_epoch)
+        optimizer = make_optimizer(config, inputs.plan)
         optimizer.build(classifier.trainable_variables)
     classifier.summary(print_fn=print)
     return classifier, optimizer
@@ -1315,19 +1440,100 @@ class Blend:
     validation_accuracy: dict[str, float] | None  # of each part and the blend, when the weight was chosen here
 
 
-def choose_blend(config: TrainConfig, classifier, baseline, validation: LabelledTexts,
-                 validation_ids: np.ndarray) -> Blend:
-    """--blend-weight W as given, or with auto the weight chosen on the validation split (never the test)."""
+def choose_blend(config: TrainConfig, validation_labels: np.ndarray, neural: np.ndarray,
+                 baseline: np.ndarray) -> Blend:
+    """--blend-weight W as given, or with auto the weight chosen on the validation split (never the test), from
+    the two models' validation probabilities."""
     if config.blend_weight != "auto":
         return Blend(config.blend_weight, None)
-    parts = {config.arch: predict_token_ids(classifier, validation_ids),
-             "baseline": baseline_probabilities(baseline, validation.texts)}
-    weight = choose_blend_weight(validation.labels, parts[config.arch], parts["baseline"])
+    parts = {config.arch: neural, "baseline": baseline}
+    weight = choose_blend_weight(validation_labels, neural, baseline)
     parts["blend"] = blend_probabilities(weight, parts[config.arch], parts["baseline"])
     # Reported so that presets can be compared on validation data, never on the test set.
-    accuracy = {name: round(float(np.mean(predicted_labels(values) == validation.labels)), 4)
+    accuracy = {name: round(float(np.mean(predicted_labels(values) == validation_labels)), 4)
                 for name, values in parts.items()}
     return Blend(weight, accuracy)
+
+
+# The baseline's learning curve: it is fitted again on these shares of the training split (the whole split is
+# the baseline itself) and scored on the validation split, so a user sees whether more labels would help.
+BASELINE_CURVE_FRACTIONS = (0.1, 0.25, 0.5)
+
+
+def accuracy_of(labels: np.ndarray, probabilities: np.ndarray) -> float:
+    return round(float(np.mean(predicted_labels(probabilities) == labels)), 4)
+
+
+def baseline_learning_curve(baseline, train_strings: list[str], train_labels: np.ndarray,
+                            validation_strings: list[str], validation_labels: np.ndarray,
+                            config: TrainConfig) -> list[dict]:
+    """Validation accuracy of the baseline fitted on a stratified share of the training split, for each share of
+    BASELINE_CURVE_FRACTIONS and the whole split. A share too small to fit (a class or every word missing) is
+    left out."""
+    from sklearn.model_selection import train_test_split
+
+    points = []
+    for fraction in (*BASELINE_CURVE_FRACTIONS, 1.0):
+        rows, model = len(train_labels), baseline
+        if fraction < 1:
+            rows = round(fraction * len(train_labels))
+            try:
+                chosen, _ = train_test_split(np.arange(len(train_labels)), train_size=rows, stratify=train_labels,
+                                             random_state=config.seed)
+                model = fit_baseline([train_strings[i] for i in chosen], train_labels[chosen], config)
+            except ValueError:
+                continue
+        points.append({"share": fraction, "training_rows": rows,
+                       "validation_accuracy": accuracy_of(validation_labels, model.predict_proba(validation_strings))})
+    return points
+
+
+@dataclass
+class ValidationCheck:
+    """The models on the validation split, which every choice and every piece of advice is based on (the test
+    split is only scored)."""
+    labels: np.ndarray
+    neural: np.ndarray                   # (reviews, classes) probabilities of the neural model
+    baseline: np.ndarray | None          # and of the baseline
+    baseline_curve: list[dict]           # see baseline_learning_curve
+
+    def accuracy(self) -> dict[str, float]:
+        return {"neural": accuracy_of(self.labels, self.neural),
+                **({"baseline": accuracy_of(self.labels, self.baseline)} if self.baseline is not None else {})}
+
+
+def compare_on_validation(classifier, baseline, validation_ids: np.ndarray, splits: DataSplits,
+                          train_strings: list[str] | None, config: TrainConfig) -> ValidationCheck:
+    """Both models' validation probabilities, and the baseline's learning curve."""
+    neural = predict_token_ids(classifier, validation_ids)
+    if baseline is None:
+        return ValidationCheck(splits.validation.labels, neural, None, [])
+    validation_strings = standardized_strings(splits.validation.texts)
+    curve = baseline_learning_curve(baseline, train_strings, splits.train.labels, validation_strings,
+                                    splits.validation.labels, config)
+    return ValidationCheck(splits.validation.labels, neural, baseline.predict_proba(validation_strings), curve)
+
+
+def advice(check: ValidationCheck, arch: str, blend: Blend | None) -> list[str]:
+    """What to trust, in plain words, from the validation split: whether the baseline beats the model this run
+    saves (and what to use instead), and whether its learning curve still rises."""
+    notes, accuracy = [], check.accuracy()
+    if "baseline" in accuracy:
+        saved, name = accuracy["neural"], arch
+        if blend is not None and blend.validation_accuracy:
+            saved, name = blend.validation_accuracy["blend"], "blend"
+        if accuracy["baseline"] > saved:
+            better = ("--preset best (the model blended with the baseline) or the baseline's figures" if blend is None
+                      else "the baseline's figures")
+            notes.append(f"The baseline is better on this data: {accuracy['baseline']:.4f} against {saved:.4f} "
+                         f"accuracy for the {name} on the validation split. Trust {better}.")
+    curve = check.baseline_curve
+    if len(curve) >= 2 and curve[-1]["share"] == 1.0 and curve[-2]["share"] == 0.5:
+        gain = curve[-1]["validation_accuracy"] - curve[-2]["validation_accuracy"]
+        if gain >= 0.01:
+            notes.append(f"More labelled data would likely help: the baseline gained {gain:.4f} validation accuracy "
+                         f"from half of the training split to all of it.")
+    return notes
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1626,11 +1832,12 @@ class TrainingResult:
     best_epoch: int | None
     interrupted: bool
     resumed_after_epoch: int
+    plan: TrainingPlan
 
     def summary(self) -> dict:
-        """What the report records of training."""
-        return {"epochs_run": self.epochs_run, "best_epoch": self.best_epoch, "interrupted": self.interrupted,
-                "resumed_after_epoch": self.resumed_after_epoch}
+        """What the report records of training: the plan, then what came of it."""
+        return {**self.plan.summary(), "epochs_run": self.epochs_run, "best_epoch": self.best_epoch,
+                "interrupted": self.interrupted, "resumed_after_epoch": self.resumed_after_epoch}
 
 
 def train(classifier, optimizer, strategy, inputs: PreparedInputs, config: TrainConfig, state_dir: Path,
@@ -1659,19 +1866,19 @@ def train(classifier, optimizer, strategy, inputs: PreparedInputs, config: Train
     if log_dir is not None and not saved:
         shutil.rmtree(log_dir, ignore_errors=True)  # A new run's curves replace the last run's, as its files do.
     log = TrainingLog(log_dir)
+    plan, steps = inputs.plan, inputs.plan.steps_per_epoch
     try:
-        while state.epoch < config.epochs and state.wait < config.patience:
-            print(f"Epoch {state.epoch + 1}/{config.epochs}")
+        while state.epoch < plan.epochs and state.wait < plan.patience:
+            print(f"Epoch {state.epoch + 1}/{plan.epochs}")
             started = time.perf_counter()
-            bar = keras.utils.Progbar(inputs.steps_per_epoch, verbose=1 if sys.stdout.isatty() else 2,
-                                      stateful_metrics=HISTORY_NAMES)
+            bar = keras.utils.Progbar(steps, verbose=1 if sys.stdout.isatty() else 2, stateful_metrics=HISTORY_NAMES)
             train_batches = strategy.experimental_distribute_dataset(inputs.training_batches(state.epoch))
-            first_step = state.epoch * inputs.steps_per_epoch
-            scores = run_epoch(train_step, train_batches, inputs.steps_per_epoch, bar,
+            first_step = state.epoch * steps
+            scores = run_epoch(train_step, train_batches, steps, bar,
                                on_batch=lambda index, loss: log.batch(first_step + index + 1, loss))
             validation = run_epoch(validation_step, validation_batches, inputs.validation_steps)
             scores.update({f"val_{name}": value for name, value in validation.items()})
-            bar.update(inputs.steps_per_epoch, list(scores.items()), finalize=True)
+            bar.update(steps, list(scores.items()), finalize=True)
             state.epoch += 1
             log.epoch(state.epoch, scores, float(optimizer.learning_rate))
             state.epoch_seconds.append(time.perf_counter() - started)
@@ -1684,7 +1891,7 @@ def train(classifier, optimizer, strategy, inputs: PreparedInputs, config: Train
                 state.wait += 1
             state.variable_values = [variable.numpy() for variable in variables]
             state.save(state_dir)
-        if state.wait >= config.patience:
+        if state.wait >= plan.patience:
             print(f"Early stopping: no lower validation loss in the last {state.wait} epoch(s)")
     except KeyboardInterrupt:
         interrupted = True
@@ -1705,7 +1912,7 @@ def train(classifier, optimizer, strategy, inputs: PreparedInputs, config: Train
     if not interrupted:
         shutil.rmtree(state_dir, ignore_errors=True)
     return TrainingResult(state.history, state.epoch_seconds, state.epoch, state.best_epoch, interrupted,
-                          resumed_after_epoch)
+                          resumed_after_epoch, plan)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1812,7 +2019,8 @@ def confident_errors(texts, labels, probabilities, class_names, limit: int = 100
 
 
 def build_report(config: TrainConfig, data: dict, training: TrainingResult, evaluation: Evaluation,
-                 blend: Blend | None, strategy, role: ClusterRole | None) -> dict:
+                 blend: Blend | None, check: ValidationCheck, notes: list[str], strategy,
+                 role: ClusterRole | None) -> dict:
     """The run's metrics.json: the primary model's test results first, then each other model's; the data,
     settings, training, timing (filled in last) and environment."""
     import tensorflow as tf
@@ -1826,6 +2034,8 @@ def build_report(config: TrainConfig, data: dict, training: TrainingResult, eval
         "test": evaluation.scores[primary],
         # The baseline, then the neural part of a blend, under their own names.
         **{name: scores for name, scores in evaluation.scores.items() if name != primary},
+        "notes": notes,
+        "validation": {"accuracy": check.accuracy(), "baseline_learning_curve": check.baseline_curve},
         "data": data,
         "config": dataclasses.asdict(config),
         "training": training.summary(),
@@ -2215,6 +2425,7 @@ img { width: 48%; border: 1px solid #eee; margin: 0.5em 0.5em 0.5em 0; vertical-
 img.wide { width: 97%; }
 .mistake { margin: 1em 0; padding: 0.5em 0.8em; border-left: 4px solid #c33; background: #fafafa; }
 .mistake .text { line-height: 1.7; } .small { color: #666; font-size: 0.9em; }
+.note { margin: 0.5em 0; padding: 0.5em 0.8em; border-left: 4px solid #e0a000; background: #fff8e5; }
 """
 
 
@@ -2269,8 +2480,24 @@ def build_html_report(report: dict, evaluation: Evaluation, history: dict, figur
     sections = [f"<h1>Sentiment model report: {html.escape(title)}</h1>",
                 f'<p class="small">Written {time.strftime("%Y-%m-%d %H:%M")}; classes: '
                 f"{html.escape(', '.join(evaluation.class_names))}{html.escape(blend)}</p>"]
+    if report["notes"]:
+        sections.append("<h2>What to trust</h2>" + "".join(f'<p class="note">{html.escape(note)}</p>'
+                                                          for note in report["notes"]))
     sections.append("<h2>Test-set metrics</h2>")
     sections.append(html_table(["metric", *evaluation.scores], metric_rows(evaluation.scores)))
+    accuracy = report["validation"]["accuracy"]
+    sections.append('<p class="small">Validation accuracy: ' + html.escape(", ".join(
+        f"{'the ' + report['config']['arch'] if name == 'neural' else 'the ' + name} {value:.4f}"
+        for name, value in accuracy.items())) + "</p>")
+    curve = report["validation"]["baseline_learning_curve"]
+    if curve:
+        sections.append("<h2>The baseline's learning curve</h2>")
+        sections.append('<p class="small">The baseline fitted again on a share of the training split and scored '
+                        "on the validation split: a curve still rising at the right means more labelled data would "
+                        "help.</p>")
+        sections.append(html_table(["share of the training split", "training rows", "validation accuracy"],
+                                   [[f"{point['share']:.0%}", point["training_rows"], point["validation_accuracy"]]
+                                    for point in curve]))
     per_class = evaluation.scores[primary]["per_class"]
     sections.append(f"<h2>Per class ({html.escape(primary)})</h2>")
     sections.append(html_table(["class", "precision", "recall", "f1", "support"],
@@ -2368,7 +2595,7 @@ def set_up_run(config: TrainConfig) -> RunSetup:
     """Every check that needs no data, so a mistake costs seconds: the flags, TF_CONFIG, the output directory
     and a saved training state."""
     validate_config(config)
-    config = resolve_embedding_dim(config)
+    config = resolve_embedding_dim(fetch_word_vectors(config))
     role = cluster_role()
     if role and config.cpu_replicas > 1:
         raise UserError("--cpu-replicas cannot be combined with TF_CONFIG: each worker uses its own devices")
@@ -2380,8 +2607,18 @@ def set_up_run(config: TrainConfig) -> RunSetup:
     return RunSetup(config, role, output_dir, state_dir, TrainingState.load(state_dir, training_fingerprint(config)))
 
 
-def score_on_test(config: TrainConfig, classifier, inputs: PreparedInputs, splits: DataSplits, class_names,
-                  clock: Stopwatch):
+def fit_the_baseline(config: TrainConfig, splits: DataSplits, clock: Stopwatch):
+    """The fitted baseline and the standardized training texts it was fitted on (None, None without it)."""
+    if not config.baseline:
+        return None, None
+    print("Fitting the TF-IDF + logistic-regression baseline ...")
+    with clock.timed("baseline_s"):
+        train_strings = standardized_strings(splits.train.texts)
+        return fit_baseline(train_strings, splits.train.labels, config), train_strings
+
+
+def score_on_test(config: TrainConfig, classifier, baseline, check: ValidationCheck, inputs: PreparedInputs,
+                  splits: DataSplits, class_names, clock: Stopwatch):
     """Test-set probabilities of every model (the primary one first), the model to save and the blend, if any.
     Every choice (epochs, blend weight) is made on the validation split; the test split is only scored."""
     with clock.timed("evaluate_s"):
@@ -2389,13 +2626,11 @@ def score_on_test(config: TrainConfig, classifier, inputs: PreparedInputs, split
     settings = dataclasses.asdict(config)  # kept in the model file
     model = export_model(inputs.vectorizer, classifier, class_names, settings)
     probabilities, blend = {config.arch: neural}, None
-    if config.baseline:
-        print("Fitting the TF-IDF + logistic-regression baseline ...")
+    if baseline is not None:
         with clock.timed("baseline_s"):
-            baseline = fit_baseline(standardized_strings(splits.train.texts), splits.train.labels, config)
             probabilities["baseline"] = baseline_probabilities(baseline, splits.test.texts)
         if config.blend_weight is not None:
-            blend = choose_blend(config, classifier, baseline, splits.validation, inputs.validation_ids)
+            blend = choose_blend(config, check.labels, check.neural, check.baseline)
             print(f"Blend: {blend.weight:.2f} * {config.arch} + {1 - blend.weight:.2f} * baseline")
             blended = blend_probabilities(blend.weight, neural, probabilities["baseline"])
             probabilities = {"blend": blended, "baseline": probabilities["baseline"], config.arch: neural}
@@ -2432,10 +2667,17 @@ def run_training(config: TrainConfig) -> TrainingResult:
         return training
 
     classifier = local_copy(classifier, config, len(inputs.vocabulary))
-    probabilities, model, blend = score_on_test(config, classifier, inputs, splits, class_names, clock)
+    baseline, train_strings = fit_the_baseline(config, splits, clock)
+    with clock.timed("validation_s"):
+        check = compare_on_validation(classifier, baseline, inputs.validation_ids, splits, train_strings, config)
+    probabilities, model, blend = score_on_test(config, classifier, baseline, check, inputs, splits, class_names,
+                                                clock)
     evaluation = evaluate(splits.test, class_names, probabilities)
-    report = build_report(config, counts, training, evaluation, blend, strategy, setup.role)
+    notes = inputs.notes + advice(check, config.arch, blend)
+    report = build_report(config, counts, training, evaluation, blend, check, notes, strategy, setup.role)
     print(f"\nTest set results:\n{evaluation.table}\n\n{evaluation.classification_report}")
+    for note in notes:
+        print(f"Note: {note}")
     show = config.show and display_available()
     with clock.timed("write_s"):
         errors, figures = write_outputs(setup.output_dir, model, evaluation, training.history, splits.test, show)
@@ -2483,11 +2725,6 @@ def model_class_names(model) -> tuple[str, ...]:
         return tuple(model.get_layer("class_names").names)
     except ValueError:
         return CLASS_NAMES
-
-
-def one_line(text: str, width: int = 80) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def predict_strings(model, texts: list[str], batch_size: int = 256) -> np.ndarray:

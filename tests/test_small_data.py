@@ -1,0 +1,224 @@
+"""Small data: the training plan that adapts to the data size, the advice on what to trust, the baseline's
+learning curve, gensim's downloader names for --embeddings, and an explicit --epochs honoured."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from conftest import TINY_CSV, TINY_FLAGS, assert_user_error, run_main
+from test_pretrained import vectors, write_vec
+
+
+def plan_for(rows, replicas=1, **settings):
+    import sentiment_analysis as sa
+
+    lengths = np.random.default_rng(rows).integers(20, 501, rows)
+    return sa.plan_training(sa.TrainConfig(**settings), lengths, replicas), lengths
+
+
+def batches(lengths, batch_size, max_length=500):
+    import sentiment_analysis as sa
+
+    return sa.count_batches(lengths, batch_size, sa.bucket_boundaries(max_length, len(lengths), batch_size))
+
+
+def test_the_full_imdb_size_keeps_the_cards_recipe():
+    import sentiment_analysis as sa
+
+    plan, lengths = plan_for(35_693)
+    assert (plan.batch_size, plan.epochs, plan.patience, plan.embeddings) == (128, 4, 1, "word2vec")
+    assert plan.steps_per_epoch == batches(lengths, 128)
+    assert plan.planned_steps == 4 * plan.steps_per_epoch >= sa.MIN_STEPS
+    best, _ = plan_for(35_693, **sa.PRESETS["best"])
+    assert (best.batch_size, best.epochs, best.patience) == (128, 6, 1)
+
+
+@pytest.mark.parametrize("rows", [720, 2_157, 7_186])
+def test_small_data_gets_small_batches_and_at_least_the_minimum_of_steps(rows):
+    import sentiment_analysis as sa
+
+    plan, lengths = plan_for(rows)
+    assert plan.batch_size == sa.SMALL_BATCH_SIZE and plan.embeddings == "random"
+    assert plan.steps_per_epoch == batches(lengths, sa.SMALL_BATCH_SIZE)
+    assert plan.epochs == max(4, math.ceil(sa.MIN_STEPS / plan.steps_per_epoch))
+    assert sa.MIN_STEPS <= plan.planned_steps < sa.MIN_STEPS + plan.steps_per_epoch or plan.epochs == 4
+    assert plan.patience == max(1, math.ceil(sa.PATIENCE_STEPS / plan.steps_per_epoch))
+    assert str(plan.epochs) in plan.reason and str(sa.SMALL_BATCH_SIZE) in plan.reason
+
+
+def test_the_plan_is_capped_for_very_small_data():
+    import sentiment_analysis as sa
+
+    plan, _ = plan_for(40)
+    assert plan.epochs == sa.MAX_PLANNED_EPOCHS and "the most planned" in plan.reason
+
+
+def test_flags_given_are_taken_as_given():
+    plan, lengths = plan_for(720, epochs=2, batch_size=64, patience=1, embeddings="word2vec")
+    assert (plan.epochs, plan.batch_size, plan.patience, plan.embeddings) == (2, 64, 1, "word2vec")
+    assert plan.steps_per_epoch == batches(lengths, 64) and plan.planned_steps == 2 * plan.steps_per_epoch
+    assert "2 epochs as given" in plan.reason
+    # Several replicas take --batch-size each: the steps are counted with the global batch.
+    plan, lengths = plan_for(720, replicas=2, batch_size=16)
+    assert plan.steps_per_epoch == batches(lengths, 32)
+
+
+def check(neural_accuracy, baseline_accuracy, curve=()):
+    """A ValidationCheck of 100 reviews whose models reach these accuracies."""
+    import sentiment_analysis as sa
+
+    labels = np.arange(100) % 2
+
+    def probabilities(accuracy):
+        right = np.arange(100) < round(accuracy * 100)
+        positive = np.where(right, labels, 1 - labels).astype(float) * 0.8 + 0.1
+        return np.stack([1 - positive, positive], axis=1)
+
+    return sa.ValidationCheck(labels, probabilities(neural_accuracy),
+                              None if baseline_accuracy is None else probabilities(baseline_accuracy), list(curve))
+
+
+def test_the_advice_says_plainly_when_the_baseline_is_better():
+    import sentiment_analysis as sa
+
+    notes = sa.advice(check(0.64, 0.87), "lstm", None)
+    assert len(notes) == 1
+    assert "The baseline is better on this data: 0.8700 against 0.6400" in notes[0]
+    assert "--preset best" in notes[0] and "validation split" in notes[0]
+    # A blend that the baseline still beats points to the baseline's own figures, by the blend's accuracy.
+    blend = sa.Blend(0.1, {"lstm": 0.64, "baseline": 0.87, "blend": 0.86})
+    notes = sa.advice(check(0.64, 0.87), "lstm", blend)
+    assert "0.8700 against 0.8600 accuracy for the blend" in notes[0] and "--preset best" not in notes[0]
+
+
+def test_no_advice_when_the_model_is_ahead_or_there_is_no_baseline():
+    import sentiment_analysis as sa
+
+    assert sa.advice(check(0.91, 0.90), "lstm", None) == []
+    assert sa.advice(check(0.90, 0.90), "lstm", None) == []
+    assert sa.advice(check(0.90, None), "lstm", None) == []
+
+
+def test_the_advice_reads_the_baselines_learning_curve():
+    import sentiment_analysis as sa
+
+    rising = [{"share": 0.5, "training_rows": 50, "validation_accuracy": 0.80},
+              {"share": 1.0, "training_rows": 100, "validation_accuracy": 0.84}]
+    notes = sa.advice(check(0.9, 0.84, rising), "lstm", None)
+    assert len(notes) == 1 and "More labelled data would likely help" in notes[0] and "0.0400" in notes[0]
+    flat = [dict(rising[0], validation_accuracy=0.839), rising[1]]
+    assert sa.advice(check(0.9, 0.84, flat), "lstm", None) == []
+
+
+def test_the_baselines_learning_curve_refits_on_shares_of_the_training_split():
+    import sentiment_analysis as sa
+
+    config = sa.TrainConfig(data=str(TINY_CSV))
+    splits = sa.split_dataset(sa.load_dataset(config), config)
+    train = sa.standardized_strings(splits.train.texts)
+    validation = sa.standardized_strings(splits.validation.texts)
+    baseline = sa.fit_baseline(train, splits.train.labels, config)
+    curve = sa.baseline_learning_curve(baseline, train, splits.train.labels, validation, splits.validation.labels,
+                                       config)
+    rows = len(splits.train.labels)
+    assert [point["share"] for point in curve] == [0.1, 0.25, 0.5, 1.0]
+    assert [point["training_rows"] for point in curve] == [round(0.1 * rows), round(0.25 * rows),
+                                                           round(0.5 * rows), rows]
+    whole = np.mean(sa.predicted_labels(baseline.predict_proba(validation)) == splits.validation.labels)
+    assert curve[-1]["validation_accuracy"] == round(float(whole), 4)
+    # The half point is a real refit: the baseline fitted on that stratified half scores the same.
+    from sklearn.model_selection import train_test_split
+
+    chosen, _ = train_test_split(np.arange(rows), train_size=round(0.5 * rows), stratify=splits.train.labels,
+                                 random_state=config.seed)
+    refit = sa.fit_baseline([train[i] for i in chosen], splits.train.labels[chosen], config)
+    accuracy = np.mean(sa.predicted_labels(refit.predict_proba(validation)) == splits.validation.labels)
+    assert curve[2]["validation_accuracy"] == round(float(accuracy), 4)
+
+
+def test_the_report_shows_the_plan_the_notes_and_the_learning_curve(trained_dir):
+    import html
+
+    metrics = json.loads((trained_dir / "metrics.json").read_text())
+    training = metrics["training"]
+    assert training["planned_epochs"] == 1 and training["planned_steps"] == training["steps_per_epoch"]
+    assert "1 epochs as given" in training["plan"]
+    assert training["embeddings"] == "random"  # auto, on a tiny training split
+    assert set(metrics["validation"]["accuracy"]) == {"neural", "baseline"}
+    curve = metrics["validation"]["baseline_learning_curve"]
+    assert [point["share"] for point in curve] == [0.1, 0.25, 0.5, 1.0]
+    page = (trained_dir / "report.html").read_text()
+    assert "The baseline&#x27;s learning curve" in page or "The baseline's learning curve" in page
+    for point in curve:
+        assert f"<td class=\"number\">{point['training_rows']}</td>" in page
+    # The small-data note is always there for this tiny split; every note of the run is on the page.
+    assert any(note.startswith("Small data:") for note in metrics["notes"])
+    for note in metrics["notes"]:
+        assert html.escape(note) in page
+    accuracy = metrics["validation"]["accuracy"]
+    assert ("The baseline is better on this data" in page) == (accuracy["baseline"] > accuracy["neural"])
+
+
+def test_an_explicit_epochs_is_honoured(tmp_path):
+    flags = [flag for flag in TINY_FLAGS if flag not in ("--epochs", "1")]
+    result = run_main("--data", TINY_CSV, "--output-dir", tmp_path, *flags, "--epochs", "3", "--patience", "3",
+                      "--no-baseline")
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["training"]["planned_epochs"] == metrics["training"]["epochs_run"] == 3
+    assert "3 epochs as given" in metrics["training"]["plan"]
+    assert "Plan: 3 epochs of" in result.stdout
+
+
+@pytest.fixture
+def stub_downloader(monkeypatch, tmp_path):
+    """gensim's downloader without the network: a known name gives a small word2vec-format file."""
+    import gensim.downloader
+
+    path = tmp_path / "gensim-data" / "glove-wiki-gigaword-100" / "glove-wiki-gigaword-100.gz"
+    path.parent.mkdir(parents=True)
+    plain = tmp_path / "vectors.vec"
+    write_vec(plain, vectors())
+    import gzip
+
+    path.write_bytes(gzip.compress(plain.read_bytes()))
+    asked = []
+
+    def load(name, return_path=False):
+        asked.append((name, return_path))
+        if name == "glove-wiki-gigaword-100":
+            return str(path)
+        if name == "offline-vectors-50":
+            raise OSError("Temporary failure in name resolution")
+        raise ValueError("Incorrect model/corpus name")
+
+    monkeypatch.setattr(gensim.downloader, "load", load)
+    return path, asked
+
+
+def test_a_gensim_downloader_name_is_fetched_and_used(stub_downloader, tmp_path):
+    path, asked = stub_downloader
+    result = run_main("--data", TINY_CSV, "--output-dir", tmp_path / "out", *TINY_FLAGS, "--no-baseline",
+                      "--embeddings", "glove-wiki-gigaword-100")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert asked == [("glove-wiki-gigaword-100", True)]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["config"]["embeddings"] == str(path) == metrics["training"]["embeddings"]
+    assert metrics["config"]["embedding_dim"] == 6
+    assert metrics["data"]["embedding_coverage"]["vocabulary_covered"] > 0
+
+
+@pytest.mark.parametrize("name, fragments", [
+    ("no-such-vectors-7", ["no-such-vectors-7", "neither a file nor a name"]),
+    ("offline-vectors-50", ["offline-vectors-50", "could not fetch", "give the file"]),
+])
+def test_a_bad_downloader_name_is_one_line_before_any_data_is_read(stub_downloader, tmp_path, name, fragments):
+    result = run_main("--data", tmp_path / "missing.csv", "--output-dir", tmp_path / "out", "--embeddings", name)
+    assert_user_error(result, *fragments)
+
+
+def test_a_missing_file_is_not_taken_for_a_downloader_name(tmp_path):
+    result = run_main("--data", TINY_CSV, "--embeddings", str(tmp_path / "glove.6B.50d.txt"))
+    assert_user_error(result, "--embeddings", "existing word-vector file")
