@@ -193,7 +193,7 @@ def validate_config(config: TrainConfig) -> None:
         ("embedding_dim", config.embedding_dim is None or config.embedding_dim >= 1, "must be at least 1"),
         ("embeddings", config.embeddings in EMBEDDING_METHODS or Path(config.embeddings).is_file()
          or is_downloader_name(config.embeddings),
-         "must be word2vec, random, an existing word-vector file or a name of gensim's downloader"),
+         "must be auto, word2vec, random, an existing word-vector file or a name of gensim's downloader"),
         ("units", config.units >= 1, "must be at least 1"),
         ("layers", config.layers >= 1, "must be at least 1"),
         ("patience", config.patience is None or config.patience >= 1, "must be at least 1"),
@@ -246,6 +246,12 @@ def word_vector_file_dimension(path: Path) -> int:
     return len(first) - 1
 
 
+def one_line(text, width: int = 80) -> str:
+    """A text (or an error) on one line, cut to `width` characters."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 def fetch_word_vectors(config: TrainConfig) -> TrainConfig:
     """--embeddings NAME (no such file): the word-vector file of that name from gensim's downloader, which fetches
     it once from the internet and keeps it in ~/gensim-data (GENSIM_DATA_DIR); the config then names that file."""
@@ -268,12 +274,6 @@ def fetch_word_vectors(config: TrainConfig) -> TrainConfig:
     if not Path(path).is_file():
         raise UserError(f"--embeddings {name}: gensim's downloader gave no file ({path})")
     return dataclasses.replace(config, embeddings=str(path))
-
-
-def one_line(text, width: int = 80) -> str:
-    """A text (or an error) on one line, cut to `width` characters."""
-    text = " ".join(str(text).split())
-    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def resolve_embedding_dim(config: TrainConfig) -> TrainConfig:

@@ -221,4 +221,4 @@ def test_a_bad_downloader_name_is_one_line_before_any_data_is_read(stub_download
 
 def test_a_missing_file_is_not_taken_for_a_downloader_name(tmp_path):
     result = run_main("--data", TINY_CSV, "--embeddings", str(tmp_path / "glove.6B.50d.txt"))
-    assert_user_error(result, "--embeddings", "existing word-vector file")
+    assert_user_error(result, "--embeddings must be auto, word2vec, random, an existing word-vector file")
