@@ -1414,6 +1414,10 @@ def predicted_labels(probabilities: np.ndarray) -> np.ndarray:
     return np.argmax(probabilities, axis=1)
 
 
+def accuracy_of(labels: np.ndarray, probabilities: np.ndarray) -> float:
+    return round(float(np.mean(predicted_labels(probabilities) == labels)), 4)
+
+
 def choose_blend_weight(labels, neural, baseline) -> float:
     """The weight of the neural model (0 to 1 in steps of 0.05) with the lowest log loss on validation data.
 
@@ -1443,25 +1447,26 @@ class Blend:
 def choose_blend(config: TrainConfig, validation_labels: np.ndarray, neural: np.ndarray,
                  baseline: np.ndarray) -> Blend:
     """--blend-weight W as given, or with auto the weight chosen on the validation split (never the test), from
-    the two models' validation probabilities."""
+    the two models' validation probabilities: the weight of the lowest log loss, unless that blend is less
+    accurate there than one of its parts alone, which then gets all the weight (on small data an overconfident
+    neural model can lower the log loss of a blend that gets more reviews wrong)."""
     if config.blend_weight != "auto":
         return Blend(config.blend_weight, None)
-    parts = {config.arch: neural, "baseline": baseline}
     weight = choose_blend_weight(validation_labels, neural, baseline)
-    parts["blend"] = blend_probabilities(weight, parts[config.arch], parts["baseline"])
+    blended = blend_probabilities(weight, neural, baseline)
     # Reported so that presets can be compared on validation data, never on the test set.
-    accuracy = {name: round(float(np.mean(predicted_labels(values) == validation_labels)), 4)
-                for name, values in parts.items()}
+    accuracy = {config.arch: accuracy_of(validation_labels, neural),
+                "baseline": accuracy_of(validation_labels, baseline),
+                "blend": accuracy_of(validation_labels, blended)}
+    if accuracy["blend"] < max(accuracy[config.arch], accuracy["baseline"]):
+        weight = 1.0 if accuracy[config.arch] > accuracy["baseline"] else 0.0
+        accuracy["blend"] = accuracy[config.arch] if weight == 1.0 else accuracy["baseline"]
     return Blend(weight, accuracy)
 
 
 # The baseline's learning curve: it is fitted again on these shares of the training split (the whole split is
 # the baseline itself) and scored on the validation split, so a user sees whether more labels would help.
 BASELINE_CURVE_FRACTIONS = (0.1, 0.25, 0.5)
-
-
-def accuracy_of(labels: np.ndarray, probabilities: np.ndarray) -> float:
-    return round(float(np.mean(predicted_labels(probabilities) == labels)), 4)
 
 
 def baseline_learning_curve(baseline, train_strings: list[str], train_labels: np.ndarray,

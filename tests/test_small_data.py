@@ -222,3 +222,22 @@ def test_a_bad_downloader_name_is_one_line_before_any_data_is_read(stub_download
 def test_a_missing_file_is_not_taken_for_a_downloader_name(tmp_path):
     result = run_main("--data", TINY_CSV, "--embeddings", str(tmp_path / "glove.6B.50d.txt"))
     assert_user_error(result, "--embeddings must be auto, word2vec, random, an existing word-vector file")
+
+
+def test_an_auto_blend_less_accurate_than_a_part_gives_that_part_all_the_weight(monkeypatch):
+    import sentiment_analysis as sa
+
+    labels = np.arange(100) % 2
+    # The baseline is right on every review, unsure; the neural model is sure, and wrong on 40 of them.
+    baseline = np.where(labels == 1, 0.6, 0.4)
+    wrong = np.arange(100) < 40
+    neural = np.where(wrong, 1 - labels, labels) * 0.98 + 0.01
+    as_classes = lambda positive: np.stack([1 - positive, positive], axis=1)
+    config = sa.TrainConfig(blend_weight="auto")
+    monkeypatch.setattr(sa, "choose_blend_weight", lambda *arrays: 0.5)  # a log-loss choice that mixes the two
+    blend = sa.choose_blend(config, labels, as_classes(neural), as_classes(baseline))
+    assert blend.weight == 0.0
+    assert blend.validation_accuracy == {"lstm": 0.6, "baseline": 1.0, "blend": 1.0}
+    # When the blend is at least as accurate as both parts, the log-loss weight stands.
+    blend = sa.choose_blend(config, labels, as_classes(baseline), as_classes(baseline))
+    assert blend.weight == 0.5 and blend.validation_accuracy["blend"] == 1.0
