@@ -2471,7 +2471,9 @@ def highlighted_html(explanation: Explanation) -> str:
 
 def metric_rows(scores: dict[str, dict]) -> list[list]:
     """Side by side: one row per figure, one column per model (the primary model first)."""
-    names = [name for name, value in next(iter(scores.values())).items() if isinstance(value, float)]
+    # Figures only: the decision threshold is a setting, not a result.
+    names = [name for name, value in next(iter(scores.values())).items()
+             if isinstance(value, float) and name != "threshold"]
     return [[name, *(model_scores[name] for model_scores in scores.values())] for name in names]
 
 
@@ -2839,9 +2841,9 @@ def predict_csv_command(model_path: Path, input_path: Path, output_path: Path, t
                 explanations = [explain_text(explainer, text, explained_class(row))
                                 for text, row in zip(texts[present], probabilities)]
                 for name, sign in (("top_words_for", 1), ("top_words_against", -1)):
-                    column = np.full(len(chunk), "", dtype=object)
-                    column[present] = [strongest_words(explanation, sign) for explanation in explanations]
-                    chunk[name] = column
+                    words = np.full(len(chunk), "", dtype=object)
+                    words[present] = [strongest_words(explanation, sign) for explanation in explanations]
+                    chunk[name] = words
             chunk.to_csv(temporary, mode="w" if index == 0 else "a", header=index == 0, index=False, sep=output_sep)
             done += len(chunk)
             if progress is not None:

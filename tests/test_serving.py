@@ -158,6 +158,29 @@ def test_explain_adds_the_strongest_words_to_a_csv(trained_dir, tmp_path):
     assert any(scored["top_words_for"].drop(index=2)) and any(scored["top_words_against"].drop(index=2))
 
 
+def test_explain_on_a_csv_of_several_chunks(trained_dir, tmp_path):
+    """A CSV longer than one chunk (5,000 rows in real use; 2 here) explains every chunk, not only the first."""
+    import sentiment_analysis as sa
+
+    source = pd.read_csv(TINY_CSV).head(5)
+    source.to_csv(tmp_path / "in.csv", index=False)
+    sa.predict_csv_command(trained_dir / "model.keras", tmp_path / "in.csv", tmp_path / "out.csv", None, None, None,
+                           explain=True, chunk_rows=2)
+    scored = pd.read_csv(tmp_path / "out.csv", keep_default_na=False)
+    assert len(scored) == 5 and list(scored["reviews"]) == list(source["reviews"])
+    assert all(scored["top_words_for"] + scored["top_words_against"])
+
+
+def test_the_report_lists_figures_not_the_threshold(trained_dir):
+    import html as html_module
+
+    page = (trained_dir / "report.html").read_text()
+    metrics_table = page.split("<h2>Test-set metrics</h2>")[1].split("</table>")[0]
+    rows = re.findall(r"<tr><td>([^<]+)</td>", metrics_table)
+    assert rows == ["accuracy", "precision", "recall", "f1", "roc_auc"], rows
+    assert "threshold" not in html_module.unescape(metrics_table)
+
+
 def test_explanations_agree_with_removing_each_top_word(trained_dir):
     """Occlusion: removing a word with a positive score should lower the positive probability, and the
     reverse; for most of the three strongest words of each text."""
