@@ -2868,9 +2868,17 @@ def run_predict(args: argparse.Namespace) -> None:
         raise UserError("--output goes with --input")
     texts = args.texts
     if texts == ["-"]:
-        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        texts = [line.rstrip("\n") for line in sys.stdin]  # Blank lines are skipped below, with the empty texts.
     if not texts:
         raise UserError("nothing to predict: give texts, '-' for standard input, or --input FILE --output FILE")
+    # An empty text gets no prediction, as an empty row of a CSV does (a model would still give it a probability).
+    empty = [number for number, text in enumerate(texts, 1) if not text.strip()]
+    if len(empty) == len(texts):
+        raise UserError("every text given is empty: nothing to predict")
+    if empty and args.texts != ["-"]:
+        print(f"note: no prediction for empty text{'s' if len(empty) > 1 else ''} "
+              f"{', '.join(map(str, empty))}", file=sys.stderr)
+    texts = [text for text in texts if text.strip()]
     model = load_model(model_path)
     predict_texts_command(model, texts, checked_threshold(args.threshold, model_class_names(model)), args.explain)
 

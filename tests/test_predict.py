@@ -132,3 +132,23 @@ def test_predict_csv_in_latin1_is_read_with_a_warning(trained_dir, tmp_path):
     scored = pd.read_csv(output_path)
     assert scored["reviews"].tolist() == source["reviews"].tolist()
     assert scored["predicted_sentiment"].isin(["positive", "negative"]).all()
+
+
+def test_empty_texts_get_no_prediction_in_every_mode(trained_dir, tmp_path):
+    model = trained_dir / "model.keras"
+    # Arguments: the empty and the blank text are said to have no prediction; the others are predicted in order.
+    result = run_main("predict", "--model", model, TEXTS[0], "", "   ", TEXTS[1])
+    assert result.returncode == 0, result.stderr[-3000:]
+    check_rows(parse_lines(result.stdout), [TEXTS[0], TEXTS[1]])
+    assert "no prediction for empty texts 2, 3" in result.stderr
+    # Standard input skips blank lines the same way, and every text empty is a mistake in either mode.
+    from_stdin = run_main("predict", "--model", model, "-", stdin=f"{TEXTS[0]}\n   \n\n{TEXTS[1]}\n")
+    assert from_stdin.returncode == 0 and from_stdin.stdout == result.stdout
+    assert_user_error(run_main("predict", "--model", model, "", " "), "every text given is empty")
+    assert_user_error(run_main("predict", "--model", model, "-", stdin="\n  \n"), "every text given is empty")
+    # A CSV: the empty rows stay, without a prediction (and a CSV of only empty texts is written the same way).
+    pd.DataFrame({"id": [1, 2], "reviews": ["", "  "]}).to_csv(tmp_path / "empty.csv", index=False)
+    result = run_main("predict", "--model", model, "--input", tmp_path / "empty.csv", "--output", tmp_path / "out.csv")
+    assert result.returncode == 0, result.stderr[-3000:]
+    scored = pd.read_csv(tmp_path / "out.csv", keep_default_na=False)
+    assert len(scored) == 2 and (scored["predicted_sentiment"] == "").all()
