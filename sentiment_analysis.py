@@ -1174,6 +1174,26 @@ class PreparedInputs:
                                      self.seed + epoch, self.pad_to_full_batches)
 
 
+def unsplit_texts(token_ids: np.ndarray) -> int:
+    """How many texts are one or two tokens that no other text shares (or [UNK]): what text without spaces
+    (Chinese, Japanese, Thai) becomes when it is split into words at spaces, a sentence per "word"."""
+    counts = np.bincount(token_ids.ravel(), minlength=2)
+    lonely = (counts[token_ids] <= 1) | (token_ids == 1)
+    short = np.count_nonzero(token_ids, axis=1) <= 2
+    return int(np.sum(short & np.all(lonely | (token_ids == 0), axis=1)))
+
+
+def check_texts_split(train_ids: np.ndarray, config: TrainConfig) -> None:
+    """Stop before training when most training texts were not split into tokens: such a model learns chance."""
+    unsplit = unsplit_texts(train_ids)
+    if unsplit > len(train_ids) / 2:
+        hint = ("try --tokenizer wordpiece, whose pieces split Chinese characters and long words"
+                if config.tokenizer == "word" else "split the text into words (with spaces) before training")
+        raise UserError(f"{unsplit} of {len(train_ids)} training texts are one or two tokens that no other text "
+                        f"shares: text without spaces between words (Chinese, Japanese, Thai) is read as one word "
+                        f"per sentence, and a model of such words learns nothing; {hint}")
+
+
 def prepare_inputs(splits: DataSplits, config: TrainConfig, replicas: int, num_classes: int) -> PreparedInputs:
     """Vocabulary, token ids, the batching of each epoch, (with --embeddings word2vec) the starting embedding
     and (with --class-weight balanced) the class weights."""
@@ -1181,6 +1201,7 @@ def prepare_inputs(splits: DataSplits, config: TrainConfig, replicas: int, num_c
     vocabulary = vectorizer.get_vocabulary()
     train_ids, validation_ids, test_ids = (vectorize(vectorizer, part.texts)
                                            for part in (splits.train, splits.validation, splits.test))
+    check_texts_split(train_ids, config)
     plan = plan_training(config, review_lengths(train_ids), replicas)
     global_batch_size, several = plan.batch_size * replicas, replicas > 1
     validation_batches = make_training_dataset(validation_ids, splits.validation.labels, global_batch_size,
@@ -2621,7 +2642,14 @@ def fit_the_baseline(config: TrainConfig, splits: DataSplits, clock: Stopwatch):
     print("Fitting the TF-IDF + logistic-regression baseline ...")
     with clock.timed("baseline_s"):
         train_strings = standardized_strings(splits.train.texts)
-        return fit_baseline(train_strings, splits.train.labels, config), train_strings
+        try:
+            return fit_baseline(train_strings, splits.train.labels, config), train_strings
+        except ValueError as error:  # scikit-learn's "empty vocabulary": no word is in two training texts
+            problem = f"the baseline cannot be fitted on these texts ({one_line(error, 100)})"
+    if config.blend_weight is not None:
+        raise UserError(f"{problem}, so there is nothing to blend with: drop --blend-weight (or --preset best)")
+    print(f"warning: {problem}; going on without it", file=sys.stderr)
+    return None, None
 
 
 def score_on_test(config: TrainConfig, classifier, baseline, check: ValidationCheck, inputs: PreparedInputs,

@@ -245,3 +245,52 @@ def test_max_rows_reads_only_the_first_rows():
     loaded = sa.load_dataset(sa.TrainConfig(data=str(TINY_CSV), max_rows=50))
     assert loaded.rows_read == 50
     assert loaded.texts.tolist() == pd.read_csv(TINY_CSV)["reviews"].head(50).tolist()
+
+
+def chinese_reviews(path, rows=120):
+    """Made-up Chinese reviews without spaces: the sentiment is in a few two-character words among filler."""
+    rng = np.random.default_rng(0)
+    words = {"positive": ["好看", "精彩", "喜欢", "推荐"], "negative": ["难看", "无聊", "失望", "浪费"]}
+    filler = list("这部电影的故事情节演员表演导演音乐画面节奏结局我们觉得非常有点真是一个还是")
+    texts, labels = [], []
+    for index in range(rows):
+        label = ("negative", "positive")[index % 2]
+        parts = [str(rng.choice(filler)) for _ in range(int(rng.integers(6, 14)))]
+        for word in rng.choice(words[label], 2):
+            parts.insert(int(rng.integers(0, len(parts) + 1)), str(word))
+        texts.append("".join(parts) + "。")
+        labels.append(label)
+    pd.DataFrame({"review": texts, "sentiment": labels}).to_csv(path, index=False)
+    return path
+
+
+def test_text_without_spaces_is_refused_before_training_with_what_to_do(tmp_path):
+    data = chinese_reviews(tmp_path / "chinese.csv")
+    result = run_main("--data", data, "--output-dir", tmp_path / "out", "--epochs", "1", "--no-show")
+    assert_user_error(result, "training texts are one or two tokens", "without spaces", "--tokenizer wordpiece")
+    assert "Epoch 1" not in result.stdout and not (tmp_path / "out" / "model.keras").exists()
+
+
+def test_wordpiece_splits_text_without_spaces_and_the_baseline_steps_aside(tmp_path):
+    import json
+
+    data = chinese_reviews(tmp_path / "chinese.csv")
+    result = run_main("--data", data, "--output-dir", tmp_path / "out", "--tokenizer", "wordpiece",
+                      "--vocab-size", "500", "--max-length", "40", "--epochs", "2", "--no-show")
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Whitespace words give the TF-IDF baseline no word shared by two texts: it is left out, with a warning.
+    assert "warning: the baseline cannot be fitted on these texts" in result.stderr
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert "baseline" not in metrics and metrics["training"]["epochs_run"] == 2
+    # WordPiece splits the Chinese characters: every text is several tokens long.
+    import sentiment_analysis
+
+    model = sentiment_analysis.load_model(tmp_path / "out" / "model.keras")
+    vectorizer = model.get_layer("vectorizer")
+    texts = pd.read_csv(data)["review"].head(20).tolist()
+    ids = sentiment_analysis.vectorize(vectorizer, texts)
+    assert (np.count_nonzero(ids, axis=1) >= 6).all() and sentiment_analysis.unsplit_texts(ids) == 0
+    # Asked for a blend, the run cannot go on without the baseline: one line.
+    result = run_main("--data", data, "--output-dir", tmp_path / "blend", "--tokenizer", "wordpiece",
+                      "--vocab-size", "500", "--max-length", "40", "--epochs", "1", "--no-show", "--preset", "best")
+    assert_user_error(result, "baseline cannot be fitted", "nothing to blend")
