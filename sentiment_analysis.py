@@ -63,7 +63,7 @@ POSITIVE_LABELS = {"positive", "pos", "1", "1.0", "true"}
 NEGATIVE_LABELS = {"negative", "neg", "0", "0.0", "false"}
 CLASS_NAMES = ("negative", "positive")  # the classes of positive/negative-style labels, and of older model files
 MIN_ROWS = 10
-EMBEDDING_METHODS = ("auto", "word2vec", "random")  # else --embeddings names a word-vector file
+EMBEDDING_METHODS = ("word2vec", "random")  # else --embeddings names a word-vector file
 DEFAULT_EMBEDDING_DIM = 128
 MAX_CLASSES = 100
 MIN_CLASS_ROWS = 3  # one for each of the training, validation and test splits
@@ -116,11 +116,11 @@ class TrainConfig:
     tokenizer: str = option("word", "word: whole words (Keras TextVectorization); wordpiece: WordPiece subword "
                             "pieces learned on the training split (KerasHub), --vocab-size of them",
                             choices=("word", "wordpiece"))
-    embeddings: str = option("auto", "embedding initialisation: word2vec trains gensim Word2Vec on the training "
-                             "split; random starts from random vectors; auto is word2vec on a large training split "
-                             "and random on a small one (see plan_training); or a word-vector file to start from "
-                             "(GloVe text, word2vec text or binary, fastText .vec), or a name of gensim's "
-                             "downloader such as glove-wiki-gigaword-100")
+    embeddings: str = option("word2vec", "embedding initialisation: word2vec trains gensim Word2Vec on the "
+                             "training split (more epochs on small data; see plan_training); random starts from "
+                             "random vectors; or a word-vector file to start from (GloVe text, word2vec text or "
+                             "binary, fastText .vec), or a name of gensim's downloader such as "
+                             "glove-wiki-gigaword-100")
     epochs: int | None = option(None, "number of training epochs, early stopping aside (default: planned from the "
                                 "data size, at least --min-epochs; see plan_training)")
     min_epochs: int = option(4, "with the planned --epochs: the fewest epochs planned, on any data size")
@@ -193,7 +193,7 @@ def validate_config(config: TrainConfig) -> None:
         ("embedding_dim", config.embedding_dim is None or config.embedding_dim >= 1, "must be at least 1"),
         ("embeddings", config.embeddings in EMBEDDING_METHODS or Path(config.embeddings).is_file()
          or is_downloader_name(config.embeddings),
-         "must be auto, word2vec, random, an existing word-vector file or a name of gensim's downloader"),
+         "must be word2vec, random, an existing word-vector file or a name of gensim's downloader"),
         ("units", config.units >= 1, "must be at least 1"),
         ("layers", config.layers >= 1, "must be at least 1"),
         ("patience", config.patience is None or config.patience >= 1, "must be at least 1"),
@@ -382,9 +382,10 @@ class Stopwatch:
 
     @contextlib.contextmanager
     def timed(self, name: str):
+        """Time the block; a stage timed in several blocks (the baseline: fitted, then scored) adds them up."""
         started = time.perf_counter()
         yield
-        self.seconds[name] = time.perf_counter() - started
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
 
     def record(self, name: str, seconds: float | list[float]) -> None:
         self.seconds[name] = seconds
@@ -1014,8 +1015,9 @@ def stable_hash(text: str) -> int:
     return zlib.crc32(text.encode("utf-8"))
 
 
-def word2vec_matrix(token_ids, vocabulary: list[str], config: TrainConfig) -> np.ndarray:
-    """Train gensim Word2Vec on the training reviews and return it as an embedding matrix for `vocabulary`."""
+def word2vec_matrix(token_ids, vocabulary: list[str], config: TrainConfig, epochs: int = 5) -> np.ndarray:
+    """Train gensim Word2Vec (`epochs` passes) on the training reviews and return it as an embedding matrix for
+    `vocabulary`."""
     try:
         from gensim.models import Word2Vec
     except ImportError:
@@ -1024,7 +1026,7 @@ def word2vec_matrix(token_ids, vocabulary: list[str], config: TrainConfig) -> np
     words = np.array(vocabulary, dtype=object)
     sentences = [list(words[row[row > 1]]) for row in token_ids]
     # One worker thread and a hash that does not change between Python processes make it repeatable.
-    model = Word2Vec(sentences, vector_size=config.embedding_dim, window=5, min_count=1, sg=0, epochs=5,
+    model = Word2Vec(sentences, vector_size=config.embedding_dim, window=5, min_count=1, sg=0, epochs=epochs,
                      seed=config.seed, workers=1, hashfxn=stable_hash)
     rng = np.random.default_rng(config.seed)
     matrix = rng.normal(0, 0.05, size=(len(vocabulary), config.embedding_dim)).astype(np.float32)
@@ -1083,14 +1085,20 @@ def pretrained_matrix(vectors, token_ids, vocabulary: list[str], seed: int) -> t
 # The card's batch of 128 and a patience of one epoch suit the full IMDB data (about 290 steps an epoch). A
 # small training split gets batches of SMALL_BATCH_SIZE and enough epochs for at least MIN_STEPS optimizer
 # steps, with the learning rate's cosine decay spread over all of them, and a patience of at least
-# PATIENCE_STEPS steps, so that early stopping does not end a run during its first noisy epochs. The numbers
-# were chosen on validation figures of IMDB subsets (README, "Small data").
+# PATIENCE_STEPS steps, so that early stopping does not end a run during its first noisy epochs. Word2Vec,
+# whose vectors start the embedding, passes over the training text until it has seen WORD2VEC_TOKENS tokens
+# (5 passes at least, as on the full data): with 5 passes over a few thousand reviews most of its vectors
+# stay near their tiny random start and the LSTM starts worse than from random vectors. The numbers were
+# chosen on validation figures of IMDB subsets (docs/RESULTS.md, "Small data").
 BATCH_SIZE = 128
 SMALL_BATCH_SIZE = 32
 SMALL_TRAINING_ROWS = 20_000  # fewer training reviews than this: batches of SMALL_BATCH_SIZE
 MIN_STEPS = 1000
 PATIENCE_STEPS = 250
 MAX_PLANNED_EPOCHS = 100
+WORD2VEC_EPOCHS = 5
+WORD2VEC_TOKENS = 20_000_000
+MAX_WORD2VEC_EPOCHS = 200
 
 
 @dataclass(frozen=True)
@@ -1099,7 +1107,7 @@ class TrainingPlan:
     steps_per_epoch: int  # batches of the training split in one epoch (all replicas together)
     epochs: int           # at most; early stopping may end the run sooner
     patience: int         # epochs without a lower validation loss before stopping
-    embeddings: str       # word2vec, random or a word-vector file: where the embedding starts
+    word2vec_epochs: int  # passes of Word2Vec over the training text (with --embeddings word2vec)
     reason: str           # how the plan came about, in words
 
     @property
@@ -1108,8 +1116,8 @@ class TrainingPlan:
 
     def summary(self) -> dict:
         return {"batch_size": self.batch_size, "steps_per_epoch": self.steps_per_epoch, "planned_epochs": self.epochs,
-                "planned_steps": self.planned_steps, "patience": self.patience, "embeddings": self.embeddings,
-                "plan": self.reason}
+                "planned_steps": self.planned_steps, "patience": self.patience,
+                "word2vec_epochs": self.word2vec_epochs, "plan": self.reason}
 
 
 def plan_training(config: TrainConfig, lengths: np.ndarray, replicas: int) -> TrainingPlan:
@@ -1137,13 +1145,12 @@ def plan_training(config: TrainConfig, lengths: np.ndarray, replicas: int) -> Tr
         patience = min(epochs, max(1, math.ceil(PATIENCE_STEPS / steps)))
         if patience > 1:
             notes.append(f"patience {patience} epochs (about {PATIENCE_STEPS} steps)")
-    embeddings = config.embeddings
-    if embeddings == "auto":
-        embeddings = "word2vec" if rows >= SMALL_TRAINING_ROWS else "random"
-        if embeddings == "random":
-            notes.append("random starting word vectors (Word2Vec learned on so few texts starts the model worse)")
+    tokens = int(lengths.sum())
+    word2vec_epochs = min(MAX_WORD2VEC_EPOCHS, max(WORD2VEC_EPOCHS, math.ceil(WORD2VEC_TOKENS / max(1, tokens))))
+    if config.embeddings == "word2vec" and word2vec_epochs > WORD2VEC_EPOCHS:
+        notes.append(f"Word2Vec {word2vec_epochs} passes over {tokens} training tokens")
     reason = "; ".join(notes) or f"the defaults for {rows} training reviews"
-    return TrainingPlan(batch_size, steps, epochs, patience, embeddings, reason)
+    return TrainingPlan(batch_size, steps, epochs, patience, word2vec_epochs, reason)
 
 
 @dataclass
@@ -1207,12 +1214,12 @@ def prepare_inputs(splits: DataSplits, config: TrainConfig, replicas: int, num_c
     validation_batches = make_training_dataset(validation_ids, splits.validation.labels, global_batch_size,
                                                config.max_length, None, pad_to_full_batches=several)
     embedding_matrix, coverage = None, None
-    if plan.embeddings == "word2vec":
-        print("Training Word2Vec on the training split ...")
-        embedding_matrix = word2vec_matrix(train_ids, vocabulary, config)
-    elif plan.embeddings != "random":
-        print(f"Reading word vectors from {plan.embeddings} ...")
-        embedding_matrix, coverage = pretrained_matrix(load_word_vectors(Path(plan.embeddings)), train_ids,
+    if config.embeddings == "word2vec":
+        print(f"Training Word2Vec on the training split ({plan.word2vec_epochs} passes) ...")
+        embedding_matrix = word2vec_matrix(train_ids, vocabulary, config, plan.word2vec_epochs)
+    elif config.embeddings != "random":
+        print(f"Reading word vectors from {config.embeddings} ...")
+        embedding_matrix, coverage = pretrained_matrix(load_word_vectors(Path(config.embeddings)), train_ids,
                                                        vocabulary, config.seed)
         print(f"The file covers {coverage['vocabulary_covered']:.1%} of the vocabulary and "
               f"{coverage['training_tokens_covered']:.1%} of the training tokens; the rest start random")
@@ -1226,11 +1233,10 @@ def prepare_inputs(splits: DataSplits, config: TrainConfig, replicas: int, num_c
                     for part in (splits.train, splits.validation, splits.test))
     print(f"Vocabulary {len(vocabulary)} words; {truncated} reviews longer than {config.max_length} tokens are cut")
     print(f"Plan: {plan.epochs} epochs of {plan.steps_per_epoch} batches of {plan.batch_size} ({plan.planned_steps} "
-          f"steps), patience {plan.patience}, embedding from {plan.embeddings} ({plan.reason})")
+          f"steps), patience {plan.patience} ({plan.reason})")
     notes = []
-    if plan.embeddings in ("word2vec", "random") and len(train_ids) < SMALL_TRAINING_ROWS and config.arch != "bert":
-        start = ("Word2Vec vectors learned on" if plan.embeddings == "word2vec" else "random vectors, as Word2Vec "
-                 "learns poor ones from")
+    if config.embeddings in EMBEDDING_METHODS and len(train_ids) < SMALL_TRAINING_ROWS and config.arch != "bert":
+        start = "Word2Vec vectors learned on" if config.embeddings == "word2vec" else "random vectors, with"
         notes.append(f"Small data: the embedding starts from {start} only {len(train_ids)} training texts. "
                      "Pretrained word vectors help most here: --embeddings glove-wiki-gigaword-100 (gensim "
                      "downloads it once), or --embeddings FILE with a GloVe, word2vec or fastText file.")

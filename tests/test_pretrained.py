@@ -80,7 +80,7 @@ def test_word_vector_file_mistakes_are_one_line(tmp_path):
     assert_user_error(run_main(*flags, "--embeddings", tmp_path / "glove.txt", "--embedding-dim", "8"),
                       "--embedding-dim 8 conflicts", "6 dimensions")
     assert_user_error(run_main(*flags, "--embeddings", tmp_path / "missing.txt"),
-                      "--embeddings must be auto, word2vec, random, an existing word-vector file")
+                      "--embeddings must be word2vec, random, an existing word-vector file")
     assert_user_error(run_main(*flags, "--embeddings", TINY_CSV), "is not a word-vector file")
     ragged = tmp_path / "ragged.txt"
     ragged.write_text("the 0.1 0.2 0.3\nfilm 0.4 0.5\n")

@@ -28,7 +28,7 @@ def test_the_full_imdb_size_keeps_the_cards_recipe():
     import sentiment_analysis as sa
 
     plan, lengths = plan_for(35_693)
-    assert (plan.batch_size, plan.epochs, plan.patience, plan.embeddings) == (128, 4, 1, "word2vec")
+    assert (plan.batch_size, plan.epochs, plan.patience, plan.word2vec_epochs) == (128, 4, 1, 5)
     assert plan.steps_per_epoch == batches(lengths, 128)
     assert plan.planned_steps == 4 * plan.steps_per_epoch >= sa.MIN_STEPS
     best, _ = plan_for(35_693, **sa.PRESETS["best"])
@@ -40,7 +40,10 @@ def test_small_data_gets_small_batches_and_at_least_the_minimum_of_steps(rows):
     import sentiment_analysis as sa
 
     plan, lengths = plan_for(rows)
-    assert plan.batch_size == sa.SMALL_BATCH_SIZE and plan.embeddings == "random"
+    assert plan.batch_size == sa.SMALL_BATCH_SIZE
+    # Word2Vec passes over the small text until it has seen about WORD2VEC_TOKENS tokens.
+    assert plan.word2vec_epochs == min(sa.MAX_WORD2VEC_EPOCHS, math.ceil(sa.WORD2VEC_TOKENS / lengths.sum()))
+    assert plan.word2vec_epochs > sa.WORD2VEC_EPOCHS and f"Word2Vec {plan.word2vec_epochs} passes" in plan.reason
     assert plan.steps_per_epoch == batches(lengths, sa.SMALL_BATCH_SIZE)
     assert plan.epochs == max(4, math.ceil(sa.MIN_STEPS / plan.steps_per_epoch))
     assert sa.MIN_STEPS <= plan.planned_steps < sa.MIN_STEPS + plan.steps_per_epoch or plan.epochs == 4
@@ -56,8 +59,8 @@ def test_the_plan_is_capped_for_very_small_data():
 
 
 def test_flags_given_are_taken_as_given():
-    plan, lengths = plan_for(720, epochs=2, batch_size=64, patience=1, embeddings="word2vec")
-    assert (plan.epochs, plan.batch_size, plan.patience, plan.embeddings) == (2, 64, 1, "word2vec")
+    plan, lengths = plan_for(720, epochs=2, batch_size=64, patience=1)
+    assert (plan.epochs, plan.batch_size, plan.patience) == (2, 64, 1)
     assert plan.steps_per_epoch == batches(lengths, 64) and plan.planned_steps == 2 * plan.steps_per_epoch
     assert "2 epochs as given" in plan.reason
     # Several replicas take --batch-size each: the steps are counted with the global batch.
@@ -145,7 +148,7 @@ def test_the_report_shows_the_plan_the_notes_and_the_learning_curve(trained_dir)
     training = metrics["training"]
     assert training["planned_epochs"] == 1 and training["planned_steps"] == training["steps_per_epoch"]
     assert "1 epochs as given" in training["plan"]
-    assert training["embeddings"] == "random"  # auto, on a tiny training split
+    assert training["word2vec_epochs"] == 200  # the most: the tiny split has few tokens
     assert set(metrics["validation"]["accuracy"]) == {"neural", "baseline"}
     curve = metrics["validation"]["baseline_learning_curve"]
     assert [point["share"] for point in curve] == [0.1, 0.25, 0.5, 1.0]
@@ -205,7 +208,7 @@ def test_a_gensim_downloader_name_is_fetched_and_used(stub_downloader, tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert asked == [("glove-wiki-gigaword-100", True)]
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert metrics["config"]["embeddings"] == str(path) == metrics["training"]["embeddings"]
+    assert metrics["config"]["embeddings"] == str(path)
     assert metrics["config"]["embedding_dim"] == 6
     assert metrics["data"]["embedding_coverage"]["vocabulary_covered"] > 0
 
@@ -221,7 +224,7 @@ def test_a_bad_downloader_name_is_one_line_before_any_data_is_read(stub_download
 
 def test_a_missing_file_is_not_taken_for_a_downloader_name(tmp_path):
     result = run_main("--data", TINY_CSV, "--embeddings", str(tmp_path / "glove.6B.50d.txt"))
-    assert_user_error(result, "--embeddings must be auto, word2vec, random, an existing word-vector file")
+    assert_user_error(result, "--embeddings must be word2vec, random, an existing word-vector file")
 
 
 def test_an_auto_blend_less_accurate_than_a_part_gives_that_part_all_the_weight(monkeypatch):
