@@ -361,6 +361,51 @@ def prepare_output_dir(path: Path) -> Path:
     return path
 
 
+def process_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def output_lock(output_dir: Path, name: str = "run"):
+    """Hold OUTPUT_DIR/.NAME.lock (this process's id, host and start time) while a run writes there, so that a
+    second run into the same directory is refused at start-up instead of mixing its files with the first's. A
+    lock left by a process that no longer runs on this host is taken over, with a note."""
+    lock = output_dir / f".{name}.lock"
+    record = {"pid": os.getpid(), "host": platform.node(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(2):
+        try:
+            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text())
+                pid, host, started = int(holder["pid"]), str(holder["host"]), str(holder["started"])
+            except (OSError, ValueError, KeyError, TypeError):
+                pid, host, started = -1, platform.node(), "an unknown time"  # unreadable: a half-written lock
+            if host != platform.node() or (pid > 0 and process_running(pid)):
+                raise UserError(f"another run is writing to {output_dir}: process {pid} on {host}, started "
+                                f"{started} (wait for it to finish, or give another --output-dir; if it is gone, "
+                                f"delete {lock})") from None
+            print(f"note: taking over the lock of an earlier run that no longer runs (process {pid}, started "
+                  f"{started})", file=sys.stderr)
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(descriptor, "w") as file:
+            file.write(json.dumps(record))
+        break
+    else:
+        raise UserError(f"cannot take the lock {lock}: another run took it at the same moment")
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
 def check_output_file(path: Path) -> None:
     if path.is_dir():
         raise UserError(f"output path is a directory: {path}")
@@ -2625,15 +2670,16 @@ class RunSetup:
         return self.role is None or self.role.chief
 
 
-def set_up_run(config: TrainConfig) -> RunSetup:
+def set_up_run(config: TrainConfig, cleanup: contextlib.ExitStack) -> RunSetup:
     """Every check that needs no data, so a mistake costs seconds: the flags, TF_CONFIG, the output directory
-    and a saved training state."""
+    (locked for this run until `cleanup` closes) and a saved training state."""
     validate_config(config)
     config = resolve_embedding_dim(fetch_word_vectors(config))
     role = cluster_role()
     if role and config.cpu_replicas > 1:
         raise UserError("--cpu-replicas cannot be combined with TF_CONFIG: each worker uses its own devices")
     output_dir = prepare_output_dir(Path(config.output_dir))
+    cleanup.enter_context(output_lock(output_dir, "run" if not role or role.chief else role.name))
     # Every worker of a cluster keeps its own training state; only the chief writes the outputs.
     state_dir = output_dir / ("training_state" if not role or role.chief else f"training_state-{role.name}")
     if config.fresh:
@@ -2682,60 +2728,61 @@ def score_on_test(config: TrainConfig, classifier, baseline, check: ValidationCh
 def run_training(config: TrainConfig) -> TrainingResult:
     """The whole run: check, load, split, prepare, train, score, report, write."""
     clock = Stopwatch()
-    setup = set_up_run(config)
-    config = setup.config
-    with clock.timed("load_s"):
-        data = load_dataset(config)
-        splits = split_dataset(data, config)
-    counts, class_names = data_summary(data, splits), data.classes.names
-    print(f"Read {counts['rows_read']} rows from {config.data}; dropped {counts['dropped']}; "
-          f"train {counts['train']}, validation {counts['validation']}, test {counts['test']}; "
-          f"{describe_classes(data)}")
-    strategy = setup_tensorflow(config, setup.role)
-    with clock.timed("preprocess_s"):
-        inputs = prepare_inputs(splits, config, strategy.num_replicas_in_sync, len(class_names))
-    counts["longer_than_max_length"] = inputs.truncated_reviews
-    if inputs.embedding_coverage:
-        counts["embedding_coverage"] = inputs.embedding_coverage
-    classifier, optimizer = build_model_and_optimizer(config, inputs, len(class_names), strategy)
-    with clock.timed("train_s"):
-        training = train(classifier, optimizer, strategy, inputs, config, setup.state_dir, setup.saved_state,
-                         multi_worker=setup.role is not None,
-                         log_dir=setup.output_dir / "tensorboard" if setup.writes_outputs else None)
-    clock.record("epoch_s", training.epoch_seconds)
-    if not setup.writes_outputs:
-        print("Training done; the chief writes the model and the reports.")
-        return training
+    with contextlib.ExitStack() as cleanup:  # The output directory's lock, held to the end.
+        setup = set_up_run(config, cleanup)
+        config = setup.config
+        with clock.timed("load_s"):
+            data = load_dataset(config)
+            splits = split_dataset(data, config)
+        counts, class_names = data_summary(data, splits), data.classes.names
+        print(f"Read {counts['rows_read']} rows from {config.data}; dropped {counts['dropped']}; "
+              f"train {counts['train']}, validation {counts['validation']}, test {counts['test']}; "
+              f"{describe_classes(data)}")
+        strategy = setup_tensorflow(config, setup.role)
+        with clock.timed("preprocess_s"):
+            inputs = prepare_inputs(splits, config, strategy.num_replicas_in_sync, len(class_names))
+        counts["longer_than_max_length"] = inputs.truncated_reviews
+        if inputs.embedding_coverage:
+            counts["embedding_coverage"] = inputs.embedding_coverage
+        classifier, optimizer = build_model_and_optimizer(config, inputs, len(class_names), strategy)
+        with clock.timed("train_s"):
+            training = train(classifier, optimizer, strategy, inputs, config, setup.state_dir, setup.saved_state,
+                             multi_worker=setup.role is not None,
+                             log_dir=setup.output_dir / "tensorboard" if setup.writes_outputs else None)
+        clock.record("epoch_s", training.epoch_seconds)
+        if not setup.writes_outputs:
+            print("Training done; the chief writes the model and the reports.")
+            return training
 
-    classifier = local_copy(classifier, config, len(inputs.vocabulary))
-    baseline, train_strings = fit_the_baseline(config, splits, clock)
-    with clock.timed("validation_s"):
-        check = compare_on_validation(classifier, baseline, inputs.validation_ids, splits, train_strings, config)
-    probabilities, model, blend = score_on_test(config, classifier, baseline, check, inputs, splits, class_names,
-                                                clock)
-    evaluation = evaluate(splits.test, class_names, probabilities)
-    notes = inputs.notes + advice(check, config.arch, blend)
-    report = build_report(config, counts, training, evaluation, blend, check, notes, strategy, setup.role)
-    print(f"\nTest set results:\n{evaluation.table}\n\n{evaluation.classification_report}")
-    for note in notes:
-        print(f"Note: {note}")
-    show = config.show and display_available()
-    with clock.timed("write_s"):
-        errors, figures = write_outputs(setup.output_dir, model, evaluation, training.history, splits.test, show)
-    with clock.timed("report_s"):
-        mistakes = report_mistakes(model, errors, class_names)
+        classifier = local_copy(classifier, config, len(inputs.vocabulary))
+        baseline, train_strings = fit_the_baseline(config, splits, clock)
+        with clock.timed("validation_s"):
+            check = compare_on_validation(classifier, baseline, inputs.validation_ids, splits, train_strings, config)
+        probabilities, model, blend = score_on_test(config, classifier, baseline, check, inputs, splits, class_names,
+                                                    clock)
+        evaluation = evaluate(splits.test, class_names, probabilities)
+        notes = inputs.notes + advice(check, config.arch, blend)
+        report = build_report(config, counts, training, evaluation, blend, check, notes, strategy, setup.role)
+        print(f"\nTest set results:\n{evaluation.table}\n\n{evaluation.classification_report}")
+        for note in notes:
+            print(f"Note: {note}")
+        show = config.show and display_available()
+        with clock.timed("write_s"):
+            errors, figures = write_outputs(setup.output_dir, model, evaluation, training.history, splits.test, show)
+        with clock.timed("report_s"):
+            mistakes = report_mistakes(model, errors, class_names)
+            report["timing"] = clock.summary()
+            page = build_html_report(report, evaluation, training.history, figures, mistakes)
+            write_text(setup.output_dir / "report.html", page)
         report["timing"] = clock.summary()
-        page = build_html_report(report, evaluation, training.history, figures, mistakes)
-        write_text(setup.output_dir / "report.html", page)
-    report["timing"] = clock.summary()
-    write_text(setup.output_dir / "metrics.json", json.dumps(report, indent=2) + "\n")
-    print(f"Outputs written to {setup.output_dir}/ (the overview: report.html; serving: saved_model/; curves: "
-          f"tensorboard --logdir {setup.output_dir / 'tensorboard'}); the whole run took "
-          f"{report['timing']['total_s']:.0f} s")
-    if show:
-        open_report(setup.output_dir / "report.html")
-    show_figures(show)
-    return training
+        write_text(setup.output_dir / "metrics.json", json.dumps(report, indent=2) + "\n")
+        print(f"Outputs written to {setup.output_dir}/ (the overview: report.html; serving: saved_model/; curves: "
+              f"tensorboard --logdir {setup.output_dir / 'tensorboard'}); the whole run took "
+              f"{report['timing']['total_s']:.0f} s")
+        if show:
+            open_report(setup.output_dir / "report.html")
+        show_figures(show)
+        return training
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -286,3 +286,39 @@ def test_cpu_replicas_with_tf_config_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("TF_CONFIG", '{"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker", "index": 0}}')
     result = train_tiny_in_process(tmp_path, "--cpu-replicas", "2")
     assert_user_error(result, "--cpu-replicas", "TF_CONFIG")
+
+
+def test_a_second_run_into_the_same_directory_is_refused_while_the_first_runs(tmp_path):
+    first = start_training(tmp_path, LONG_RUN)
+    try:
+        wait_for_first_epoch(first, tmp_path)
+        second = train_tiny_in_process(tmp_path, "--no-baseline", "--seed", "2")
+        line = assert_user_error(second, "another run is writing to", str(tmp_path), f"process {first.pid}")
+        assert "--output-dir" in line
+        lock = json.loads((tmp_path / ".run.lock").read_text())
+        assert lock["pid"] == first.pid and lock["host"] == socket.gethostname() and lock["started"]
+    finally:
+        first.kill()
+        first.wait()
+    # The second run touched nothing of the first's: its training state is still there to resume.
+    assert (tmp_path / "training_state" / "state.json").exists() and not (tmp_path / "metrics.json").exists()
+
+
+def test_a_lock_of_a_live_process_or_another_host_refuses_and_a_stale_one_is_taken_over(tmp_path):
+    import platform
+
+    lock = tmp_path / ".run.lock"
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": platform.node(), "started": "2026-12-01 10:00:00"}))
+    assert_user_error(train_tiny_in_process(tmp_path), "another run is writing to", f"process {os.getpid()}",
+                      "2026-12-01 10:00:00")
+    lock.write_text(json.dumps({"pid": 1, "host": "some-other-machine", "started": "2026-12-01 10:00:00"}))
+    assert_user_error(train_tiny_in_process(tmp_path), "on some-other-machine", "delete")
+    assert not (tmp_path / "metrics.json").exists()
+    # A process that has ended leaves its lock behind (as after SIGKILL): the next run takes it over.
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    lock.write_text(json.dumps({"pid": ended.pid, "host": platform.node(), "started": "2026-12-01 10:00:00"}))
+    result = train_tiny_in_process(tmp_path, "--no-baseline")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"taking over the lock of an earlier run that no longer runs (process {ended.pid}" in result.stderr
+    assert (tmp_path / "metrics.json").exists() and not lock.exists()
