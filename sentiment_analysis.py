@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import functools
 import html
 import importlib.abc
@@ -299,6 +300,17 @@ def training_fingerprint(config: TrainConfig) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 
 
+class DiskFull(UserError):
+    """No space left where an output is written (a machine's fault, not a bug: one line, like a user's mistake)."""
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """ENOSPC or a full quota, as an OSError or as TensorFlow's own error text (the SavedModel writer)."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(error) or "Disk quota exceeded" in str(error)
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path):
     """Yield a temporary path next to `path` (same extension); rename it over `path` only on success."""
@@ -306,6 +318,10 @@ def atomic_path(path: Path):
     try:
         yield temporary
         os.replace(temporary, path)
+    except Exception as error:
+        if is_disk_full(error):
+            raise DiskFull(f"no space left in {path.parent} while writing {path.name}") from None
+        raise
     finally:
         if temporary.exists():
             temporary.unlink()
@@ -344,6 +360,10 @@ def atomic_directory(path: Path):
             os.replace(path, old)
         os.replace(temporary, path)
         shutil.rmtree(old, ignore_errors=True)
+    except Exception as error:
+        if is_disk_full(error):
+            raise DiskFull(f"no space left in {path.parent} while writing {path.name}/") from None
+        raise
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
 
@@ -404,6 +424,38 @@ def output_lock(output_dir: Path, name: str = "run"):
         yield
     finally:
         lock.unlink(missing_ok=True)
+
+
+def megabytes(size: float) -> str:
+    return f"{size / 1e6:,.0f} MB"
+
+
+def output_bytes_needed(parameters: int, blend: bool) -> int:
+    """What a run writes, about: the weights in model.keras and twice in saved_model/ (its variables and its
+    constants), the training state (the weights, two Adam moments and the best weights, held twice while a new
+    state replaces the last), with a blend the baseline inside both model files, and 10 MB of reports."""
+    weights = 4 * parameters
+    return weights * (3 + 2 * 4) + (60_000_000 if blend else 0) + 10_000_000
+
+
+def check_free_space(output_dir: Path, needed: int) -> None:
+    free = shutil.disk_usage(output_dir).free
+    if free < needed:
+        raise UserError(f"not enough space in {output_dir}: this run's outputs need about {megabytes(needed)}, "
+                        f"{megabytes(free)} are free")
+
+
+@contextlib.contextmanager
+def disk_full_advice(output_dir: Path, state_dir: Path, needed: int):
+    """Turn a full disk met while writing into one line: what was being written, how much a run needs, what
+    is free, and whether the finished epochs' training state stays for the rerun."""
+    try:
+        yield
+    except DiskFull as error:
+        free = shutil.disk_usage(output_dir).free
+        resumes = " (it resumes after the last finished epoch)" if (state_dir / "state.json").exists() else ""
+        raise UserError(f"{error}: this run's outputs need about {megabytes(needed)}, {megabytes(free)} are free "
+                        f"now; free some space and run the same command again{resumes}") from None
 
 
 def check_output_file(path: Path) -> None:
@@ -2745,6 +2797,9 @@ def run_training(config: TrainConfig) -> TrainingResult:
         if inputs.embedding_coverage:
             counts["embedding_coverage"] = inputs.embedding_coverage
         classifier, optimizer = build_model_and_optimizer(config, inputs, len(class_names), strategy)
+        needed = output_bytes_needed(classifier.count_params(), config.blend_weight is not None)
+        check_free_space(setup.output_dir, needed)
+        cleanup.enter_context(disk_full_advice(setup.output_dir, setup.state_dir, needed))
         with clock.timed("train_s"):
             training = train(classifier, optimizer, strategy, inputs, config, setup.state_dir, setup.saved_state,
                              multi_worker=setup.role is not None,

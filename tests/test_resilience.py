@@ -322,3 +322,63 @@ def test_a_lock_of_a_live_process_or_another_host_refuses_and_a_stale_one_is_tak
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"taking over the lock of an earlier run that no longer runs (process {ended.pid}" in result.stderr
     assert (tmp_path / "metrics.json").exists() and not lock.exists()
+
+
+def test_a_full_disk_while_training_is_one_line_and_leaves_no_half_file(tmp_path, monkeypatch):
+    """ENOSPC from the writer of the training state after the second epoch: one line naming the directory and
+    the space a run needs, exit 2, no temporary file; the first epoch's state stays, and a rerun resumes."""
+    import errno as errno_module
+
+    import sentiment_analysis as sa
+
+    real_savez, saves = np.savez, []
+
+    def savez_until_full(path, **arrays):
+        saves.append(path)
+        if len(saves) == 2:
+            with open(path, "wb") as partial:
+                partial.write(b"half an array")
+            raise OSError(errno_module.ENOSPC, "No space left on device")
+        real_savez(path, **arrays)
+
+    monkeypatch.setattr(sa.np, "savez", savez_until_full)
+    result = train_tiny_in_process(tmp_path, "--no-baseline", "--epochs", "3", "--patience", "3")
+    line = assert_user_error(result, f"no space left in {tmp_path / 'training_state'}", "this run's outputs need about",
+                             "MB are free", "resumes after the last finished epoch")
+    assert result.returncode == 2
+    leftovers = [path.name for path in tmp_path.rglob("*") if path.name.startswith((".tmp", ".old"))]
+    assert leftovers == [] and not (tmp_path / "metrics.json").exists() and not (tmp_path / ".run.lock").exists()
+    assert json.loads((tmp_path / "training_state" / "state.json").read_text())["epoch"] == 1
+    monkeypatch.setattr(sa.np, "savez", real_savez)
+    result = train_tiny_in_process(tmp_path, "--no-baseline", "--epochs", "3", "--patience", "3")
+    assert result.returncode == 0 and "Resuming after epoch 1" in result.stdout, line
+
+
+def test_too_little_free_space_is_refused_before_training(tmp_path, monkeypatch):
+    import collections
+
+    import sentiment_analysis as sa
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(sa.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 5_000_000, 5_000_000))
+    result = train_tiny_in_process(tmp_path)
+    assert_user_error(result, f"not enough space in {tmp_path}", "need about", "5 MB are free")
+    assert "Epoch 1" not in result.stdout and not (tmp_path / "training_state").exists()
+
+
+def test_a_full_disk_while_writing_the_figures_is_one_line(tmp_path, monkeypatch):
+    """ENOSPC after training, from the figure writer: one line naming the file; no temporary file is left."""
+    import errno as errno_module
+
+    import matplotlib.figure
+
+    def full(self, path, **kwargs):
+        with open(path, "wb") as partial:
+            partial.write(b"\x89PNG half")
+        raise OSError(errno_module.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full)
+    result = train_tiny_in_process(tmp_path, "--no-baseline")
+    line = assert_user_error(result, f"no space left in {tmp_path} while writing confusion_matrix.png", "need about")
+    assert result.returncode == 2 and "resumes" not in line  # training had finished: its state is gone
+    assert [path.name for path in tmp_path.rglob(".tmp*")] == [] and not (tmp_path / "metrics.json").exists()
