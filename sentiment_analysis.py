@@ -43,8 +43,10 @@ import os
 import platform
 import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 import zlib
@@ -171,6 +173,10 @@ ARCH_DEFAULTS = {
 
 class UserError(Exception):
     """A mistake in the user's input or flags: reported as one line on stderr, never as a traceback."""
+
+
+class Terminated(Exception):
+    """SIGTERM stopped training after a step, its state saved: said on stderr, exit status 143 (128 + 15)."""
 
 
 def flag_name(field_name: str) -> str:
@@ -1817,19 +1823,40 @@ def make_step_functions(classifier, optimizer, strategy, class_weights: np.ndarr
     return on_all_replicas(train_batch), on_all_replicas(validation_batch)
 
 
-def run_epoch(step, dataset, steps: int, progress=None, on_batch=None) -> dict:
-    """Run `step` over one pass of the distributed dataset; the mean loss and accuracy per review.
-    `on_batch(index, mean loss of the batch)` is told of each batch."""
-    loss, correct, count = 0.0, 0.0, 0.0
+@dataclass
+class EpochProgress:
+    """How far a pass has come: its batches done and the running sums of the loss, the right answers and the
+    reviews (saved mid-epoch on SIGTERM, so that the resumed epoch ends with the very same figures)."""
+    batches: int = 0
+    loss: float = 0.0
+    correct: float = 0.0
+    count: float = 0.0
+    seconds: float = 0.0
+
+    def scores(self) -> dict:
+        """The mean loss and accuracy per review."""
+        return {"loss": self.loss / self.count, "accuracy": self.correct / self.count}
+
+
+def run_epoch(step, dataset, steps: int, progress=None, on_batch=None, done: EpochProgress | None = None,
+              stop=None) -> EpochProgress:
+    """Run `step` over a pass of the distributed dataset, from batch `done.batches` on (the dataset starts
+    there), to batch `steps` or until `stop()` is true after a step. `on_batch(index, mean loss of the batch)`
+    is told of each batch."""
+    done = dataclasses.replace(done) if done else EpochProgress()
     iterator = iter(dataset)
-    for index in range(steps):
+    for index in range(done.batches, steps):
         batch_loss, batch_correct, batch_count = (float(value) for value in step(iterator))
-        loss, correct, count = loss + batch_loss, correct + batch_correct, count + batch_count
+        done.loss, done.correct, done.count = done.loss + batch_loss, done.correct + batch_correct, \
+            done.count + batch_count
+        done.batches = index + 1
         if progress:
-            progress.update(index + 1, [("loss", loss / count), ("accuracy", correct / count)], finalize=False)
+            progress.update(index + 1, list(done.scores().items()), finalize=False)
         if on_batch:
             on_batch(index, batch_loss / max(batch_count, 1.0))
-    return {"loss": loss / count, "accuracy": correct / count}
+        if stop is not None and stop():
+            break
+    return done
 
 
 class TrainingLog:
@@ -1882,8 +1909,8 @@ def numbered_arrays(arrays, prefix: str) -> list[np.ndarray]:
 
 @dataclass
 class TrainingState:
-    """Where training stands after its last whole epoch: saved after every epoch, so that a crashed run goes on
-    from there. The arrays are every model and optimizer variable (weights, Adam moments, step count, dropout
+    """Where training stands after its last whole epoch (or, stopped by SIGTERM, after its last step): saved
+    after every epoch, so that a crashed run goes on from there. The arrays are every model and optimizer variable (weights, Adam moments, step count, dropout
     seed state) and the best weights so far."""
     fingerprint: dict
     epoch: int = 0
@@ -1892,6 +1919,7 @@ class TrainingState:
     best_loss: float = math.inf
     best_epoch: int | None = None
     wait: int = 0  # epochs since the best one
+    epoch_progress: dict | None = None  # an EpochProgress of the next epoch, when SIGTERM stopped it part-way
     variable_values: list[np.ndarray] | None = field(default=None, repr=False)
     best_weights: list[np.ndarray] | None = field(default=None, repr=False)
 
@@ -1972,8 +2000,9 @@ class TrainingResult:
 def train(classifier, optimizer, strategy, inputs: PreparedInputs, config: TrainConfig, state_dir: Path,
           saved: TrainingState | None, multi_worker: bool, log_dir: Path | None = None) -> TrainingResult:
     """Train with early stopping on validation loss and keep the best weights; save the training state after
-    every epoch so that a crashed run continues; on Ctrl-C stop and keep the best weights so far. With
-    `log_dir`, log the curves for TensorBoard there.
+    every epoch so that a crashed run continues; on Ctrl-C stop and keep the best weights so far; on SIGTERM
+    (a scheduler's notice before it kills) save the state after the current step and stop at once, with no
+    evaluation (raises Terminated). With `log_dir`, log the curves for TensorBoard there.
 
     One loop for every setup: the strategy runs each step on its replicas, whether that is this CPU, several
     GPUs or the workers of a cluster. Not Keras' fit(): in Keras 3.15 it fails under
@@ -1988,7 +2017,9 @@ def train(classifier, optimizer, strategy, inputs: PreparedInputs, config: Train
     if saved:
         for variable, value in zip(variables, saved.variable_values):
             variable.assign(value)
-        print(f"Resuming after epoch {state.epoch} from the state saved in {state_dir} (add --fresh to start over)")
+        where = (f"in epoch {state.epoch + 1} after batch {state.epoch_progress['batches']}" if state.epoch_progress
+                 else f"after epoch {state.epoch}")
+        print(f"Resuming {where} from the state saved in {state_dir} (add --fresh to start over)")
     if multi_worker:
         check_workers_agree(strategy, state.epoch)
     resumed_after_epoch, interrupted = state.epoch, False
@@ -1996,21 +2027,41 @@ def train(classifier, optimizer, strategy, inputs: PreparedInputs, config: Train
         shutil.rmtree(log_dir, ignore_errors=True)  # A new run's curves replace the last run's, as its files do.
     log = TrainingLog(log_dir)
     plan, steps = inputs.plan, inputs.plan.steps_per_epoch
+    # SIGTERM only asks the loop to stop after its step (one process: a cluster's workers must stop together,
+    # so there the signal keeps its default and the last whole epoch's state is what a rerun resumes from).
+    terminated = threading.Event()
+    previous_handler = None
+    if not multi_worker and threading.current_thread() is threading.main_thread():
+        previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: terminated.set())
     try:
         while state.epoch < plan.epochs and state.wait < plan.patience:
-            print(f"Epoch {state.epoch + 1}/{plan.epochs}")
+            resume = EpochProgress(**state.epoch_progress) if state.epoch_progress else EpochProgress()
+            print(f"Epoch {state.epoch + 1}/{plan.epochs}" +
+                  (f", from batch {resume.batches + 1}" if resume.batches else ""))
             started = time.perf_counter()
             bar = keras.utils.Progbar(steps, verbose=1 if sys.stdout.isatty() else 2, stateful_metrics=HISTORY_NAMES)
-            train_batches = strategy.experimental_distribute_dataset(inputs.training_batches(state.epoch))
+            # Each epoch's batches come in the order of its own seed, so a resumed epoch skips those it has done.
+            train_batches = strategy.experimental_distribute_dataset(
+                inputs.training_batches(state.epoch).skip(resume.batches))
             first_step = state.epoch * steps
-            scores = run_epoch(train_step, train_batches, steps, bar,
-                               on_batch=lambda index, loss: log.batch(first_step + index + 1, loss))
-            validation = run_epoch(validation_step, validation_batches, inputs.validation_steps)
+            done = run_epoch(train_step, train_batches, steps, bar, done=resume, stop=terminated.is_set,
+                             on_batch=lambda index, loss: log.batch(first_step + index + 1, loss))
+            done.seconds = resume.seconds + time.perf_counter() - started
+            if terminated.is_set():
+                state.epoch_progress = dataclasses.asdict(done)
+                state.variable_values = [variable.numpy() for variable in variables]
+                state.save(state_dir)
+                raise Terminated(f"Stopped by SIGTERM after batch {done.batches} of {steps} in epoch "
+                                 f"{state.epoch + 1}; the training state is saved in {state_dir}: run the same "
+                                 "command to continue from there.")
+            scores = done.scores()
+            validation = run_epoch(validation_step, validation_batches, inputs.validation_steps).scores()
             scores.update({f"val_{name}": value for name, value in validation.items()})
             bar.update(steps, list(scores.items()), finalize=True)
             state.epoch += 1
+            state.epoch_progress = None
             log.epoch(state.epoch, scores, float(optimizer.learning_rate))
-            state.epoch_seconds.append(time.perf_counter() - started)
+            state.epoch_seconds.append(done.seconds)
             for name in HISTORY_NAMES:
                 state.history.setdefault(name, []).append(scores[name])
             if scores["val_loss"] < state.best_loss:
@@ -2035,6 +2086,8 @@ def train(classifier, optimizer, strategy, inputs: PreparedInputs, config: Train
                         "same command to resume") from None
     finally:
         log.close()
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
     if state.best_weights is not None:
         print(f"Keeping the weights of epoch {state.best_epoch}, the lowest validation loss")
         classifier.set_weights(state.best_weights)
@@ -3097,7 +3150,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> int:
     """Train (the default) or predict. Returns the exit status: 0, 2 for a user's mistake, 130 when training
-    was interrupted (the reports are written, but training was cut short)."""
+    was interrupted (the reports are written, but training was cut short), 143 when SIGTERM stopped it (the
+    training state is saved; nothing else is written)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         if argv[:1] == ["predict"]:
@@ -3107,6 +3161,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Terminated as stop:
+        print(stop, file=sys.stderr)
+        return 143  # 128 + SIGTERM, what a shell reports for a process the signal ended.
     return 0
 
 

@@ -382,3 +382,33 @@ def test_a_full_disk_while_writing_the_figures_is_one_line(tmp_path, monkeypatch
     line = assert_user_error(result, f"no space left in {tmp_path} while writing confusion_matrix.png", "need about")
     assert result.returncode == 2 and "resumes" not in line  # training had finished: its state is gone
     assert [path.name for path in tmp_path.rglob(".tmp*")] == [] and not (tmp_path / "metrics.json").exists()
+
+
+def test_sigterm_saves_the_step_and_the_resumed_run_ends_like_one_never_stopped(tmp_path):
+    """SIGTERM (a scheduler's notice): the run stops after its current step, saves the state at that step and
+    exits 143 within seconds without evaluating; the same command then resumes mid-epoch, skipping the batches
+    done, and ends with the history and test figures of a run that was never stopped."""
+    extra = ["--no-baseline", "--epochs", "6", "--patience", "6", "--batch-size", "4"]
+    stopped = tmp_path / "stopped"
+    process = start_training(stopped, [*TINY_FLAGS, *extra])
+    wait_for_first_epoch(process, stopped)
+    sent = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr[-3000:]
+    assert time.monotonic() - sent < 10
+    assert "Stopped by SIGTERM after batch" in stderr and "Traceback" not in stderr
+    state = json.loads((stopped / "training_state" / "state.json").read_text())
+    assert state["epoch_progress"]["batches"] >= 1 and state["epoch"] >= 1
+    assert not (stopped / "metrics.json").exists() and not (stopped / "model.keras").exists()
+    assert not (stopped / ".run.lock").exists()
+
+    resumed = train_tiny(stopped, *extra)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resuming in epoch {state['epoch'] + 1} after batch {state['epoch_progress']['batches']}" in resumed.stdout
+    whole = tmp_path / "whole"
+    assert train_tiny(whole, *extra).returncode == 0
+    pd.testing.assert_frame_equal(pd.read_csv(stopped / "history.csv"), pd.read_csv(whole / "history.csv"),
+                                  check_exact=True)
+    assert (json.loads((stopped / "metrics.json").read_text())["test"]
+            == json.loads((whole / "metrics.json").read_text())["test"])
