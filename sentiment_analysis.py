@@ -11,14 +11,19 @@ Run it:
     TF_CONFIG='{"cluster": ...}' python sentiment_analysis.py    # one worker of a cluster (see the README)
 
 The default model is the design card's: Embedding(vocab, 128) -> SpatialDropout1D(0.2) -> LSTM(100) ->
-Dense(1, sigmoid), its embedding started from Word2Vec vectors trained on the training split. Everything else
+Dense(1, sigmoid), its embedding started from Word2Vec vectors trained on the training split. How long it
+trains is planned from the size of the data (plan_training): 4 epochs of batches of 128 on the full IMDB data,
+more epochs of smaller batches (and more Word2Vec passes) on a few thousand rows; flags given win. Everything else
 (other architectures, random embeddings, the blend with the TF-IDF baseline) is an option on top of it. Labels
 of other names train the same model; three or more classes end in Dense(classes, softmax).
 Pretrained knowledge comes in as options: --embeddings FILE (GloVe, word2vec, fastText vectors),
 --tokenizer wordpiece (subword pieces) and --arch bert (a KerasHub BERT preset, fine-tuned).
 Outputs land in --output-dir (default outputs/): model.keras (takes raw strings), saved_model/1/ (the same
 for TensorFlow Serving), metrics.json, classification_report.txt, history.csv, errors.csv, three figures,
-report.html (all of it on one page) and tensorboard/ (the training curves).
+report.html (all of it on one page, with what to trust: the baseline's validation figures beside the model's and
+its learning curve) and tensorboard/ (the training curves). A run holds OUTPUT_DIR/.run.lock, so a second run
+into the same directory is refused; SIGTERM saves the training state after the current step (exit 143), and
+the same command resumes.
 
 How to read this file: it runs from the bottom up. Each section defines what the sections below it use, in
 the order a run needs it: configuration -> files -> data -> Keras pieces saved in the model file -> tokens ->
