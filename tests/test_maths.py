@@ -25,7 +25,7 @@ def one_step_each(strategy, initial_weights, token_ids, labels, config):
     with strategy.scope():
         classifier = sa.build_classifier(config, 50)
         classifier.set_weights(initial_weights)
-        optimizer = sa.make_optimizer(config, sa.TrainingPlan(32, 1, 4, 1, "random", "test"))
+        optimizer = sa.make_optimizer(config, sa.TrainingPlan(32, 1, 4, 1, 5, "test"))
         optimizer.build(classifier.trainable_variables)
     train_step, validation_step = sa.make_step_functions(classifier, optimizer, strategy)
 

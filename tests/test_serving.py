@@ -103,7 +103,7 @@ def test_tensorboard_holds_each_epoch_of_the_history(tmp_path):
     rates = [train["epoch_learning_rate"][epoch] for epoch in epochs]
     assert 0 < rates[0] < 2e-3 and rates == sorted(rates, reverse=True) and rates[-1] == pytest.approx(0, abs=1e-9)
     # The loss of every 25th step of the whole run (its steps: 3 epochs of length-bucketed batches).
-    steps = 3 * int(re.search(r"(\d+) batches per epoch", result.stdout)[1])
+    steps = 3 * int(re.search(r"Plan: 3 epochs of (\d+) batches", result.stdout)[1])
     assert sorted(train["batch_loss"]) == list(range(25, steps + 1, 25))
     assert all(0 < loss < 5 for loss in train["batch_loss"].values())
 

@@ -178,7 +178,7 @@ def test_mixed_precision_training_step_runs_with_loss_scaling():
         config = sa.TrainConfig(vocab_size=50, max_length=10, embedding_dim=8, units=4)
         strategy = tf.distribute.get_strategy()
         classifier = sa.build_classifier(config, 50)
-        optimizer = sa.make_optimizer(config, sa.TrainingPlan(32, 2, 4, 1, "random", "test"))
+        optimizer = sa.make_optimizer(config, sa.TrainingPlan(32, 2, 4, 1, 5, "test"))
         optimizer.build(classifier.trainable_variables)
         assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
         assert classifier.get_layer("probability").dtype_policy.compute_dtype == "float32"
