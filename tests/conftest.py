@@ -20,8 +20,11 @@ sys.path.insert(0, str(ROOT))
 
 
 def pytest_configure(config):
-    """Two logical CPU devices for this test process, so that in-process tests can mirror a model across two
-    replicas. (TensorFlow fixes its devices when its runtime starts, so this must come first.)"""
+    """The slow marker (tests that train a model or start the script many times: `-m "not slow"` leaves the
+    quick tier), and two logical CPU devices for this test process, so that in-process tests can mirror a model
+    across two replicas. (TensorFlow fixes its devices when its runtime starts, so this must come first.)"""
+    config.addinivalue_line("markers", "slow: trains a model or runs the script at length (deselect with "
+                                       "-m 'not slow' for the quick tier)")
     import tensorflow as tf
 
     cpu = tf.config.list_physical_devices("CPU")[0]

@@ -92,6 +92,7 @@ def test_tab_separated_files_read_like_csv(tmp_path):
                       "--sep")
 
 
+@pytest.mark.slow
 def test_balanced_class_weights_weight_the_training_loss():
     """--class-weight balanced: weights rows / (classes * rows of the class) on the training split, and the
     training step's loss is the weighted mean; validation stays unweighted."""
@@ -126,6 +127,7 @@ def test_balanced_class_weights_weight_the_training_loss():
 # --- Three classes end to end -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_three_classes_train_report_and_plot(three_class_run):
     output_dir, result = three_class_run
     metrics = json.loads((output_dir / "metrics.json").read_text())
@@ -150,6 +152,7 @@ def test_three_classes_train_report_and_plot(three_class_run):
         assert (output_dir / figure).read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_three_class_model_predicts_the_names_in_every_mode(three_class_run, airline_csv, tmp_path):
     model = three_class_run[0] / "model.keras"
     texts = ["awful rude delayed lost", "thanks lovely friendly", "gate schedule today"]
@@ -173,6 +176,7 @@ def test_three_class_model_predicts_the_names_in_every_mode(three_class_run, air
     assert_user_error(run_main("predict", "--model", model, "--threshold", "0.7", "x"), "two-class models")
 
 
+@pytest.mark.slow
 def test_three_class_saved_model_and_explanations_are_about_the_predicted_class(three_class_run):
     import sentiment_analysis as sa
     import tensorflow as tf
@@ -199,6 +203,7 @@ def test_three_class_saved_model_and_explanations_are_about_the_predicted_class(
 # --- Two classes of other names -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_ham_spam_reports_the_chosen_positive_class_and_the_flag_flips_it(tmp_path):
     data = tmp_path / "sms.tsv"
     sms_frame().to_csv(data, sep="\t", index=False)
@@ -225,6 +230,7 @@ def test_ham_spam_reports_the_chosen_positive_class_and_the_flag_flips_it(tmp_pa
     assert ((frame["probability_positive"] >= 0.5) == (frame["predicted_sentiment"] == "spam")).all()
 
 
+@pytest.mark.slow
 def test_a_small_class_is_pointed_out_and_class_weights_are_recorded(tmp_path):
     data = tmp_path / "sms.csv"
     sms_frame(spam_every=8).to_csv(data, index=False)
@@ -238,6 +244,7 @@ def test_a_small_class_is_pointed_out_and_class_weights_are_recorded(tmp_path):
     assert metrics["test"]["per_class"]["spam"]["support"] == round(metrics["data"]["test"] / 8)
 
 
+@pytest.mark.slow
 def test_cut_reviews_are_counted(tmp_path):
     frame = sms_frame(rows=60)
     frame.loc[:9, "text"] = [" ".join(["word"] * 100) + f" {i}" for i in range(10)]

@@ -51,6 +51,7 @@ def test_bad_csv_is_refused_before_training(tmp_path, case):
     assert not any((tmp_path / "out").glob("*")), "nothing is written for a refused input"
 
 
+@pytest.mark.slow
 def test_bad_input_in_a_subprocess_is_one_line_without_tensorflow(tmp_path):
     """The promise as a user sees it: one line, no traceback, within seconds, before TensorFlow is imported."""
     data = write_csv(tmp_path / "labels.csv", BAD_FILES["one_label"][0])
@@ -109,6 +110,7 @@ def test_unknown_flag_and_bad_choice_exit_with_usage():
         assert result.returncode == 2 and "usage:" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_help_lists_the_options_without_importing_tensorflow():
     code = ("import sys, sentiment_analysis\n"
             "try:\n    sentiment_analysis.main(['--help'])\nexcept SystemExit as exit_:\n    code = exit_.code\n"
@@ -235,6 +237,7 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     assert target.read_text() == "whole" and list(tmp_path.iterdir()) == [target]
 
 
+@pytest.mark.slow
 def test_importing_the_script_is_light():
     code = "import sys, sentiment_analysis; print('tensorflow' in sys.modules, 'sklearn' in sys.modules)"
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=sa.SCRIPT_DIR)
@@ -271,6 +274,7 @@ def test_text_without_spaces_is_refused_before_training_with_what_to_do(tmp_path
     assert "Epoch 1" not in result.stdout and not (tmp_path / "out" / "model.keras").exists()
 
 
+@pytest.mark.slow
 def test_wordpiece_splits_text_without_spaces_and_the_baseline_steps_aside(tmp_path):
     import json
 

@@ -39,6 +39,7 @@ def one_step_each(strategy, initial_weights, token_ids, labels, config):
     return classifier.get_weights(), training, validation
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reviews", [8, 7, 1])
 def test_one_replica_and_two_replicas_compute_the_same_step(reviews):
     """The distributed step's hand-written maths: the same weights and the same batch give the same loss,
@@ -67,6 +68,7 @@ def test_one_replica_and_two_replicas_compute_the_same_step(reviews):
         np.testing.assert_allclose(after_one, after_two, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_length_sorted_scoring_matches_the_saved_model_row_by_row():
     """Every reported test metric comes from predict_token_ids; it must equal the exported model on raw text."""
     texts, _ = tiny_texts()
@@ -142,6 +144,7 @@ def test_standardize_text(raw, expected):
     assert sa.standardized_strings(np.array([raw], dtype=object)) == [cleaned]
 
 
+@pytest.mark.slow
 def test_a_run_chooses_the_blend_weight_on_the_validation_split(tmp_path):
     """Not only the helper: the weight a whole run records is the one that minimizes log loss on the validation
     split (or all on one part, when that blend is less accurate than the part alone), as recomputed here from the

@@ -3,6 +3,7 @@
 In-process (main([...])) except where the process itself is the promise."""
 
 import pandas as pd
+import pytest
 
 from conftest import TINY_CSV, assert_user_error, run_main, run_script
 
@@ -25,12 +26,14 @@ def check_rows(rows, texts, threshold=0.5):
         assert text.startswith(shown.rstrip(".")[:20])
 
 
+@pytest.mark.slow
 def test_predict_texts_in_order(trained_dir):
     result = run_main("predict", "--model", trained_dir / "model.keras", *TEXTS)
     assert result.returncode == 0, result.stderr[-3000:]
     check_rows(parse_lines(result.stdout), TEXTS)
 
 
+@pytest.mark.slow
 def test_predict_long_text_is_shown_on_one_short_line(trained_dir):
     long_text = "Great acting.\nGreat story. " * 40
     result = run_main("predict", "--model", trained_dir / "model.keras", long_text)
@@ -39,6 +42,7 @@ def test_predict_long_text_is_shown_on_one_short_line(trained_dir):
     assert len(shown) <= 80 and shown.endswith("...") and "\n" not in shown
 
 
+@pytest.mark.slow
 def test_predict_from_stdin_matches_arguments(trained_dir):
     model = trained_dir / "model.keras"
     from_stdin = run_main("predict", "--model", model, "-", stdin="\n".join(TEXTS) + "\n\n")
@@ -47,12 +51,14 @@ def test_predict_from_stdin_matches_arguments(trained_dir):
     assert from_stdin.stdout == from_args.stdout
 
 
+@pytest.mark.slow
 def test_threshold_decides_the_label(trained_dir):
     result = run_main("predict", "--model", trained_dir / "model.keras", "--threshold", "0.99", *TEXTS)
     rows = parse_lines(result.stdout)
     check_rows(rows, TEXTS, threshold=0.99)
 
 
+@pytest.mark.slow
 def test_predict_csv_keeps_columns_order_and_empty_rows(trained_dir, tmp_path):
     source = pd.read_csv(TINY_CSV).head(30)
     source.insert(0, "id", range(100, 130))
@@ -77,6 +83,7 @@ def test_predict_csv_keeps_columns_order_and_empty_rows(trained_dir, tmp_path):
     assert [row[1] for row in parse_lines(direct.stdout)] == [f"{p:.4f}" for p in probabilities.head(3)]
 
 
+@pytest.mark.slow
 def test_predict_csv_with_named_text_column(trained_dir, tmp_path):
     source = pd.read_csv(TINY_CSV).head(5).rename(columns={"reviews": "body"})
     input_path, output_path = tmp_path / "in.csv", tmp_path / "out.csv"
@@ -91,6 +98,7 @@ def test_predict_csv_with_named_text_column(trained_dir, tmp_path):
     assert len(pd.read_csv(output_path)) == 5
 
 
+@pytest.mark.slow
 def test_predict_error_paths(trained_dir, tmp_path):
     model = trained_dir / "model.keras"
     assert_user_error(run_main("predict", "--model", tmp_path / "missing.keras", "hello"), "not found")
@@ -116,10 +124,12 @@ def test_predict_help():
     assert result.returncode == 0 and "--input" in result.stdout and "--threshold" in result.stdout
 
 
+@pytest.mark.slow
 def test_predict_with_a_missing_model_in_a_subprocess_is_one_line(tmp_path):
     assert_user_error(run_script("predict", "--model", tmp_path / "missing.keras", "hello"), "not found")
 
 
+@pytest.mark.slow
 def test_predict_csv_in_latin1_is_read_with_a_warning(trained_dir, tmp_path):
     source = pd.read_csv(TINY_CSV).head(5)
     source.loc[4, "reviews"] = "Un film très réussi, vraiment"  # The only non-ASCII text, in the last row.
@@ -134,6 +144,7 @@ def test_predict_csv_in_latin1_is_read_with_a_warning(trained_dir, tmp_path):
     assert scored["predicted_sentiment"].isin(["positive", "negative"]).all()
 
 
+@pytest.mark.slow
 def test_empty_texts_get_no_prediction_in_every_mode(trained_dir, tmp_path):
     model = trained_dir / "model.keras"
     # Arguments: the empty and the blank text are said to have no prediction; the others are predicted in order.

@@ -36,6 +36,7 @@ def write_word2vec_binary(path, table):
 FORMATS = {"glove.txt": write_glove, "vectors.bin": write_word2vec_binary, "wiki.vec": write_vec}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FORMATS)
 def test_each_file_format_starts_the_embedding_from_its_vectors(name, tmp_path):
     import sentiment_analysis as sa
@@ -61,6 +62,7 @@ def test_each_file_format_starts_the_embedding_from_its_vectors(name, tmp_path):
     assert coverage["file_words"] == len(WORDS) and coverage["dimension"] == 6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FORMATS)
 def test_a_word_vector_file_trains_and_reports_its_coverage(name, tmp_path):
     FORMATS[name](tmp_path / name, vectors())
@@ -88,6 +90,7 @@ def test_word_vector_file_mistakes_are_one_line(tmp_path):
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_wordpiece_tokens_train_blend_and_predict_the_same_after_loading(tmp_path):
     import sentiment_analysis as sa
     import tensorflow as tf
@@ -146,6 +149,7 @@ def tiny_bert_preset(tmp_path_factory):
     return directory
 
 
+@pytest.mark.slow
 def test_bert_fine_tunes_from_a_local_preset_and_predicts_from_its_file(tiny_bert_preset, tmp_path):
     import sentiment_analysis as sa
 

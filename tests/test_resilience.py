@@ -38,6 +38,7 @@ def wait_for_first_epoch(process, output_dir, timeout=240):
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_where_it_stopped(tmp_path):
     crashed = tmp_path / "crashed"
     process = start_training(crashed, LONG_RUN)
@@ -78,6 +79,7 @@ def test_killed_run_resumes_where_it_stopped(tmp_path):
     assert json.loads((whole / "metrics.json").read_text())["test"] == metrics["lstm"]
 
 
+@pytest.mark.slow
 def test_resume_with_other_settings_is_refused_and_fresh_starts_over(tmp_path):
     process = start_training(tmp_path, LONG_RUN)
     wait_for_first_epoch(process, tmp_path)
@@ -143,6 +145,7 @@ def test_a_damaged_training_state_is_one_line_suggesting_fresh(tmp_path, damage)
 CTRL_C_RUN = [*TINY_FLAGS, "--no-baseline", "--epochs", "60", "--patience", "60", "--batch-size", "4"]
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_the_best_weights_and_still_reports(tmp_path):
     process = start_training(tmp_path, CTRL_C_RUN)
     wait_for_first_epoch(process, tmp_path)
@@ -158,6 +161,7 @@ def test_ctrl_c_keeps_the_best_weights_and_still_reports(tmp_path):
     assert (tmp_path / "training_state" / "state.json").is_file(), "kept so the same command continues"
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_on_two_logical_cpus_with_the_default_batch_size(tmp_path):
     """The tiny CSV (about 160 training reviews) with the default --batch-size of 128 per replica: a global batch
     of 256, larger than the data, still trains on two replicas, and every review is counted."""
@@ -169,6 +173,7 @@ def test_mirrored_strategy_on_two_logical_cpus_with_the_default_batch_size(tmp_p
     assert sum(map(sum, metrics["test"]["confusion_matrix"])) == metrics["data"]["test"]
 
 
+@pytest.mark.slow
 def test_two_replicas_train_the_model_of_one_device_with_the_same_global_batch(tmp_path):
     """Moving from one device to two changes nothing but the speed: --batch-size 16 on two replicas sees the same
     batches as --batch-size 32 on one (the uneven last batches padded with weight-0 copies), so the history
@@ -219,6 +224,7 @@ def run_two_workers(output_dirs, flags):
 CLUSTER_RUN = [*TINY_FLAGS, "--no-baseline", "--batch-size", "128"]
 
 
+@pytest.mark.slow
 def test_two_workers_train_together_and_only_the_chief_writes(tmp_path):
     chief, other = tmp_path / "worker-0", tmp_path / "worker-1"
     results = run_two_workers([chief, other], CLUSTER_RUN)
@@ -237,6 +243,7 @@ def test_two_workers_train_together_and_only_the_chief_writes(tmp_path):
     assert epoch_lines[0][0].split(" - loss")[1] == epoch_lines[1][0].split(" - loss")[1]
 
 
+@pytest.mark.slow
 def test_workers_that_saved_different_epochs_refuse_to_resume(tmp_path):
     # A state saved by a single run: worker 0 (the chief) finds it and would resume, worker 1 has none.
     chief, other = tmp_path / "worker-0", tmp_path / "worker-1"
@@ -249,6 +256,7 @@ def test_workers_that_saved_different_epochs_refuse_to_resume(tmp_path):
         assert_user_error(subprocess.CompletedProcess([], returncode, "", stderr), "different epochs", "--fresh")
 
 
+@pytest.mark.slow
 def test_a_crashed_worker_stops_the_others_with_a_clear_error(tmp_path):
     chief, other = tmp_path / "worker-0", tmp_path / "worker-1"
     workers = start_workers([chief, other], [*CLUSTER_RUN, "--epochs", "8", "--patience", "8"])
@@ -288,6 +296,7 @@ def test_cpu_replicas_with_tf_config_is_refused(tmp_path, monkeypatch):
     assert_user_error(result, "--cpu-replicas", "TF_CONFIG")
 
 
+@pytest.mark.slow
 def test_a_second_run_into_the_same_directory_is_refused_while_the_first_runs(tmp_path):
     first = start_training(tmp_path, LONG_RUN)
     try:
@@ -304,6 +313,7 @@ def test_a_second_run_into_the_same_directory_is_refused_while_the_first_runs(tm
     assert (tmp_path / "training_state" / "state.json").exists() and not (tmp_path / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_a_lock_of_a_live_process_or_another_host_refuses_and_a_stale_one_is_taken_over(tmp_path):
     import platform
 
@@ -324,6 +334,7 @@ def test_a_lock_of_a_live_process_or_another_host_refuses_and_a_stale_one_is_tak
     assert (tmp_path / "metrics.json").exists() and not lock.exists()
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_training_is_one_line_and_leaves_no_half_file(tmp_path, monkeypatch):
     """ENOSPC from the writer of the training state after the second epoch: one line naming the directory and
     the space a run needs, exit 2, no temporary file; the first epoch's state stays, and a rerun resumes."""
@@ -354,6 +365,7 @@ def test_a_full_disk_while_training_is_one_line_and_leaves_no_half_file(tmp_path
     assert result.returncode == 0 and "Resuming after epoch 1" in result.stdout, line
 
 
+@pytest.mark.slow
 def test_too_little_free_space_is_refused_before_training(tmp_path, monkeypatch):
     import collections
 
@@ -366,6 +378,7 @@ def test_too_little_free_space_is_refused_before_training(tmp_path, monkeypatch)
     assert "Epoch 1" not in result.stdout and not (tmp_path / "training_state").exists()
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_writing_the_figures_is_one_line(tmp_path, monkeypatch):
     """ENOSPC after training, from the figure writer: one line naming the file; no temporary file is left."""
     import errno as errno_module
@@ -384,6 +397,7 @@ def test_a_full_disk_while_writing_the_figures_is_one_line(tmp_path, monkeypatch
     assert [path.name for path in tmp_path.rglob(".tmp*")] == [] and not (tmp_path / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_step_and_the_resumed_run_ends_like_one_never_stopped(tmp_path):
     """SIGTERM (a scheduler's notice): the run stops after its current step, saves the state at that step and
     exits 143 within seconds without evaluating; the same command then resumes mid-epoch, skipping the batches

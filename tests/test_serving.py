@@ -57,6 +57,7 @@ print(json.dumps({"input": [spec.shape.as_list(), spec.dtype.name],
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["neural", "blend"])
 def test_saved_model_serves_raw_strings_like_predict_without_the_script(kind, trained_dir, blend_dir, tmp_path):
     output_dir = trained_dir if kind == "neural" else blend_dir
@@ -79,6 +80,7 @@ print(json.dumps(model(tf.constant(json.loads(sys.argv[2]))[:, None]).numpy().to
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["neural", "blend"])
 def test_model_file_loads_with_plain_keras_after_importing_the_script(kind, trained_dir, blend_dir, tmp_path):
     import sentiment_analysis
@@ -89,6 +91,7 @@ def test_model_file_loads_with_plain_keras_after_importing_the_script(kind, trai
     np.testing.assert_allclose(sentiment_analysis.class_probabilities(loaded), probabilities, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_tensorboard_holds_each_epoch_of_the_history(tmp_path):
     result = train_tiny(tmp_path, "--no-baseline", "--epochs", "3", "--patience", "3", "--batch-size", "4")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -114,6 +117,7 @@ def explanation_blocks(stdout):
     return [(block[0].split("\t"), [line.split("\t") for line in block[1:]]) for block in blocks]
 
 
+@pytest.mark.slow
 def test_explain_prints_each_word_and_its_score_after_each_prediction(trained_dir):
     import sentiment_analysis
 
@@ -139,6 +143,7 @@ def test_explain_colours_words_in_a_terminal():
     assert shown.startswith("    ")
 
 
+@pytest.mark.slow
 def test_explain_adds_the_strongest_words_to_a_csv(trained_dir, tmp_path):
     source = pd.read_csv(TINY_CSV).head(6)
     source.loc[2, "reviews"] = ""
@@ -158,6 +163,7 @@ def test_explain_adds_the_strongest_words_to_a_csv(trained_dir, tmp_path):
     assert any(scored["top_words_for"].drop(index=2)) and any(scored["top_words_against"].drop(index=2))
 
 
+@pytest.mark.slow
 def test_explain_on_a_csv_of_several_chunks(trained_dir, tmp_path):
     """A CSV longer than one chunk (5,000 rows in real use; 2 here) explains every chunk, not only the first."""
     import sentiment_analysis as sa
@@ -171,6 +177,7 @@ def test_explain_on_a_csv_of_several_chunks(trained_dir, tmp_path):
     assert all(scored["top_words_for"] + scored["top_words_against"])
 
 
+@pytest.mark.slow
 def test_the_report_lists_figures_not_the_threshold(trained_dir):
     import html as html_module
 
@@ -181,6 +188,7 @@ def test_the_report_lists_figures_not_the_threshold(trained_dir):
     assert "threshold" not in html_module.unescape(metrics_table)
 
 
+@pytest.mark.slow
 def test_explanations_agree_with_removing_each_top_word(trained_dir):
     """Occlusion: removing a word with a positive score should lower the positive probability, and the
     reverse; for most of the three strongest words of each text."""
@@ -202,6 +210,7 @@ def test_explanations_agree_with_removing_each_top_word(trained_dir):
     assert agree >= 0.7 * total, (agree, total)
 
 
+@pytest.mark.slow
 def test_blend_explanation_weighs_exact_baseline_terms(blend_dir):
     """The baseline's word scores add up exactly to p(text) - p(empty text), and a blend's explanation is the
     weighted sum of its two parts."""
@@ -224,6 +233,7 @@ def test_blend_explanation_weighs_exact_baseline_terms(blend_dir):
     np.testing.assert_allclose(explanation.scores, 0.5 * neural_scores + 0.5 * baseline_scores, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_report_is_one_self_contained_page_naming_every_figure_and_metric(blend_dir):
     page = (blend_dir / "report.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")

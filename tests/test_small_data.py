@@ -141,6 +141,7 @@ def test_the_baselines_learning_curve_refits_on_shares_of_the_training_split():
     assert curve[2]["validation_accuracy"] == round(float(accuracy), 4)
 
 
+@pytest.mark.slow
 def test_the_report_shows_the_plan_the_notes_and_the_learning_curve(trained_dir):
     import html
 
@@ -164,6 +165,7 @@ def test_the_report_shows_the_plan_the_notes_and_the_learning_curve(trained_dir)
     assert ("The baseline is better on this data" in page) == (accuracy["baseline"] > accuracy["neural"])
 
 
+@pytest.mark.slow
 def test_an_explicit_epochs_is_honoured(tmp_path):
     flags = [flag for flag in TINY_FLAGS if flag not in ("--epochs", "1")]
     result = run_main("--data", TINY_CSV, "--output-dir", tmp_path, *flags, "--epochs", "3", "--patience", "3",
@@ -201,6 +203,7 @@ def stub_downloader(monkeypatch, tmp_path):
     return path, asked
 
 
+@pytest.mark.slow
 def test_a_gensim_downloader_name_is_fetched_and_used(stub_downloader, tmp_path):
     path, asked = stub_downloader
     result = run_main("--data", TINY_CSV, "--output-dir", tmp_path / "out", *TINY_FLAGS, "--no-baseline",

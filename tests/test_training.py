@@ -21,6 +21,7 @@ def check_scores(scores):
     return sum(map(sum, matrix))
 
 
+@pytest.mark.slow
 def test_every_output_is_written(trained_dir):
     for name in EXPECTED_FILES:
         path = trained_dir / name
@@ -32,6 +33,7 @@ def test_every_output_is_written(trained_dir):
     assert not (trained_dir / "training_state").exists(), "the resume state is removed after a finished run"
 
 
+@pytest.mark.slow
 def test_metrics_json_is_complete(trained_dir):
     metrics = json.loads((trained_dir / "metrics.json").read_text())
     rows = pd.read_csv(TINY_CSV)
@@ -60,6 +62,7 @@ def test_metrics_json_is_complete(trained_dir):
     assert timing["total_s"] >= timing["train_s"]
 
 
+@pytest.mark.slow
 def test_history_report_and_errors(trained_dir):
     history = pd.read_csv(trained_dir / "history.csv")
     assert list(history["epoch"]) == [1]
@@ -76,6 +79,7 @@ def test_history_report_and_errors(trained_dir):
     assert confidence.is_monotonic_decreasing
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, recurrent", [
     (["--arch", "bilstm"], ["Bidirectional(LSTM(100))"]),
     (["--arch", "gru", "--layers", "2", "--units", "16"], ["GRU(16)", "GRU(16)"]),
@@ -107,6 +111,7 @@ def recurrent_layers(classifier) -> list[str]:
     return described
 
 
+@pytest.mark.slow
 def test_best_preset_reports_each_part_and_the_blend(tmp_path):
     result = train_tiny_in_process(tmp_path, "--preset", "best")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -118,6 +123,7 @@ def test_best_preset_reports_each_part_and_the_blend(tmp_path):
     assert "blend" in result.stdout and "baseline" in result.stdout
 
 
+@pytest.mark.slow
 def test_same_seed_gives_the_same_run(trained_dir, tmp_path):
     """A second process with the flags of the shared run gives the same figures and history."""
     result = train_tiny(tmp_path)
@@ -129,6 +135,7 @@ def test_same_seed_gives_the_same_run(trained_dir, tmp_path):
     pd.testing.assert_frame_equal(history[0], history[1])
 
 
+@pytest.mark.slow
 def test_exported_blend_scores_exactly_like_scikit_learn(tmp_path):
     """The baseline inside the saved model gives scikit-learn's probabilities, for uni-, bi- and trigrams."""
     import numpy as np
@@ -164,6 +171,7 @@ def test_blend_weight_is_chosen_on_validation_data():
     assert sa.choose_blend_weight(labels, noise, good) == 0.0
 
 
+@pytest.mark.slow
 def test_mixed_precision_training_step_runs_with_loss_scaling():
     """The --mixed-precision path of the custom loop (normally on a GPU), exercised on the CPU: the optimizer
     scales the loss, the output layer stays float32, and one step changes the weights by a finite amount."""
