@@ -135,8 +135,9 @@ class TrainConfig:
     batch_size: int | None = option(None, "examples per batch, per device when several are used (default: 128, "
                                     "or 32 on a small training split; see plan_training)")
     learning_rate: float = option(2e-3, "initial Adam learning rate")
-    lr_schedule: str = option("cosine", "learning-rate schedule: constant, or cosine decay to zero over "
-                              "--epochs", choices=("constant", "cosine"))
+    lr_schedule: str = option("cosine", "learning-rate schedule: constant, or cosine decay to zero over the "
+                              "planned steps (the epochs times the batches of an epoch)",
+                              choices=("constant", "cosine"))
     weight_decay: float = option(0.0, "decoupled weight decay (AdamW) when above zero")
     patience: int | None = option(None, "epochs without validation-loss improvement before stopping (default: "
                                   "1, or more when epochs are short; see plan_training)")
@@ -1229,8 +1230,8 @@ class TrainingPlan:
 
 
 def plan_training(config: TrainConfig, lengths: np.ndarray, replicas: int) -> TrainingPlan:
-    """The batch size, epochs and patience of a run on training reviews of these token counts: the values given
-    as flags, and for the rest the rule above. (Several replicas take --batch-size each, as one device would.)"""
+    """The batch size, epochs, patience and Word2Vec passes of a run on training reviews of these token counts:
+    the values given as flags, and for the rest the rule above. (Several replicas take --batch-size each.)"""
     rows, notes = len(lengths), []
     batch_size = config.batch_size
     if batch_size is None:
@@ -1604,27 +1605,27 @@ def choose_blend(config: TrainConfig, validation_labels: np.ndarray, neural: np.
 BASELINE_CURVE_FRACTIONS = (0.1, 0.25, 0.5)
 
 
-def baseline_learning_curve(baseline, train_strings: list[str], train_labels: np.ndarray,
-                            validation_strings: list[str], validation_labels: np.ndarray,
+def baseline_learning_curve(whole_split_probabilities: np.ndarray, train_strings: list[str],
+                            train_labels: np.ndarray, validation_strings: list[str], validation_labels: np.ndarray,
                             config: TrainConfig) -> list[dict]:
     """Validation accuracy of the baseline fitted on a stratified share of the training split, for each share of
-    BASELINE_CURVE_FRACTIONS and the whole split. A share too small to fit (a class or every word missing) is
-    left out."""
+    BASELINE_CURVE_FRACTIONS, then of the baseline itself (fitted on the whole split, whose validation
+    probabilities are given). A share too small to fit (a class or every word missing) is left out."""
     from sklearn.model_selection import train_test_split
 
     points = []
-    for fraction in (*BASELINE_CURVE_FRACTIONS, 1.0):
-        rows, model = len(train_labels), baseline
-        if fraction < 1:
-            rows = round(fraction * len(train_labels))
-            try:
-                chosen, _ = train_test_split(np.arange(len(train_labels)), train_size=rows, stratify=train_labels,
-                                             random_state=config.seed)
-                model = fit_baseline([train_strings[i] for i in chosen], train_labels[chosen], config)
-            except ValueError:
-                continue
+    for fraction in BASELINE_CURVE_FRACTIONS:
+        rows = round(fraction * len(train_labels))
+        try:
+            chosen, _ = train_test_split(np.arange(len(train_labels)), train_size=rows, stratify=train_labels,
+                                         random_state=config.seed)
+            model = fit_baseline([train_strings[i] for i in chosen], train_labels[chosen], config)
+        except ValueError:
+            continue
         points.append({"share": fraction, "training_rows": rows,
                        "validation_accuracy": accuracy_of(validation_labels, model.predict_proba(validation_strings))})
+    points.append({"share": 1.0, "training_rows": len(train_labels),
+                   "validation_accuracy": accuracy_of(validation_labels, whole_split_probabilities)})
     return points
 
 
@@ -1649,9 +1650,10 @@ def compare_on_validation(classifier, baseline, validation_ids: np.ndarray, spli
     if baseline is None:
         return ValidationCheck(splits.validation.labels, neural, None, [])
     validation_strings = standardized_strings(splits.validation.texts)
-    curve = baseline_learning_curve(baseline, train_strings, splits.train.labels, validation_strings,
+    probabilities = baseline.predict_proba(validation_strings)
+    curve = baseline_learning_curve(probabilities, train_strings, splits.train.labels, validation_strings,
                                     splits.validation.labels, config)
-    return ValidationCheck(splits.validation.labels, neural, baseline.predict_proba(validation_strings), curve)
+    return ValidationCheck(splits.validation.labels, neural, probabilities, curve)
 
 
 def advice(check: ValidationCheck, arch: str, blend: Blend | None) -> list[str]:
@@ -1915,8 +1917,8 @@ def numbered_arrays(arrays, prefix: str) -> list[np.ndarray]:
 @dataclass
 class TrainingState:
     """Where training stands after its last whole epoch (or, stopped by SIGTERM, after its last step): saved
-    after every epoch, so that a crashed run goes on from there. The arrays are every model and optimizer variable (weights, Adam moments, step count, dropout
-    seed state) and the best weights so far."""
+    after every epoch, so that a crashed run goes on from there. The arrays are every model and optimizer
+    variable (weights, Adam moments, step count, dropout seed state) and the best weights so far."""
     fingerprint: dict
     epoch: int = 0
     history: dict[str, list[float]] = field(default_factory=dict)

@@ -123,8 +123,8 @@ def test_the_baselines_learning_curve_refits_on_shares_of_the_training_split():
     train = sa.standardized_strings(splits.train.texts)
     validation = sa.standardized_strings(splits.validation.texts)
     baseline = sa.fit_baseline(train, splits.train.labels, config)
-    curve = sa.baseline_learning_curve(baseline, train, splits.train.labels, validation, splits.validation.labels,
-                                       config)
+    curve = sa.baseline_learning_curve(baseline.predict_proba(validation), train, splits.train.labels, validation,
+                                       splits.validation.labels, config)
     rows = len(splits.train.labels)
     assert [point["share"] for point in curve] == [0.1, 0.25, 0.5, 1.0]
     assert [point["training_rows"] for point in curve] == [round(0.1 * rows), round(0.25 * rows),
