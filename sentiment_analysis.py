@@ -125,22 +125,22 @@ class TrainConfig:
                             "pieces learned on the training split (KerasHub), --vocab-size of them",
                             choices=("word", "wordpiece"))
     embeddings: str = option("word2vec", "embedding initialisation: word2vec trains gensim Word2Vec on the "
-                             "training split (more epochs on small data; see plan_training); random starts from "
+                             "training split (more passes on small data; README: Small data); random starts from "
                              "random vectors; or a word-vector file to start from (GloVe text, word2vec text or "
                              "binary, fastText .vec), or a name of gensim's downloader such as "
                              "glove-wiki-gigaword-100")
     epochs: int | None = option(None, "number of training epochs, early stopping aside (default: planned from the "
-                                "data size, at least --min-epochs; see plan_training)")
+                                "data size, at least --min-epochs; README: Small data)")
     min_epochs: int = option(4, "with the planned --epochs: the fewest epochs planned, on any data size")
     batch_size: int | None = option(None, "examples per batch, per device when several are used (default: 128, "
-                                    "or 32 on a small training split; see plan_training)")
+                                    "or 32 on a small training split; README: Small data)")
     learning_rate: float = option(2e-3, "initial Adam learning rate")
     lr_schedule: str = option("cosine", "learning-rate schedule: constant, or cosine decay to zero over the "
                               "planned steps (the epochs times the batches of an epoch)",
                               choices=("constant", "cosine"))
     weight_decay: float = option(0.0, "decoupled weight decay (AdamW) when above zero")
     patience: int | None = option(None, "epochs without validation-loss improvement before stopping (default: "
-                                  "1, or more when epochs are short; see plan_training)")
+                                  "1, or more when epochs are short; README: Small data)")
     class_weight: str = option("none", "balanced weights each review's loss by the inverse frequency of its "
                                "class in the training split (and the baseline likewise)",
                                choices=("none", "balanced"))
