@@ -1766,9 +1766,17 @@ def setup_tensorflow(config: TrainConfig, role: ClusterRole | None):
             keras.mixed_precision.set_global_policy("mixed_float16")
         else:
             print("warning: --mixed-precision needs a GPU; training in float32", file=sys.stderr)
-    cluster = f" on {role.workers} worker(s); this is {role.name}" if role else ""
-    print(f"Strategy: {strategy_name(strategy, role)} with {strategy.num_replicas_in_sync} replica(s){cluster}; "
-          f"TensorFlow {tf.__version__}")
+    replicas, gpus = strategy.num_replicas_in_sync, len(tf.config.list_physical_devices("GPU"))
+    # Where training runs, in plain words; the strategy's name only where there is more than one replica.
+    if role:
+        where = f"as {role.name} of {role.workers} workers"
+    elif replicas == 1:
+        where = "on the GPU" if gpus else f"on the CPU, {os.cpu_count()} cores"
+    else:
+        where = f"on {replicas} GPUs" if gpus else f"on {replicas} logical CPU devices"
+    cluster = f" on {role.workers} worker(s)" if role else ""
+    mirrored = f" ({strategy_name(strategy, role)} with {replicas} replica(s){cluster})" if replicas > 1 or role else ""
+    print(f"Training {where}{mirrored}; TensorFlow {tf.__version__}")
     return strategy
 
 
@@ -3160,12 +3168,16 @@ def main(argv: list[str] | None = None) -> int:
     was interrupted (the reports are written, but training was cut short), 143 when SIGTERM stopped it (the
     training state is saved; nothing else is written)."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    # SENTIMENT_TRACEBACK=1 shows the full traceback of what is otherwise one line (to debug the script).
+    show_traceback = os.environ.get("SENTIMENT_TRACEBACK", "") not in ("", "0")
     try:
         if argv[:1] == ["predict"]:
             run_predict(build_predict_parser().parse_args(argv[1:]))
         elif run_training(config_from_args(build_train_parser().parse_args(argv))).interrupted:
             return 130  # The shell's code for Ctrl-C.
     except UserError as error:
+        if show_traceback:
+            raise
         print(f"error: {error}", file=sys.stderr)
         return 2
     except Terminated as stop:

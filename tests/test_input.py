@@ -298,3 +298,23 @@ def test_wordpiece_splits_text_without_spaces_and_the_baseline_steps_aside(tmp_p
     result = run_main("--data", data, "--output-dir", tmp_path / "blend", "--tokenizer", "wordpiece",
                       "--vocab-size", "500", "--max-length", "40", "--epochs", "1", "--no-show", "--preset", "best")
     assert_user_error(result, "baseline cannot be fitted", "nothing to blend")
+
+
+def test_sentiment_traceback_shows_the_whole_traceback_of_a_one_line_error(tmp_path):
+    missing = tmp_path / "missing.csv"
+    one_line = run_script("--data", missing, "--output-dir", tmp_path / "out")
+    assert_user_error(one_line, "not found")
+    full = run_script("--data", missing, "--output-dir", tmp_path / "out", env_extra={"SENTIMENT_TRACEBACK": "1"})
+    assert full.returncode != 0
+    assert "Traceback (most recent call last)" in full.stderr and "UserError" in full.stderr
+
+
+@pytest.mark.slow
+def test_the_run_says_in_plain_words_where_it_trains(tmp_path):
+    import os
+
+    result = run_main("--data", TINY_CSV, "--output-dir", tmp_path, "--epochs", "1", "--vocab-size", "500",
+                      "--max-length", "40", "--no-baseline", "--no-show")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Training on the CPU, {os.cpu_count()} cores; TensorFlow" in result.stdout
+    assert "_DefaultDistributionStrategy" not in result.stdout
