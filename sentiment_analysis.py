@@ -1293,10 +1293,13 @@ class PreparedInputs:
 def unsplit_texts(token_ids: np.ndarray) -> int:
     """How many texts are one or two tokens that no other text shares (or [UNK]): what text without spaces
     (Chinese, Japanese, Thai) becomes when it is split into words at spaces, a sentence per "word"."""
+    # The ids are right-padded, so a text of at most two tokens has them in its first two columns.
+    short = token_ids[np.count_nonzero(token_ids, axis=1) <= 2, :2]
+    if not len(short):
+        return 0
     counts = np.bincount(token_ids.ravel(), minlength=2)
-    lonely = (counts[token_ids] <= 1) | (token_ids == 1)
-    short = np.count_nonzero(token_ids, axis=1) <= 2
-    return int(np.sum(short & np.all(lonely | (token_ids == 0), axis=1)))
+    lonely = (counts[short] <= 1) | (short <= 1)  # used by no other text, [UNK] (1) or padding (0)
+    return int(np.all(lonely, axis=1).sum())
 
 
 def check_texts_split(train_ids: np.ndarray, config: TrainConfig) -> None:
