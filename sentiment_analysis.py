@@ -53,6 +53,7 @@ import sys
 import tempfile
 import threading
 import time
+import unicodedata
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -118,7 +119,9 @@ class TrainConfig:
                        "BERT (see --bert-preset; it brings its own defaults for --learning-rate, --batch-size, "
                        "--epochs and --max-length)", choices=("lstm", "bilstm", "gru", "bert"))
     bert_preset: str = option("bert_tiny_en_uncased", "with --arch bert: a KerasHub BERT preset name (downloaded "
-                              "by KerasHub on first use) or a local preset directory written by save_to_preset")
+                              "by KerasHub on first use), a local KerasHub preset directory, or a Hugging Face "
+                              "BERT checkpoint directory (config.json, model.safetensors, vocab.txt or "
+                              "tokenizer.json)")
     units: int = option(100, "units in each recurrent layer")
     layers: int = option(1, "number of stacked recurrent layers")
     tokenizer: str = option("word", "word: whole words (Keras TextVectorization); wordpiece: WordPiece subword "
@@ -769,6 +772,13 @@ def standardize_text(text):
     return tf.strings.regex_replace(text, r"[^\p{L}\p{N}!?]+", " ")
 
 
+def remove_markup(text):
+    """HTML tags such as IMDB's <br /> replaced by a space: what BERT's inputs lose before its own tokenizer."""
+    import tensorflow as tf
+
+    return tf.strings.regex_replace(text, r"<[^>]*>", " ")
+
+
 def blend_probabilities(weight: float, neural, baseline):
     """The blend: weight * neural + (1 - weight) * baseline. Works on NumPy arrays and on Keras tensors alike,
     so the reported blend and the saved one are the same formula."""
@@ -788,9 +798,13 @@ def custom_layers() -> dict:
     WeightedBlend mixes the neural model's and the baseline's probabilities, keeping its weight in the file (for
     --explain).
 
-    WordPieceVectorizer (--tokenizer wordpiece, and BERT's inputs) does what TextVectorization does for
-    words: standardize, split into WordPiece subword tokens of its vocabulary (KerasHub's WordPieceTokenizer;
-    0 is padding), for BERT between [CLS] and [SEP], pad or cut to sequence_length.
+    WordPieceVectorizer (--tokenizer wordpiece) does what TextVectorization does for words: standardize, split
+    into WordPiece subword tokens of its vocabulary (KerasHub's WordPieceTokenizer; 0 is padding), pad or cut to
+    sequence_length.
+
+    BertVectorizer (--arch bert) prepares text as a BERT checkpoint's own tokenizer does (KerasHub's
+    BertTokenizer with the checkpoint's vocabulary, lowercasing and accent rule; punctuation marks become
+    tokens), after removing HTML tags such as <br />: [CLS] pieces [SEP], cut to sequence_length, then [PAD].
 
     ClassNames passes the probabilities through unchanged and keeps the class names in the model file, so that
     predict needs nothing else, and the training settings, so that the file says how it was made."""
@@ -868,29 +882,17 @@ def custom_layers() -> dict:
 
     @keras.saving.register_keras_serializable(package="sentiment_analysis")
     class WordPieceVectorizer(keras.layers.Layer):
-        def __init__(self, vocabulary, sequence_length, start_id=None, end_id=None, **kwargs):
+        def __init__(self, vocabulary, sequence_length, **kwargs):
             super().__init__(**kwargs)
-            try:
-                import keras_hub
-            except ImportError:
-                raise UserError("--tokenizer wordpiece and --arch bert need KerasHub: pip install keras-hub") from None
+            import keras_hub
+
             self.vocabulary, self.sequence_length = list(vocabulary), sequence_length
-            self.start_id, self.end_id = start_id, end_id
             self.tokenizer, self.uncut = (keras_hub.tokenizers.WordPieceTokenizer(
                 vocabulary=self.vocabulary, sequence_length=length, lowercase=False, strip_accents=False,
                 oov_token="[UNK]", dtype="int32") for length in (sequence_length, None))
-            # BERT's inputs: [CLS] pieces [SEP], cut to fit, then padding.
-            self.packer = None if start_id is None else keras_hub.layers.StartEndPacker(
-                sequence_length, start_value=start_id, end_value=end_id, pad_value=0)
 
         def call(self, texts):
-            texts = standardize_text(tf.reshape(texts, [-1]))
-            if self.packer is None:
-                return self.tokenizer(texts)
-            pieces = self.uncut(texts)
-            if isinstance(pieces, list):  # eager KerasHub gives Python lists for ragged output
-                pieces = tf.ragged.constant(pieces, dtype=tf.int32, ragged_rank=1, inner_shape=())
-            return self.packer(pieces)
+            return self.tokenizer(standardize_text(tf.reshape(texts, [-1])))
 
         def build(self, input_shape=None):
             pass  # The tokenizers are made whole in __init__.
@@ -906,11 +908,61 @@ def custom_layers() -> dict:
             return (input_shape[0], self.sequence_length)
 
         def get_config(self):
+            return {**super().get_config(), "vocabulary": self.vocabulary, "sequence_length": self.sequence_length}
+
+    @keras.saving.register_keras_serializable(package="sentiment_analysis")
+    class BertVectorizer(keras.layers.Layer):
+        def __init__(self, vocabulary, sequence_length, lowercase=True, strip_accents=True, **kwargs):
+            super().__init__(**kwargs)
+            import keras_hub
+
+            self.vocabulary, self.sequence_length = list(vocabulary), sequence_length
+            self.lowercase, self.strip_accents = bool(lowercase), bool(strip_accents)
+            self.tokenizer = keras_hub.models.BertTokenizer(vocabulary=self.vocabulary, lowercase=self.lowercase,
+                                                            strip_accents=self.strip_accents, dtype="int32")
+            self.start_id, self.end_id = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id
+            self.packer = keras_hub.layers.StartEndPacker(sequence_length, start_value=self.start_id,
+                                                          end_value=self.end_id,
+                                                          pad_value=self.tokenizer.pad_token_id)
+
+        def pieces(self, texts):
+            pieces = self.tokenizer(remove_markup(tf.reshape(texts, [-1])))
+            if isinstance(pieces, list):  # eager KerasHub gives Python lists for ragged output
+                pieces = tf.ragged.constant(pieces, dtype=tf.int32, ragged_rank=1, inner_shape=())
+            return pieces
+
+        def call(self, texts):
+            return self.packer(self.pieces(texts))
+
+        def build(self, input_shape=None):
+            pass  # The tokenizer is made whole in __init__.
+
+        def token_counts(self, texts):
+            """Tokens per text before the cut to sequence_length, [CLS] and [SEP] included."""
+            return np.array([len(row) + 2 for row in self.pieces(texts)])
+
+        def words(self, text) -> list[str]:
+            """The words of a text as this tokenizer splits it (punctuation marks are words), pieces joined."""
+            words = []
+            for piece in (self.vocabulary[i] for i in np.asarray(self.pieces(tf.constant([str(text)]))[0])):
+                if piece.startswith("##") and words:
+                    words[-1] += piece[2:]
+                else:
+                    words.append(piece)
+            return words
+
+        def get_vocabulary(self):
+            return list(self.vocabulary)
+
+        def compute_output_shape(self, input_shape):
+            return (input_shape[0], self.sequence_length)
+
+        def get_config(self):
             return {**super().get_config(), "vocabulary": self.vocabulary, "sequence_length": self.sequence_length,
-                    "start_id": self.start_id, "end_id": self.end_id}
+                    "lowercase": self.lowercase, "strip_accents": self.strip_accents}
 
     return {"TfidfLogistic": TfidfLogistic, "ClassNames": ClassNames, "WeightedBlend": WeightedBlend,
-            "WordPieceVectorizer": WordPieceVectorizer}
+            "WordPieceVectorizer": WordPieceVectorizer, "BertVectorizer": BertVectorizer}
 
 
 class RegisterWhenKerasLoads(importlib.abc.MetaPathFinder):
@@ -960,18 +1012,133 @@ def text_dataset(texts, batch_size: int = 2048):
     return tf.data.Dataset.from_generator(batches, output_signature=tf.TensorSpec((None,), tf.string))
 
 
-def bert_preset_part(kind: str, preset: str):
-    """The BertTokenizer or BertBackbone of a KerasHub preset (a name, downloaded by KerasHub, or a directory);
-    a one-line error if it cannot be had."""
+@dataclass(frozen=True)
+class BertCheckpoint:
+    """The BERT checkpoint that --bert-preset names, read before any data: its tokenizer's vocabulary and text
+    rules, and the shape of its backbone (the position table bounds --max-length)."""
+    preset: str
+    source: str                  # a Hugging Face checkpoint directory, a KerasHub preset directory or name
+    vocabulary: tuple[str, ...]
+    lowercase: bool
+    strip_accents: bool
+    positions: int               # the most tokens it takes, [CLS] and [SEP] included
+    layers: int
+    hidden_size: int
+    parameters: int
+
+    def description(self) -> dict:
+        """Where a run started from, for metrics.json and the saved model."""
+        return {"bert_checkpoint": self.preset, "format": self.source, "layers": self.layers,
+                "hidden_size": self.hidden_size, "positions": self.positions, "parameters": self.parameters,
+                "vocabulary": len(self.vocabulary), "lowercase": self.lowercase, "strip_accents": self.strip_accents}
+
+
+def import_keras_hub(needed_by: str):
     try:
         import keras_hub
     except ImportError:
-        raise UserError("--arch bert needs KerasHub: pip install keras-hub tensorflow-text") from None
-    part = keras_hub.models.BertTokenizer if kind == "BertTokenizer" else keras_hub.models.BertBackbone
+        raise UserError(f"{needed_by} needs KerasHub: pip install keras-hub tensorflow-text") from None
+    return keras_hub
+
+
+def read_json_file(path: Path) -> dict:
     try:
-        return part.from_preset(preset)
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"cannot read {path}: {one_line(error, 120)}") from None
+    if not isinstance(content, dict):
+        raise UserError(f"cannot read {path}: not a JSON object")
+    return content
+
+
+def is_hugging_face_checkpoint(preset: str) -> bool:
+    """A directory as Hugging Face's save_pretrained writes it: a config.json with a model_type."""
+    config = Path(preset) / "config.json"
+    return config.is_file() and "model_type" in read_json_file(config)
+
+
+def hugging_face_tokenizer(directory: Path) -> tuple[list[str], bool, bool]:
+    """The WordPiece vocabulary of a Hugging Face BERT checkpoint (vocab.txt, or the vocabulary inside
+    tokenizer.json), and whether its tokenizer lowercases and strips accents (Hugging Face's BertTokenizer:
+    do_lower_case, by default true; strip_accents unset follows lowercasing)."""
+    settings = read_json_file(directory / "tokenizer_config.json") if (directory / "tokenizer_config.json").is_file() else {}
+    lowercase, strip_accents = settings.get("do_lower_case", True), settings.get("strip_accents")
+    if (directory / "vocab.txt").is_file():
+        vocabulary = (directory / "vocab.txt").read_text(encoding="utf-8").split("\n")
+        while vocabulary and not vocabulary[-1]:
+            vocabulary.pop()
+    elif (directory / "tokenizer.json").is_file():
+        spec = read_json_file(directory / "tokenizer.json")
+        model = spec.get("model") or {}
+        if model.get("type") != "WordPiece" or not isinstance(model.get("vocab"), dict):
+            raise UserError(f"--bert-preset {directory}: its tokenizer.json is a {model.get('type')} tokenizer, not "
+                            "BERT's WordPiece")
+        by_id = sorted(model["vocab"].items(), key=lambda item: item[1])
+        if [index for _, index in by_id] != list(range(len(by_id))):
+            raise UserError(f"--bert-preset {directory}: the ids of its tokenizer.json vocabulary have gaps")
+        vocabulary = [token for token, _ in by_id]
+        normalizer = spec.get("normalizer") or {}
+        if normalizer.get("type") == "BertNormalizer":
+            lowercase = normalizer.get("lowercase", lowercase)
+            strip_accents = normalizer.get("strip_accents", strip_accents)
+    else:
+        raise UserError(f"--bert-preset {directory}: a Hugging Face checkpoint needs its vocab.txt or tokenizer.json")
+    return vocabulary, bool(lowercase), bool(lowercase if strip_accents is None else strip_accents)
+
+
+@functools.cache
+def load_bert_checkpoint(preset: str) -> BertCheckpoint:
+    """What the run needs to know of a BERT checkpoint before reading data (its backbone is built without its
+    weights here; build_bert_classifier loads them). A one-line error if it cannot be had or does not fit."""
+    keras_hub = import_keras_hub("--arch bert")
+    hugging_face = Path(preset).is_dir() and is_hugging_face_checkpoint(preset)
+    try:
+        backbone = keras_hub.models.BertBackbone.from_preset(preset, load_weights=False)
+        if not hugging_face:
+            tokenizer = keras_hub.models.BertTokenizer.from_preset(preset)
+    except UserError:
+        raise
     except Exception as error:  # KerasHub raises many types for a missing, foreign or unreachable preset.
-        raise UserError(f"cannot load the BERT preset {preset!r}: {str(error).splitlines()[0][:200]}") from None
+        raise UserError(f"cannot load the BERT preset {preset!r}: {one_line(error, 200)}") from None
+    if hugging_face:
+        vocabulary, lowercase, strip_accents = hugging_face_tokenizer(Path(preset))
+        source = "Hugging Face checkpoint directory"
+    else:
+        vocabulary, lowercase = tokenizer.get_vocabulary(), tokenizer.lowercase
+        strip_accents = tokenizer.strip_accents
+        source = "KerasHub preset directory" if Path(preset).is_dir() else "KerasHub preset"
+    missing = [token for token in ("[PAD]", "[UNK]", "[CLS]", "[SEP]") if token not in vocabulary]
+    if missing:
+        raise UserError(f"--bert-preset {preset}: its vocabulary lacks {', '.join(missing)}; is it a BERT tokenizer?")
+    if vocabulary[0] != "[PAD]":
+        raise UserError(f"--bert-preset {preset}: its vocabulary must start with [PAD] (id 0, the padding here), "
+                        f"not {vocabulary[0]!r}")
+    if len(vocabulary) > backbone.vocabulary_size:
+        raise UserError(f"--bert-preset {preset}: its tokenizer has {len(vocabulary)} pieces but its model embeds "
+                        f"only {backbone.vocabulary_size}")
+    checkpoint = BertCheckpoint(preset, source, tuple(vocabulary), bool(lowercase), bool(strip_accents),
+                                int(backbone.max_sequence_length), int(backbone.num_layers),
+                                int(backbone.hidden_dim), int(backbone.count_params()))
+    del backbone
+    return checkpoint
+
+
+def fit_max_length_to_bert(config: TrainConfig) -> TrainConfig:
+    """--max-length within the checkpoint's position table: BERT's default length is cut to the table, with a
+    line that says so; a longer length given on purpose is a one-line error naming both numbers."""
+    checkpoint = load_bert_checkpoint(config.bert_preset)
+    print(f"BERT checkpoint {config.bert_preset} ({checkpoint.source}): {checkpoint.layers} layers, hidden size "
+          f"{checkpoint.hidden_size}, {checkpoint.parameters / 1e6:.1f}M parameters, {checkpoint.positions} "
+          f"positions, a vocabulary of {len(checkpoint.vocabulary)} pieces"
+          f"{', lowercased' if checkpoint.lowercase else ''}")
+    if config.max_length <= checkpoint.positions:
+        return config
+    if config.max_length == ARCH_DEFAULTS["bert"]["max_length"]:
+        print(f"Note: the checkpoint has {checkpoint.positions} positions, fewer than BERT's default --max-length "
+              f"{config.max_length}: texts are cut to {checkpoint.positions} tokens")
+        return dataclasses.replace(config, max_length=checkpoint.positions)
+    raise UserError(f"--max-length {config.max_length} is longer than the {checkpoint.positions} positions of the "
+                    f"BERT checkpoint {config.bert_preset}: give --max-length {checkpoint.positions} or less")
 
 
 def make_vectorizer(texts, config: TrainConfig):
@@ -981,19 +1148,15 @@ def make_vectorizer(texts, config: TrainConfig):
     from keras import layers
 
     if config.arch == "bert":
-        tokenizer = bert_preset_part("BertTokenizer", config.bert_preset)
-        return custom_layers()["WordPieceVectorizer"](tokenizer.get_vocabulary(), config.max_length,
-                                                      tokenizer.cls_token_id, tokenizer.sep_token_id,
-                                                      name="vectorizer")
+        checkpoint = load_bert_checkpoint(config.bert_preset)
+        return custom_layers()["BertVectorizer"](checkpoint.vocabulary, config.max_length, checkpoint.lowercase,
+                                                 checkpoint.strip_accents, name="vectorizer")
     if config.tokenizer == "word":
         vectorizer = layers.TextVectorization(max_tokens=config.vocab_size, standardize=standardize_text,
                                               output_sequence_length=config.max_length, name="vectorizer")
         vectorizer.adapt(text_dataset(texts))
         return vectorizer
-    try:
-        import keras_hub
-    except ImportError:
-        raise UserError("--tokenizer wordpiece needs KerasHub: pip install keras-hub") from None
+    keras_hub = import_keras_hub("--tokenizer wordpiece")
     print("Learning a WordPiece vocabulary on the training split ...")
     vocabulary = keras_hub.tokenizers.compute_word_piece_vocabulary(
         text_dataset(texts).unbatch().map(standardize_text), config.vocab_size, lowercase=False,
@@ -1343,7 +1506,8 @@ def prepare_inputs(splits: DataSplits, config: TrainConfig, replicas: int, num_c
         print("Class weights: " + ", ".join(f"{weight:.3f}" for weight in class_weights))
     truncated = sum(count_truncated(vectorizer, part.texts, config.max_length)
                     for part in (splits.train, splits.validation, splits.test))
-    print(f"Vocabulary {len(vocabulary)} words; {truncated} reviews longer than {config.max_length} tokens are cut")
+    unit = "words" if config.tokenizer == "word" and config.arch != "bert" else "pieces"
+    print(f"Vocabulary {len(vocabulary)} {unit}; {truncated} reviews longer than {config.max_length} tokens are cut")
     print(f"Plan: {plan.epochs} epochs of {plan.steps_per_epoch} batches of {plan.batch_size} ({plan.planned_steps} "
           f"steps), patience {plan.patience} ({plan.reason})")
     notes = []
@@ -1371,7 +1535,12 @@ def build_bert_classifier(config: TrainConfig, num_classes: int):
     import keras
     from keras import layers
 
-    backbone = bert_preset_part("BertBackbone", config.bert_preset)
+    keras_hub = import_keras_hub("--arch bert")
+    try:
+        backbone = keras_hub.models.BertBackbone.from_preset(config.bert_preset, name="bert_backbone")
+    except Exception as error:  # e.g. a weights file that does not match its config
+        raise UserError(f"cannot load the weights of the BERT preset {config.bert_preset!r}: "
+                        f"{one_line(error, 200)}") from None
     token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
     features = backbone({"token_ids": token_ids, "segment_ids": keras.ops.zeros_like(token_ids),
                          "padding_mask": keras.ops.not_equal(token_ids, 0)})
@@ -2218,8 +2387,8 @@ def confident_errors(texts, labels, probabilities, class_names, limit: int = 100
     })
 
 
-def build_report(config: TrainConfig, data: dict, training: TrainingResult, evaluation: Evaluation,
-                 blend: Blend | None, check: ValidationCheck, notes: list[str], strategy,
+def build_report(config: TrainConfig, started_from: dict, data: dict, training: TrainingResult,
+                 evaluation: Evaluation, blend: Blend | None, check: ValidationCheck, notes: list[str], strategy,
                  role: ClusterRole | None) -> dict:
     """The run's metrics.json: the primary model's test results first, then each other model's; the data,
     settings, training, timing (filled in last) and environment."""
@@ -2238,6 +2407,7 @@ def build_report(config: TrainConfig, data: dict, training: TrainingResult, eval
         "validation": {"accuracy": check.accuracy(), "baseline_learning_curve": check.baseline_curve},
         "data": data,
         "config": dataclasses.asdict(config),
+        "started_from": started_from,
         "training": training.summary(),
         "timing": None,
         "environment": {"python": platform.python_version(), "tensorflow": tf.__version__,
@@ -2379,6 +2549,7 @@ class Explainer:
     gradients: object             # tf.function: (embedding vectors, target class) -> integrated gradients
     subword_pieces: list[str] | None = None  # a WordPiece vectorizer's vocabulary (None: whole words)
     special_ids: set = field(default_factory=set)  # BERT's [CLS] and [SEP]: not words of the text
+    words_of: object = None       # BERT: its tokenizer's words of a text (None: the standardized words)
     neural_weight: float = 1.0    # the blend's weight of the neural model (1 without a baseline)
     ngram_index: dict | None = None   # the baseline's n-gram -> id (None without a baseline)
     ngram_lengths: int = 0
@@ -2470,7 +2641,9 @@ def make_explainer(model, class_names) -> Explainer:
     explainer = Explainer(vectorizer, embedding, tuple(class_names), integrated_gradients_function(rest))
     if hasattr(vectorizer, "token_counts"):  # the WordPiece vectorizer (words or BERT)
         explainer.subword_pieces = vectorizer.get_vocabulary()
-        explainer.special_ids = {vectorizer.start_id, vectorizer.end_id} - {None}
+        explainer.special_ids = {getattr(vectorizer, "start_id", None), getattr(vectorizer, "end_id", None)} - {None}
+    if hasattr(vectorizer, "words"):  # BERT's own tokenizer: its words, punctuation marks included
+        explainer.words_of = vectorizer.words
     if "tfidf_logistic" in layers_by_name:
         if "blend" not in layers_by_name:
             raise UserError("--explain needs a blended model saved by a newer version of this script; "
@@ -2562,12 +2735,39 @@ def explained_class(probabilities: np.ndarray) -> int:
     return 1 if len(probabilities) == 2 else int(np.argmax(probabilities))
 
 
+def word_places(words: list[str], other_words: list[str]) -> np.ndarray:
+    """For each of `words` the index of the word of `other_words` that holds its first letter, the two being
+    splits of one text (the standardized words and BERT's). Both are compared on their letters, digits, ! and ?
+    only, lowercased and without accents; where these differ (an [UNK]), by relative position."""
+    def owners(word_list):  # the index of the word of each letter kept, in order
+        owner = []
+        for index, word in enumerate(word_list):
+            kept = [char for char in unicodedata.normalize("NFD", word.lower()) if char.isalnum() or char in "!?"]
+            owner += [index] * len(kept)
+        return owner
+
+    by_position = np.minimum(np.arange(len(words)) * len(other_words) // max(len(words), 1),
+                             max(len(other_words) - 1, 0))
+    mine, theirs = owners(words), owners(other_words)
+    if len(mine) != len(theirs):
+        return by_position
+    places = by_position.copy()
+    for position in range(len(mine) - 1, -1, -1):  # backwards, so each word ends at its first letter
+        places[mine[position]] = theirs[position]
+    return places
+
+
 def explain_text(explainer: Explainer, text: str, target: int) -> Explanation:
     """Each word's push towards class `target` in the model's prediction for `text`."""
-    words = text_words(text)
+    standardized = text_words(text)
+    words = standardized if explainer.words_of is None else explainer.words_of(text)
     scores = explainer.neural_weight * neural_word_scores(explainer, text, target, len(words))
     if explainer.ngram_index is not None:
-        scores += (1 - explainer.neural_weight) * baseline_word_scores(explainer, words, target)
+        baseline = (1 - explainer.neural_weight) * baseline_word_scores(explainer, standardized, target)
+        if explainer.words_of is None:
+            scores += baseline
+        else:
+            np.add.at(scores, word_places(standardized, words), baseline)
     return Explanation(words, scores, explainer.class_names[target])
 
 
@@ -2787,17 +2987,33 @@ class RunSetup:
     output_dir: Path
     state_dir: Path
     saved_state: TrainingState | None
+    started_from: dict            # the pretrained checkpoint or word vectors the model starts from
 
     @property
     def writes_outputs(self) -> bool:
         return self.role is None or self.role.chief
 
 
+def starting_point(config: TrainConfig, asked_embeddings: str) -> dict:
+    """Which pretrained weights or word vectors the model starts from (metrics.json and the saved model)."""
+    if config.arch == "bert":
+        return load_bert_checkpoint(config.bert_preset).description()
+    if config.embeddings in EMBEDDING_METHODS:
+        return {"embeddings": config.embeddings, "vectors": "Word2Vec trained on this run's training split"
+                if config.embeddings == "word2vec" else "random"}
+    path = Path(config.embeddings)
+    return {"embeddings": asked_embeddings, "vectors": str(path.resolve()), "file_bytes": path.stat().st_size,
+            "dimensions": config.embedding_dim}
+
+
 def set_up_run(config: TrainConfig, cleanup: contextlib.ExitStack) -> RunSetup:
     """Every check that needs no data, so a mistake costs seconds: the flags, TF_CONFIG, the output directory
     (locked for this run until `cleanup` closes) and a saved training state."""
     validate_config(config)
+    asked_embeddings = config.embeddings
     config = resolve_embedding_dim(fetch_word_vectors(config))
+    if config.arch == "bert":
+        config = fit_max_length_to_bert(config)
     role = cluster_role()
     if role and config.cpu_replicas > 1:
         raise UserError("--cpu-replicas cannot be combined with TF_CONFIG: each worker uses its own devices")
@@ -2807,7 +3023,8 @@ def set_up_run(config: TrainConfig, cleanup: contextlib.ExitStack) -> RunSetup:
     state_dir = output_dir / ("training_state" if not role or role.chief else f"training_state-{role.name}")
     if config.fresh:
         shutil.rmtree(state_dir, ignore_errors=True)
-    return RunSetup(config, role, output_dir, state_dir, TrainingState.load(state_dir, training_fingerprint(config)))
+    return RunSetup(config, role, output_dir, state_dir, TrainingState.load(state_dir, training_fingerprint(config)),
+                    starting_point(config, asked_embeddings))
 
 
 def fit_the_baseline(config: TrainConfig, splits: DataSplits, clock: Stopwatch):
@@ -2828,12 +3045,12 @@ def fit_the_baseline(config: TrainConfig, splits: DataSplits, clock: Stopwatch):
 
 
 def score_on_test(config: TrainConfig, classifier, baseline, check: ValidationCheck, inputs: PreparedInputs,
-                  splits: DataSplits, class_names, clock: Stopwatch):
+                  splits: DataSplits, class_names, started_from: dict, clock: Stopwatch):
     """Test-set probabilities of every model (the primary one first), the model to save and the blend, if any.
     Every choice (epochs, blend weight) is made on the validation split; the test split is only scored."""
     with clock.timed("evaluate_s"):
         neural = predict_token_ids(classifier, inputs.test_ids)
-    settings = dataclasses.asdict(config)  # kept in the model file
+    settings = {**dataclasses.asdict(config), "started_from": started_from}  # kept in the model file
     model = export_model(inputs.vectorizer, classifier, class_names, settings)
     probabilities, blend = {config.arch: neural}, None
     if baseline is not None:
@@ -2885,10 +3102,11 @@ def run_training(config: TrainConfig) -> TrainingResult:
         with clock.timed("validation_s"):
             check = compare_on_validation(classifier, baseline, inputs.validation_ids, splits, train_strings, config)
         probabilities, model, blend = score_on_test(config, classifier, baseline, check, inputs, splits, class_names,
-                                                    clock)
+                                                    setup.started_from, clock)
         evaluation = evaluate(splits.test, class_names, probabilities)
         notes = inputs.notes + advice(check, config.arch, blend)
-        report = build_report(config, counts, training, evaluation, blend, check, notes, strategy, setup.role)
+        report = build_report(config, setup.started_from, counts, training, evaluation, blend, check, notes, strategy,
+                              setup.role)
         print(f"\nTest set results:\n{evaluation.table}\n\n{evaluation.classification_report}")
         for note in notes:
             print(f"Note: {note}")
