@@ -35,13 +35,13 @@ report -> the training run (`run_training`, the story of a run, stage by stage) 
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import dataclasses
 import errno
 import functools
+import gzip
 import html
-import importlib.abc
-import importlib.machinery
 import json
 import math
 import os
@@ -54,6 +54,7 @@ import tempfile
 import threading
 import time
 import unicodedata
+import webbrowser
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -62,8 +63,46 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-# TensorFlow prints pages of C++ start-up logs; keep its errors only, unless the user asked otherwise.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow's C++ start-up messages (CUDA probing on machines without a GPU, oneDNN, CPU features) are not for
+# users. TF_CPP_MIN_LOG_LEVEL=3 hides those logged once TensorFlow runs; the lines it prints while it loads,
+# before its logging is set up, ignore that variable (tensorflow/tensorflow#100442), so they go to a file that is
+# shown only if the import fails. SENTIMENT_TF_LOGS=1 shows everything.
+TF_LOGS = os.environ.get("SENTIMENT_TF_LOGS", "") not in ("", "0")
+if not TF_LOGS:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+_saved_stderr = None
+if not TF_LOGS and "tensorflow" not in sys.modules:
+    sys.stderr.flush()
+    _start_up_log, _saved_stderr = tempfile.TemporaryFile(), os.dup(2)
+    os.dup2(_start_up_log.fileno(), 2)
+try:
+    import keras
+    import keras_hub
+    import tensorflow as tf
+    from keras import layers
+except BaseException:
+    if _saved_stderr is not None:
+        os.dup2(_saved_stderr, 2)
+        _start_up_log.seek(0)
+        sys.stderr.write(_start_up_log.read().decode("utf-8", "replace"))
+        _saved_stderr = None
+    raise
+finally:
+    if _saved_stderr is not None:
+        os.dup2(_saved_stderr, 2)
+        os.close(_saved_stderr)
+        _start_up_log.close()
+import matplotlib
+import matplotlib.pyplot as plt
+import seaborn as sns
+import gensim.downloader
+from gensim.models import KeyedVectors, Word2Vec
+from sklearn import metrics
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import train_test_split
+from sklearn.pipeline import make_pipeline
+from sklearn.metrics import log_loss, roc_auc_score, roc_curve
 
 SCRIPT_DIR = Path(__file__).resolve().parent
 TEXT_COLUMN_NAMES = ("reviews", "review", "text")
@@ -237,7 +276,6 @@ def validate_config(config: TrainConfig) -> None:
 
 def word_vector_file_header(path: Path) -> list[str]:
     """The first line of a word-vector file (gzipped or not), split on spaces; a one-line error if unreadable."""
-    import gzip
 
     opener = gzip.open if path.suffix == ".gz" else open
     try:
@@ -274,10 +312,6 @@ def fetch_word_vectors(config: TrainConfig) -> TrainConfig:
     name = config.embeddings
     if name in EMBEDDING_METHODS or Path(name).is_file():
         return config
-    try:
-        import gensim.downloader
-    except ImportError:
-        raise UserError(f"--embeddings {name} needs gensim: pip install gensim") from None
     print(f"Word vectors {name}: from gensim's downloader (fetched once, then kept in {gensim.downloader.BASE_DIR})")
     try:
         path = gensim.downloader.load(name, return_path=True)
@@ -695,7 +729,6 @@ def class_counts_text(names, counts) -> str:
 def split_dataset(data: LoadedData, config: TrainConfig) -> DataSplits:
     """Stratified train/validation/test split; the test part is never used to choose anything. Every class
     must have rows in every part."""
-    from sklearn.model_selection import train_test_split
 
     labels, names = data.labels, data.classes.names
     counts = np.bincount(labels, minlength=len(names))
@@ -755,16 +788,13 @@ def describe_classes(data: LoadedData) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Keras pieces that live inside the saved model file. Defined and registered with Keras the moment Keras is
-# first imported (by this script or by anyone), so importing this file stays light and a model file still loads
-# with plain keras.models.load_model after `import sentiment_analysis`.
+# Functions that live inside the saved model file
 # ----------------------------------------------------------------------------------------------------------
 
 
+@keras.saving.register_keras_serializable(package="sentiment_analysis")
 def standardize_text(text):
     """Lowercase, remove HTML tags such as <br />, keep ! and ? as words, and drop other punctuation."""
-    import tensorflow as tf
-
     text = tf.strings.lower(text, encoding="utf-8")
     text = tf.strings.regex_replace(text, r"<[^>]*>", " ")
     text = tf.strings.regex_replace(text, r"'", "")
@@ -774,8 +804,6 @@ def standardize_text(text):
 
 def remove_markup(text):
     """HTML tags such as IMDB's <br /> replaced by a space: what BERT's inputs lose before its own tokenizer."""
-    import tensorflow as tf
-
     return tf.strings.regex_replace(text, r"<[^>]*>", " ")
 
 
@@ -785,214 +813,178 @@ def blend_probabilities(weight: float, neural, baseline):
     return weight * neural + (1 - weight) * baseline
 
 
-@functools.cache
-def custom_layers() -> dict:
-    """The script's own Keras layer classes by name, registered with Keras' serialization registry (as is the
-    standardizer) so that keras.models.load_model finds them by their saved names.
-
-    TfidfLogistic scores like the fitted baseline. Input: n-gram ids from a TextVectorization layer whose
-    vocabulary is the baseline's (0 is padding, 1 is out of vocabulary). Output: the logistic regression's
-    probabilities, computed as scikit-learn does: (1 + log count) * idf, L2-normalized per review, dot the
-    coefficients, plus the intercept; a sigmoid for two classes (one column), a softmax for more.
-
-    WeightedBlend mixes the neural model's and the baseline's probabilities, keeping its weight in the file (for
-    --explain).
-
-    WordPieceVectorizer (--tokenizer wordpiece) does what TextVectorization does for words: standardize, split
-    into WordPiece subword tokens of its vocabulary (KerasHub's WordPieceTokenizer; 0 is padding), pad or cut to
-    sequence_length.
-
-    BertVectorizer (--arch bert) prepares text as a BERT checkpoint's own tokenizer does (KerasHub's
-    BertTokenizer with the checkpoint's vocabulary, lowercasing and accent rule; punctuation marks become
-    tokens), after removing HTML tags such as <br />: [CLS] pieces [SEP], cut to sequence_length, then [PAD].
-
-    ClassNames passes the probabilities through unchanged and keeps the class names in the model file, so that
-    predict needs nothing else, and the training settings, so that the file says how it was made."""
-    import keras
-    import tensorflow as tf
-
-    keras.saving.register_keras_serializable(package="sentiment_analysis")(standardize_text)
-
-    @keras.saving.register_keras_serializable(package="sentiment_analysis")
-    class TfidfLogistic(keras.layers.Layer):
-        def __init__(self, num_ids, outputs=1, **kwargs):
-            super().__init__(**kwargs)
-            self.num_ids, self.outputs = num_ids, outputs
-            per_class = () if outputs == 1 else (outputs,)
-            self.idf = self.add_weight(shape=(num_ids,), initializer="zeros", trainable=False, name="idf")
-            self.coef = self.add_weight(shape=(num_ids, *per_class), initializer="zeros", trainable=False,
-                                        name="coef")
-            self.intercept = self.add_weight(shape=per_class, initializer="zeros", trainable=False,
-                                             name="intercept")
-
-        def call(self, ids):
-            # Count each (review, n-gram) pair: one key per pair, counted with unique_with_counts.
-            ids = tf.cast(ids, "int64")
-            batch = tf.shape(ids)[0]
-            rows = tf.repeat(tf.range(batch, dtype="int64"), tf.shape(ids)[1])
-            flat = tf.reshape(ids, [-1])
-            known = flat > 1
-            keys = tf.boolean_mask(rows, known) * self.num_ids + tf.boolean_mask(flat, known)
-            unique_keys, _, counts = tf.unique_with_counts(keys)
-            review, ngram = unique_keys // self.num_ids, unique_keys % self.num_ids
-            weights = (1.0 + tf.math.log(tf.cast(counts, "float32"))) * tf.gather(self.idf, ngram)
-            norms = tf.sqrt(tf.math.unsorted_segment_sum(weights**2, review, batch))
-            if self.outputs == 1:
-                scores = tf.math.unsorted_segment_sum(weights * tf.gather(self.coef, ngram), review, batch)
-                return tf.sigmoid(scores / tf.maximum(norms, 1e-12) + self.intercept)[:, None]
-            scores = tf.math.unsorted_segment_sum(weights[:, None] * tf.gather(self.coef, ngram), review, batch)
-            return tf.nn.softmax(scores / tf.maximum(norms, 1e-12)[:, None] + self.intercept)
-
-        def compute_output_shape(self, input_shape):
-            return (input_shape[0], self.outputs)
-
-        def get_config(self):
-            return {**super().get_config(), "num_ids": self.num_ids, "outputs": self.outputs}
-
-    @keras.saving.register_keras_serializable(package="sentiment_analysis")
-    class ClassNames(keras.layers.Layer):
-        def __init__(self, names, settings=None, **kwargs):
-            super().__init__(**kwargs)
-            self.names, self.settings = list(names), settings
-
-        def call(self, probabilities):
-            return probabilities
-
-        def compute_output_shape(self, input_shape):
-            return input_shape
-
-        def get_config(self):
-            return {**super().get_config(), "names": self.names, "settings": self.settings}
-
-    @keras.saving.register_keras_serializable(package="sentiment_analysis")
-    class WeightedBlend(keras.layers.Layer):
-        def __init__(self, weight, **kwargs):
-            super().__init__(**kwargs)
-            self.weight = float(weight)
-
-        def call(self, inputs):
-            neural, baseline = inputs
-            return blend_probabilities(self.weight, neural, baseline)
-
-        def compute_output_shape(self, input_shapes):
-            return input_shapes[0]
-
-        def get_config(self):
-            return {**super().get_config(), "weight": self.weight}
-
-    @keras.saving.register_keras_serializable(package="sentiment_analysis")
-    class WordPieceVectorizer(keras.layers.Layer):
-        def __init__(self, vocabulary, sequence_length, **kwargs):
-            super().__init__(**kwargs)
-            import keras_hub
-
-            self.vocabulary, self.sequence_length = list(vocabulary), sequence_length
-            self.tokenizer, self.uncut = (keras_hub.tokenizers.WordPieceTokenizer(
-                vocabulary=self.vocabulary, sequence_length=length, lowercase=False, strip_accents=False,
-                oov_token="[UNK]", dtype="int32") for length in (sequence_length, None))
-
-        def call(self, texts):
-            return self.tokenizer(standardize_text(tf.reshape(texts, [-1])))
-
-        def build(self, input_shape=None):
-            pass  # The tokenizers are made whole in __init__.
-
-        def token_counts(self, texts):
-            """Tokens per text before the cut to sequence_length."""
-            return np.array([len(row) for row in self.uncut(standardize_text(tf.reshape(texts, [-1])))])
-
-        def get_vocabulary(self):
-            return list(self.vocabulary)
-
-        def compute_output_shape(self, input_shape):
-            return (input_shape[0], self.sequence_length)
-
-        def get_config(self):
-            return {**super().get_config(), "vocabulary": self.vocabulary, "sequence_length": self.sequence_length}
-
-    @keras.saving.register_keras_serializable(package="sentiment_analysis")
-    class BertVectorizer(keras.layers.Layer):
-        def __init__(self, vocabulary, sequence_length, lowercase=True, strip_accents=True, **kwargs):
-            super().__init__(**kwargs)
-            import keras_hub
-
-            self.vocabulary, self.sequence_length = list(vocabulary), sequence_length
-            self.lowercase, self.strip_accents = bool(lowercase), bool(strip_accents)
-            self.tokenizer = keras_hub.models.BertTokenizer(vocabulary=self.vocabulary, lowercase=self.lowercase,
-                                                            strip_accents=self.strip_accents, dtype="int32")
-            self.start_id, self.end_id = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id
-            self.packer = keras_hub.layers.StartEndPacker(sequence_length, start_value=self.start_id,
-                                                          end_value=self.end_id,
-                                                          pad_value=self.tokenizer.pad_token_id)
-
-        def pieces(self, texts):
-            pieces = self.tokenizer(remove_markup(tf.reshape(texts, [-1])))
-            if isinstance(pieces, list):  # eager KerasHub gives Python lists for ragged output
-                pieces = tf.ragged.constant(pieces, dtype=tf.int32, ragged_rank=1, inner_shape=())
-            return pieces
-
-        def call(self, texts):
-            return self.packer(self.pieces(texts))
-
-        def build(self, input_shape=None):
-            pass  # The tokenizer is made whole in __init__.
-
-        def token_counts(self, texts):
-            """Tokens per text before the cut to sequence_length, [CLS] and [SEP] included."""
-            return np.array([len(row) + 2 for row in self.pieces(texts)])
-
-        def words(self, text) -> list[str]:
-            """The words of a text as this tokenizer splits it (punctuation marks are words), pieces joined."""
-            words = []
-            for piece in (self.vocabulary[i] for i in np.asarray(self.pieces(tf.constant([str(text)]))[0])):
-                if piece.startswith("##") and words:
-                    words[-1] += piece[2:]
-                else:
-                    words.append(piece)
-            return words
-
-        def get_vocabulary(self):
-            return list(self.vocabulary)
-
-        def compute_output_shape(self, input_shape):
-            return (input_shape[0], self.sequence_length)
-
-        def get_config(self):
-            return {**super().get_config(), "vocabulary": self.vocabulary, "sequence_length": self.sequence_length,
-                    "lowercase": self.lowercase, "strip_accents": self.strip_accents}
-
-    return {"TfidfLogistic": TfidfLogistic, "ClassNames": ClassNames, "WeightedBlend": WeightedBlend,
-            "WordPieceVectorizer": WordPieceVectorizer, "BertVectorizer": BertVectorizer}
+# ----------------------------------------------------------------------------------------------------------
+# The script's own Keras layers, saved inside the model file. Registered with Keras' serialization registry, so
+# that `import sentiment_analysis` is all keras.models.load_model needs to find them by their saved names.
+# ----------------------------------------------------------------------------------------------------------
 
 
-class RegisterWhenKerasLoads(importlib.abc.MetaPathFinder):
-    """An import hook that waits for the first `import keras` in this process, lets it run, then registers the
-    layers above. (Importing Keras takes seconds; this file must import in a blink for --help and its errors.)
-    TensorFlow only looks for Keras at first (find_spec without loading it), so the hook stays until Keras is
-    really loaded."""
+@keras.saving.register_keras_serializable(package="sentiment_analysis")
+class TfidfLogistic(keras.layers.Layer):
+    """Scores like the fitted baseline. Input: n-gram ids from a TextVectorization layer whose vocabulary is the
+    baseline's (0 is padding, 1 is out of vocabulary). Output: the logistic regression's probabilities, computed as
+    scikit-learn does: (1 + log count) * idf, L2-normalized per review, dot the coefficients, plus the intercept;
+    a sigmoid for two classes (one column), a softmax for more."""
 
-    def find_spec(self, name, path=None, target=None):
-        if name != "keras":
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(name, path)  # where Keras is, skipping this hook
-        if spec is None or spec.loader is None:
-            return None
-        load_keras = spec.loader.exec_module
+    def __init__(self, num_ids, outputs=1, **kwargs):
+        super().__init__(**kwargs)
+        self.num_ids, self.outputs = num_ids, outputs
+        per_class = () if outputs == 1 else (outputs,)
+        self.idf = self.add_weight(shape=(num_ids,), initializer="zeros", trainable=False, name="idf")
+        self.coef = self.add_weight(shape=(num_ids, *per_class), initializer="zeros", trainable=False,
+                                    name="coef")
+        self.intercept = self.add_weight(shape=per_class, initializer="zeros", trainable=False,
+                                         name="intercept")
 
-        def load_keras_then_register(module):
-            load_keras(module)
-            if self in sys.meta_path:
-                sys.meta_path.remove(self)
-            custom_layers()
+    def call(self, ids):
+        # Count each (review, n-gram) pair: one key per pair, counted with unique_with_counts.
+        ids = tf.cast(ids, "int64")
+        batch = tf.shape(ids)[0]
+        rows = tf.repeat(tf.range(batch, dtype="int64"), tf.shape(ids)[1])
+        flat = tf.reshape(ids, [-1])
+        known = flat > 1
+        keys = tf.boolean_mask(rows, known) * self.num_ids + tf.boolean_mask(flat, known)
+        unique_keys, _, counts = tf.unique_with_counts(keys)
+        review, ngram = unique_keys // self.num_ids, unique_keys % self.num_ids
+        weights = (1.0 + tf.math.log(tf.cast(counts, "float32"))) * tf.gather(self.idf, ngram)
+        norms = tf.sqrt(tf.math.unsorted_segment_sum(weights**2, review, batch))
+        if self.outputs == 1:
+            scores = tf.math.unsorted_segment_sum(weights * tf.gather(self.coef, ngram), review, batch)
+            return tf.sigmoid(scores / tf.maximum(norms, 1e-12) + self.intercept)[:, None]
+        scores = tf.math.unsorted_segment_sum(weights[:, None] * tf.gather(self.coef, ngram), review, batch)
+        return tf.nn.softmax(scores / tf.maximum(norms, 1e-12)[:, None] + self.intercept)
 
-        spec.loader.exec_module = load_keras_then_register
-        return spec
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.outputs)
+
+    def get_config(self):
+        return {**super().get_config(), "num_ids": self.num_ids, "outputs": self.outputs}
 
 
-if "keras" in sys.modules:
-    custom_layers()
-elif not any(isinstance(hook, RegisterWhenKerasLoads) for hook in sys.meta_path):
-    sys.meta_path.insert(0, RegisterWhenKerasLoads())
+@keras.saving.register_keras_serializable(package="sentiment_analysis")
+class ClassNames(keras.layers.Layer):
+    """Passes the probabilities through unchanged and keeps the class names in the model file, so that predict
+    needs nothing else, and the training settings, so that the file says how it was made."""
+
+    def __init__(self, names, settings=None, **kwargs):
+        super().__init__(**kwargs)
+        self.names, self.settings = list(names), settings
+
+    def call(self, probabilities):
+        return probabilities
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "names": self.names, "settings": self.settings}
+
+
+@keras.saving.register_keras_serializable(package="sentiment_analysis")
+class WeightedBlend(keras.layers.Layer):
+    """Mixes the neural model's and the baseline's probabilities, keeping its weight in the file (for --explain)."""
+
+    def __init__(self, weight, **kwargs):
+        super().__init__(**kwargs)
+        self.weight = float(weight)
+
+    def call(self, inputs):
+        neural, baseline = inputs
+        return blend_probabilities(self.weight, neural, baseline)
+
+    def compute_output_shape(self, input_shapes):
+        return input_shapes[0]
+
+    def get_config(self):
+        return {**super().get_config(), "weight": self.weight}
+
+
+@keras.saving.register_keras_serializable(package="sentiment_analysis")
+class WordPieceVectorizer(keras.layers.Layer):
+    """--tokenizer wordpiece: what TextVectorization does for words. Standardize, split into WordPiece subword
+    tokens of its vocabulary (KerasHub's WordPieceTokenizer; 0 is padding), pad or cut to sequence_length."""
+
+    def __init__(self, vocabulary, sequence_length, **kwargs):
+        super().__init__(**kwargs)
+
+        self.vocabulary, self.sequence_length = list(vocabulary), sequence_length
+        self.tokenizer, self.uncut = (keras_hub.tokenizers.WordPieceTokenizer(
+            vocabulary=self.vocabulary, sequence_length=length, lowercase=False, strip_accents=False,
+            oov_token="[UNK]", dtype="int32") for length in (sequence_length, None))
+
+    def call(self, texts):
+        return self.tokenizer(standardize_text(tf.reshape(texts, [-1])))
+
+    def build(self, input_shape=None):
+        pass  # The tokenizers are made whole in __init__.
+
+    def token_counts(self, texts):
+        """Tokens per text before the cut to sequence_length."""
+        return np.array([len(row) for row in self.uncut(standardize_text(tf.reshape(texts, [-1])))])
+
+    def get_vocabulary(self):
+        return list(self.vocabulary)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.sequence_length)
+
+    def get_config(self):
+        return {**super().get_config(), "vocabulary": self.vocabulary, "sequence_length": self.sequence_length}
+
+
+@keras.saving.register_keras_serializable(package="sentiment_analysis")
+class BertVectorizer(keras.layers.Layer):
+    """--arch bert: text prepared as a BERT checkpoint's own tokenizer does (KerasHub's BertTokenizer with the
+    checkpoint's vocabulary, lowercasing and accent rule; punctuation marks become tokens), after removing HTML
+    tags such as <br />: [CLS] pieces [SEP], cut to sequence_length, then [PAD]."""
+
+    def __init__(self, vocabulary, sequence_length, lowercase=True, strip_accents=True, **kwargs):
+        super().__init__(**kwargs)
+
+        self.vocabulary, self.sequence_length = list(vocabulary), sequence_length
+        self.lowercase, self.strip_accents = bool(lowercase), bool(strip_accents)
+        self.tokenizer = keras_hub.models.BertTokenizer(vocabulary=self.vocabulary, lowercase=self.lowercase,
+                                                        strip_accents=self.strip_accents, dtype="int32")
+        self.start_id, self.end_id = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id
+        self.packer = keras_hub.layers.StartEndPacker(sequence_length, start_value=self.start_id,
+                                                      end_value=self.end_id,
+                                                      pad_value=self.tokenizer.pad_token_id)
+
+    def pieces(self, texts):
+        pieces = self.tokenizer(remove_markup(tf.reshape(texts, [-1])))
+        if isinstance(pieces, list):  # eager KerasHub gives Python lists for ragged output
+            pieces = tf.ragged.constant(pieces, dtype=tf.int32, ragged_rank=1, inner_shape=())
+        return pieces
+
+    def call(self, texts):
+        return self.packer(self.pieces(texts))
+
+    def build(self, input_shape=None):
+        pass  # The tokenizer is made whole in __init__.
+
+    def token_counts(self, texts):
+        """Tokens per text before the cut to sequence_length, [CLS] and [SEP] included."""
+        return np.array([len(row) + 2 for row in self.pieces(texts)])
+
+    def words(self, text) -> list[str]:
+        """The words of a text as this tokenizer splits it (punctuation marks are words), pieces joined."""
+        words = []
+        for piece in (self.vocabulary[i] for i in np.asarray(self.pieces(tf.constant([str(text)]))[0])):
+            if piece.startswith("##") and words:
+                words[-1] += piece[2:]
+            else:
+                words.append(piece)
+        return words
+
+    def get_vocabulary(self):
+        return list(self.vocabulary)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.sequence_length)
+
+    def get_config(self):
+        return {**super().get_config(), "vocabulary": self.vocabulary, "sequence_length": self.sequence_length,
+                "lowercase": self.lowercase, "strip_accents": self.strip_accents}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1003,7 +995,6 @@ elif not any(isinstance(hook, RegisterWhenKerasLoads) for hook in sys.meta_path)
 def text_dataset(texts, batch_size: int = 2048):
     """Batches of tf.string. (NumPy's astype(str) would make a fixed-width array as wide as the longest
     review: gigabytes for IMDB.)"""
-    import tensorflow as tf
 
     def batches():
         for start in range(0, len(texts), batch_size):
@@ -1031,14 +1022,6 @@ class BertCheckpoint:
         return {"bert_checkpoint": self.preset, "format": self.source, "layers": self.layers,
                 "hidden_size": self.hidden_size, "positions": self.positions, "parameters": self.parameters,
                 "vocabulary": len(self.vocabulary), "lowercase": self.lowercase, "strip_accents": self.strip_accents}
-
-
-def import_keras_hub(needed_by: str):
-    try:
-        import keras_hub
-    except ImportError:
-        raise UserError(f"{needed_by} needs KerasHub: pip install keras-hub tensorflow-text") from None
-    return keras_hub
 
 
 def read_json_file(path: Path) -> dict:
@@ -1090,7 +1073,6 @@ def hugging_face_tokenizer(directory: Path) -> tuple[list[str], bool, bool]:
 def load_bert_checkpoint(preset: str) -> BertCheckpoint:
     """What the run needs to know of a BERT checkpoint before reading data (its backbone is built without its
     weights here; build_bert_classifier loads them). A one-line error if it cannot be had or does not fit."""
-    keras_hub = import_keras_hub("--arch bert")
     hugging_face = Path(preset).is_dir() and is_hugging_face_checkpoint(preset)
     try:
         backbone = keras_hub.models.BertBackbone.from_preset(preset, load_weights=False)
@@ -1145,23 +1127,21 @@ def make_vectorizer(texts, config: TrainConfig):
     """The tokenizer, learned on the training texts, as a layer from strings to token ids that pads or cuts
     every review to max_length: a TextVectorization of the --vocab-size most frequent words, or with
     --tokenizer wordpiece a WordPiece vocabulary of about --vocab-size subword pieces."""
-    from keras import layers
 
     if config.arch == "bert":
         checkpoint = load_bert_checkpoint(config.bert_preset)
-        return custom_layers()["BertVectorizer"](checkpoint.vocabulary, config.max_length, checkpoint.lowercase,
+        return BertVectorizer(checkpoint.vocabulary, config.max_length, checkpoint.lowercase,
                                                  checkpoint.strip_accents, name="vectorizer")
     if config.tokenizer == "word":
         vectorizer = layers.TextVectorization(max_tokens=config.vocab_size, standardize=standardize_text,
                                               output_sequence_length=config.max_length, name="vectorizer")
         vectorizer.adapt(text_dataset(texts))
         return vectorizer
-    keras_hub = import_keras_hub("--tokenizer wordpiece")
     print("Learning a WordPiece vocabulary on the training split ...")
     vocabulary = keras_hub.tokenizers.compute_word_piece_vocabulary(
         text_dataset(texts).unbatch().map(standardize_text), config.vocab_size, lowercase=False,
         strip_accents=False, reserved_tokens=["[PAD]", "[UNK]"])
-    return custom_layers()["WordPieceVectorizer"](vocabulary, config.max_length, name="vectorizer")
+    return WordPieceVectorizer(vocabulary, config.max_length, name="vectorizer")
 
 
 def vectorize(vectorizer, texts) -> np.ndarray:
@@ -1193,7 +1173,6 @@ def weighted_batch(token_ids, labels, full_size: int | None):
     """Add a weight to each review of a batch: 1 for a real review, 0 for padding. With `full_size`, a partial
     batch is filled up to that size with copies of its own reviews at weight 0, so that it splits evenly across
     replicas; the weighted loss and metrics then count every real review once and the copies not at all."""
-    import tensorflow as tf
 
     if full_size is None:
         return token_ids, labels, tf.ones_like(labels)
@@ -1216,7 +1195,6 @@ def make_training_dataset(token_ids, labels, batch_size: int, max_length: int, s
 
     Training builds one such dataset per epoch, shuffled with a seed of that epoch's own, so that a resumed
     run sees the same batches as one that was never interrupted."""
-    import tensorflow as tf
 
     boundaries = bucket_boundaries(max_length, len(labels), batch_size)
     batches = count_batches(review_lengths(token_ids), batch_size, boundaries)
@@ -1239,7 +1217,6 @@ def make_training_dataset(token_ids, labels, batch_size: int, max_length: int, s
 
 def make_inference_dataset(token_ids, batch_size: int):
     """Batches in the order given (callers sort by length first), each padded to its longest review."""
-    import tensorflow as tf
 
     lengths = review_lengths(token_ids)
 
@@ -1272,7 +1249,6 @@ def predict_token_ids(classifier, token_ids, batch_size: int = 512) -> np.ndarra
 
 def count_truncated(vectorizer, texts, max_length: int) -> int:
     """How many texts have more than max_length tokens, so that the model saw only their first max_length."""
-    import tensorflow as tf
 
     def token_counts(batch):
         if hasattr(vectorizer, "token_counts"):  # subword pieces
@@ -1290,10 +1266,6 @@ def stable_hash(text: str) -> int:
 def word2vec_matrix(token_ids, vocabulary: list[str], config: TrainConfig, epochs: int = 5) -> np.ndarray:
     """Train gensim Word2Vec (`epochs` passes) on the training reviews and return it as an embedding matrix for
     `vocabulary`."""
-    try:
-        from gensim.models import Word2Vec
-    except ImportError:
-        raise UserError("--embeddings word2vec needs gensim: pip install gensim") from None
 
     words = np.array(vocabulary, dtype=object)
     sentences = [list(words[row[row > 1]]) for row in token_ids]
@@ -1313,10 +1285,6 @@ def load_word_vectors(path: Path):
     """A word-vector file as gensim KeyedVectors: GloVe text (no header line), word2vec text or binary, or
     fastText .vec (text with a header line). A file with a header is read as text, then as binary (first as
     binary when its name ends in .bin)."""
-    try:
-        from gensim.models import KeyedVectors
-    except ImportError:
-        raise UserError("--embeddings FILE needs gensim: pip install gensim") from None
 
     attempts = [dict(binary=False, no_header=True)]
     if len(word_vector_file_header(path)) == 2:
@@ -1532,10 +1500,7 @@ def prepare_inputs(splits: DataSplits, config: TrainConfig, replicas: int, num_c
 def build_bert_classifier(config: TrainConfig, num_classes: int):
     """A pretrained BERT backbone on token ids ([CLS] ... [SEP], then 0 padding), its pooled [CLS] output ->
     Dropout(0.1) -> the same output layer as the recurrent models (KerasHub's BertTextClassifier's head)."""
-    import keras
-    from keras import layers
 
-    keras_hub = import_keras_hub("--arch bert")
     try:
         backbone = keras_hub.models.BertBackbone.from_preset(config.bert_preset, name="bert_backbone")
     except Exception as error:  # e.g. a weights file that does not match its config
@@ -1555,8 +1520,6 @@ def build_bert_classifier(config: TrainConfig, num_classes: int):
 def build_classifier(config: TrainConfig, vocab_size: int, num_classes: int = 2):
     """Embedding -> SpatialDropout1D -> recurrent layer(s) -> Dense(1, sigmoid) for two classes, or
     Dense(classes, softmax) for more, on token ids. (--arch bert: build_bert_classifier.)"""
-    import keras
-    from keras import layers
 
     if config.arch == "bert":
         return build_bert_classifier(config, num_classes)
@@ -1577,7 +1540,6 @@ def build_classifier(config: TrainConfig, vocab_size: int, num_classes: int = 2)
 
 
 def make_optimizer(config: TrainConfig, plan: TrainingPlan):
-    import keras
 
     learning_rate = config.learning_rate
     if config.lr_schedule == "cosine":
@@ -1621,10 +1583,8 @@ def local_copy(classifier, config: TrainConfig, vocab_size: int):
 
 def export_model(vectorizer, classifier, class_names, settings: dict | None = None):
     """One model from raw strings to probabilities, the class names inside: the file is the whole predictor."""
-    import keras
-
     text = keras.Input(shape=(1,), dtype="string", name="text")
-    probabilities = custom_layers()["ClassNames"](class_names, settings, name="class_names")(
+    probabilities = ClassNames(class_names, settings, name="class_names")(
         classifier(vectorizer(text)))
     return keras.Model(text, probabilities, name="sentiment_model")
 
@@ -1634,8 +1594,6 @@ def export_saved_model(model, directory: Path, class_names) -> None:
     serving_default signature takes `texts`, a 1-D string tensor of raw texts, and returns `probabilities`
     (texts, classes) in the order of `class_names`, and `label`, each text's predicted class name. The text
     cleaning, the tokenizer and (in a blend) the baseline are inside the graph: nothing else is needed."""
-    import keras
-    import tensorflow as tf
 
     names = tf.constant(list(class_names))
 
@@ -1671,9 +1629,6 @@ def fit_baseline(train_texts, train_labels, config: TrainConfig):
 
     Expects standardized text (see `standardized_strings`); words are split on white space exactly as the
     Keras TextVectorization layer splits them, so the fitted baseline can be exported into the model file."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
 
     features = TfidfVectorizer(ngram_range=(1, config.baseline_ngrams), sublinear_tf=True, min_df=2, max_df=0.95,
                                lowercase=False, tokenizer=str.split, token_pattern=None, dtype=np.float32)
@@ -1689,8 +1644,6 @@ def baseline_probabilities(baseline, texts) -> np.ndarray:
 
 def export_blend(neural_model, baseline, weight: float, class_names, settings: dict | None = None):
     """One model from raw strings to the blended probabilities, the baseline and the class names inside it."""
-    import keras
-    from keras import layers
 
     features, classifier = baseline.named_steps["tfidfvectorizer"], baseline.named_steps["logisticregression"]
     vocabulary = features.get_feature_names_out().tolist()
@@ -1699,7 +1652,7 @@ def export_blend(neural_model, baseline, weight: float, class_names, settings: d
                                          output_mode="int",
                                          vocabulary=vocabulary, name="ngram_ids")
     binary = classifier.coef_.shape[0] == 1
-    scorer = custom_layers()["TfidfLogistic"](len(vocabulary) + 2, 1 if binary else len(classifier.classes_),
+    scorer = TfidfLogistic(len(vocabulary) + 2, 1 if binary else len(classifier.classes_),
                                               name="tfidf_logistic")
     # Ids 0 (padding) and 1 (out of vocabulary) get zero weight, as unseen n-grams do in scikit-learn.
     scorer.build(None)
@@ -1709,8 +1662,8 @@ def export_blend(neural_model, baseline, weight: float, class_names, settings: d
                         np.concatenate([np.zeros((2, *coef.shape[1:])), coef]).astype(np.float32),
                         np.asarray(intercept, dtype=np.float32)])
     text = keras.Input(shape=(1,), dtype="string", name="text")
-    blended = custom_layers()["WeightedBlend"](weight, name="blend")([neural_model(text), scorer(ngram_ids(text))])
-    probabilities = custom_layers()["ClassNames"](class_names, settings, name="class_names")(blended)
+    blended = WeightedBlend(weight, name="blend")([neural_model(text), scorer(ngram_ids(text))])
+    probabilities = ClassNames(class_names, settings, name="class_names")(blended)
     return keras.Model(text, probabilities, name="blended_sentiment_model")
 
 
@@ -1731,8 +1684,6 @@ def choose_blend_weight(labels, neural, baseline) -> float:
 
     Log loss, a proper scoring rule, varies smoothly with the weight; validation accuracy moves in steps of
     single reviews and would make the choice noisy."""
-    from sklearn.metrics import log_loss
-
     def clipped(probabilities):
         # Two classes: the positive column, as log_loss takes it. More: rows that sum to one exactly.
         if probabilities.shape[1] == 2:
@@ -1783,7 +1734,6 @@ def baseline_learning_curve(whole_split_probabilities: np.ndarray, train_strings
     """Validation accuracy of the baseline fitted on a stratified share of the training split, for each share of
     BASELINE_CURVE_FRACTIONS, then of the baseline itself (fitted on the whole split, whose validation
     probabilities are given). A share too small to fit (a class or every word missing) is left out."""
-    from sklearn.model_selection import train_test_split
 
     points = []
     for fraction in BASELINE_CURVE_FRACTIONS:
@@ -1890,7 +1840,6 @@ def cluster_role() -> ClusterRole | None:
 
 def logical_cpus(count: int) -> list[str]:
     """Split the CPU into `count` logical devices (once per process, before TensorFlow starts its runtime)."""
-    import tensorflow as tf
 
     cpu = tf.config.list_physical_devices("CPU")[0]
     try:
@@ -1904,7 +1853,6 @@ def logical_cpus(count: int) -> list[str]:
 def choose_strategy(config: TrainConfig, role: ClusterRole | None):
     """TF_CONFIG set: MultiWorkerMirroredStrategy across the cluster's workers. Otherwise, with several GPUs
     (or --cpu-replicas N): MirroredStrategy on this machine. Otherwise TensorFlow's default strategy."""
-    import tensorflow as tf
 
     if role:
         return tf.distribute.MultiWorkerMirroredStrategy()
@@ -1928,8 +1876,6 @@ def setup_tensorflow(config: TrainConfig, role: ClusterRole | None):
     """Choose the distribution strategy (first: a cluster's must exist before any other TensorFlow work), then
     seed everything and make ops deterministic, so the same seed gives the same run on the same machine."""
     strategy = choose_strategy(config, role)
-    import keras
-    import tensorflow as tf
 
     keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()
@@ -1964,8 +1910,6 @@ def make_step_functions(classifier, optimizer, strategy, class_weights: np.ndarr
     reviews, of weight 0, not counted), added up over all replicas (and workers), from which the epoch's mean
     loss and accuracy follow. With class weights, each training review's loss is weighted by its class's
     weight (validation stays unweighted, as in Keras' fit)."""
-    import keras
-    import tensorflow as tf
 
     binary = count_classes(classifier) == 2
 
@@ -2055,9 +1999,6 @@ class TrainingLog:
     BATCH_EVERY = 25
 
     def __init__(self, log_dir: Path | None):
-        import tensorflow as tf
-
-        self.tf = tf
         if log_dir is None:
             self.train = self.validation = tf.summary.create_noop_writer()
         else:
@@ -2067,16 +2008,16 @@ class TrainingLog:
     def batch(self, global_step: int, loss: float) -> None:
         if global_step % self.BATCH_EVERY == 0:
             with self.train.as_default():
-                self.tf.summary.scalar("batch_loss", loss, step=global_step)
+                tf.summary.scalar("batch_loss", loss, step=global_step)
 
     def epoch(self, epoch: int, scores: dict, learning_rate: float) -> None:
         with self.train.as_default():
-            self.tf.summary.scalar("epoch_loss", scores["loss"], step=epoch)
-            self.tf.summary.scalar("epoch_accuracy", scores["accuracy"], step=epoch)
-            self.tf.summary.scalar("epoch_learning_rate", learning_rate, step=epoch)
+            tf.summary.scalar("epoch_loss", scores["loss"], step=epoch)
+            tf.summary.scalar("epoch_accuracy", scores["accuracy"], step=epoch)
+            tf.summary.scalar("epoch_learning_rate", learning_rate, step=epoch)
         with self.validation.as_default():
-            self.tf.summary.scalar("epoch_loss", scores["val_loss"], step=epoch)
-            self.tf.summary.scalar("epoch_accuracy", scores["val_accuracy"], step=epoch)
+            tf.summary.scalar("epoch_loss", scores["val_loss"], step=epoch)
+            tf.summary.scalar("epoch_accuracy", scores["val_accuracy"], step=epoch)
         self.train.flush()
         self.validation.flush()
 
@@ -2153,7 +2094,6 @@ class TrainingState:
 
 def check_workers_agree(strategy, epoch: int) -> None:
     """In a cluster every worker must resume from the same epoch, or their steps would not line up."""
-    import tensorflow as tf
 
     def this_worker():
         return tf.constant([epoch])
@@ -2194,8 +2134,6 @@ def train(classifier, optimizer, strategy, inputs: PreparedInputs, config: Train
     One loop for every setup: the strategy runs each step on its replicas, whether that is this CPU, several
     GPUs or the workers of a cluster. Not Keras' fit(): in Keras 3.15 it fails under
     MultiWorkerMirroredStrategy (keras-team/keras#20585)."""
-    import keras
-    import tensorflow as tf
 
     train_step, validation_step = make_step_functions(classifier, optimizer, strategy, inputs.class_weights)
     validation_batches = strategy.experimental_distribute_dataset(inputs.validation_batches)
@@ -2293,7 +2231,6 @@ def compute_metrics(labels, probabilities, class_names) -> dict:
     """Test-set figures from (reviews, classes) probabilities. Two classes: precision, recall, F1 and ROC AUC of
     the positive class. More: macro and weighted averages, and ROC AUC one-vs-rest (macro). Both: accuracy,
     the confusion matrix and each class's precision, recall, F1 and support."""
-    from sklearn import metrics
 
     predicted, classes = predicted_labels(probabilities), list(range(len(class_names)))
     if len(classes) == 2:
@@ -2325,7 +2262,6 @@ def compute_metrics(labels, probabilities, class_names) -> dict:
 
 
 def classification_report(labels, probabilities, class_names) -> str:
-    from sklearn import metrics
 
     return metrics.classification_report(labels, predicted_labels(probabilities), labels=range(len(class_names)),
                                          target_names=list(class_names), digits=4, zero_division=0)
@@ -2392,7 +2328,6 @@ def build_report(config: TrainConfig, started_from: dict, data: dict, training: 
                  role: ClusterRole | None) -> dict:
     """The run's metrics.json: the primary model's test results first, then each other model's; the data,
     settings, training, timing (filled in last) and environment."""
-    import tensorflow as tf
 
     primary = evaluation.primary
     return {
@@ -2428,8 +2363,6 @@ def display_available() -> bool:
 
 
 def plot_confusion_matrix(matrix, class_names, title: str):
-    import matplotlib.pyplot as plt
-    import seaborn as sns
 
     size = min(4.5 + 0.45 * max(0, len(class_names) - 2), 16)
     figure, axes = plt.subplots(figsize=(size + 1, size))
@@ -2443,9 +2376,6 @@ def plot_confusion_matrix(matrix, class_names, title: str):
 def plot_roc_curves(labels, probabilities: dict[str, np.ndarray], class_names):
     """Two classes: one ROC curve per model, for the positive class. More: one curve per class, one-vs-rest, for
     the primary (first) model."""
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_auc_score, roc_curve
-
     if len(class_names) == 2:
         curves = {name: (labels == 1, values[:, 1]) for name, values in probabilities.items()}
         title = f"ROC curve (test set, positive class {class_names[1]!r})"
@@ -2466,7 +2396,6 @@ def plot_roc_curves(labels, probabilities: dict[str, np.ndarray], class_names):
 
 
 def plot_history(history: dict):
-    import matplotlib.pyplot as plt
 
     figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(10, 4))
     epochs = np.arange(1, len(history.get("loss", [])) + 1)
@@ -2482,7 +2411,6 @@ def plot_history(history: dict):
 
 def show_figures(show: bool) -> None:
     """Open the figures in windows if asked and able, then free them."""
-    import matplotlib.pyplot as plt
 
     if show:
         try:
@@ -2496,7 +2424,6 @@ def write_outputs(output_dir: Path, model, evaluation: Evaluation, history: dict
                   show: bool) -> tuple[pd.DataFrame, dict[str, Path]]:
     """Save the model (model.keras and saved_model/1/), the reports and the figures, each file whole
     (report.html and metrics.json come after, last). Returns the confident errors and the figures' paths."""
-    import matplotlib
 
     if not show:
         matplotlib.use("Agg")
@@ -2578,8 +2505,6 @@ def embedding_and_rest(classifier):
     Recurrent models: every layer after the embedding, in order. BERT: the steps of KerasHub's BertBackbone
     after its token embedding (add the position and segment embeddings, normalize, the transformer layers, the
     pooled [CLS] output), then the classifier's head."""
-    import keras
-    import tensorflow as tf
 
     in_order = [layer for layer in classifier.layers if not isinstance(layer, keras.layers.InputLayer)]
     backbone = next((layer for layer in in_order if hasattr(layer, "transformer_layers")), None)
@@ -2611,7 +2536,6 @@ def integrated_gradients_function(probabilities_from_vectors):
     """A compiled function: integrated gradients of the classifier's probability of one class with respect to
     the embedding vectors of one text, from all-zero vectors (Sundararajan et al., 2017; the method of
     TensorFlow's integrated-gradients tutorial), summed over each vector: one attribution per token."""
-    import tensorflow as tf
 
     @tf.function(reduce_retracing=True)
     def attributions(vectors, target):
@@ -2666,7 +2590,6 @@ def text_words(text: str) -> list[str]:
 def neural_word_scores(explainer: Explainer, text: str, target: int, words: int) -> np.ndarray:
     """Integrated gradients of the neural model, one per word (words past --max-length get 0: unseen). With
     WordPiece tokens, a word's score is the sum of its pieces' (a piece marked ## continues a word)."""
-    import tensorflow as tf
 
     token_ids = np.asarray(explainer.vectorizer(tf.constant([[str(text)]])))[0]
     token_ids = token_ids[: np.count_nonzero(token_ids)]
@@ -2845,7 +2768,6 @@ def html_table(header: list[str], rows: list[list]) -> str:
 
 def embedded_image(path: Path, title: str, wide: bool = False) -> str:
     """A PNG file as an <img> that carries its own bytes (a data: URI), so the page needs no other file."""
-    import base64
 
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     return (f'<img src="data:image/png;base64,{data}" alt="{html.escape(title)}" title="{html.escape(title)}"'
@@ -2965,7 +2887,6 @@ def report_mistakes(model, errors: pd.DataFrame, class_names) -> list[tuple[dict
 
 def open_report(path: Path) -> None:
     """Open the report in the browser (where there is a display; a failure only warns)."""
-    import webbrowser
 
     try:
         webbrowser.open(path.resolve().as_uri())
@@ -3141,11 +3062,10 @@ def check_model_file(path: Path) -> None:
 
 def load_model(path: Path):
     check_model_file(path)
-    import keras
 
     try:
-        # The layers are registered with Keras (see custom_layers); files saved before the standardizer was
-        # registered name it plainly.
+        # The layers are registered with Keras (see TfidfLogistic and the others); files saved before the
+        # standardizer was registered name it plainly.
         return keras.models.load_model(path, custom_objects={"standardize_text": standardize_text}, compile=False)
     except Exception as error:  # Keras raises many types for a corrupt or foreign file.
         raise UserError(f"could not load the model {path}: {str(error).splitlines()[0][:200]}") from None
@@ -3161,7 +3081,6 @@ def model_class_names(model) -> tuple[str, ...]:
 
 def predict_strings(model, texts: list[str], batch_size: int = 256) -> np.ndarray:
     """Class probabilities (texts, classes) for raw strings, using the model's own vectorizer."""
-    import tensorflow as tf
 
     if not texts:
         return np.empty((0, len(model_class_names(model))))
@@ -3251,7 +3170,6 @@ def predict_csv_command(model_path: Path, input_path: Path, output_path: Path, t
     class_names = model_class_names(model)
     threshold = checked_threshold(threshold, class_names)
     explainer = make_explainer(model, class_names) if explain else None
-    import keras
 
     progress = keras.utils.Progbar(total_rows, unit_name="review") if total_rows else None
     done = 0

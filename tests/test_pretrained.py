@@ -307,7 +307,7 @@ def test_a_hugging_face_checkpoint_is_read_from_vocab_txt_or_tokenizer_json_with
     import keras_hub
     import tensorflow as tf
 
-    vectorizer = sa.custom_layers()["BertVectorizer"](with_json.vocabulary, 16, True, True)
+    vectorizer = sa.BertVectorizer(with_json.vocabulary, 16, True, True)
     ids = np.asarray(vectorizer(tf.constant([["The FILM, <br />wasn't bad!"]])))[0]
     expected = keras_hub.models.BertTokenizer(vocabulary=vocabulary, lowercase=True, strip_accents=True)(
         "the film, wasn't bad!")
