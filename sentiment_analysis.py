@@ -1497,10 +1497,36 @@ def prepare_inputs(splits: DataSplits, config: TrainConfig, replicas: int, num_c
 # ----------------------------------------------------------------------------------------------------------
 
 
-def build_bert_classifier(config: TrainConfig, num_classes: int):
-    """A pretrained BERT backbone on token ids ([CLS] ... [SEP], then 0 padding), its pooled [CLS] output ->
-    Dropout(0.1) -> the same output layer as the recurrent models (KerasHub's BertTextClassifier's head)."""
+# The layer names the rest of the script relies on: the explanations find the token embedding and the output
+# layer by them, and the neural model inside a saved file by its name's ending.
+EMBEDDING_LAYER, OUTPUT_LAYER, CLASSIFIER_SUFFIX = "embedding", "probability", "_classifier"
 
+
+def output_layer(num_classes: int):
+    """The output layer of every model: Dense(1, sigmoid), the positive class's probability, for two classes;
+    Dense(classes, softmax) for more. It stays float32 under mixed precision, for a sound sigmoid and loss."""
+    if num_classes == 2:
+        return layers.Dense(1, activation="sigmoid", dtype="float32", name=OUTPUT_LAYER)
+    return layers.Dense(num_classes, activation="softmax", dtype="float32", name=OUTPUT_LAYER)
+
+
+def build_recurrent_classifier(config: TrainConfig, vocab_size: int, num_classes: int):
+    """Embedding -> SpatialDropout1D -> recurrent layer(s) (LSTM, Bidirectional LSTM or GRU) -> the output
+    layer, on token ids (0 is padding)."""
+    recurrent = layers.GRU if config.arch == "gru" else layers.LSTM
+    inputs = keras.Input(shape=(None,), dtype="int32", name="token_ids")
+    # mask_zero lets the recurrent layer skip the right padding (and keeps cuDNN usable on a GPU).
+    x = layers.Embedding(vocab_size, config.embedding_dim, mask_zero=True, name=EMBEDDING_LAYER)(inputs)
+    x = layers.SpatialDropout1D(config.spatial_dropout)(x)
+    for index in range(config.layers):
+        layer = recurrent(config.units, return_sequences=index < config.layers - 1)
+        x = layers.Bidirectional(layer)(x) if config.arch == "bilstm" else layer(x)
+    return keras.Model(inputs, output_layer(num_classes)(x), name=config.arch + CLASSIFIER_SUFFIX)
+
+
+def build_bert_classifier(config: TrainConfig, vocab_size: int, num_classes: int):
+    """A pretrained BERT backbone on token ids ([CLS] ... [SEP], then 0 padding), its pooled [CLS] output ->
+    Dropout(0.1) -> the output layer (KerasHub's BertTextClassifier's head). The vocabulary is the checkpoint's."""
     try:
         backbone = keras_hub.models.BertBackbone.from_preset(config.bert_preset, name="bert_backbone")
     except Exception as error:  # e.g. a weights file that does not match its config
@@ -1510,33 +1536,24 @@ def build_bert_classifier(config: TrainConfig, num_classes: int):
     features = backbone({"token_ids": token_ids, "segment_ids": keras.ops.zeros_like(token_ids),
                          "padding_mask": keras.ops.not_equal(token_ids, 0)})
     x = layers.Dropout(0.1)(features["pooled_output"])
-    if num_classes == 2:
-        outputs = layers.Dense(1, activation="sigmoid", dtype="float32", name="probability")(x)
-    else:
-        outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="probability")(x)
-    return keras.Model(token_ids, outputs, name="bert_classifier")
+    return keras.Model(token_ids, output_layer(num_classes)(x), name="bert" + CLASSIFIER_SUFFIX)
+
+
+# Every --arch choice and the function that builds it. A new model is one such function (from token ids to
+# the output layer, its token embedding named EMBEDDING_LAYER) and its name here and in TrainConfig.arch.
+ARCHITECTURES = {"lstm": build_recurrent_classifier, "bilstm": build_recurrent_classifier,
+                 "gru": build_recurrent_classifier, "bert": build_bert_classifier}
 
 
 def build_classifier(config: TrainConfig, vocab_size: int, num_classes: int = 2):
-    """Embedding -> SpatialDropout1D -> recurrent layer(s) -> Dense(1, sigmoid) for two classes, or
-    Dense(classes, softmax) for more, on token ids. (--arch bert: build_bert_classifier.)"""
-
-    if config.arch == "bert":
-        return build_bert_classifier(config, num_classes)
-    recurrent = {"lstm": layers.LSTM, "bilstm": layers.LSTM, "gru": layers.GRU}[config.arch]
-    inputs = keras.Input(shape=(None,), dtype="int32", name="token_ids")
-    # mask_zero lets the recurrent layer skip the right padding (and keeps cuDNN usable on a GPU).
-    x = layers.Embedding(vocab_size, config.embedding_dim, mask_zero=True, name="embedding")(inputs)
-    x = layers.SpatialDropout1D(config.spatial_dropout)(x)
-    for index in range(config.layers):
-        layer = recurrent(config.units, return_sequences=index < config.layers - 1)
-        x = layers.Bidirectional(layer)(x) if config.arch == "bilstm" else layer(x)
-    # The output stays float32 even under mixed precision, for a numerically sound sigmoid and loss.
-    if num_classes == 2:
-        outputs = layers.Dense(1, activation="sigmoid", dtype="float32", name="probability")(x)
-    else:
-        outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="probability")(x)
-    return keras.Model(inputs, outputs, name=f"{config.arch}_classifier")
+    """The --arch model on token ids, checked for the layer names the explanations and the report rely on."""
+    classifier = ARCHITECTURES[config.arch](config, vocab_size, num_classes)
+    names = {layer.name for layer in classifier.layers}
+    has_embedding = EMBEDDING_LAYER in names or any(hasattr(layer, "token_embedding") for layer in classifier.layers)
+    if OUTPUT_LAYER not in names or not has_embedding or not classifier.name.endswith(CLASSIFIER_SUFFIX):
+        raise ValueError(f"the {config.arch} model needs a layer {OUTPUT_LAYER!r}, a token embedding "
+                         f"{EMBEDDING_LAYER!r} and a name ending in {CLASSIFIER_SUFFIX!r} (see ARCHITECTURES)")
+    return classifier
 
 
 def make_optimizer(config: TrainConfig, plan: TrainingPlan):
@@ -1561,7 +1578,7 @@ def build_model_and_optimizer(config: TrainConfig, inputs: PreparedInputs, num_c
     with strategy.scope():
         classifier = build_classifier(config, len(inputs.vocabulary), num_classes)
         if inputs.embedding_matrix is not None:
-            classifier.get_layer("embedding").set_weights([inputs.embedding_matrix])
+            classifier.get_layer(EMBEDDING_LAYER).set_weights([inputs.embedding_matrix])
         optimizer = make_optimizer(config, inputs.plan)
         optimizer.build(classifier.trainable_variables)
     classifier.summary(print_fn=print)
@@ -1570,7 +1587,7 @@ def build_model_and_optimizer(config: TrainConfig, inputs: PreparedInputs, num_c
 
 def count_classes(classifier) -> int:
     """2 for a classifier with a sigmoid output, else the size of its softmax."""
-    return max(2, classifier.get_layer("probability").units)
+    return max(2, classifier.get_layer(OUTPUT_LAYER).units)
 
 
 def local_copy(classifier, config: TrainConfig, vocab_size: int):
@@ -2517,7 +2534,7 @@ def embedding_and_rest(classifier):
                 x = layer(x, mask=mask, training=False) if recurrent else layer(x, training=False)
             return x
 
-        return classifier.get_layer("embedding"), rest
+        return classifier.get_layer(EMBEDDING_LAYER), rest
 
     def rest(vectors):
         shape = tf.shape(vectors)[:2]
@@ -2527,7 +2544,7 @@ def embedding_and_rest(classifier):
         for layer in backbone.transformer_layers:
             x = layer(x, padding_mask=tf.ones(shape, tf.int32), training=False)
         x = backbone.pooled_dense(x[:, 0, :])
-        return classifier.get_layer("probability")(x)
+        return classifier.get_layer(OUTPUT_LAYER)(x)
 
     return backbone.token_embedding, rest
 
@@ -2557,7 +2574,7 @@ def make_explainer(model, class_names) -> Explainer:
     """Find the neural model and, in a blend, the baseline's n-grams, weights and blend weight."""
     layers_by_name = model_layers(model)
     classifier = next((layer for name, layer in layers_by_name.items()
-                       if name.endswith("_classifier") and "probability" in model_layers(layer)), None)
+                       if name.endswith(CLASSIFIER_SUFFIX) and OUTPUT_LAYER in model_layers(layer)), None)
     if classifier is None or "vectorizer" not in layers_by_name:
         raise UserError("--explain needs a model saved by this script (its neural part was not found)")
     vectorizer = layers_by_name["vectorizer"]

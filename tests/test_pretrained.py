@@ -296,7 +296,7 @@ def test_a_hugging_face_checkpoint_is_read_from_vocab_txt_or_tokenizer_json_with
         assert (checkpoint.positions, checkpoint.layers, checkpoint.hidden_size) == (POSITIONS, LAYERS, HIDDEN)
     # The classifier starts from the file's weights, not from random ones.
     config = sa.TrainConfig(arch="bert", bert_preset=str(directory))
-    classifier = sa.build_bert_classifier(config, 2)
+    classifier = sa.build_classifier(config, len(vocabulary), 2)
     backbone = classifier.get_layer("bert_backbone")
     np.testing.assert_array_equal(backbone.token_embedding.get_weights()[0],
                                   tensors["embeddings.word_embeddings.weight"])

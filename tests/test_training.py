@@ -201,3 +201,19 @@ def test_mixed_precision_training_step_runs_with_loss_scaling():
         assert np.isfinite(change) and change > 0
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+def test_every_arch_choice_has_a_builder_and_a_model_without_the_named_layers_is_refused(monkeypatch):
+    import sentiment_analysis as sa
+
+    choices = sa.build_train_parser()._option_string_actions["--arch"].choices
+    assert set(choices) == set(sa.ARCHITECTURES)
+
+    def unnamed(config, vocab_size, num_classes):  # a new model that forgot the layer names
+        inputs = sa.keras.Input(shape=(None,), dtype="int32")
+        x = sa.layers.GlobalAveragePooling1D()(sa.layers.Embedding(vocab_size, 4)(inputs))
+        return sa.keras.Model(inputs, sa.layers.Dense(1, activation="sigmoid")(x), name="mean_classifier")
+
+    monkeypatch.setitem(sa.ARCHITECTURES, "lstm", unnamed)
+    with pytest.raises(ValueError, match="needs a layer 'probability', a token embedding 'embedding'"):
+        sa.build_classifier(sa.TrainConfig(embedding_dim=4), 20)
