@@ -1123,7 +1123,7 @@ def fit_max_length_to_bert(config: TrainConfig) -> TrainConfig:
                     f"BERT checkpoint {config.bert_preset}: give --max-length {checkpoint.positions} or less")
 
 
-def make_vectorizer(texts, config: TrainConfig):
+def build_vectorizer(texts, config: TrainConfig):
     """The tokenizer, learned on the training texts, as a layer from strings to token ids that pads or cuts
     every review to max_length: a TextVectorization of the --vocab-size most frequent words, or with
     --tokenizer wordpiece a WordPiece vocabulary of about --vocab-size subword pieces."""
@@ -1182,7 +1182,7 @@ def weighted_batch(token_ids, labels, full_size: int | None):
     return tf.gather(token_ids, rows), tf.gather(labels, rows), weights
 
 
-def make_training_dataset(token_ids, labels, batch_size: int, max_length: int, shuffle_seed: int | None,
+def build_training_dataset(token_ids, labels, batch_size: int, max_length: int, shuffle_seed: int | None,
                           pad_to_full_batches: bool = False):
     """Batches of similar-length reviews, padded on the right only as far as the longest in the batch, as
     (token ids, labels, weights).
@@ -1215,7 +1215,7 @@ def make_training_dataset(token_ids, labels, batch_size: int, max_length: int, s
         tf.data.AUTOTUNE)
 
 
-def make_inference_dataset(token_ids, batch_size: int):
+def build_inference_dataset(token_ids, batch_size: int):
     """Batches in the order given (callers sort by length first), each padded to its longest review."""
 
     lengths = review_lengths(token_ids)
@@ -1241,7 +1241,7 @@ def predict_token_ids(classifier, token_ids, batch_size: int = 512) -> np.ndarra
     lengths = np.count_nonzero(token_ids, axis=1)
     order = np.argsort(lengths, kind="stable")
     sorted_probabilities = class_probabilities(
-        classifier.predict(make_inference_dataset(token_ids[order], batch_size), verbose=0))
+        classifier.predict(build_inference_dataset(token_ids[order], batch_size), verbose=0))
     probabilities = np.empty_like(sorted_probabilities)
     probabilities[order] = sorted_probabilities
     return probabilities
@@ -1417,7 +1417,7 @@ class PreparedInputs:
 
     def training_batches(self, epoch: int):
         """This epoch's training batches, shuffled with a seed of its own."""
-        return make_training_dataset(self.train_ids, self.train_labels, self.global_batch_size, self.max_length,
+        return build_training_dataset(self.train_ids, self.train_labels, self.global_batch_size, self.max_length,
                                      self.seed + epoch, self.pad_to_full_batches)
 
 
@@ -1447,14 +1447,14 @@ def check_texts_split(train_ids: np.ndarray, config: TrainConfig) -> None:
 def prepare_inputs(splits: DataSplits, config: TrainConfig, replicas: int, num_classes: int) -> PreparedInputs:
     """Vocabulary, token ids, the batching of each epoch, (with --embeddings word2vec) the starting embedding
     and (with --class-weight balanced) the class weights."""
-    vectorizer = make_vectorizer(splits.train.texts, config)
+    vectorizer = build_vectorizer(splits.train.texts, config)
     vocabulary = vectorizer.get_vocabulary()
     train_ids, validation_ids, test_ids = (vectorize(vectorizer, part.texts)
                                            for part in (splits.train, splits.validation, splits.test))
     check_texts_split(train_ids, config)
     plan = plan_training(config, review_lengths(train_ids), replicas)
     global_batch_size, several = plan.batch_size * replicas, replicas > 1
-    validation_batches = make_training_dataset(validation_ids, splits.validation.labels, global_batch_size,
+    validation_batches = build_training_dataset(validation_ids, splits.validation.labels, global_batch_size,
                                                config.max_length, None, pad_to_full_batches=several)
     embedding_matrix, coverage = None, None
     if config.embeddings == "word2vec":
@@ -1556,7 +1556,7 @@ def build_classifier(config: TrainConfig, vocab_size: int, num_classes: int = 2)
     return classifier
 
 
-def make_optimizer(config: TrainConfig, plan: TrainingPlan):
+def build_optimizer(config: TrainConfig, plan: TrainingPlan):
 
     learning_rate = config.learning_rate
     if config.lr_schedule == "cosine":
@@ -1579,7 +1579,7 @@ def build_model_and_optimizer(config: TrainConfig, inputs: PreparedInputs, num_c
         classifier = build_classifier(config, len(inputs.vocabulary), num_classes)
         if inputs.embedding_matrix is not None:
             classifier.get_layer(EMBEDDING_LAYER).set_weights([inputs.embedding_matrix])
-        optimizer = make_optimizer(config, inputs.plan)
+        optimizer = build_optimizer(config, inputs.plan)
         optimizer.build(classifier.trainable_variables)
     classifier.summary(print_fn=print)
     return classifier, optimizer
@@ -1598,7 +1598,7 @@ def local_copy(classifier, config: TrainConfig, vocab_size: int):
     return copy
 
 
-def export_model(vectorizer, classifier, class_names, settings: dict | None = None):
+def build_predictor(vectorizer, classifier, class_names, settings: dict | None = None):
     """One model from raw strings to probabilities, the class names inside: the file is the whole predictor."""
     text = keras.Input(shape=(1,), dtype="string", name="text")
     probabilities = ClassNames(class_names, settings, name="class_names")(
@@ -1606,7 +1606,7 @@ def export_model(vectorizer, classifier, class_names, settings: dict | None = No
     return keras.Model(text, probabilities, name="sentiment_model")
 
 
-def export_saved_model(model, directory: Path, class_names) -> None:
+def write_saved_model(model, directory: Path, class_names) -> None:
     """Write `model` as a TensorFlow SavedModel for serving (TensorFlow Serving, or tf.saved_model.load). Its
     serving_default signature takes `texts`, a 1-D string tensor of raw texts, and returns `probabilities`
     (texts, classes) in the order of `class_names`, and `label`, each text's predicted class name. The text
@@ -1659,7 +1659,7 @@ def baseline_probabilities(baseline, texts) -> np.ndarray:
     return baseline.predict_proba(standardized_strings(texts))
 
 
-def export_blend(neural_model, baseline, weight: float, class_names, settings: dict | None = None):
+def build_blend_predictor(neural_model, baseline, weight: float, class_names, settings: dict | None = None):
     """One model from raw strings to the blended probabilities, the baseline and the class names inside it."""
 
     features, classifier = baseline.named_steps["tfidfvectorizer"], baseline.named_steps["logisticregression"]
@@ -1889,7 +1889,7 @@ def strategy_name(strategy, role: ClusterRole | None) -> str:
     return "MultiWorkerMirroredStrategy" if role else type(strategy).__name__
 
 
-def setup_tensorflow(config: TrainConfig, role: ClusterRole | None):
+def set_up_tensorflow(config: TrainConfig, role: ClusterRole | None):
     """Choose the distribution strategy (first: a cluster's must exist before any other TensorFlow work), then
     seed everything and make ops deterministic, so the same seed gives the same run on the same machine."""
     strategy = choose_strategy(config, role)
@@ -1920,7 +1920,7 @@ def setup_tensorflow(config: TrainConfig, role: ClusterRole | None):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def make_step_functions(classifier, optimizer, strategy, class_weights: np.ndarray | None = None):
+def build_step_functions(classifier, optimizer, strategy, class_weights: np.ndarray | None = None):
     """One training step and one validation step over a batch split across the strategy's replicas.
 
     Each returns the batch's summed loss, number of correct predictions and number of reviews (padding
@@ -2152,7 +2152,7 @@ def train(classifier, optimizer, strategy, inputs: PreparedInputs, config: Train
     GPUs or the workers of a cluster. Not Keras' fit(): in Keras 3.15 it fails under
     MultiWorkerMirroredStrategy (keras-team/keras#20585)."""
 
-    train_step, validation_step = make_step_functions(classifier, optimizer, strategy, inputs.class_weights)
+    train_step, validation_step = build_step_functions(classifier, optimizer, strategy, inputs.class_weights)
     validation_batches = strategy.experimental_distribute_dataset(inputs.validation_batches)
     variables = classifier.variables + optimizer.variables
     state = saved or TrainingState(fingerprint=training_fingerprint(config))
@@ -2340,7 +2340,7 @@ def confident_errors(texts, labels, probabilities, class_names, limit: int = 100
     })
 
 
-def build_report(config: TrainConfig, started_from: dict, data: dict, training: TrainingResult,
+def build_metrics(config: TrainConfig, started_from: dict, data: dict, training: TrainingResult,
                  evaluation: Evaluation, blend: Blend | None, check: ValidationCheck, notes: list[str], strategy,
                  role: ClusterRole | None) -> dict:
     """The run's metrics.json: the primary model's test results first, then each other model's; the data,
@@ -2446,7 +2446,7 @@ def write_outputs(output_dir: Path, model, evaluation: Evaluation, history: dict
         matplotlib.use("Agg")
     primary = evaluation.primary
     save_model(model, output_dir / "model.keras")
-    export_saved_model(model, output_dir / "saved_model" / "1", evaluation.class_names)
+    write_saved_model(model, output_dir / "saved_model" / "1", evaluation.class_names)
     write_text(output_dir / "classification_report.txt",
                f"Test set, model: {primary}\n\n{evaluation.classification_report}\n{evaluation.table}\n")
     history_frame = pd.DataFrame(history)
@@ -2570,7 +2570,7 @@ def integrated_gradients_function(probabilities_from_vectors):
     return attributions
 
 
-def make_explainer(model, class_names) -> Explainer:
+def build_explainer(model, class_names) -> Explainer:
     """Find the neural model and, in a blend, the baseline's n-grams, weights and blend weight."""
     layers_by_name = model_layers(model)
     classifier = next((layer for name, layer in layers_by_name.items()
@@ -2887,7 +2887,7 @@ def report_mistakes(model, errors: pd.DataFrame, class_names) -> list[tuple[dict
     """The first REPORT_MISTAKES rows of errors.csv, each with the explanation of the model's prediction (all
     scores 0, so no colours, for a model that --explain cannot explain)."""
     try:
-        explainer = make_explainer(model, class_names)
+        explainer = build_explainer(model, class_names)
     except UserError:
         explainer = None
     probability_name = next(column for column in errors.columns if column.startswith("probability"))
@@ -2982,25 +2982,38 @@ def fit_the_baseline(config: TrainConfig, splits: DataSplits, clock: Stopwatch):
     return None, None
 
 
-def score_on_test(config: TrainConfig, classifier, baseline, check: ValidationCheck, inputs: PreparedInputs,
-                  splits: DataSplits, class_names, started_from: dict, clock: Stopwatch):
-    """Test-set probabilities of every model (the primary one first), the model to save and the blend, if any.
-    Every choice (epochs, blend weight) is made on the validation split; the test split is only scored."""
+def blend_if_asked(config: TrainConfig, baseline, check: ValidationCheck) -> Blend | None:
+    """The blend's weight, with --blend-weight (and a baseline), chosen on the validation split."""
+    if baseline is None or config.blend_weight is None:
+        return None
+    blend = choose_blend(config, check.labels, check.neural, check.baseline)
+    print(f"Blend: {blend.weight:.2f} * {config.arch} + {1 - blend.weight:.2f} * baseline")
+    return blend
+
+
+def score_on_test(config: TrainConfig, classifier, baseline, blend: Blend | None, test_ids: np.ndarray,
+                  test: LabelledTexts, clock: Stopwatch) -> dict[str, np.ndarray]:
+    """Test-set probabilities of every model, the primary one (the blend, if any) first. Every choice (epochs,
+    blend weight) was made on the validation split; the test split is only scored."""
     with clock.timed("evaluate_s"):
-        neural = predict_token_ids(classifier, inputs.test_ids)
-    settings = {**dataclasses.asdict(config), "started_from": started_from}  # kept in the model file
-    model = export_model(inputs.vectorizer, classifier, class_names, settings)
-    probabilities, blend = {config.arch: neural}, None
-    if baseline is not None:
-        with clock.timed("baseline_s"):
-            probabilities["baseline"] = baseline_probabilities(baseline, splits.test.texts)
-        if config.blend_weight is not None:
-            blend = choose_blend(config, check.labels, check.neural, check.baseline)
-            print(f"Blend: {blend.weight:.2f} * {config.arch} + {1 - blend.weight:.2f} * baseline")
-            blended = blend_probabilities(blend.weight, neural, probabilities["baseline"])
-            probabilities = {"blend": blended, "baseline": probabilities["baseline"], config.arch: neural}
-            model = export_blend(model, baseline, blend.weight, class_names, settings)
-    return probabilities, model, blend
+        neural = predict_token_ids(classifier, test_ids)
+    if baseline is None:
+        return {config.arch: neural}
+    with clock.timed("baseline_s"):
+        baseline_test = baseline_probabilities(baseline, test.texts)
+    if blend is None:
+        return {config.arch: neural, "baseline": baseline_test}
+    return {"blend": blend_probabilities(blend.weight, neural, baseline_test), "baseline": baseline_test,
+            config.arch: neural}
+
+
+def model_to_save(config: TrainConfig, started_from: dict, vectorizer, classifier, baseline, blend: Blend | None,
+                  class_names):
+    """The one model from raw strings to class probabilities that is saved: the classifier behind its
+    tokenizer, or the blend with the baseline; the settings and the starting point inside."""
+    settings = {**dataclasses.asdict(config), "started_from": started_from}
+    model = build_predictor(vectorizer, classifier, class_names, settings)
+    return model if blend is None else build_blend_predictor(model, baseline, blend.weight, class_names, settings)
 
 
 def run_training(config: TrainConfig) -> TrainingResult:
@@ -3016,12 +3029,11 @@ def run_training(config: TrainConfig) -> TrainingResult:
         print(f"Read {counts['rows_read']} rows from {config.data}; dropped {counts['dropped']}; "
               f"train {counts['train']}, validation {counts['validation']}, test {counts['test']}; "
               f"{describe_classes(data)}")
-        strategy = setup_tensorflow(config, setup.role)
+        strategy = set_up_tensorflow(config, setup.role)
         with clock.timed("preprocess_s"):
             inputs = prepare_inputs(splits, config, strategy.num_replicas_in_sync, len(class_names))
-        counts["longer_than_max_length"] = inputs.truncated_reviews
-        if inputs.embedding_coverage:
-            counts["embedding_coverage"] = inputs.embedding_coverage
+        counts = {**counts, "longer_than_max_length": inputs.truncated_reviews,
+                  **({"embedding_coverage": inputs.embedding_coverage} if inputs.embedding_coverage else {})}
         classifier, optimizer = build_model_and_optimizer(config, inputs, len(class_names), strategy)
         needed = output_bytes_needed(classifier.count_params(), config.blend_weight is not None)
         check_free_space(setup.output_dir, needed)
@@ -3039,11 +3051,12 @@ def run_training(config: TrainConfig) -> TrainingResult:
         baseline, train_strings = fit_the_baseline(config, splits, clock)
         with clock.timed("validation_s"):
             check = compare_on_validation(classifier, baseline, inputs.validation_ids, splits, train_strings, config)
-        probabilities, model, blend = score_on_test(config, classifier, baseline, check, inputs, splits, class_names,
-                                                    setup.started_from, clock)
+        blend = blend_if_asked(config, baseline, check)
+        probabilities = score_on_test(config, classifier, baseline, blend, inputs.test_ids, splits.test, clock)
+        model = model_to_save(config, setup.started_from, inputs.vectorizer, classifier, baseline, blend, class_names)
         evaluation = evaluate(splits.test, class_names, probabilities)
         notes = inputs.notes + advice(check, config.arch, blend)
-        report = build_report(config, setup.started_from, counts, training, evaluation, blend, check, notes, strategy,
+        report = build_metrics(config, setup.started_from, counts, training, evaluation, blend, check, notes, strategy,
                               setup.role)
         print(f"\nTest set results:\n{evaluation.table}\n\n{evaluation.classification_report}")
         for note in notes:
@@ -3124,7 +3137,7 @@ def predict_texts_command(model, texts: list[str], threshold: float, explain: bo
     class_names = model_class_names(model)
     probabilities = predict_strings(model, texts)
     names = predicted_names(probabilities, class_names, threshold)
-    explainer = make_explainer(model, class_names) if explain else None
+    explainer = build_explainer(model, class_names) if explain else None
     terminal = sys.stdout.isatty()
     for index, (text, name, probability) in enumerate(zip(texts, names, shown_probability(probabilities,
                                                                                           class_names))):
@@ -3186,7 +3199,7 @@ def predict_csv_command(model_path: Path, input_path: Path, output_path: Path, t
     model = load_model(model_path)
     class_names = model_class_names(model)
     threshold = checked_threshold(threshold, class_names)
-    explainer = make_explainer(model, class_names) if explain else None
+    explainer = build_explainer(model, class_names) if explain else None
 
     progress = keras.utils.Progbar(total_rows, unit_name="review") if total_rows else None
     done = 0

@@ -109,12 +109,12 @@ def test_balanced_class_weights_weight_the_training_loss():
 
     keras.utils.set_random_seed(0)
     classifier = sa.build_classifier(config, len(inputs.vocabulary))
-    optimizer = sa.make_optimizer(config, sa.TrainingPlan(32, 1, 4, 1, 5, "test"))
+    optimizer = sa.build_optimizer(config, sa.TrainingPlan(32, 1, 4, 1, 5, "test"))
     strategy = tf.distribute.get_strategy()
     batch = next(iter(inputs.training_batches(0).unbatch().batch(8)))
     per_review = keras.losses.binary_crossentropy(batch[1][:, None], classifier(batch[0])).numpy()
     class_weights = np.array([1.0, 3.0], dtype=np.float32)  # far from 1, so weighting shows
-    train_step, validation_step = sa.make_step_functions(classifier, optimizer, strategy, class_weights)
+    train_step, validation_step = sa.build_step_functions(classifier, optimizer, strategy, class_weights)
     validation_loss, _, count = (float(value) for value in validation_step(iter(tf.data.Dataset.from_tensors(batch))))
     weighted_loss, _, _ = (float(value) for value in train_step(iter(tf.data.Dataset.from_tensors(batch))))
     weights = class_weights[batch[1].numpy().astype(int)]
@@ -189,7 +189,7 @@ def test_three_class_saved_model_and_explanations_are_about_the_predicted_class(
     np.testing.assert_allclose(served["probabilities"].numpy(), expected, atol=1e-5)
     names = sa.predicted_names(expected, sa.model_class_names(model), 0.5)
     assert [label.decode() for label in served["label"].numpy()] == names
-    explainer = sa.make_explainer(model, sa.model_class_names(model))
+    explainer = sa.build_explainer(model, sa.model_class_names(model))
     for text, row in zip(texts, expected):
         explanation = sa.explain_text(explainer, text, sa.explained_class(row))
         assert explanation.towards == sa.model_class_names(model)[int(np.argmax(row))]

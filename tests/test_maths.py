@@ -25,12 +25,12 @@ def one_step_each(strategy, initial_weights, token_ids, labels, config):
     with strategy.scope():
         classifier = sa.build_classifier(config, 50)
         classifier.set_weights(initial_weights)
-        optimizer = sa.make_optimizer(config, sa.TrainingPlan(32, 1, 4, 1, 5, "test"))
+        optimizer = sa.build_optimizer(config, sa.TrainingPlan(32, 1, 4, 1, 5, "test"))
         optimizer.build(classifier.trainable_variables)
-    train_step, validation_step = sa.make_step_functions(classifier, optimizer, strategy)
+    train_step, validation_step = sa.build_step_functions(classifier, optimizer, strategy)
 
     def batches():
-        dataset = sa.make_training_dataset(token_ids, labels, 8, token_ids.shape[1], shuffle_seed=None,
+        dataset = sa.build_training_dataset(token_ids, labels, 8, token_ids.shape[1], shuffle_seed=None,
                                            pad_to_full_batches=replicas > 1)
         return iter(strategy.experimental_distribute_dataset(dataset))
 
@@ -74,10 +74,10 @@ def test_length_sorted_scoring_matches_the_saved_model_row_by_row():
     texts, _ = tiny_texts()
     config = sa.TrainConfig(vocab_size=300, max_length=40, embedding_dim=8, units=6)
     keras.utils.set_random_seed(2)
-    vectorizer = sa.make_vectorizer(texts, config)
+    vectorizer = sa.build_vectorizer(texts, config)
     classifier = sa.build_classifier(config, len(vectorizer.get_vocabulary()))
     by_ids = sa.predict_token_ids(classifier, sa.vectorize(vectorizer, texts), batch_size=7)
-    by_text = sa.predict_strings(sa.export_model(vectorizer, classifier, sa.CLASS_NAMES), list(texts))
+    by_text = sa.predict_strings(sa.build_predictor(vectorizer, classifier, sa.CLASS_NAMES), list(texts))
     assert by_ids.shape == by_text.shape == (len(texts), 2)
     assert np.ptp(by_ids) > 0, "a model that scores every review alike would prove nothing"
     np.testing.assert_allclose(by_ids, by_text, atol=1e-5)
@@ -94,7 +94,7 @@ def test_every_review_is_in_exactly_one_batch_and_count_batches_knows_how_many(b
         token_ids[row, :length] = rng.integers(2, 100, length)
     token_ids[:, 0] = np.arange(150) + 1000  # each review's own first token, to recognise it in the batches
     labels = rng.integers(0, 2, 150)
-    dataset = sa.make_training_dataset(token_ids, labels, batch_size, max_length, shuffle_seed=3,
+    dataset = sa.build_training_dataset(token_ids, labels, batch_size, max_length, shuffle_seed=3,
                                        pad_to_full_batches=pad)
     batches = list(dataset.as_numpy_iterator())
     boundaries = sa.bucket_boundaries(max_length, 150, batch_size)

@@ -182,7 +182,7 @@ def test_bert_fine_tunes_from_a_local_preset_and_predicts_from_its_file(tiny_ber
     assert explained.returncode == 0, explained.stderr[-3000:]
     words = [line.split("\t")[0] for line in explained.stdout.splitlines() if line.count("\t") == 1]
     assert words == ["a", "good", "film", "!", "bad", ",", "bad", ",", "bad", "."]
-    explainer = sa.make_explainer(model, sa.model_class_names(model))
+    explainer = sa.build_explainer(model, sa.model_class_names(model))
     neural = sa.neural_word_scores(explainer, texts[0], 1, 4)
     assert np.count_nonzero(neural) == 4 and explainer.special_ids == {ids[0], ids[np.count_nonzero(ids) - 1]}
 

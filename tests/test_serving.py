@@ -195,7 +195,7 @@ def test_explanations_agree_with_removing_each_top_word(trained_dir):
     import sentiment_analysis
 
     model = sentiment_analysis.load_model(trained_dir / "model.keras")
-    explainer = sentiment_analysis.make_explainer(model, sentiment_analysis.model_class_names(model))
+    explainer = sentiment_analysis.build_explainer(model, sentiment_analysis.model_class_names(model))
     texts = pd.read_csv(TINY_CSV)["reviews"].head(8).tolist()
     agree = total = 0
     for text in texts:
@@ -218,7 +218,7 @@ def test_blend_explanation_weighs_exact_baseline_terms(blend_dir):
     import tensorflow as tf
 
     model = sentiment_analysis.load_model(blend_dir / "model.keras")
-    explainer = sentiment_analysis.make_explainer(model, ("negative", "positive"))
+    explainer = sentiment_analysis.build_explainer(model, ("negative", "positive"))
     assert explainer.neural_weight == 0.5
     layers = sentiment_analysis.model_layers(model)
     text = pd.read_csv(TINY_CSV)["reviews"][0]

@@ -147,14 +147,14 @@ def test_exported_blend_scores_exactly_like_scikit_learn(tmp_path):
     config = sa.resolve_embedding_dim(sa.TrainConfig(vocab_size=500, max_length=50, baseline_ngrams=3))
     baseline = sa.fit_baseline(sa.standardized_strings(texts[:150]), labels[:150], config)
     expected = baseline.predict_proba(sa.standardized_strings(texts[150:]))
-    vectorizer = sa.make_vectorizer(texts[:150], config)
-    neural = sa.export_model(vectorizer, sa.build_classifier(config, len(vectorizer.get_vocabulary())),
+    vectorizer = sa.build_vectorizer(texts[:150], config)
+    neural = sa.build_predictor(vectorizer, sa.build_classifier(config, len(vectorizer.get_vocabulary())),
                              sa.CLASS_NAMES)
-    sa.save_model(sa.export_blend(neural, baseline, 0.0, sa.CLASS_NAMES), tmp_path / "blend.keras")
+    sa.save_model(sa.build_blend_predictor(neural, baseline, 0.0, sa.CLASS_NAMES), tmp_path / "blend.keras")
     loaded = sa.load_model(tmp_path / "blend.keras")
     np.testing.assert_allclose(sa.predict_strings(loaded, list(texts[150:])), expected, atol=1e-5)
     assert sa.model_class_names(loaded) == sa.CLASS_NAMES
-    half = sa.export_blend(neural, baseline, 0.5, sa.CLASS_NAMES)
+    half = sa.build_blend_predictor(neural, baseline, 0.5, sa.CLASS_NAMES)
     neural_part = sa.predict_strings(neural, list(texts[150:]))
     np.testing.assert_allclose(sa.predict_strings(half, list(texts[150:])), 0.5 * neural_part + 0.5 * expected,
                                atol=1e-5)
@@ -186,11 +186,11 @@ def test_mixed_precision_training_step_runs_with_loss_scaling():
         config = sa.TrainConfig(vocab_size=50, max_length=10, embedding_dim=8, units=4)
         strategy = tf.distribute.get_strategy()
         classifier = sa.build_classifier(config, 50)
-        optimizer = sa.make_optimizer(config, sa.TrainingPlan(32, 2, 4, 1, 5, "test"))
+        optimizer = sa.build_optimizer(config, sa.TrainingPlan(32, 2, 4, 1, 5, "test"))
         optimizer.build(classifier.trainable_variables)
         assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
         assert classifier.get_layer("probability").dtype_policy.compute_dtype == "float32"
-        train_step, _ = sa.make_step_functions(classifier, optimizer, strategy)
+        train_step, _ = sa.build_step_functions(classifier, optimizer, strategy)
         token_ids = np.random.default_rng(0).integers(1, 50, (8, 10)).astype(np.int32)
         labels = (np.arange(8) % 2).astype(np.float32)
         batches = tf.data.Dataset.from_tensor_slices((token_ids, labels, np.ones(8, np.float32))).batch(4)
