@@ -274,67 +274,10 @@ def validate_config(config: TrainConfig) -> None:
             raise UserError(f"{flag_name(name)} {requirement} (got {getattr(config, name)!r})")
 
 
-def word_vector_file_header(path: Path) -> list[str]:
-    """The first line of a word-vector file (gzipped or not), split on spaces; a one-line error if unreadable."""
-
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as file:
-            return file.readline(1_000_000).decode("utf-8").split()
-    except (OSError, UnicodeDecodeError, EOFError) as error:
-        raise UserError(f"cannot read the word-vector file {path}: {error}") from None
-
-
-def word_vector_file_dimension(path: Path) -> int:
-    """The vector size of a word-vector file, from its first line: 'WORDS SIZE' in word2vec and fastText
-    files (text or binary), else a GloVe line 'word v1 v2 ...'. A one-line error if it is neither."""
-    first = word_vector_file_header(path)
-    if len(first) == 2 and all(part.isdigit() for part in first):
-        return int(first[1])
-    try:
-        [float(value) for value in first[1:]]
-    except ValueError:
-        first = []
-    if len(first) < 2:
-        raise UserError(f"{path} is not a word-vector file (GloVe text, word2vec text or binary, or fastText .vec)")
-    return len(first) - 1
-
-
 def one_line(text, width: int = 80) -> str:
     """A text (or an error) on one line, cut to `width` characters."""
     text = " ".join(str(text).split())
     return text if len(text) <= width else text[: width - 3] + "..."
-
-
-def fetch_word_vectors(config: TrainConfig) -> TrainConfig:
-    """--embeddings NAME (no such file): the word-vector file of that name from gensim's downloader, which fetches
-    it once from the internet and keeps it in ~/gensim-data (GENSIM_DATA_DIR); the config then names that file."""
-    name = config.embeddings
-    if name in EMBEDDING_METHODS or Path(name).is_file():
-        return config
-    print(f"Word vectors {name}: from gensim's downloader (fetched once, then kept in {gensim.downloader.BASE_DIR})")
-    try:
-        path = gensim.downloader.load(name, return_path=True)
-    except ValueError:
-        raise UserError(f"--embeddings {name} is neither a file nor a name gensim's downloader knows (python -m "
-                        "gensim.downloader --info lists its names)") from None
-    except Exception as error:  # no network, a proxy, a full disk: gensim raises all sorts
-        raise UserError(f"--embeddings {name}: gensim's downloader could not fetch it ({type(error).__name__}: "
-                        f"{one_line(error, 120)}); download the vectors and give the file instead") from None
-    if not Path(path).is_file():
-        raise UserError(f"--embeddings {name}: gensim's downloader gave no file ({path})")
-    return dataclasses.replace(config, embeddings=str(path))
-
-
-def resolve_embedding_dim(config: TrainConfig) -> TrainConfig:
-    """The config with its embedding size settled: a word-vector file's own, else --embedding-dim or 128."""
-    if config.embeddings in EMBEDDING_METHODS:
-        return dataclasses.replace(config, embedding_dim=config.embedding_dim or DEFAULT_EMBEDDING_DIM)
-    size = word_vector_file_dimension(Path(config.embeddings))
-    if config.embedding_dim not in (None, size):
-        raise UserError(f"--embedding-dim {config.embedding_dim} conflicts with the vectors of {config.embeddings}, "
-                        f"which have {size} dimensions (leave --embedding-dim out)")
-    return dataclasses.replace(config, embedding_dim=size)
 
 
 def training_fingerprint(config: TrainConfig) -> dict:
@@ -1263,6 +1206,63 @@ def stable_hash(text: str) -> int:
     return zlib.crc32(text.encode("utf-8"))
 
 
+def word_vector_file_header(path: Path) -> list[str]:
+    """The first line of a word-vector file (gzipped or not), split on spaces; a one-line error if unreadable."""
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as file:
+            return file.readline(1_000_000).decode("utf-8").split()
+    except (OSError, UnicodeDecodeError, EOFError) as error:
+        raise UserError(f"cannot read the word-vector file {path}: {error}") from None
+
+
+def word_vector_file_dimension(path: Path) -> int:
+    """The vector size of a word-vector file, from its first line: 'WORDS SIZE' in word2vec and fastText
+    files (text or binary), else a GloVe line 'word v1 v2 ...'. A one-line error if it is neither."""
+    first = word_vector_file_header(path)
+    if len(first) == 2 and all(part.isdigit() for part in first):
+        return int(first[1])
+    try:
+        [float(value) for value in first[1:]]
+    except ValueError:
+        first = []
+    if len(first) < 2:
+        raise UserError(f"{path} is not a word-vector file (GloVe text, word2vec text or binary, or fastText .vec)")
+    return len(first) - 1
+
+
+def fetch_word_vectors(config: TrainConfig) -> TrainConfig:
+    """--embeddings NAME (no such file): the word-vector file of that name from gensim's downloader, which fetches
+    it once from the internet and keeps it in ~/gensim-data (GENSIM_DATA_DIR); the config then names that file."""
+    name = config.embeddings
+    if name in EMBEDDING_METHODS or Path(name).is_file():
+        return config
+    print(f"Word vectors {name}: from gensim's downloader (fetched once, then kept in {gensim.downloader.BASE_DIR})")
+    try:
+        path = gensim.downloader.load(name, return_path=True)
+    except ValueError:
+        raise UserError(f"--embeddings {name} is neither a file nor a name gensim's downloader knows (python -m "
+                        "gensim.downloader --info lists its names)") from None
+    except Exception as error:  # no network, a proxy, a full disk: gensim raises all sorts
+        raise UserError(f"--embeddings {name}: gensim's downloader could not fetch it ({type(error).__name__}: "
+                        f"{one_line(error, 120)}); download the vectors and give the file instead") from None
+    if not Path(path).is_file():
+        raise UserError(f"--embeddings {name}: gensim's downloader gave no file ({path})")
+    return dataclasses.replace(config, embeddings=str(path))
+
+
+def resolve_embedding_dim(config: TrainConfig) -> TrainConfig:
+    """The config with its embedding size settled: a word-vector file's own, else --embedding-dim or 128."""
+    if config.embeddings in EMBEDDING_METHODS:
+        return dataclasses.replace(config, embedding_dim=config.embedding_dim or DEFAULT_EMBEDDING_DIM)
+    size = word_vector_file_dimension(Path(config.embeddings))
+    if config.embedding_dim not in (None, size):
+        raise UserError(f"--embedding-dim {config.embedding_dim} conflicts with the vectors of {config.embeddings}, "
+                        f"which have {size} dimensions (leave --embedding-dim out)")
+    return dataclasses.replace(config, embedding_dim=size)
+
+
 def word2vec_matrix(token_ids, vocabulary: list[str], config: TrainConfig, epochs: int = 5) -> np.ndarray:
     """Train gensim Word2Vec (`epochs` passes) on the training reviews and return it as an embedding matrix for
     `vocabulary`."""
@@ -1444,9 +1444,43 @@ def check_texts_split(train_ids: np.ndarray, config: TrainConfig) -> None:
                         f"per sentence, and a model of such words learns nothing; {hint}")
 
 
+def starting_embedding(config: TrainConfig, train_ids: np.ndarray, vocabulary: list[str], plan: TrainingPlan):
+    """The embedding's starting weights and, from a word-vector file, how much of the text it covers: Word2Vec
+    trained on the training split (--embeddings word2vec), the file's vectors, or (None, None) for random."""
+    if config.embeddings == "word2vec":
+        print(f"Training Word2Vec on the training split ({plan.word2vec_epochs} passes) ...")
+        return word2vec_matrix(train_ids, vocabulary, config, plan.word2vec_epochs), None
+    if config.embeddings == "random":
+        return None, None
+    print(f"Reading word vectors from {config.embeddings} ...")
+    matrix, coverage = pretrained_matrix(load_word_vectors(Path(config.embeddings)), train_ids, vocabulary,
+                                         config.seed)
+    print(f"The file covers {coverage['vocabulary_covered']:.1%} of the vocabulary and "
+          f"{coverage['training_tokens_covered']:.1%} of the training tokens; the rest start random")
+    return matrix, coverage
+
+
+def balanced_class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """scikit-learn's "balanced" class weights: rows / (classes * rows of the class), on the training split."""
+    counts = np.bincount(labels, minlength=num_classes)
+    weights = (len(labels) / (num_classes * np.maximum(counts, 1))).astype(np.float32)
+    print("Class weights: " + ", ".join(f"{weight:.3f}" for weight in weights))
+    return weights
+
+
+def small_data_notes(config: TrainConfig, training_rows: int) -> list[str]:
+    """Advice for a small training split whose embedding starts from nothing pretrained."""
+    if config.embeddings not in EMBEDDING_METHODS or training_rows >= SMALL_TRAINING_ROWS or config.arch == "bert":
+        return []
+    start = "Word2Vec vectors learned on" if config.embeddings == "word2vec" else "random vectors, with"
+    return [f"Small data: the embedding starts from {start} only {training_rows} training texts. Pretrained word "
+            "vectors help most here: --embeddings glove-wiki-gigaword-100 (gensim downloads it once), or "
+            "--embeddings FILE with a GloVe, word2vec or fastText file."]
+
+
 def prepare_inputs(splits: DataSplits, config: TrainConfig, replicas: int, num_classes: int) -> PreparedInputs:
-    """Vocabulary, token ids, the batching of each epoch, (with --embeddings word2vec) the starting embedding
-    and (with --class-weight balanced) the class weights."""
+    """Everything training needs from the text: the tokenizer and the token ids of each split, the plan and
+    the batches, the embedding's start, the class weights, and what to say about the data."""
     vectorizer = build_vectorizer(splits.train.texts, config)
     vocabulary = vectorizer.get_vocabulary()
     train_ids, validation_ids, test_ids = (vectorize(vectorizer, part.texts)
@@ -1455,35 +1489,17 @@ def prepare_inputs(splits: DataSplits, config: TrainConfig, replicas: int, num_c
     plan = plan_training(config, review_lengths(train_ids), replicas)
     global_batch_size, several = plan.batch_size * replicas, replicas > 1
     validation_batches = build_training_dataset(validation_ids, splits.validation.labels, global_batch_size,
-                                               config.max_length, None, pad_to_full_batches=several)
-    embedding_matrix, coverage = None, None
-    if config.embeddings == "word2vec":
-        print(f"Training Word2Vec on the training split ({plan.word2vec_epochs} passes) ...")
-        embedding_matrix = word2vec_matrix(train_ids, vocabulary, config, plan.word2vec_epochs)
-    elif config.embeddings != "random":
-        print(f"Reading word vectors from {config.embeddings} ...")
-        embedding_matrix, coverage = pretrained_matrix(load_word_vectors(Path(config.embeddings)), train_ids,
-                                                       vocabulary, config.seed)
-        print(f"The file covers {coverage['vocabulary_covered']:.1%} of the vocabulary and "
-              f"{coverage['training_tokens_covered']:.1%} of the training tokens; the rest start random")
-    class_weights = None
-    if config.class_weight == "balanced":
-        # scikit-learn's "balanced": rows / (classes * rows of the class), on the training split.
-        counts = np.bincount(splits.train.labels, minlength=num_classes)
-        class_weights = (len(splits.train.labels) / (num_classes * np.maximum(counts, 1))).astype(np.float32)
-        print("Class weights: " + ", ".join(f"{weight:.3f}" for weight in class_weights))
+                                                config.max_length, None, pad_to_full_batches=several)
+    embedding_matrix, coverage = starting_embedding(config, train_ids, vocabulary, plan)
+    class_weights = (balanced_class_weights(splits.train.labels, num_classes)
+                     if config.class_weight == "balanced" else None)
     truncated = sum(count_truncated(vectorizer, part.texts, config.max_length)
                     for part in (splits.train, splits.validation, splits.test))
     unit = "words" if config.tokenizer == "word" and config.arch != "bert" else "pieces"
     print(f"Vocabulary {len(vocabulary)} {unit}; {truncated} reviews longer than {config.max_length} tokens are cut")
     print(f"Plan: {plan.epochs} epochs of {plan.steps_per_epoch} batches of {plan.batch_size} ({plan.planned_steps} "
           f"steps), patience {plan.patience} ({plan.reason})")
-    notes = []
-    if config.embeddings in EMBEDDING_METHODS and len(train_ids) < SMALL_TRAINING_ROWS and config.arch != "bert":
-        start = "Word2Vec vectors learned on" if config.embeddings == "word2vec" else "random vectors, with"
-        notes.append(f"Small data: the embedding starts from {start} only {len(train_ids)} training texts. "
-                     "Pretrained word vectors help most here: --embeddings glove-wiki-gigaword-100 (gensim "
-                     "downloads it once), or --embeddings FILE with a GloVe, word2vec or fastText file.")
+    notes = small_data_notes(config, len(train_ids))
     for note in notes:
         print(f"Note: {note}")
     return PreparedInputs(vectorizer, vocabulary, train_ids, validation_ids, test_ids, splits.train.labels, plan,
@@ -2851,8 +2867,8 @@ def build_html_report(report: dict, evaluation: Evaluation, history: dict, figur
                                                      for epoch in range(epochs)]))
     sections.append(f"<h2>The {len(mistakes)} most confident mistakes ({html.escape(primary)})</h2>")
     if mistakes:
-        sections.append(f'<p class="small">Green words pushed towards the class named in each box, red words '
-                        f"away from it; stronger colour, stronger push.</p>")
+        sections.append('<p class="small">Green words pushed towards the class named in each box, red words '
+                        "away from it; stronger colour, stronger push.</p>")
     for row, explanation in mistakes:
         sections.append(
             f'<div class="mistake"><div class="small">true: <b>{html.escape(row["true_label"])}</b>, predicted: '
