@@ -2260,10 +2260,23 @@ def train(classifier, optimizer, strategy, inputs: PreparedInputs, config: Train
 # ----------------------------------------------------------------------------------------------------------
 
 
+# The figures of each model, by name, in the order the report shows them: two classes (precision, recall and F1
+# of the positive class), or more (macro and weighted averages; ROC AUC one-vs-rest, macro). The terminal's
+# table shows the first list, or the short list for several classes.
+BINARY_FIGURES = ("accuracy", "precision", "recall", "f1", "roc_auc")
+MULTICLASS_FIGURES = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "precision_weighted",
+                      "recall_weighted", "f1_weighted", "roc_auc")
+MULTICLASS_TABLE = ("accuracy", "f1_macro", "f1_weighted", "roc_auc")
+
+
+def figure_names(class_names) -> tuple[str, ...]:
+    return BINARY_FIGURES if len(class_names) == 2 else MULTICLASS_FIGURES
+
+
 def compute_metrics(labels, probabilities, class_names) -> dict:
-    """Test-set figures from (reviews, classes) probabilities. Two classes: precision, recall, F1 and ROC AUC of
-    the positive class. More: macro and weighted averages, and ROC AUC one-vs-rest (macro). Both: accuracy,
-    the confusion matrix and each class's precision, recall, F1 and support."""
+    """Test-set figures from (reviews, classes) probabilities: those of figure_names(class_names), and for
+    every model the confusion matrix and each class's precision, recall, F1 and support (two classes: also the
+    decision threshold)."""
 
     predicted, classes = predicted_labels(probabilities), list(range(len(class_names)))
     if len(classes) == 2:
@@ -2300,11 +2313,9 @@ def classification_report(labels, probabilities, class_names) -> str:
                                          target_names=list(class_names), digits=4, zero_division=0)
 
 
-def summary_table(scores: dict[str, dict]) -> str:
+def summary_table(scores: dict[str, dict], class_names) -> str:
     """One line per model: the figures of two classes, or accuracy and the averages of more."""
-    first = next(iter(scores.values()))
-    names = (["accuracy", "precision", "recall", "f1", "roc_auc"] if "precision" in first
-             else ["accuracy", "f1_macro", "f1_weighted", "roc_auc"])
+    names = BINARY_FIGURES if len(class_names) == 2 else MULTICLASS_TABLE
     lines = [f"{'model':<12}" + "".join(f"{name:>12}" for name in names)]
     for model_name, model_scores in scores.items():
         lines.append(f"{model_name:<12}" + "".join(f"{model_scores[name]:>12.4f}" for name in names))
@@ -2331,7 +2342,7 @@ def evaluate(test: LabelledTexts, class_names, probabilities: dict[str, np.ndarr
     """Score each model's test probabilities (the primary model first)."""
     scores = {name: compute_metrics(test.labels, values, class_names) for name, values in probabilities.items()}
     report = classification_report(test.labels, next(iter(probabilities.values())), class_names)
-    return Evaluation(test.labels, tuple(class_names), probabilities, scores, report, summary_table(scores))
+    return Evaluation(test.labels, tuple(class_names), probabilities, scores, report, summary_table(scores, class_names))
 
 
 def confident_errors(texts, labels, probabilities, class_names, limit: int = 100) -> pd.DataFrame:
@@ -2819,12 +2830,9 @@ def highlighted_html(explanation: Explanation) -> str:
     return " ".join(spans)
 
 
-def metric_rows(scores: dict[str, dict]) -> list[list]:
+def metric_rows(scores: dict[str, dict], class_names) -> list[list]:
     """Side by side: one row per figure, one column per model (the primary model first)."""
-    # Figures only: the decision threshold is a setting, not a result.
-    names = [name for name, value in next(iter(scores.values())).items()
-             if isinstance(value, float) and name != "threshold"]
-    return [[name, *(model_scores[name] for model_scores in scores.values())] for name in names]
+    return [[name, *(model_scores[name] for model_scores in scores.values())] for name in figure_names(class_names)]
 
 
 def build_html_report(report: dict, evaluation: Evaluation, history: dict, figures: dict[str, Path],
@@ -2841,7 +2849,7 @@ def build_html_report(report: dict, evaluation: Evaluation, history: dict, figur
         sections.append("<h2>What to trust</h2>" + "".join(f'<p class="note">{html.escape(note)}</p>'
                                                           for note in report["notes"]))
     sections.append("<h2>Test-set metrics</h2>")
-    sections.append(html_table(["metric", *evaluation.scores], metric_rows(evaluation.scores)))
+    sections.append(html_table(["metric", *evaluation.scores], metric_rows(evaluation.scores, evaluation.class_names)))
     accuracy = report["validation"]["accuracy"]
     sections.append('<p class="small">Validation accuracy: ' + html.escape(", ".join(
         f"{'the ' + report['config']['arch'] if name == 'neural' else 'the ' + name} {value:.4f}"

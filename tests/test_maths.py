@@ -173,3 +173,17 @@ def test_a_run_chooses_the_blend_weight_on_the_validation_split(tmp_path):
     blended = sa.blend_probabilities(weight, neural, baseline)
     # The saved blend is the same formula as the reported one.
     np.testing.assert_allclose(sa.predict_strings(blend, list(validation.texts)), blended, atol=1e-5)
+
+
+def test_the_figures_named_for_each_kind_of_model_are_the_ones_computed_and_reported():
+    import sentiment_analysis as sa
+
+    labels = np.array([0, 1, 1, 0, 2, 2])
+    three = np.array([[.7, .2, .1], [.1, .8, .1], [.3, .4, .3], [.5, .4, .1], [.1, .1, .8], [.2, .5, .3]])
+    two = np.column_stack([1 - three[:, 1], three[:, 1]])
+    for names, probabilities, y in ((("neg", "pos"), two, labels.clip(0, 1)), (("a", "b", "c"), three, labels)):
+        scores = sa.compute_metrics(y, probabilities, names)
+        assert all(isinstance(scores[name], float) for name in sa.figure_names(names))
+        rows = sa.metric_rows({"model": scores}, names)
+        assert [row[0] for row in rows] == list(sa.figure_names(names)) and "threshold" not in dict(rows)
+    assert sa.summary_table({"lstm": scores}, ("a", "b", "c")).split("\n")[0].split() == ["model", *sa.MULTICLASS_TABLE]
