@@ -17,7 +17,8 @@ more epochs of smaller batches (and more Word2Vec passes) on a few thousand rows
 (other architectures, random embeddings, the blend with the TF-IDF baseline) is an option on top of it. Labels
 of other names train the same model; three or more classes end in Dense(classes, softmax).
 Pretrained knowledge comes in as options: --embeddings FILE (GloVe, word2vec, fastText vectors),
---tokenizer wordpiece (subword pieces) and --arch bert (a KerasHub BERT preset, fine-tuned).
+--tokenizer wordpiece (subword pieces) and --arch bert (a KerasHub preset or a Hugging Face BERT checkpoint,
+fine-tuned).
 Outputs land in --output-dir (default outputs/): model.keras (takes raw strings), saved_model/1/ (the same
 for TensorFlow Serving), metrics.json, classification_report.txt, history.csv, errors.csv, three figures,
 report.html (all of it on one page, with what to trust: the baseline's validation figures beside the model's and
@@ -26,10 +27,10 @@ into the same directory is refused; SIGTERM saves the training state after the c
 the same command resumes.
 
 How to read this file: it runs from the bottom up. Each section defines what the sections below it use, in
-the order a run needs it: configuration -> files -> data -> Keras pieces saved in the model file -> tokens ->
-model -> baseline and blend -> devices -> training loop -> evaluation -> figures -> explanations -> the HTML
-report -> the training run (`run_training`, the story of a run, stage by stage) -> prediction -> command line
-(`main`).
+the order a run needs it: configuration -> files -> data -> the functions and layers saved in the model file ->
+tokens and word vectors -> the training plan -> model -> baseline and blend -> devices -> training loop ->
+evaluation -> figures -> explanations -> the HTML report -> the training run (`run_training`, the story of a
+run, stage by stage) -> prediction -> command line (`main`).
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import safetensors
 
 # TensorFlow's C++ start-up messages (CUDA probing on machines without a GPU, oneDNN, CPU features) are not for
 # users. TF_CPP_MIN_LOG_LEVEL=3 hides those logged once TensorFlow runs; the lines it prints while it loads,
@@ -1026,6 +1028,13 @@ def load_bert_checkpoint(preset: str) -> BertCheckpoint:
     except Exception as error:  # KerasHub raises many types for a missing, foreign or unreachable preset.
         raise UserError(f"cannot load the BERT preset {preset!r}: {one_line(error, 200)}") from None
     if hugging_face:
+        weights = Path(preset) / "model.safetensors"
+        try:  # its header only: the weights are read when the model is built
+            with safetensors.safe_open(str(weights), framework="np") as handle:
+                handle.keys()
+        except Exception as error:  # missing, not a safetensors file, truncated
+            raise UserError(f"--bert-preset {preset}: cannot read {weights.name} ({one_line(error, 120)}); a Hugging "
+                            "Face checkpoint needs its weights as model.safetensors") from None
         vocabulary, lowercase, strip_accents = hugging_face_tokenizer(Path(preset))
         source = "Hugging Face checkpoint directory"
     else:

@@ -356,7 +356,9 @@ def test_broken_hugging_face_checkpoints_are_one_line(hugging_face_bert, tmp_pat
     no_weights = tmp_path / "no_weights"
     write_hugging_face_bert(no_weights, tiny_csv_vocabulary())
     (no_weights / "model.safetensors").write_bytes(b"not a safetensors file")
-    assert_user_error(run_main(*flags, "--bert-preset", no_weights), "cannot load the weights")
+    result = run_main(*flags, "--bert-preset", no_weights)
+    assert_user_error(result, "cannot read model.safetensors")
+    assert "Read " not in result.stdout  # before the data
 
 
 def test_explanation_words_of_two_splits_of_one_text_are_matched_by_their_letters():
