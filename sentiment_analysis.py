@@ -1410,12 +1410,8 @@ class PreparedInputs:
     train_ids: np.ndarray       # token ids of each split, right-padded to --max-length
     validation_ids: np.ndarray
     test_ids: np.ndarray
-    train_labels: np.ndarray
     plan: TrainingPlan          # batch size, steps per epoch, epochs and patience
-    global_batch_size: int      # the plan's batch size times the number of replicas
-    max_length: int
-    seed: int
-    pad_to_full_batches: bool   # with several replicas, every batch must split evenly
+    training_batches: object    # epoch -> that epoch's training batches (a tf.data.Dataset), in its own order
     validation_batches: object  # a tf.data.Dataset, the same every epoch
     validation_steps: int
     embedding_matrix: np.ndarray | None  # the embedding's starting weights (None: random)
@@ -1423,11 +1419,6 @@ class PreparedInputs:
     embedding_coverage: dict | None      # with a word-vector file: how much of the text it covered
     truncated_reviews: int               # reviews longer than --max-length tokens, in all splits
     notes: list[str]                     # advice about the data, for the run's output and the report
-
-    def training_batches(self, epoch: int):
-        """This epoch's training batches, shuffled with a seed of its own."""
-        return build_training_dataset(self.train_ids, self.train_labels, self.global_batch_size, self.max_length,
-                                     self.seed + epoch, self.pad_to_full_batches)
 
 
 def unsplit_texts(token_ids: np.ndarray) -> int:
@@ -1499,6 +1490,12 @@ def prepare_inputs(splits: DataSplits, config: TrainConfig, replicas: int, num_c
     global_batch_size, several = plan.batch_size * replicas, replicas > 1
     validation_batches = build_training_dataset(validation_ids, splits.validation.labels, global_batch_size,
                                                 config.max_length, None, pad_to_full_batches=several)
+
+    def training_batches(epoch: int):
+        """This epoch's training batches, shuffled with a seed of its own (so a resumed run sees the same)."""
+        return build_training_dataset(train_ids, splits.train.labels, global_batch_size, config.max_length,
+                                      config.seed + epoch, several)
+
     embedding_matrix, coverage = starting_embedding(config, train_ids, vocabulary, plan)
     class_weights = (balanced_class_weights(splits.train.labels, num_classes)
                      if config.class_weight == "balanced" else None)
@@ -1511,10 +1508,9 @@ def prepare_inputs(splits: DataSplits, config: TrainConfig, replicas: int, num_c
     notes = small_data_notes(config, len(train_ids))
     for note in notes:
         print(f"Note: {note}")
-    return PreparedInputs(vectorizer, vocabulary, train_ids, validation_ids, test_ids, splits.train.labels, plan,
-                          global_batch_size, config.max_length, config.seed, several, validation_batches,
-                          int(validation_batches.cardinality()), embedding_matrix, class_weights, coverage, truncated,
-                          notes)
+    return PreparedInputs(vectorizer, vocabulary, train_ids, validation_ids, test_ids, plan, training_batches,
+                          validation_batches, int(validation_batches.cardinality()), embedding_matrix, class_weights,
+                          coverage, truncated, notes)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2166,10 +2162,30 @@ class TrainingResult:
                 "interrupted": self.interrupted, "resumed_after_epoch": self.resumed_after_epoch}
 
 
-def train(classifier, optimizer, strategy, inputs: PreparedInputs, config: TrainConfig, state_dir: Path,
-          saved: TrainingState | None, multi_worker: bool, log_dir: Path | None = None) -> TrainingResult:
-    """Train with early stopping on validation loss and keep the best weights; save the training state after
-    every epoch so that a crashed run continues; on Ctrl-C stop and keep the best weights so far; on SIGTERM
+def restore_training_state(classifier, optimizer, saved: TrainingState | None, config: TrainConfig,
+                           state_dir: Path) -> TrainingState:
+    """The state to train from: a saved one, its values put back into the model's and the optimizer's
+    variables (Adam's moments, the step count, the dropout seed state), or a new one."""
+    if saved is None:
+        return TrainingState(fingerprint=training_fingerprint(config))
+    for variable, value in zip(classifier.variables + optimizer.variables, saved.variable_values):
+        variable.assign(value)
+    where = (f"in epoch {saved.epoch + 1} after batch {saved.epoch_progress['batches']}" if saved.epoch_progress
+             else f"after epoch {saved.epoch}")
+    print(f"Resuming {where} from the state saved in {state_dir} (add --fresh to start over)")
+    return saved
+
+
+def clear_old_curves(log_dir: Path | None, resuming: bool) -> None:
+    """A new run's TensorBoard curves replace the last run's, as its files do; a resumed run goes on with them."""
+    if log_dir is not None and not resuming:
+        shutil.rmtree(log_dir, ignore_errors=True)
+
+
+def train(classifier, optimizer, strategy, inputs: PreparedInputs, state: TrainingState, state_dir: Path,
+          multi_worker: bool, log_dir: Path | None = None) -> TrainingResult:
+    """Train from `state` with early stopping on validation loss and keep the best weights; save the training
+    state after every epoch so that a crashed run continues; on Ctrl-C stop and keep the best weights so far; on SIGTERM
     (a scheduler's notice before it kills) save the state after the current step and stop at once, with no
     evaluation (raises Terminated). With `log_dir`, log the curves for TensorBoard there.
 
@@ -2180,18 +2196,7 @@ def train(classifier, optimizer, strategy, inputs: PreparedInputs, config: Train
     train_step, validation_step = build_step_functions(classifier, optimizer, strategy, inputs.class_weights)
     validation_batches = strategy.experimental_distribute_dataset(inputs.validation_batches)
     variables = classifier.variables + optimizer.variables
-    state = saved or TrainingState(fingerprint=training_fingerprint(config))
-    if saved:
-        for variable, value in zip(variables, saved.variable_values):
-            variable.assign(value)
-        where = (f"in epoch {state.epoch + 1} after batch {state.epoch_progress['batches']}" if state.epoch_progress
-                 else f"after epoch {state.epoch}")
-        print(f"Resuming {where} from the state saved in {state_dir} (add --fresh to start over)")
-    if multi_worker:
-        check_workers_agree(strategy, state.epoch)
     resumed_after_epoch, interrupted = state.epoch, False
-    if log_dir is not None and not saved:
-        shutil.rmtree(log_dir, ignore_errors=True)  # A new run's curves replace the last run's, as its files do.
     log = TrainingLog(log_dir)
     plan, steps = inputs.plan, inputs.plan.steps_per_epoch
     # SIGTERM only asks the loop to stop after its step (one process: a cluster's workers must stop together,
@@ -2258,8 +2263,6 @@ def train(classifier, optimizer, strategy, inputs: PreparedInputs, config: Train
     if state.best_weights is not None:
         print(f"Keeping the weights of epoch {state.best_epoch}, the lowest validation loss")
         classifier.set_weights(state.best_weights)
-    if not interrupted:
-        shutil.rmtree(state_dir, ignore_errors=True)
     return TrainingResult(state.history, state.epoch_seconds, state.epoch, state.best_epoch, interrupted,
                           resumed_after_epoch, plan)
 
@@ -3071,10 +3074,16 @@ def run_training(config: TrainConfig) -> TrainingResult:
         needed = output_bytes_needed(classifier.count_params(), config.blend_weight is not None)
         check_free_space(setup.output_dir, needed)
         cleanup.enter_context(disk_full_advice(setup.output_dir, setup.state_dir, needed))
+        state = restore_training_state(classifier, optimizer, setup.saved_state, config, setup.state_dir)
+        if setup.role is not None:
+            check_workers_agree(strategy, state.epoch)
+        log_dir = setup.output_dir / "tensorboard" if setup.writes_outputs else None
+        clear_old_curves(log_dir, resuming=setup.saved_state is not None)
         with clock.timed("train_s"):
-            training = train(classifier, optimizer, strategy, inputs, config, setup.state_dir, setup.saved_state,
-                             multi_worker=setup.role is not None,
-                             log_dir=setup.output_dir / "tensorboard" if setup.writes_outputs else None)
+            training = train(classifier, optimizer, strategy, inputs, state, setup.state_dir,
+                             multi_worker=setup.role is not None, log_dir=log_dir)
+        if not training.interrupted:
+            shutil.rmtree(setup.state_dir, ignore_errors=True)  # finished: nothing to resume
         clock.record("epoch_s", training.epoch_seconds)
         if not setup.writes_outputs:
             print("Training done; the chief writes the model and the reports.")

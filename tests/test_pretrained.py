@@ -74,6 +74,9 @@ def test_a_word_vector_file_trains_and_reports_its_coverage(name, tmp_path):
     assert metrics["config"]["embedding_dim"] == 6 and metrics["config"]["embeddings"] == str(tmp_path / name)
     coverage = metrics["data"]["embedding_coverage"]
     assert 0 < coverage["vocabulary_covered"] < 1 and 0 < coverage["training_tokens_covered"] < 1
+    started = metrics["started_from"]
+    assert started["vectors"] == str((tmp_path / name).resolve()) and started["dimensions"] == 6
+    assert started["file_bytes"] == (tmp_path / name).stat().st_size
 
 
 def test_word_vector_file_mistakes_are_one_line(tmp_path):
@@ -104,7 +107,10 @@ def test_wordpiece_tokens_train_blend_and_predict_the_same_after_loading(tmp_pat
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["config"]["tokenizer"] == "wordpiece" and metrics["model"] == "blend"
     model = sa.load_model(tmp_path / "model.keras")
-    assert model.get_layer("class_names").settings == metrics["config"]  # the file says how it was made
+    # The file says how it was made and what it started from.
+    assert model.get_layer("class_names").settings == {**metrics["config"], "started_from": metrics["started_from"]}
+    assert metrics["started_from"] == {"embeddings": "word2vec",
+                                       "vectors": "Word2Vec trained on this run's training split"}
     vectorizer = sa.model_layers(model)["vectorizer"]
     pieces = vectorizer.get_vocabulary()
     assert pieces[:2] == ["[PAD]", "[UNK]"] and len(pieces) <= 400

@@ -3,6 +3,7 @@ learning curve, gensim's downloader names for --embeddings, and an explicit --ep
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -214,6 +215,8 @@ def test_a_gensim_downloader_name_is_fetched_and_used(stub_downloader, tmp_path)
     assert metrics["config"]["embeddings"] == str(path)
     assert metrics["config"]["embedding_dim"] == 6
     assert metrics["data"]["embedding_coverage"]["vocabulary_covered"] > 0
+    assert metrics["started_from"]["embeddings"] == "glove-wiki-gigaword-100"  # the name asked for, and its file
+    assert metrics["started_from"]["vectors"] == str(Path(path).resolve())
 
 
 @pytest.mark.parametrize("name, fragments", [
