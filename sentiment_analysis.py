@@ -1356,7 +1356,7 @@ class TrainingPlan:
     steps_per_epoch: int  # batches of the training split in one epoch (all replicas together)
     epochs: int           # at most; early stopping may end the run sooner
     patience: int         # epochs without a lower validation loss before stopping
-    word2vec_epochs: int  # passes of Word2Vec over the training text (with --embeddings word2vec)
+    word2vec_epochs: int  # passes of Word2Vec over the training text (0 without --embeddings word2vec)
     reason: str           # how the plan came about, in words
 
     @property
@@ -1395,8 +1395,10 @@ def plan_training(config: TrainConfig, lengths: np.ndarray, replicas: int) -> Tr
         if patience > 1:
             notes.append(f"patience {patience} epochs (about {PATIENCE_STEPS} steps)")
     tokens = int(lengths.sum())
-    word2vec_epochs = min(MAX_WORD2VEC_EPOCHS, max(WORD2VEC_EPOCHS, math.ceil(WORD2VEC_TOKENS / max(1, tokens))))
-    if config.embeddings == "word2vec" and word2vec_epochs > WORD2VEC_EPOCHS:
+    word2vec_epochs = 0  # no Word2Vec in this run
+    if config.embeddings == "word2vec":
+        word2vec_epochs = min(MAX_WORD2VEC_EPOCHS, max(WORD2VEC_EPOCHS, math.ceil(WORD2VEC_TOKENS / max(1, tokens))))
+    if word2vec_epochs > WORD2VEC_EPOCHS:
         notes.append(f"Word2Vec {word2vec_epochs} passes over {tokens} training tokens")
     reason = "; ".join(notes) or f"the defaults for {rows} training reviews"
     return TrainingPlan(batch_size, steps, epochs, patience, word2vec_epochs, reason)

@@ -391,6 +391,7 @@ def test_bert_fine_tunes_from_a_hugging_face_checkpoint_and_predicts_from_its_fi
     assert started["bert_checkpoint"] == str(directory) and started["format"] == "Hugging Face checkpoint directory"
     assert (started["positions"], started["layers"], started["vocabulary"]) == (POSITIONS, LAYERS,
                                                                                 len(tiny_csv_vocabulary()))
+    assert metrics["training"]["word2vec_epochs"] == 0  # BERT starts from its checkpoint, not from Word2Vec
     model = sa.load_model(tmp_path / "model.keras")
     assert sa.model_layers(model)["class_names"].settings["started_from"] == started
     texts = ["A good film, I'd say!", "Bad, bad, bad."]
