@@ -737,19 +737,18 @@ def describe_classes(data: LoadedData) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def remove_markup(text):
+    """HTML tags such as IMDB's <br /> replaced by a space (all that BERT's inputs lose before its own tokenizer)."""
+    return tf.strings.regex_replace(text, r"<[^>]*>", " ")
+
+
 @keras.saving.register_keras_serializable(package="sentiment_analysis")
 def standardize_text(text):
     """Lowercase, remove HTML tags such as <br />, keep ! and ? as words, and drop other punctuation."""
-    text = tf.strings.lower(text, encoding="utf-8")
-    text = tf.strings.regex_replace(text, r"<[^>]*>", " ")
+    text = remove_markup(tf.strings.lower(text, encoding="utf-8"))
     text = tf.strings.regex_replace(text, r"'", "")
     text = tf.strings.regex_replace(text, r"([!?])", r" \1 ")
     return tf.strings.regex_replace(text, r"[^\p{L}\p{N}!?]+", " ")
-
-
-def remove_markup(text):
-    """HTML tags such as IMDB's <br /> replaced by a space: what BERT's inputs lose before its own tokenizer."""
-    return tf.strings.regex_replace(text, r"<[^>]*>", " ")
 
 
 def blend_probabilities(weight: float, neural, baseline):
@@ -844,28 +843,16 @@ class WeightedBlend(keras.layers.Layer):
         return {**super().get_config(), "weight": self.weight}
 
 
-@keras.saving.register_keras_serializable(package="sentiment_analysis")
-class WordPieceVectorizer(keras.layers.Layer):
-    """--tokenizer wordpiece: what TextVectorization does for words. Standardize, split into WordPiece subword
-    tokens of its vocabulary (KerasHub's WordPieceTokenizer; 0 is padding), pad or cut to sequence_length."""
+class SubwordVectorizer(keras.layers.Layer):
+    """What the two subword vectorizers share: a vocabulary of pieces, an output of sequence_length token ids per
+    text, and tokenizers made whole in __init__."""
 
     def __init__(self, vocabulary, sequence_length, **kwargs):
         super().__init__(**kwargs)
-
         self.vocabulary, self.sequence_length = list(vocabulary), sequence_length
-        self.tokenizer, self.uncut = (keras_hub.tokenizers.WordPieceTokenizer(
-            vocabulary=self.vocabulary, sequence_length=length, lowercase=False, strip_accents=False,
-            oov_token="[UNK]", dtype="int32") for length in (sequence_length, None))
-
-    def call(self, texts):
-        return self.tokenizer(standardize_text(tf.reshape(texts, [-1])))
 
     def build(self, input_shape=None):
         pass  # The tokenizers are made whole in __init__.
-
-    def token_counts(self, texts):
-        """Tokens per text before the cut to sequence_length."""
-        return np.array([len(row) for row in self.uncut(standardize_text(tf.reshape(texts, [-1])))])
 
     def get_vocabulary(self):
         return list(self.vocabulary)
@@ -878,15 +865,32 @@ class WordPieceVectorizer(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="sentiment_analysis")
-class BertVectorizer(keras.layers.Layer):
+class WordPieceVectorizer(SubwordVectorizer):
+    """--tokenizer wordpiece: what TextVectorization does for words. Standardize, split into WordPiece subword
+    tokens of its vocabulary (KerasHub's WordPieceTokenizer; 0 is padding), pad or cut to sequence_length."""
+
+    def __init__(self, vocabulary, sequence_length, **kwargs):
+        super().__init__(vocabulary, sequence_length, **kwargs)
+        self.tokenizer, self.uncut = (keras_hub.tokenizers.WordPieceTokenizer(
+            vocabulary=self.vocabulary, sequence_length=length, lowercase=False, strip_accents=False,
+            oov_token="[UNK]", dtype="int32") for length in (sequence_length, None))
+
+    def call(self, texts):
+        return self.tokenizer(standardize_text(tf.reshape(texts, [-1])))
+
+    def token_counts(self, texts):
+        """Tokens per text before the cut to sequence_length."""
+        return np.array([len(row) for row in self.uncut(standardize_text(tf.reshape(texts, [-1])))])
+
+
+@keras.saving.register_keras_serializable(package="sentiment_analysis")
+class BertVectorizer(SubwordVectorizer):
     """--arch bert: text prepared as a BERT checkpoint's own tokenizer does (KerasHub's BertTokenizer with the
     checkpoint's vocabulary, lowercasing and accent rule; punctuation marks become tokens), after removing HTML
     tags such as <br />: [CLS] pieces [SEP], cut to sequence_length, then [PAD]."""
 
     def __init__(self, vocabulary, sequence_length, lowercase=True, strip_accents=True, **kwargs):
-        super().__init__(**kwargs)
-
-        self.vocabulary, self.sequence_length = list(vocabulary), sequence_length
+        super().__init__(vocabulary, sequence_length, **kwargs)
         self.lowercase, self.strip_accents = bool(lowercase), bool(strip_accents)
         self.tokenizer = keras_hub.models.BertTokenizer(vocabulary=self.vocabulary, lowercase=self.lowercase,
                                                         strip_accents=self.strip_accents, dtype="int32")
@@ -904,9 +908,6 @@ class BertVectorizer(keras.layers.Layer):
     def call(self, texts):
         return self.packer(self.pieces(texts))
 
-    def build(self, input_shape=None):
-        pass  # The tokenizer is made whole in __init__.
-
     def token_counts(self, texts):
         """Tokens per text before the cut to sequence_length, [CLS] and [SEP] included."""
         return np.array([len(row) + 2 for row in self.pieces(texts)])
@@ -921,15 +922,8 @@ class BertVectorizer(keras.layers.Layer):
                 words.append(piece)
         return words
 
-    def get_vocabulary(self):
-        return list(self.vocabulary)
-
-    def compute_output_shape(self, input_shape):
-        return (input_shape[0], self.sequence_length)
-
     def get_config(self):
-        return {**super().get_config(), "vocabulary": self.vocabulary, "sequence_length": self.sequence_length,
-                "lowercase": self.lowercase, "strip_accents": self.strip_accents}
+        return {**super().get_config(), "lowercase": self.lowercase, "strip_accents": self.strip_accents}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -989,7 +983,8 @@ def hugging_face_tokenizer(directory: Path) -> tuple[list[str], bool, bool]:
     """The WordPiece vocabulary of a Hugging Face BERT checkpoint (vocab.txt, or the vocabulary inside
     tokenizer.json), and whether its tokenizer lowercases and strips accents (Hugging Face's BertTokenizer:
     do_lower_case, by default true; strip_accents unset follows lowercasing)."""
-    settings = read_json_file(directory / "tokenizer_config.json") if (directory / "tokenizer_config.json").is_file() else {}
+    config_file = directory / "tokenizer_config.json"
+    settings = read_json_file(config_file) if config_file.is_file() else {}
     lowercase, strip_accents = settings.get("do_lower_case", True), settings.get("strip_accents")
     if (directory / "vocab.txt").is_file():
         vocabulary = (directory / "vocab.txt").read_text(encoding="utf-8").split("\n")
@@ -1083,7 +1078,7 @@ def build_vectorizer(texts, config: TrainConfig):
     if config.arch == "bert":
         checkpoint = load_bert_checkpoint(config.bert_preset)
         return BertVectorizer(checkpoint.vocabulary, config.max_length, checkpoint.lowercase,
-                                                 checkpoint.strip_accents, name="vectorizer")
+                              checkpoint.strip_accents, name="vectorizer")
     if config.tokenizer == "word":
         vectorizer = layers.TextVectorization(max_tokens=config.vocab_size, standardize=standardize_text,
                                               output_sequence_length=config.max_length, name="vectorizer")
@@ -2356,7 +2351,8 @@ def evaluate(test: LabelledTexts, class_names, probabilities: dict[str, np.ndarr
     """Score each model's test probabilities (the primary model first)."""
     scores = {name: compute_metrics(test.labels, values, class_names) for name, values in probabilities.items()}
     report = classification_report(test.labels, next(iter(probabilities.values())), class_names)
-    return Evaluation(test.labels, tuple(class_names), probabilities, scores, report, summary_table(scores, class_names))
+    return Evaluation(test.labels, tuple(class_names), probabilities, scores, report,
+                      summary_table(scores, class_names))
 
 
 def confident_errors(texts, labels, probabilities, class_names, limit: int = 100) -> pd.DataFrame:
