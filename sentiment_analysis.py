@@ -1164,7 +1164,6 @@ def build_training_dataset(token_ids, labels, batch_size: int, max_length: int, 
 
 def build_inference_dataset(token_ids, batch_size: int):
     """Batches in the order given (callers sort by length first), each padded to its longest review."""
-
     lengths = review_lengths(token_ids)
 
     def batches():
@@ -1212,7 +1211,6 @@ def stable_hash(text: str) -> int:
 
 def word_vector_file_header(path: Path) -> list[str]:
     """The first line of a word-vector file (gzipped or not), split on spaces; a one-line error if unreadable."""
-
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as file:
@@ -1575,7 +1573,6 @@ def build_classifier(config: TrainConfig, vocab_size: int, num_classes: int = 2)
 
 
 def build_optimizer(config: TrainConfig, plan: TrainingPlan):
-
     learning_rate = config.learning_rate
     if config.lr_schedule == "cosine":
         learning_rate = keras.optimizers.schedules.CosineDecay(
@@ -1679,7 +1676,6 @@ def baseline_probabilities(baseline, texts) -> np.ndarray:
 
 def build_blend_predictor(neural_model, baseline, weight: float, class_names, settings: dict | None = None):
     """One model from raw strings to the blended probabilities, the baseline and the class names inside it."""
-
     features, classifier = baseline.named_steps["tfidfvectorizer"], baseline.named_steps["logisticregression"]
     vocabulary = features.get_feature_names_out().tolist()
     ngram_ids = layers.TextVectorization(standardize=standardize_text,
@@ -1875,7 +1871,6 @@ def cluster_role() -> ClusterRole | None:
 
 def logical_cpus(count: int) -> list[str]:
     """Split the CPU into `count` logical devices (once per process, before TensorFlow starts its runtime)."""
-
     cpu = tf.config.list_physical_devices("CPU")[0]
     try:
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * count)
@@ -2317,7 +2312,6 @@ def compute_metrics(labels, probabilities, class_names) -> dict:
 
 
 def classification_report(labels, probabilities, class_names) -> str:
-
     return metrics.classification_report(labels, predicted_labels(probabilities), labels=range(len(class_names)),
                                          target_names=list(class_names), digits=4, zero_division=0)
 
@@ -2417,7 +2411,6 @@ def display_available() -> bool:
 
 
 def plot_confusion_matrix(matrix, class_names, title: str):
-
     size = min(4.5 + 0.45 * max(0, len(class_names) - 2), 16)
     figure, axes = plt.subplots(figsize=(size + 1, size))
     sns.heatmap(np.array(matrix), annot=len(class_names) <= 25, fmt="d", cmap="Blues", xticklabels=class_names,
@@ -2450,7 +2443,6 @@ def plot_roc_curves(labels, probabilities: dict[str, np.ndarray], class_names):
 
 
 def plot_history(history: dict):
-
     figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(10, 4))
     epochs = np.arange(1, len(history.get("loss", [])) + 1)
     for axes, metric in ((loss_axes, "loss"), (accuracy_axes, "accuracy")):
@@ -2465,7 +2457,6 @@ def plot_history(history: dict):
 
 def show_figures(show: bool) -> None:
     """Open the figures in windows if asked and able, then free them."""
-
     if show:
         try:
             plt.show()
@@ -2822,7 +2813,6 @@ def html_table(header: list[str], rows: list[list]) -> str:
 
 def embedded_image(path: Path, title: str, wide: bool = False) -> str:
     """A PNG file as an <img> that carries its own bytes (a data: URI), so the page needs no other file."""
-
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     return (f'<img src="data:image/png;base64,{data}" alt="{html.escape(title)}" title="{html.escape(title)}"'
             f'{" class=wide" if wide else ""}>')
@@ -2938,7 +2928,6 @@ def report_mistakes(model, errors: pd.DataFrame, class_names) -> list[tuple[dict
 
 def open_report(path: Path) -> None:
     """Open the report in the browser (where there is a display; a failure only warns)."""
-
     try:
         webbrowser.open(path.resolve().as_uri())
     except Exception as error:
@@ -3151,7 +3140,6 @@ def model_class_names(model) -> tuple[str, ...]:
 
 def predict_strings(model, texts: list[str], batch_size: int = 256) -> np.ndarray:
     """Class probabilities (texts, classes) for raw strings, using the model's own vectorizer."""
-
     if not texts:
         return np.empty((0, len(model_class_names(model))))
     inputs = tf.reshape(tf.constant([str(text) for text in texts]), (-1, 1))
