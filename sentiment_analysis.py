@@ -548,6 +548,12 @@ def find_column(columns, candidates, override: str | None, kind: str, flag: str)
     raise UserError(f"no {kind} column {expected} in the CSV (columns found: {found}); use {flag}")
 
 
+def is_binary(num_classes: int) -> bool:
+    """Two classes or more: the one place that decides. Two get a sigmoid whose output is the positive class's
+    probability, decided at DECISION_THRESHOLD; more get a softmax, decided by the most probable class."""
+    return num_classes == 2
+
+
 @dataclass(frozen=True)
 class LabelSet:
     """The classes of a run, in the model's order. With two, the second is the positive class: the one the
@@ -557,7 +563,7 @@ class LabelSet:
 
     @property
     def binary(self) -> bool:
-        return len(self.names) == 2
+        return is_binary(len(self.names))
 
 
 def class_order(values: list[str]) -> list[str]:
@@ -593,18 +599,18 @@ def encode_labels(labels: pd.Series, positive_label: str | None = None) -> tuple
         if known and wanted.lower() in POSITIVE_LABELS | NEGATIVE_LABELS:
             wanted = "positive" if wanted.lower() in POSITIVE_LABELS else "negative"
         matches = [value for value in values if value == wanted]
-        if len(values) > 2:
+        if not is_binary(len(values)):
             raise UserError(f"--positive-label needs two classes, but the labels have {len(values)}")
         if not matches:
             raise UserError(f"--positive-label {positive_label!r} is not one of the labels "
                             f"({', '.join(map(repr, values))})")
         positive, chosen_by = matches[0], "--positive-label"
-    elif len(values) == 2 and chosen_by != "positive/negative labels":
+    elif is_binary(len(values)) and chosen_by != "positive/negative labels":
         counts = stripped.value_counts()
         positive = min(values, key=lambda value: (counts[value], -values.index(value)))
     else:
         positive = values[-1]
-    if len(values) == 2:
+    if is_binary(len(values)):
         values = [value for value in values if value != positive] + [positive]
     index = {value: position for position, value in enumerate(values)}
     return stripped.map(index).to_numpy(dtype=np.int32), LabelSet(tuple(values), chosen_by)
@@ -1521,7 +1527,7 @@ EMBEDDING_LAYER, OUTPUT_LAYER, CLASSIFIER_SUFFIX = "embedding", "probability", "
 def output_layer(num_classes: int):
     """The output layer of every model: Dense(1, sigmoid), the positive class's probability, for two classes;
     Dense(classes, softmax) for more. It stays float32 under mixed precision, for a sound sigmoid and loss."""
-    if num_classes == 2:
+    if is_binary(num_classes):
         return layers.Dense(1, activation="sigmoid", dtype="float32", name=OUTPUT_LAYER)
     return layers.Dense(num_classes, activation="softmax", dtype="float32", name=OUTPUT_LAYER)
 
@@ -1631,7 +1637,7 @@ def write_saved_model(model, directory: Path, class_names) -> None:
 
     def serve(texts):
         probabilities = model(tf.reshape(texts, (-1, 1)), training=False)
-        if len(class_names) == 2:
+        if is_binary(len(class_names)):  # as class_probabilities does, in the graph
             probabilities = tf.concat([1 - probabilities, probabilities], axis=1)
             predicted = tf.cast(probabilities[:, 1] >= DECISION_THRESHOLD, tf.int32)
         else:
@@ -1682,9 +1688,8 @@ def build_blend_predictor(neural_model, baseline, weight: float, class_names, se
                                          ngrams=tuple(range(1, features.ngram_range[1] + 1)),
                                          output_mode="int",
                                          vocabulary=vocabulary, name="ngram_ids")
-    binary = classifier.coef_.shape[0] == 1
-    scorer = TfidfLogistic(len(vocabulary) + 2, 1 if binary else len(classifier.classes_),
-                                              name="tfidf_logistic")
+    binary = is_binary(len(classifier.classes_))  # scikit-learn then keeps one row of coefficients
+    scorer = TfidfLogistic(len(vocabulary) + 2, 1 if binary else len(classifier.classes_), name="tfidf_logistic")
     # Ids 0 (padding) and 1 (out of vocabulary) get zero weight, as unseen n-grams do in scikit-learn.
     scorer.build(None)
     coef, intercept = (classifier.coef_[0], classifier.intercept_[0]) if binary else (classifier.coef_.T,
@@ -1698,12 +1703,20 @@ def build_blend_predictor(neural_model, baseline, weight: float, class_names, se
     return keras.Model(text, probabilities, name="blended_sentiment_model")
 
 
-def predicted_labels(probabilities: np.ndarray) -> np.ndarray:
+def predicted_labels(probabilities: np.ndarray, threshold: float = DECISION_THRESHOLD) -> np.ndarray:
     """Class indices from (reviews, classes) probabilities: for two classes positive when its probability is
-    at least DECISION_THRESHOLD, for more the most probable class."""
-    if probabilities.shape[1] == 2:
-        return (probabilities[:, 1] >= DECISION_THRESHOLD).astype(int)
+    at least `threshold`, for more the most probable class."""
+    if is_binary(probabilities.shape[1]):
+        return (probabilities[:, 1] >= threshold).astype(int)
     return np.argmax(probabilities, axis=1)
+
+
+def shown_probability(probabilities: np.ndarray) -> tuple[np.ndarray, str]:
+    """The probability shown beside a prediction, and its column name: the positive class's for two classes
+    (so that it reads the same way for every review), the predicted class's for more."""
+    if is_binary(probabilities.shape[1]):
+        return probabilities[:, 1], "probability_positive"
+    return probabilities.max(axis=1), "probability_predicted"
 
 
 def accuracy_of(labels: np.ndarray, probabilities: np.ndarray) -> float:
@@ -1717,7 +1730,7 @@ def choose_blend_weight(labels, neural, baseline) -> float:
     single reviews and would make the choice noisy."""
     def clipped(probabilities):
         # Two classes: the positive column, as log_loss takes it. More: rows that sum to one exactly.
-        if probabilities.shape[1] == 2:
+        if is_binary(probabilities.shape[1]):
             return np.clip(probabilities[:, 1], 1e-7, 1 - 1e-7)
         probabilities = np.clip(probabilities, 1e-7, 1)
         return probabilities / probabilities.sum(axis=1, keepdims=True)
@@ -1941,7 +1954,7 @@ def build_step_functions(classifier, optimizer, strategy, class_weights: np.ndar
     loss and accuracy follow. With class weights, each training review's loss is weighted by its class's
     weight (validation stays unweighted, as in Keras' fit)."""
 
-    binary = count_classes(classifier) == 2
+    binary = is_binary(count_classes(classifier))
 
     def sums(labels, weights, outputs, class_weighted=False):
         # The model's own output: Keras then computes the loss from the sigmoid's or softmax's input, which is
@@ -2274,7 +2287,7 @@ MULTICLASS_TABLE = ("accuracy", "f1_macro", "f1_weighted", "roc_auc")
 
 
 def figure_names(class_names) -> tuple[str, ...]:
-    return BINARY_FIGURES if len(class_names) == 2 else MULTICLASS_FIGURES
+    return BINARY_FIGURES if is_binary(len(class_names)) else MULTICLASS_FIGURES
 
 
 def compute_metrics(labels, probabilities, class_names) -> dict:
@@ -2283,7 +2296,7 @@ def compute_metrics(labels, probabilities, class_names) -> dict:
     decision threshold)."""
 
     predicted, classes = predicted_labels(probabilities), list(range(len(class_names)))
-    if len(classes) == 2:
+    if is_binary(len(classes)):
         positive = probabilities[:, 1]
         scores = {
             "accuracy": float(metrics.accuracy_score(labels, predicted)),
@@ -2318,7 +2331,7 @@ def classification_report(labels, probabilities, class_names) -> str:
 
 def summary_table(scores: dict[str, dict], class_names) -> str:
     """One line per model: the figures of two classes, or accuracy and the averages of more."""
-    names = BINARY_FIGURES if len(class_names) == 2 else MULTICLASS_TABLE
+    names = BINARY_FIGURES if is_binary(len(class_names)) else MULTICLASS_TABLE
     lines = [f"{'model':<12}" + "".join(f"{name:>12}" for name in names)]
     for model_name, model_scores in scores.items():
         lines.append(f"{model_name:<12}" + "".join(f"{model_scores[name]:>12.4f}" for name in names))
@@ -2355,12 +2368,8 @@ def confident_errors(texts, labels, probabilities, class_names, limit: int = 100
     the predicted class (column probability_predicted)."""
     predicted = predicted_labels(probabilities)
     wrong = np.flatnonzero(predicted != labels)
-    if len(class_names) == 2:
-        shown, name = probabilities[wrong, 1], "probability_positive"
-        confidence = np.abs(shown - DECISION_THRESHOLD)
-    else:
-        shown, name = probabilities[wrong, predicted[wrong]], "probability_predicted"
-        confidence = shown
+    shown, name = shown_probability(probabilities[wrong])
+    confidence = np.abs(shown - DECISION_THRESHOLD) if is_binary(len(class_names)) else shown
     order = np.argsort(-confidence, kind="stable")[:limit]
     chosen = wrong[order]
     return pd.DataFrame({
@@ -2392,7 +2401,6 @@ def build_metrics(config: TrainConfig, started_from: dict, data: dict, training:
         "config": dataclasses.asdict(config),
         "started_from": started_from,
         "training": training.summary(),
-        "timing": None,
         "environment": {"python": platform.python_version(), "tensorflow": tf.__version__,
                         "machine": platform.platform(), "cpus": os.cpu_count(),
                         "strategy": strategy_name(strategy, role), "replicas": strategy.num_replicas_in_sync},
@@ -2423,7 +2431,7 @@ def plot_confusion_matrix(matrix, class_names, title: str):
 def plot_roc_curves(labels, probabilities: dict[str, np.ndarray], class_names):
     """Two classes: one ROC curve per model, for the positive class. More: one curve per class, one-vs-rest, for
     the primary (first) model."""
-    if len(class_names) == 2:
+    if is_binary(len(class_names)):
         curves = {name: (labels == 1, values[:, 1]) for name, values in probabilities.items()}
         title = f"ROC curve (test set, positive class {class_names[1]!r})"
     else:
@@ -2700,7 +2708,7 @@ def baseline_word_scores(explainer: Explainer, words: list[str], target: int) ->
 def explained_class(probabilities: np.ndarray) -> int:
     """The class an explanation is about, from a text's row of probabilities: the positive class of two (so
     that scores read the same way for every text), else the predicted class."""
-    return 1 if len(probabilities) == 2 else int(np.argmax(probabilities))
+    return 1 if is_binary(len(probabilities)) else int(np.argmax(probabilities))
 
 
 def word_places(words: list[str], other_words: list[str]) -> np.ndarray:
@@ -2836,9 +2844,10 @@ def metric_rows(scores: dict[str, dict], class_names) -> list[list]:
 
 
 def build_html_report(report: dict, evaluation: Evaluation, history: dict, figures: dict[str, Path],
-                      mistakes: list[tuple[dict, Explanation]]) -> str:
-    """The page: settings, metrics side by side, per-class figures, the figures, the learning curves and the
-    most confident mistakes with each word coloured by its push (see Explanation)."""
+                      mistakes: list[tuple[dict, Explanation]], timing: dict) -> str:
+    """The page: settings, metrics side by side, per-class figures, the figures, the learning curves, the
+    most confident mistakes with each word coloured by its push (see Explanation) and the time of each stage
+    so far (`timing`)."""
     primary = evaluation.primary
     title = f"{report['model']} on {Path(report['config']['data']).name}"
     blend = f"; blend weight {report['blend_weight']:.2f} on the neural model" if "blend_weight" in report else ""
@@ -2890,11 +2899,9 @@ def build_html_report(report: dict, evaluation: Evaluation, history: dict, figur
     if report.get("training"):
         sections.append("<h2>Training</h2>")
         sections.append(html_table(["", "value"], [[name, value] for name, value in report["training"].items()]))
-    if report.get("timing"):
-        sections.append("<h2>Time</h2>")
-        sections.append(html_table(["stage", "seconds"],
-                                   [[name, value] for name, value in report["timing"].items()
-                                    if not isinstance(value, list)]))
+    sections.append("<h2>Time</h2>")
+    sections.append(html_table(["stage", "seconds"],
+                               [[name, value] for name, value in timing.items() if not isinstance(value, list)]))
     sections.append("<h2>Environment</h2>")
     sections.append(html_table(["", "value"], [[name, value] for name, value in report["environment"].items()]))
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
@@ -2917,7 +2924,7 @@ def report_mistakes(model, errors: pd.DataFrame, class_names) -> list[tuple[dict
     probability_name = next(column for column in errors.columns if column.startswith("probability"))
     mistakes = []
     for _, row in errors.head(REPORT_MISTAKES).iterrows():
-        target = 1 if len(class_names) == 2 else list(class_names).index(row["predicted_label"])
+        target = 1 if is_binary(len(class_names)) else list(class_names).index(row["predicted_label"])
         mistakes.append(({"true_label": row["true_label"], "predicted_label": row["predicted_label"],
                           "probability_name": probability_name.replace("_", " "),
                           "probability": float(row[probability_name])},
@@ -3095,14 +3102,13 @@ def run_training(config: TrainConfig) -> TrainingResult:
             errors, figures = write_outputs(setup.output_dir, model, evaluation, training.history, splits.test, show)
         with clock.timed("report_s"):
             mistakes = report_mistakes(model, errors, class_names)
-            report["timing"] = clock.summary()
-            page = build_html_report(report, evaluation, training.history, figures, mistakes)
+            page = build_html_report(report, evaluation, training.history, figures, mistakes, clock.summary())
             write_text(setup.output_dir / "report.html", page)
-        report["timing"] = clock.summary()
-        write_text(setup.output_dir / "metrics.json", json.dumps(report, indent=2) + "\n")
+        timing = clock.summary()
+        write_text(setup.output_dir / "metrics.json", json.dumps({**report, "timing": timing}, indent=2) + "\n")
         print(f"Outputs written to {setup.output_dir}/ (the overview: report.html; serving: saved_model/; curves: "
               f"tensorboard --logdir {setup.output_dir / 'tensorboard'}); the whole run took "
-              f"{report['timing']['total_s']:.0f} s")
+              f"{timing['total_s']:.0f} s")
         if show:
             open_report(setup.output_dir / "report.html")
         show_figures(show)
@@ -3147,16 +3153,7 @@ def predict_strings(model, texts: list[str], batch_size: int = 256) -> np.ndarra
 
 
 def predicted_names(probabilities: np.ndarray, class_names, threshold: float) -> list[str]:
-    """Two classes: the positive one when its probability is at least `threshold`; more: the most probable."""
-    if len(class_names) == 2:
-        return [class_names[int(p >= threshold)] for p in probabilities[:, 1]]
-    return [class_names[index] for index in np.argmax(probabilities, axis=1)]
-
-
-def shown_probability(probabilities: np.ndarray, class_names) -> np.ndarray:
-    """What predict prints beside a name: the positive class's probability for two classes (as always), the
-    predicted class's for more."""
-    return probabilities[:, 1] if len(class_names) == 2 else probabilities.max(axis=1)
+    return [class_names[index] for index in predicted_labels(probabilities, threshold)]
 
 
 def predict_texts_command(model, texts: list[str], threshold: float, explain: bool = False) -> None:
@@ -3167,8 +3164,8 @@ def predict_texts_command(model, texts: list[str], threshold: float, explain: bo
     names = predicted_names(probabilities, class_names, threshold)
     explainer = build_explainer(model, class_names) if explain else None
     terminal = sys.stdout.isatty()
-    for index, (text, name, probability) in enumerate(zip(texts, names, shown_probability(probabilities,
-                                                                                          class_names))):
+    shown, _ = shown_probability(probabilities)
+    for index, (text, name, probability) in enumerate(zip(texts, names, shown)):
         print(f"{name}\t{probability:.4f}\t{one_line(text)}")
         if explainer is None:
             continue
@@ -3192,7 +3189,7 @@ def prediction_columns(probabilities: np.ndarray, present: np.ndarray, class_nam
         return column
 
     names = predicted_names(probabilities, class_names, threshold)
-    if len(class_names) == 2:
+    if is_binary(len(class_names)):
         return {"predicted_sentiment": spread(names, ""),
                 "probability_positive": spread(np.round(probabilities[:, 1], 4), np.nan).astype(float)}
     columns = {"predicted_label": spread(names, "")}

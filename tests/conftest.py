@@ -4,9 +4,16 @@ promise is about the process itself (no traceback, no TensorFlow on --help, sign
 import contextlib
 import io
 import os
+import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: each test process builds its own shared runs
+    fcntl = None
 
 import pytest
 
@@ -25,6 +32,8 @@ def pytest_configure(config):
     across two replicas. (TensorFlow fixes its devices when its runtime starts, so this must come first.)"""
     config.addinivalue_line("markers", "slow: trains a model or runs the script at length (deselect with "
                                        "-m 'not slow' for the quick tier)")
+    if getattr(config.option, "numprocesses", None) and "PYTEST_XDIST_WORKER" not in os.environ:
+        return  # pytest-xdist's controller: it runs no test, its workers configure themselves
     import tensorflow as tf
 
     cpu = tf.config.list_physical_devices("CPU")[0]
@@ -72,13 +81,45 @@ def train_tiny_in_process(output_dir, *extra, data=TINY_CSV):
     return run_main("--data", data, "--output-dir", output_dir, *TINY_FLAGS, *extra)
 
 
+def build_once(tmp_path_factory, name, build):
+    """`build(directory)` once per test session, its result shared by every test that reads it, also when
+    pytest-xdist (`-n 2`) runs the tests in several processes: the first process that needs it builds it under
+    a file lock in the directory all of them share, the others wait for it and read its pickled result."""
+    root = tmp_path_factory.getbasetemp()
+    if fcntl is None or "PYTEST_XDIST_WORKER" not in os.environ:
+        return build(tmp_path_factory.mktemp(name))
+    root = root.parent  # pytest-N/, above each worker's popen-gwK/
+    directory, result_file = root / name, root / f"{name}.pickle"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not result_file.exists():
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir()
+            result_file.write_bytes(pickle.dumps(build(directory)))
+        return pickle.loads(result_file.read_bytes())
+
+
+def trained(output_dir, *extra):
+    result = train_tiny(output_dir, *extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output_dir, result.stdout
+
+
 @pytest.fixture(scope="session")
 def trained_dir(tmp_path_factory):
     """One tiny training run, in a subprocess as a user runs it, shared by the end-to-end and predict tests."""
-    output_dir = tmp_path_factory.mktemp("trained")
-    result = train_tiny(output_dir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return output_dir
+    return build_once(tmp_path_factory, "trained", trained)[0]
+
+
+# Three epochs of many small batches (about 20 an epoch): long enough to stop mid-epoch, short enough to run whole.
+SMALL_BATCH_FLAGS = ["--no-baseline", "--epochs", "3", "--patience", "3", "--batch-size", "8"]
+
+
+@pytest.fixture(scope="session")
+def small_batch_run(tmp_path_factory):
+    """One uninterrupted tiny run of SMALL_BATCH_FLAGS in a subprocess: its output directory and its stdout, read
+    by the TensorBoard test and compared with by the SIGTERM test's resumed run."""
+    return build_once(tmp_path_factory, "small_batches", lambda output_dir: trained(output_dir, *SMALL_BATCH_FLAGS))
 
 
 def assert_user_error(result, *fragments):

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 import sentiment_analysis as sa
-from conftest import TINY_FLAGS, assert_user_error, run_main
+from conftest import TINY_FLAGS, assert_user_error, build_once, run_main
 
 WORDS = {"negative": "awful terrible delayed rude lost refund worst".split(),
          "neutral": "flight gate today schedule seat boarding question".split(),
@@ -32,13 +32,18 @@ def airline_csv(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def three_class_run(airline_csv, tmp_path_factory):
-    output_dir = tmp_path_factory.mktemp("three")
-    result = run_main("--data", airline_csv, "--label-column", "airline_sentiment", "--output-dir", output_dir,
-                      *TINY_FLAGS, "--blend-weight", "auto")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return output_dir, result
+@pytest.fixture(scope="session")
+def three_class_run(tmp_path_factory):
+    def build(output_dir):
+        labels = ["negative", "neutral", "positive"] * 60
+        data = output_dir.parent / "three_class_tweets.csv"
+        pd.DataFrame({"text": labelled_texts(labels), "airline_sentiment": labels}).to_csv(data, index=False)
+        result = run_main("--data", data, "--label-column", "airline_sentiment", "--output-dir", output_dir,
+                          *TINY_FLAGS, "--blend-weight", "auto")
+        assert result.returncode == 0, result.stderr[-3000:]
+        return output_dir, result
+
+    return build_once(tmp_path_factory, "three", build)
 
 
 def sms_frame(spam_every=5, rows=200):

@@ -2,18 +2,20 @@
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import (SCRIPT, TINY_CSV, TINY_FLAGS, assert_user_error, read_scalars, run_main, train_tiny,
-                      train_tiny_in_process)
+from conftest import (SCRIPT, SMALL_BATCH_FLAGS, TINY_CSV, TINY_FLAGS, assert_user_error, build_once, read_scalars,
+                      run_main, train_tiny, train_tiny_in_process)
 
 # Many epochs with patience to match, so the run is still training when the test stops it.
 LONG_RUN = [*TINY_FLAGS, "--no-baseline", "--epochs", "8", "--patience", "8"]
@@ -38,62 +40,69 @@ def wait_for_first_epoch(process, output_dir, timeout=240):
         time.sleep(0.02)
 
 
-@pytest.mark.slow
-def test_killed_run_resumes_where_it_stopped(tmp_path):
-    crashed = tmp_path / "crashed"
-    process = start_training(crashed, LONG_RUN)
-    wait_for_first_epoch(process, crashed)
-    process.kill()  # SIGKILL: no clean-up code runs, as in a crash or a power cut.
+def crash(output_dir, flags):
+    """Start a run of `flags`, let it finish its first epoch, then SIGKILL it: no clean-up code runs, as in a
+    crash or a power cut."""
+    process = start_training(output_dir, flags)
+    wait_for_first_epoch(process, output_dir)
+    process.kill()
     process.wait()
+    return output_dir
+
+
+@pytest.fixture
+def crashed(tmp_path, tmp_path_factory):
+    """A copy of one run of SMALL_BATCH_FLAGS killed after its first epoch (killed once per session)."""
+    killed = build_once(tmp_path_factory, "crashed", lambda output_dir: crash(output_dir, [*TINY_FLAGS,
+                                                                                           *SMALL_BATCH_FLAGS]))
+    return Path(shutil.copytree(killed, tmp_path / "crashed"))
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_where_it_stopped(crashed, tmp_path, small_batch_run):
     saved = json.loads((crashed / "training_state" / "state.json").read_text())
     completed = saved["epoch"]
-    assert 1 <= completed < 8
+    assert 1 <= completed < 3
     assert not (crashed / "metrics.json").exists()
 
     # Settings that do not shape training may change: another directory name, the baseline and a blend.
     resumed = tmp_path / "renamed"
     crashed.rename(resumed)
-    result = train_tiny_in_process(resumed, "--epochs", "8", "--patience", "8", "--blend-weight", "0.5")
+    result = train_tiny_in_process(resumed, "--epochs", "3", "--patience", "3", "--batch-size", "8",
+                                   "--blend-weight", "0.5")
     assert result.returncode == 0, result.stderr[-3000:]
-    tmp_path = resumed
     assert f"Resuming after epoch {completed}" in result.stdout
-    assert f"Epoch {completed + 1}/8" in result.stdout and "Epoch 1/8" not in result.stdout
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert f"Epoch {completed + 1}/3" in result.stdout and "Epoch 1/3" not in result.stdout
+    metrics = json.loads((resumed / "metrics.json").read_text())
     assert metrics["training"]["resumed_after_epoch"] == completed
     assert metrics["model"] == "blend" and metrics["blend_weight"] == 0.5
-    history = pd.read_csv(tmp_path / "history.csv")
-    assert history["epoch"].tolist() == list(range(1, 9))
+    history = pd.read_csv(resumed / "history.csv")
+    assert history["epoch"].tolist() == [1, 2, 3]
     assert history["loss"].iloc[0] == saved["history"]["loss"][0]
-    assert not (tmp_path / "training_state").exists()
+    assert not (resumed / "training_state").exists()
     # TensorBoard: the resumed run added its own event file and its curve goes on from the crashed run's.
-    assert len(list((tmp_path / "tensorboard" / "train").glob("events.out.tfevents.*"))) == 2
-    logged = read_scalars(tmp_path / "tensorboard" / "train")["epoch_loss"]
-    assert sorted(logged) == list(range(1, 9))
-    np.testing.assert_allclose([logged[epoch] for epoch in range(1, 9)], history["loss"], rtol=1e-6)
+    assert len(list((resumed / "tensorboard" / "train").glob("events.out.tfevents.*"))) == 2
+    logged = read_scalars(resumed / "tensorboard" / "train")["epoch_loss"]
+    assert sorted(logged) == [1, 2, 3]
+    np.testing.assert_allclose([logged[epoch] for epoch in range(1, 4)], history["loss"], rtol=1e-6)
 
     # The resumed run is the run that was never interrupted: same batches, same weights, same results.
-    whole = tmp_path / "uninterrupted"
-    result = train_tiny(whole, "--no-baseline", "--epochs", "8", "--patience", "8")
-    assert result.returncode == 0, result.stderr[-3000:]
+    whole, _ = small_batch_run
     pd.testing.assert_frame_equal(pd.read_csv(whole / "history.csv"), history)
     assert json.loads((whole / "metrics.json").read_text())["test"] == metrics["lstm"]
 
 
 @pytest.mark.slow
-def test_resume_with_other_settings_is_refused_and_fresh_starts_over(tmp_path):
-    process = start_training(tmp_path, LONG_RUN)
-    wait_for_first_epoch(process, tmp_path)
-    process.kill()
-    process.wait()
+def test_resume_with_other_settings_is_refused_and_fresh_starts_over(crashed):
     for changed in (["--units", "8"], ["--seed", "7"], ["--vocab-size", "1000"]):
-        result = train_tiny_in_process(tmp_path, "--no-baseline", "--epochs", "8", "--patience", "8", *changed)
+        result = train_tiny_in_process(crashed, *SMALL_BATCH_FLAGS, *changed)
         assert_user_error(result, "other settings", "--fresh")
-    result = train_tiny_in_process(tmp_path, "--no-baseline", "--epochs", "5", "--patience", "8")
+    result = train_tiny_in_process(crashed, *SMALL_BATCH_FLAGS, "--epochs", "5")
     assert_user_error(result, "other settings", "--fresh")
-    result = train_tiny_in_process(tmp_path, "--no-baseline", "--units", "8", "--fresh")
+    result = train_tiny_in_process(crashed, "--no-baseline", "--units", "8", "--fresh")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Resuming" not in result.stdout
-    assert json.loads((tmp_path / "metrics.json").read_text())["training"]["resumed_after_epoch"] == 0
+    assert json.loads((crashed / "metrics.json").read_text())["training"]["resumed_after_epoch"] == 0
 
 
 def config_for(*flags):
@@ -142,7 +151,7 @@ def test_a_damaged_training_state_is_one_line_suggesting_fresh(tmp_path, damage)
 
 # Far more epochs than the test waits for, of many small batches: the run is surely still training when Ctrl-C
 # comes (with LONG_RUN's few short epochs it could finish first on a fast machine).
-CTRL_C_RUN = [*TINY_FLAGS, "--no-baseline", "--epochs", "60", "--patience", "60", "--batch-size", "4"]
+CTRL_C_RUN = [*TINY_FLAGS, "--no-baseline", "--epochs", "60", "--patience", "60", "--batch-size", "8"]
 
 
 @pytest.mark.slow
@@ -244,15 +253,10 @@ def test_two_workers_train_together_and_only_the_chief_writes(tmp_path):
 
 
 @pytest.mark.slow
-def test_workers_that_saved_different_epochs_refuse_to_resume(tmp_path):
+def test_workers_that_saved_different_epochs_refuse_to_resume(crashed, tmp_path):
     # A state saved by a single run: worker 0 (the chief) finds it and would resume, worker 1 has none.
-    chief, other = tmp_path / "worker-0", tmp_path / "worker-1"
-    flags = [*CLUSTER_RUN, "--epochs", "8", "--patience", "8"]
-    process = start_training(chief, flags)
-    wait_for_first_epoch(process, chief)
-    process.kill()
-    process.wait()
-    for returncode, _, stderr in run_two_workers([chief, other], flags):
+    chief, other = crashed, tmp_path / "worker-1"
+    for returncode, _, stderr in run_two_workers([chief, other], [*TINY_FLAGS, *SMALL_BATCH_FLAGS]):
         assert_user_error(subprocess.CompletedProcess([], returncode, "", stderr), "different epochs", "--fresh")
 
 
@@ -398,13 +402,12 @@ def test_a_full_disk_while_writing_the_figures_is_one_line(tmp_path, monkeypatch
 
 
 @pytest.mark.slow
-def test_sigterm_saves_the_step_and_the_resumed_run_ends_like_one_never_stopped(tmp_path):
+def test_sigterm_saves_the_step_and_the_resumed_run_ends_like_one_never_stopped(tmp_path, small_batch_run):
     """SIGTERM (a scheduler's notice): the run stops after its current step, saves the state at that step and
     exits 143 within seconds without evaluating; the same command then resumes mid-epoch, skipping the batches
     done, and ends with the history and test figures of a run that was never stopped."""
-    extra = ["--no-baseline", "--epochs", "6", "--patience", "6", "--batch-size", "4"]
     stopped = tmp_path / "stopped"
-    process = start_training(stopped, [*TINY_FLAGS, *extra])
+    process = start_training(stopped, [*TINY_FLAGS, *SMALL_BATCH_FLAGS])
     wait_for_first_epoch(process, stopped)
     sent = time.monotonic()
     process.send_signal(signal.SIGTERM)
@@ -417,11 +420,10 @@ def test_sigterm_saves_the_step_and_the_resumed_run_ends_like_one_never_stopped(
     assert not (stopped / "metrics.json").exists() and not (stopped / "model.keras").exists()
     assert not (stopped / ".run.lock").exists()
 
-    resumed = train_tiny(stopped, *extra)
+    resumed = train_tiny_in_process(stopped, *SMALL_BATCH_FLAGS)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resuming in epoch {state['epoch'] + 1} after batch {state['epoch_progress']['batches']}" in resumed.stdout
-    whole = tmp_path / "whole"
-    assert train_tiny(whole, *extra).returncode == 0
+    whole, _ = small_batch_run
     pd.testing.assert_frame_equal(pd.read_csv(stopped / "history.csv"), pd.read_csv(whole / "history.csv"),
                                   check_exact=True)
     assert (json.loads((stopped / "metrics.json").read_text())["test"]

@@ -11,18 +11,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import ROOT, TINY_CSV, read_scalars, run_main, train_tiny
+from conftest import ROOT, TINY_CSV, build_once, read_scalars, run_main, trained
 
 TEXTS = ["An absolute delight, the best film of the year!", "Dull, slow and badly acted. Avoid.", "It was fine.",
          ""]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def blend_dir(tmp_path_factory):
-    output_dir = tmp_path_factory.mktemp("blend")
-    result = train_tiny(output_dir, "--blend-weight", "0.5")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return output_dir
+    return build_once(tmp_path_factory, "blend", lambda output_dir: trained(output_dir, "--blend-weight", "0.5"))[0]
 
 
 def fresh_python(code, *args, tmp_path):
@@ -47,26 +44,32 @@ def script_probabilities(model_path, texts):
 SERVE = """
 import json, sys
 import tensorflow as tf
-serving = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
-spec = serving.structured_input_signature[1]["texts"]
-outputs = serving(texts=tf.constant(json.loads(sys.argv[2])))
-print(json.dumps({"input": [spec.shape.as_list(), spec.dtype.name],
-                  "probabilities": outputs["probabilities"].numpy().tolist(),
-                  "labels": [label.decode() for label in outputs["label"].numpy()],
-                  "script_imported": "sentiment_analysis" in sys.modules}))
+served = []
+for path in json.loads(sys.argv[1]):
+    serving = tf.saved_model.load(path).signatures["serving_default"]
+    spec = serving.structured_input_signature[1]["texts"]
+    outputs = serving(texts=tf.constant(json.loads(sys.argv[2])))
+    served.append({"input": [spec.shape.as_list(), spec.dtype.name],
+                   "probabilities": outputs["probabilities"].numpy().tolist(),
+                   "labels": [label.decode() for label in outputs["label"].numpy()]})
+print(json.dumps({"served": served, "script_imported": "sentiment_analysis" in sys.modules}))
 """
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["neural", "blend"])
-def test_saved_model_serves_raw_strings_like_predict_without_the_script(kind, trained_dir, blend_dir, tmp_path):
-    output_dir = trained_dir if kind == "neural" else blend_dir
-    assert (output_dir / "saved_model" / "1" / "saved_model.pb").is_file()
-    served = fresh_python(SERVE, output_dir / "saved_model" / "1", json.dumps(TEXTS), tmp_path=tmp_path)
-    assert served["input"] == [[None], "string"] and not served["script_imported"]
-    probabilities, labels = script_probabilities(output_dir / "model.keras", TEXTS)
-    np.testing.assert_allclose(served["probabilities"], probabilities, atol=1e-5)
-    assert served["labels"] == labels
+def test_saved_model_serves_raw_strings_like_predict_without_the_script(trained_dir, blend_dir, tmp_path):
+    """The SavedModels of a neural model and of a blend, served by plain TensorFlow in one fresh process."""
+    output_dirs = [trained_dir, blend_dir]
+    for output_dir in output_dirs:
+        assert (output_dir / "saved_model" / "1" / "saved_model.pb").is_file()
+    paths = [str(output_dir / "saved_model" / "1") for output_dir in output_dirs]
+    result = fresh_python(SERVE, json.dumps(paths), json.dumps(TEXTS), tmp_path=tmp_path)
+    assert not result["script_imported"]
+    for output_dir, served in zip(output_dirs, result["served"], strict=True):
+        assert served["input"] == [[None], "string"]
+        probabilities, labels = script_probabilities(output_dir / "model.keras", TEXTS)
+        np.testing.assert_allclose(served["probabilities"], probabilities, atol=1e-5)
+        assert served["labels"] == labels
 
 
 LOAD = """
@@ -75,26 +78,27 @@ sys.path.insert(0, sys.argv[3])
 import sentiment_analysis
 import tensorflow as tf  # TensorFlow looks for Keras first, without loading it
 import keras
-model = keras.models.load_model(sys.argv[1])
-print(json.dumps(model(tf.constant(json.loads(sys.argv[2]))[:, None]).numpy().tolist()))
+texts = tf.constant(json.loads(sys.argv[2]))[:, None]
+print(json.dumps([keras.models.load_model(path)(texts).numpy().tolist() for path in json.loads(sys.argv[1])]))
 """
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["neural", "blend"])
-def test_model_file_loads_with_plain_keras_after_importing_the_script(kind, trained_dir, blend_dir, tmp_path):
+def test_model_file_loads_with_plain_keras_after_importing_the_script(trained_dir, blend_dir, tmp_path):
+    """model.keras of a neural model and of a blend, loaded by keras.models.load_model in one fresh process."""
     import sentiment_analysis
 
-    output_dir = trained_dir if kind == "neural" else blend_dir
-    loaded = fresh_python(LOAD, output_dir / "model.keras", json.dumps(TEXTS), ROOT, tmp_path=tmp_path)
-    probabilities, _ = script_probabilities(output_dir / "model.keras", TEXTS)
-    np.testing.assert_allclose(sentiment_analysis.class_probabilities(loaded), probabilities, atol=1e-6)
+    output_dirs = [trained_dir, blend_dir]
+    paths = [str(output_dir / "model.keras") for output_dir in output_dirs]
+    outputs = fresh_python(LOAD, json.dumps(paths), json.dumps(TEXTS), ROOT, tmp_path=tmp_path)
+    for output_dir, loaded in zip(output_dirs, outputs, strict=True):
+        probabilities, _ = script_probabilities(output_dir / "model.keras", TEXTS)
+        np.testing.assert_allclose(sentiment_analysis.class_probabilities(loaded), probabilities, atol=1e-6)
 
 
 @pytest.mark.slow
-def test_tensorboard_holds_each_epoch_of_the_history(tmp_path):
-    result = train_tiny(tmp_path, "--no-baseline", "--epochs", "3", "--patience", "3", "--batch-size", "4")
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_tensorboard_holds_each_epoch_of_the_history(small_batch_run):
+    tmp_path, stdout = small_batch_run
     history = pd.read_csv(tmp_path / "history.csv")
     train, validation = (read_scalars(tmp_path / "tensorboard" / part) for part in ("train", "validation"))
     epochs = history["epoch"].tolist()
@@ -106,7 +110,7 @@ def test_tensorboard_holds_each_epoch_of_the_history(tmp_path):
     rates = [train["epoch_learning_rate"][epoch] for epoch in epochs]
     assert 0 < rates[0] < 2e-3 and rates == sorted(rates, reverse=True) and rates[-1] == pytest.approx(0, abs=1e-9)
     # The loss of every 25th step of the whole run (its steps: 3 epochs of length-bucketed batches).
-    steps = 3 * int(re.search(r"Plan: 3 epochs of (\d+) batches", result.stdout)[1])
+    steps = 3 * int(re.search(r"Plan: 3 epochs of (\d+) batches", stdout)[1])
     assert sorted(train["batch_loss"]) == list(range(25, steps + 1, 25))
     assert all(0 < loss < 5 for loss in train["batch_loss"].values())
 

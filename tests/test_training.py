@@ -60,6 +60,10 @@ def test_metrics_json_is_complete(trained_dir):
         assert timing[key] >= 0
     assert len(timing["epoch_s"]) == metrics["training"]["epochs_run"] == 1
     assert timing["total_s"] >= timing["train_s"]
+    # The page shows the stages up to its own writing; metrics.json, written last, also the report's time.
+    assert timing["report_s"] >= 0 and list(metrics)[-1] == "timing"
+    page = (trained_dir / "report.html").read_text()
+    assert "<h2>Time</h2>" in page and "report_s" not in page and "write_s" in page
 
 
 @pytest.mark.slow
