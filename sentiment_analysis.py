@@ -1421,6 +1421,11 @@ class PreparedInputs:
     truncated_reviews: int               # reviews longer than --max-length tokens, in all splits
     notes: list[str]                     # advice about the data, for the run's output and the report
 
+    def counts(self) -> dict:
+        """What the report adds to the data's counts: reviews cut, and a word-vector file's coverage."""
+        coverage = {"embedding_coverage": self.embedding_coverage} if self.embedding_coverage else {}
+        return {"longer_than_max_length": self.truncated_reviews, **coverage}
+
 
 def unsplit_texts(token_ids: np.ndarray) -> int:
     """How many texts are one or two tokens that no other text shares (or [UNK]): what text without spaces
@@ -3062,8 +3067,6 @@ def run_training(config: TrainConfig) -> TrainingResult:
         strategy = set_up_tensorflow(config, setup.role)
         with clock.timed("preprocess_s"):
             inputs = prepare_inputs(splits, config, strategy.num_replicas_in_sync, len(class_names))
-        counts = {**counts, "longer_than_max_length": inputs.truncated_reviews,
-                  **({"embedding_coverage": inputs.embedding_coverage} if inputs.embedding_coverage else {})}
         classifier, optimizer = build_model_and_optimizer(config, inputs, len(class_names), strategy)
         needed = output_bytes_needed(classifier.count_params(), config.blend_weight is not None)
         check_free_space(setup.output_dir, needed)
@@ -3092,8 +3095,8 @@ def run_training(config: TrainConfig) -> TrainingResult:
         model = model_to_save(config, setup.started_from, inputs.vectorizer, classifier, baseline, blend, class_names)
         evaluation = evaluate(splits.test, class_names, probabilities)
         notes = inputs.notes + advice(check, config.arch, blend)
-        report = build_metrics(config, setup.started_from, counts, training, evaluation, blend, check, notes, strategy,
-                              setup.role)
+        report = build_metrics(config, setup.started_from, {**counts, **inputs.counts()}, training, evaluation,
+                               blend, check, notes, strategy, setup.role)
         print(f"\nTest set results:\n{evaluation.table}\n\n{evaluation.classification_report}")
         for note in notes:
             print(f"Note: {note}")
