@@ -34,8 +34,9 @@ def pytest_configure(config):
                                        "-m 'not slow' for the quick tier)")
     if getattr(config.option, "numprocesses", None) and "PYTEST_XDIST_WORKER" not in os.environ:
         return  # pytest-xdist's controller: it runs no test, its workers configure themselves
-    import tensorflow as tf
+    import sentiment_analysis  # imports TensorFlow without its start-up lines (see the script's top)
 
+    tf = sentiment_analysis.tf
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 
