@@ -24,20 +24,22 @@ def labelled_texts(labels, seed=0):
             for i, label in enumerate(labels)]
 
 
-@pytest.fixture(scope="module")
-def airline_csv(tmp_path_factory):
+def write_airline_csv(path):
+    """Made-up tweets in three classes, 60 of each, labelled in the column airline_sentiment."""
     labels = ["negative", "neutral", "positive"] * 60
-    path = tmp_path_factory.mktemp("airline") / "tweets.csv"
     pd.DataFrame({"text": labelled_texts(labels), "airline_sentiment": labels}).to_csv(path, index=False)
     return path
+
+
+@pytest.fixture(scope="module")
+def airline_csv(tmp_path_factory):
+    return write_airline_csv(tmp_path_factory.mktemp("airline") / "tweets.csv")
 
 
 @pytest.fixture(scope="session")
 def three_class_run(tmp_path_factory):
     def build(output_dir):
-        labels = ["negative", "neutral", "positive"] * 60
-        data = output_dir.parent / "three_class_tweets.csv"
-        pd.DataFrame({"text": labelled_texts(labels), "airline_sentiment": labels}).to_csv(data, index=False)
+        data = write_airline_csv(output_dir.parent / "three_class_tweets.csv")
         result = run_main("--data", data, "--label-column", "airline_sentiment", "--output-dir", output_dir,
                           *TINY_FLAGS, "--blend-weight", "auto")
         assert result.returncode == 0, result.stderr[-3000:]
