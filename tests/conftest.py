@@ -113,13 +113,15 @@ def trained_dir(tmp_path_factory):
 
 
 # Three epochs of many small batches (about 20 an epoch): long enough to stop mid-epoch, short enough to run whole.
-SMALL_BATCH_FLAGS = ["--no-baseline", "--epochs", "3", "--patience", "3", "--batch-size", "8"]
+SMALL_BATCH_EPOCHS = 3
+SMALL_BATCH_TRAINING = ["--epochs", str(SMALL_BATCH_EPOCHS), "--patience", str(SMALL_BATCH_EPOCHS), "--batch-size", "8"]
+SMALL_BATCH_FLAGS = ["--no-baseline", *SMALL_BATCH_TRAINING]
 
 
 @pytest.fixture(scope="session")
 def small_batch_run(tmp_path_factory):
     """One uninterrupted tiny run of SMALL_BATCH_FLAGS in a subprocess: its output directory and its stdout, read
-    by the TensorBoard test and compared with by the SIGTERM test's resumed run."""
+    by the TensorBoard test and compared with by the resumed runs of the kill and SIGTERM tests."""
     return build_once(tmp_path_factory, "small_batches", lambda output_dir: trained(output_dir, *SMALL_BATCH_FLAGS))
 
 

@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import (SCRIPT, SMALL_BATCH_FLAGS, TINY_CSV, TINY_FLAGS, assert_user_error, build_once, read_scalars,
-                      run_main, train_tiny, train_tiny_in_process)
+from conftest import (SCRIPT, SMALL_BATCH_EPOCHS, SMALL_BATCH_FLAGS, SMALL_BATCH_TRAINING, TINY_CSV, TINY_FLAGS,
+                      assert_user_error, build_once, read_scalars, run_main, train_tiny_in_process)
 
 # Many epochs with patience to match, so the run is still training when the test stops it.
 LONG_RUN = [*TINY_FLAGS, "--no-baseline", "--epochs", "8", "--patience", "8"]
@@ -53,38 +53,38 @@ def crash(output_dir, flags):
 @pytest.fixture
 def crashed(tmp_path, tmp_path_factory):
     """A copy of one run of SMALL_BATCH_FLAGS killed after its first epoch (killed once per session)."""
-    killed = build_once(tmp_path_factory, "crashed", lambda output_dir: crash(output_dir, [*TINY_FLAGS,
-                                                                                           *SMALL_BATCH_FLAGS]))
-    return Path(shutil.copytree(killed, tmp_path / "crashed"))
+    def build(output_dir):
+        return crash(output_dir, [*TINY_FLAGS, *SMALL_BATCH_FLAGS])
+
+    return Path(shutil.copytree(build_once(tmp_path_factory, "crashed", build), tmp_path / "crashed"))
 
 
 @pytest.mark.slow
 def test_killed_run_resumes_where_it_stopped(crashed, tmp_path, small_batch_run):
     saved = json.loads((crashed / "training_state" / "state.json").read_text())
-    completed = saved["epoch"]
-    assert 1 <= completed < 3
+    completed, epochs = saved["epoch"], SMALL_BATCH_EPOCHS
+    assert 1 <= completed < epochs
     assert not (crashed / "metrics.json").exists()
 
     # Settings that do not shape training may change: another directory name, the baseline and a blend.
     resumed = tmp_path / "renamed"
     crashed.rename(resumed)
-    result = train_tiny_in_process(resumed, "--epochs", "3", "--patience", "3", "--batch-size", "8",
-                                   "--blend-weight", "0.5")
+    result = train_tiny_in_process(resumed, *SMALL_BATCH_TRAINING, "--blend-weight", "0.5")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Resuming after epoch {completed}" in result.stdout
-    assert f"Epoch {completed + 1}/3" in result.stdout and "Epoch 1/3" not in result.stdout
+    assert f"Epoch {completed + 1}/{epochs}" in result.stdout and f"Epoch 1/{epochs}" not in result.stdout
     metrics = json.loads((resumed / "metrics.json").read_text())
     assert metrics["training"]["resumed_after_epoch"] == completed
     assert metrics["model"] == "blend" and metrics["blend_weight"] == 0.5
     history = pd.read_csv(resumed / "history.csv")
-    assert history["epoch"].tolist() == [1, 2, 3]
+    assert history["epoch"].tolist() == list(range(1, epochs + 1))
     assert history["loss"].iloc[0] == saved["history"]["loss"][0]
     assert not (resumed / "training_state").exists()
     # TensorBoard: the resumed run added its own event file and its curve goes on from the crashed run's.
     assert len(list((resumed / "tensorboard" / "train").glob("events.out.tfevents.*"))) == 2
     logged = read_scalars(resumed / "tensorboard" / "train")["epoch_loss"]
-    assert sorted(logged) == [1, 2, 3]
-    np.testing.assert_allclose([logged[epoch] for epoch in range(1, 4)], history["loss"], rtol=1e-6)
+    assert sorted(logged) == list(range(1, epochs + 1))
+    np.testing.assert_allclose([logged[epoch] for epoch in range(1, epochs + 1)], history["loss"], rtol=1e-6)
 
     # The resumed run is the run that was never interrupted: same batches, same weights, same results.
     whole, _ = small_batch_run
