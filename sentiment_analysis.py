@@ -148,6 +148,17 @@ class TrainConfig:
     output_dir: str = option("outputs", "directory for the model, metrics, reports and figures",
                              shapes_training=False)
     max_rows: int | None = option(None, "read only the first N rows of the CSV (quick runs)")
+    unlabelled: str | None = option(None, "more text without labels, for --semi-supervised: a CSV or TSV file (its "
+                                    "text column found as for --data, or --text-column) or a .txt file with one "
+                                    "text per line; rows of --data with a text and an empty label count as such "
+                                    "text too")
+    semi_supervised: str = option("auto", "how unlabelled text is used: teacher trains the model first on the "
+                                  "baseline's probabilities for the unlabelled texts (its vocabulary and Word2Vec "
+                                  "learned on them too), then on the labels; none ignores it; auto chooses teacher "
+                                  "when there are unlabelled texts, at least as many as training rows, and a "
+                                  "baseline (README: Unlabelled text)", choices=("auto", "none", "teacher"))
+    pretrain_epochs: int | None = option(None, "epochs of the teacher stage, early stopping aside (default: "
+                                         "planned from the number of unlabelled texts)")
     seed: int = option(42, "seed for the split, the weights and the data order")
     test_fraction: float = option(0.2, "share of the rows held out for the final test")
     validation_fraction: float = option(0.1, "share of the training rows used for early stopping")
@@ -266,6 +277,10 @@ def validate_config(config: TrainConfig) -> None:
         ("blend_weight", config.blend_weight is None or config.baseline,
          "needs the baseline (drop --no-baseline)"),
         ("cpu_replicas", config.cpu_replicas >= 1, "must be at least 1"),
+        ("pretrain_epochs", config.pretrain_epochs is None or config.pretrain_epochs >= 1, "must be at least 1"),
+        ("unlabelled", config.unlabelled is None or Path(config.unlabelled).is_file(), "must be an existing file"),
+        ("semi_supervised", config.semi_supervised != "teacher" or config.baseline,
+         "teacher needs the baseline, which is the teacher (drop --no-baseline)"),
         ("bert_preset", config.arch != "bert" or "://" in config.bert_preset or os.sep not in config.bert_preset
          or Path(config.bert_preset).is_dir(), "must be a KerasHub preset name or an existing directory"),
         ("embeddings", config.arch != "bert" or config.embeddings == "random",
@@ -624,10 +639,12 @@ class LabelledTexts:
 
 @dataclass
 class LoadedData(LabelledTexts):
-    """The usable rows of the CSV, their classes, and how many rows were read and dropped for each reason."""
+    """The usable rows of the CSV, their classes, and how many rows were read and dropped for each reason; the
+    rows with a text and an empty label are unlabelled text (each text once), kept apart."""
     classes: LabelSet = LabelSet(CLASS_NAMES)
     rows_read: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
+    unlabelled: np.ndarray = field(default_factory=lambda: np.array([], dtype=object))
 
 
 def column_separator(path: Path, sep: str | None) -> str:
@@ -654,16 +671,34 @@ def load_dataset(config: TrainConfig) -> LoadedData:
     missing_text = texts.isna() | (texts.fillna("").str.strip() == "")
     missing_label = ~missing_text & (labels.isna() | (labels.fillna("").str.strip() == ""))
     keep = ~(missing_text | missing_label)
-    duplicate = keep & texts.duplicated(keep="first") & ~missing_text
-    # A duplicate that lands on both sides of the split would inflate the test score, so drop it first.
+    # A duplicate that lands on both sides of the split would inflate the test score, so drop it first. Only
+    # labelled rows count here: a labelled review is kept even if the same text also came without a label.
+    duplicate = keep & texts.where(keep).duplicated(keep="first")
     keep &= ~duplicate
+    if not keep.any():
+        raise UserError(f"no row of {config.data} has both a text and a label ({int(missing_label.sum())} have a "
+                        f"text without a label); is --label-column the right column?")
     encoded, classes = encode_labels(labels[keep], config.positive_label)
     if keep.sum() < MIN_ROWS:
         raise UserError(f"too few usable rows to split into train, validation and test: {keep.sum()} "
                         f"(need at least {MIN_ROWS})")
-    dropped = {"missing_text": int(missing_text.sum()), "missing_label": int(missing_label.sum()),
-               "duplicate_text": int(duplicate.sum())}
-    return LoadedData(texts[keep].to_numpy(dtype=object), encoded, classes, rows_read=len(frame), dropped=dropped)
+    dropped = {"missing_text": int(missing_text.sum()), "duplicate_text": int(duplicate.sum())}
+    return LoadedData(texts[keep].to_numpy(dtype=object), encoded, classes, rows_read=len(frame), dropped=dropped,
+                      unlabelled=texts[missing_label].to_numpy(dtype=object))
+
+
+def read_unlabelled_file(path: Path, text_column: str | None) -> np.ndarray:
+    """The texts of an --unlabelled file: one per line of a .txt file, or the text column of a CSV or TSV file
+    (found as for --data). Empty texts are left out."""
+    check_csv_file(path)
+    if path.suffix.lower() == ".txt":
+        lines = with_text_encoding(path, lambda encoding: path.read_text(encoding=encoding).splitlines())
+        return np.array([line for line in lines if line.strip()], dtype=object)
+    sep = column_separator(path, None)
+    frame = with_text_encoding(path, lambda encoding: read_csv(path, encoding, sep=sep))
+    column = find_column(frame.columns, TEXT_COLUMN_NAMES, text_column, "text", "--text-column")
+    texts = frame[column].dropna()
+    return texts[texts.str.strip() != ""].to_numpy(dtype=object)
 
 
 @dataclass
@@ -712,8 +747,34 @@ def split_dataset(data: LoadedData, config: TrainConfig) -> DataSplits:
     return splits
 
 
-def data_summary(data: LoadedData, splits: DataSplits) -> dict:
-    """The row counts of the run, for the report: read, dropped, used, in each split and in each class."""
+@dataclass
+class UnlabelledTexts:
+    """The unlabelled text of a run, each text once and none equal to a labelled one, and how it was counted."""
+    texts: np.ndarray
+    counts: dict[str, int]
+
+
+def gather_unlabelled(data: LoadedData, splits: DataSplits, config: TrainConfig) -> UnlabelledTexts:
+    """The unlabelled rows of --data and the texts of --unlabelled, deduplicated. A text equal to a validation or
+    test text is removed and counted, so that nothing the model is scored on is seen before scoring; one equal
+    to a training text is a duplicate (its label is known)."""
+    from_file = (read_unlabelled_file(Path(config.unlabelled), config.text_column) if config.unlabelled
+                 else np.array([], dtype=object))
+    texts = pd.Series(np.concatenate([data.unlabelled, from_file]), dtype=object)
+    unique = texts[~texts.duplicated(keep="first")]
+    scored = set(splits.validation.texts) | set(splits.test.texts)
+    equal_to_scored = unique.isin(scored)
+    equal_to_training = unique.isin(set(splits.train.texts))
+    kept = unique[~(equal_to_scored | equal_to_training)].to_numpy(dtype=object)
+    counts = {"from_data": len(data.unlabelled), "from_file": len(from_file),
+              "duplicates": int(len(texts) - len(unique) + equal_to_training.sum()),
+              "equal_to_validation_or_test": int(equal_to_scored.sum()), "used": len(kept)}
+    return UnlabelledTexts(kept, counts)
+
+
+def data_summary(data: LoadedData, splits: DataSplits, unlabelled: UnlabelledTexts) -> dict:
+    """The row counts of the run, for the report: read, dropped, labelled rows used, in each split and in each
+    class, and the unlabelled text."""
     counts = np.bincount(data.labels, minlength=len(data.classes.names))
     binary = {"positive": int(counts[1]), "negative": int(counts[0])} if data.classes.binary else {}
     return {
@@ -721,7 +782,17 @@ def data_summary(data: LoadedData, splits: DataSplits) -> dict:
         "train": len(splits.train.labels), "validation": len(splits.validation.labels),
         "test": len(splits.test.labels), **binary,
         "classes": {name: int(count) for name, count in zip(data.classes.names, counts)},
+        "unlabelled": unlabelled.counts,
     }
+
+
+def describe_unlabelled(counts: dict) -> str:
+    """The unlabelled text in a few words, for the run's summary line."""
+    if not counts["from_data"] + counts["from_file"]:
+        return "no unlabelled text"
+    return (f"unlabelled texts: {counts['from_data']} rows without a label, {counts['from_file']} from --unlabelled; "
+            f"{counts['used']} used ({counts['duplicates']} duplicates, {counts['equal_to_validation_or_test']} "
+            f"equal to a validation or test text removed)")
 
 
 def describe_classes(data: LoadedData) -> str:
@@ -1128,7 +1199,7 @@ def weighted_batch(token_ids, labels, full_size: int | None):
     replicas; the weighted loss and metrics then count every real review once and the copies not at all."""
 
     if full_size is None:
-        return token_ids, labels, tf.ones_like(labels)
+        return token_ids, labels, tf.ones(tf.shape(labels)[:1])
     real = tf.shape(labels)[0]
     rows = tf.range(full_size) % real
     weights = tf.cast(tf.range(full_size) < real, tf.float32)
@@ -1368,9 +1439,10 @@ class TrainingPlan:
                 "word2vec_epochs": self.word2vec_epochs, "plan": self.reason}
 
 
-def plan_training(config: TrainConfig, lengths: np.ndarray, replicas: int) -> TrainingPlan:
-    """The batch size, epochs, patience and Word2Vec passes of a run on training reviews of these token counts:
-    the values given as flags, and for the rest the rule above. (Several replicas take --batch-size each.)"""
+def plan_training(config: TrainConfig, lengths: np.ndarray, replicas: int, other_tokens: int = 0) -> TrainingPlan:
+    """The batch size, epochs, patience and Word2Vec passes of a run on training reviews of these token counts
+    (and `other_tokens` of unlabelled text that Word2Vec also learns from): the values given as flags, and for the
+    rest the rule above. (Several replicas take --batch-size each.)"""
     rows, notes = len(lengths), []
     batch_size = config.batch_size
     if batch_size is None:
@@ -1393,12 +1465,12 @@ def plan_training(config: TrainConfig, lengths: np.ndarray, replicas: int) -> Tr
         patience = min(epochs, max(1, math.ceil(PATIENCE_STEPS / steps)))
         if patience > 1:
             notes.append(f"patience {patience} epochs (about {PATIENCE_STEPS} steps)")
-    tokens = int(lengths.sum())
+    tokens = int(lengths.sum()) + other_tokens
     word2vec_epochs = 0  # no Word2Vec in this run
     if config.embeddings == "word2vec":
         word2vec_epochs = min(MAX_WORD2VEC_EPOCHS, max(WORD2VEC_EPOCHS, math.ceil(WORD2VEC_TOKENS / max(1, tokens))))
     if word2vec_epochs > WORD2VEC_EPOCHS:
-        notes.append(f"Word2Vec {word2vec_epochs} passes over {tokens} training tokens")
+        notes.append(f"Word2Vec {word2vec_epochs} passes over {tokens} tokens")
     reason = "; ".join(notes) or f"the defaults for {rows} training reviews"
     return TrainingPlan(batch_size, steps, epochs, patience, word2vec_epochs, reason)
 
@@ -1411,6 +1483,7 @@ class PreparedInputs:
     train_ids: np.ndarray       # token ids of each split, right-padded to --max-length
     validation_ids: np.ndarray
     test_ids: np.ndarray
+    unlabelled_ids: np.ndarray  # token ids of the unlabelled texts the run learns from (maybe none)
     plan: TrainingPlan          # batch size, steps per epoch, epochs and patience
     training_batches: object    # epoch -> that epoch's training batches (a tf.data.Dataset), in its own order
     validation_batches: object  # a tf.data.Dataset, the same every epoch
@@ -1450,12 +1523,16 @@ def check_texts_split(train_ids: np.ndarray, config: TrainConfig) -> None:
                         f"per sentence, and a model of such words learns nothing; {hint}")
 
 
-def starting_embedding(config: TrainConfig, train_ids: np.ndarray, vocabulary: list[str], plan: TrainingPlan):
+def starting_embedding(config: TrainConfig, train_ids: np.ndarray, unlabelled_ids: np.ndarray, vocabulary: list[str],
+                       plan: TrainingPlan):
     """The embedding's starting weights and, from a word-vector file, how much of the text it covers: Word2Vec
-    trained on the training split (--embeddings word2vec), the file's vectors, or (None, None) for random."""
+    trained on the training split and the unlabelled text (--embeddings word2vec), the file's vectors, or
+    (None, None) for random."""
     if config.embeddings == "word2vec":
-        print(f"Training Word2Vec on the training split ({plan.word2vec_epochs} passes) ...")
-        return word2vec_matrix(train_ids, vocabulary, config, plan.word2vec_epochs), None
+        also = f" and {len(unlabelled_ids)} unlabelled texts" if len(unlabelled_ids) else ""
+        print(f"Training Word2Vec on the training split{also} ({plan.word2vec_epochs} passes) ...")
+        all_ids = np.concatenate([train_ids, unlabelled_ids]) if len(unlabelled_ids) else train_ids
+        return word2vec_matrix(all_ids, vocabulary, config, plan.word2vec_epochs), None
     if config.embeddings == "random":
         return None, None
     print(f"Reading word vectors from {config.embeddings} ...")
@@ -1474,25 +1551,33 @@ def balanced_class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return weights
 
 
-def small_data_notes(config: TrainConfig, training_rows: int) -> list[str]:
-    """Advice for a small training split whose embedding starts from nothing pretrained."""
-    if config.embeddings not in EMBEDDING_METHODS or training_rows >= SMALL_TRAINING_ROWS or config.arch == "bert":
+def small_data_notes(config: TrainConfig, training_rows: int, unlabelled_texts: int = 0) -> list[str]:
+    """Advice for a small training split whose embedding starts from nothing pretrained (Word2Vec learns from the
+    unlabelled texts too, so they count for it)."""
+    texts = training_rows + (unlabelled_texts if config.embeddings == "word2vec" else 0)
+    if config.embeddings not in EMBEDDING_METHODS or texts >= SMALL_TRAINING_ROWS or config.arch == "bert":
         return []
     start = "Word2Vec vectors learned on" if config.embeddings == "word2vec" else "random vectors, with"
-    return [f"Small data: the embedding starts from {start} only {training_rows} training texts. Pretrained word "
+    what = f"{texts} texts" if texts > training_rows else f"{training_rows} training texts"
+    return [f"Small data: the embedding starts from {start} only {what}. Pretrained word "
             "vectors help most here: --embeddings glove-wiki-gigaword-100 (gensim downloads it once), or "
             "--embeddings FILE with a GloVe, word2vec or fastText file."]
 
 
-def prepare_inputs(splits: DataSplits, config: TrainConfig, replicas: int, num_classes: int) -> PreparedInputs:
-    """Everything training needs from the text: the tokenizer and the token ids of each split, the plan and
-    the batches, the embedding's start, the class weights, and what to say about the data."""
-    vectorizer = build_vectorizer(splits.train.texts, config)
+def prepare_inputs(splits: DataSplits, config: TrainConfig, replicas: int, num_classes: int,
+                   unlabelled_texts: np.ndarray) -> PreparedInputs:
+    """Everything training needs from the text: the tokenizer (learned on the training split and the unlabelled
+    texts given, never on validation or test texts) and the token ids of each split and of the unlabelled
+    texts, the plan and the batches, the embedding's start, the class weights, and what to say about the data."""
+    vectorizer = build_vectorizer(np.concatenate([splits.train.texts, unlabelled_texts]), config)
     vocabulary = vectorizer.get_vocabulary()
     train_ids, validation_ids, test_ids = (vectorize(vectorizer, part.texts)
                                            for part in (splits.train, splits.validation, splits.test))
+    unlabelled_ids = (vectorize(vectorizer, unlabelled_texts) if len(unlabelled_texts)
+                      else np.zeros((0, config.max_length), dtype=np.int32))
     check_texts_split(train_ids, config)
-    plan = plan_training(config, review_lengths(train_ids), replicas)
+    plan = plan_training(config, review_lengths(train_ids), replicas,
+                         int(review_lengths(unlabelled_ids).sum()) if len(unlabelled_ids) else 0)
     global_batch_size, several = plan.batch_size * replicas, replicas > 1
     validation_batches = build_training_dataset(validation_ids, splits.validation.labels, global_batch_size,
                                                 config.max_length, None, pad_to_full_batches=several)
@@ -1502,7 +1587,7 @@ def prepare_inputs(splits: DataSplits, config: TrainConfig, replicas: int, num_c
         return build_training_dataset(train_ids, splits.train.labels, global_batch_size, config.max_length,
                                       config.seed + epoch, several)
 
-    embedding_matrix, coverage = starting_embedding(config, train_ids, vocabulary, plan)
+    embedding_matrix, coverage = starting_embedding(config, train_ids, unlabelled_ids, vocabulary, plan)
     class_weights = (balanced_class_weights(splits.train.labels, num_classes)
                      if config.class_weight == "balanced" else None)
     truncated = sum(count_truncated(vectorizer, part.texts, config.max_length)
@@ -1511,10 +1596,11 @@ def prepare_inputs(splits: DataSplits, config: TrainConfig, replicas: int, num_c
     print(f"Vocabulary {len(vocabulary)} {unit}; {truncated} reviews longer than {config.max_length} tokens are cut")
     print(f"Plan: {plan.epochs} epochs of {plan.steps_per_epoch} batches of {plan.batch_size} ({plan.planned_steps} "
           f"steps), patience {plan.patience} ({plan.reason})")
-    notes = small_data_notes(config, len(train_ids))
+    notes = small_data_notes(config, len(train_ids), len(unlabelled_ids))
     for note in notes:
         print(f"Note: {note}")
-    return PreparedInputs(vectorizer, vocabulary, train_ids, validation_ids, test_ids, plan, training_batches,
+    return PreparedInputs(vectorizer, vocabulary, train_ids, validation_ids, test_ids, unlabelled_ids, plan,
+                          training_batches,
                           validation_batches, int(validation_batches.cardinality()), embedding_matrix, class_weights,
                           coverage, truncated, notes)
 
@@ -1957,7 +2043,11 @@ def build_step_functions(classifier, optimizer, strategy, class_weights: np.ndar
     Each returns the batch's summed loss, number of correct predictions and number of reviews (padding
     reviews, of weight 0, not counted), added up over all replicas (and workers), from which the epoch's mean
     loss and accuracy follow. With class weights, each training review's loss is weighted by its class's
-    weight (validation stays unweighted, as in Keras' fit)."""
+    weight (validation stays unweighted, as in Keras' fit).
+
+    The labels may also be a teacher's probabilities (soft targets): the positive class's probability for two
+    classes, a row of class probabilities for more. The loss is then the cross-entropy against them, and a
+    prediction counts as right when it is the teacher's most probable class."""
 
     binary = is_binary(count_classes(classifier))
 
@@ -1967,13 +2057,19 @@ def build_step_functions(classifier, optimizer, strategy, class_weights: np.ndar
         if binary:
             losses = keras.losses.binary_crossentropy(labels[:, None], outputs)
             predicted = tf.cast(outputs[:, 0] >= DECISION_THRESHOLD, tf.float32)
+            truth = tf.cast(labels >= DECISION_THRESHOLD, tf.float32)  # hard labels (0 or 1) stay as they are
+        elif labels.shape.rank == 2:  # a teacher's class probabilities
+            losses = keras.losses.categorical_crossentropy(labels, outputs)
+            predicted = tf.cast(tf.argmax(outputs, axis=1), tf.float32)
+            truth = tf.cast(tf.argmax(labels, axis=1), tf.float32)
         else:
             losses = keras.losses.sparse_categorical_crossentropy(labels, outputs)
             predicted = tf.cast(tf.argmax(outputs, axis=1), tf.float32)
+            truth = labels
         loss_weights = weights
         if class_weighted and class_weights is not None:
             loss_weights = weights * tf.gather(tf.constant(class_weights), tf.cast(labels, tf.int32))
-        correct = tf.cast(predicted == labels, tf.float32)
+        correct = tf.cast(predicted == truth, tf.float32)
         return losses, [tf.reduce_sum(losses * loss_weights), tf.reduce_sum(correct * weights),
                         tf.reduce_sum(weights)]
 
@@ -2104,7 +2200,7 @@ class TrainingState:
     def save(self, state_dir: Path) -> None:
         """The arrays go first and state.json, naming them, last (each written whole): a crash at any moment
         leaves the previous complete state."""
-        state_dir.mkdir(exist_ok=True)
+        state_dir.mkdir(parents=True, exist_ok=True)
         arrays_name = f"epoch-{self.epoch}.npz"
         arrays = {f"variable_{i}": value for i, value in enumerate(self.variable_values or [])}
         arrays.update({f"best_{i}": weight for i, weight in enumerate(self.best_weights or [])})
@@ -2114,7 +2210,7 @@ class TrainingState:
                   if spec.name not in self.ARRAY_FIELDS}
         write_text(state_dir / "state.json", json.dumps({**record, "arrays": arrays_name}))
         for path in state_dir.iterdir():
-            if path.name not in {"state.json", arrays_name}:
+            if path.is_file() and path.name not in {"state.json", arrays_name}:  # a stage's own state: a directory
                 path.unlink()
 
     @classmethod
@@ -2270,11 +2366,161 @@ def train(classifier, optimizer, strategy, inputs: PreparedInputs, state: Traini
         log.close()
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
-    if state.best_weights is not None:
+    if state.best_weights is not None and state.best_epoch == 0:
+        print("Keeping the weights training started from: no epoch lowered their validation loss")
+        classifier.set_weights(state.best_weights)
+    elif state.best_weights is not None:
         print(f"Keeping the weights of epoch {state.best_epoch}, the lowest validation loss")
         classifier.set_weights(state.best_weights)
     return TrainingResult(state.history, state.epoch_seconds, state.epoch, state.best_epoch, interrupted,
                           resumed_after_epoch, plan)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Learning from unlabelled text: the baseline teaches the model on the texts without labels, then the labels
+# fine-tune it. Both stages run through the one training loop above, each with its own saved state.
+# ----------------------------------------------------------------------------------------------------------
+
+
+TEACHER_MIN_EPOCHS = 2  # the fewest planned epochs of the teacher stage
+
+
+@dataclass(frozen=True)
+class SemiSupervised:
+    method: str  # none or teacher
+    reason: str  # why, in words (auto's choice, or as given)
+
+
+def choose_semi_supervised(config: TrainConfig, training_rows: int, unlabelled_texts: int,
+                           has_baseline: bool) -> SemiSupervised:
+    """--semi-supervised as given, or auto's choice from the sizes: the teacher when there is unlabelled text,
+    at least as much as labelled training text, and a baseline to teach (measured on IMDB subsets, see
+    docs/RESULTS.md); else none, which is the run without unlabelled text."""
+    if config.semi_supervised == "teacher":
+        if not unlabelled_texts:
+            raise UserError("--semi-supervised teacher needs unlabelled text: rows of --data with an empty label, "
+                            "or --unlabelled FILE (none is left after removing duplicates and validation or test "
+                            "texts)")
+        return SemiSupervised("teacher", "as given")
+    if config.semi_supervised == "none":
+        return SemiSupervised("none", "as given" if unlabelled_texts else "no unlabelled text")
+    if not unlabelled_texts:
+        return SemiSupervised("none", "auto: no unlabelled text")
+    if not has_baseline:
+        return SemiSupervised("none", "auto: no baseline to teach (--no-baseline)")
+    if unlabelled_texts < training_rows:
+        return SemiSupervised("none", f"auto: fewer unlabelled texts ({unlabelled_texts}) than training rows "
+                                      f"({training_rows})")
+    return SemiSupervised("teacher", f"auto: {unlabelled_texts} unlabelled texts for {training_rows} training rows")
+
+
+def soft_targets(probabilities: np.ndarray) -> np.ndarray:
+    """A teacher's (texts, classes) probabilities as the labels of the training loop: for two classes the
+    positive class's probability (what the sigmoid learns), for more the whole row."""
+    return probabilities[:, 1] if is_binary(probabilities.shape[1]) else probabilities
+
+
+def teacher_inputs(inputs: PreparedInputs, targets: np.ndarray, config: TrainConfig, replicas: int) -> PreparedInputs:
+    """The teacher stage's inputs: the unlabelled texts with the teacher's probabilities as their labels, planned
+    like a training split of that size (at least TEACHER_MIN_EPOCHS epochs, or --pretrain-epochs), with the same
+    validation split (true labels) for early stopping, and no class weights."""
+    stage_config = dataclasses.replace(config, epochs=config.pretrain_epochs, min_epochs=TEACHER_MIN_EPOCHS,
+                                       patience=None, embeddings="random")
+    plan = plan_training(stage_config, review_lengths(inputs.unlabelled_ids), replicas)
+    global_batch_size = plan.batch_size * replicas
+
+    def training_batches(epoch: int):
+        return build_training_dataset(inputs.unlabelled_ids, targets, global_batch_size, config.max_length,
+                                      config.seed + epoch, replicas > 1)
+
+    return dataclasses.replace(inputs, plan=plan, training_batches=training_batches, class_weights=None)
+
+
+@dataclass
+class Pretraining:
+    """What the teacher stage did, for metrics.json, the report and the next stage."""
+    method: str
+    reason: str
+    texts: int
+    tokens: int
+    result: TrainingResult | None = None
+    seconds: float = 0.0
+    best_loss: float = math.inf                     # the validation loss of the weights it ended with
+    best_weights: list[np.ndarray] | None = field(default=None, repr=False)
+
+    def started_from(self, config: TrainConfig) -> dict:
+        """What started_from adds: the teacher stage, and Word2Vec's unlabelled text."""
+        if self.method != "teacher":
+            return {}
+        start = {"pretrained": f"taught by the TF-IDF baseline's probabilities on {self.texts} unlabelled texts"}
+        if config.embeddings == "word2vec":
+            start["vectors"] = f"Word2Vec trained on this run's training split and {self.texts} unlabelled texts"
+        return start
+
+    def summary(self) -> dict:
+        summary = {"method": self.method, "chosen": self.reason}
+        if self.result is None:
+            return summary
+        history = self.result.history
+        best = (self.result.best_epoch or self.result.epochs_run) - 1
+        return {**summary, "teacher": "the TF-IDF baseline (its probabilities on the unlabelled texts)",
+                "texts": self.texts, "tokens": self.tokens, **self.result.summary(), "seconds": round(self.seconds, 2),
+                "history": history,
+                "validation_accuracy": history["val_accuracy"][best] if history.get("val_accuracy") else None}
+
+
+def learn_from_teacher(classifier, strategy, inputs: PreparedInputs, targets: np.ndarray, config: TrainConfig,
+                       state_dir: Path, multi_worker: bool, log_dir: Path | None, pretraining: Pretraining) -> None:
+    """The teacher stage: train the classifier on the unlabelled texts with the teacher's probabilities as
+    targets, through the training loop, with a fresh optimizer and its own training state in `state_dir` (the
+    same command resumes it). Leaves the best weights in the classifier and records them in `pretraining`."""
+    stage = teacher_inputs(inputs, targets, config, strategy.num_replicas_in_sync)
+    plan = stage.plan
+    print(f"Teacher stage: {plan.epochs} epochs of {plan.steps_per_epoch} batches of {plan.batch_size} on "
+          f"{pretraining.texts} unlabelled texts with the baseline's probabilities, patience {plan.patience}")
+    with strategy.scope():
+        optimizer = build_optimizer(config, plan)
+        optimizer.build(classifier.trainable_variables)
+    saved = TrainingState.load(state_dir, training_fingerprint(config))
+    state = restore_training_state(classifier, optimizer, saved, config, state_dir)
+    if multi_worker:
+        check_workers_agree(strategy, state.epoch)
+    started = time.perf_counter()
+    pretraining.result = train(classifier, optimizer, strategy, stage, state, state_dir, multi_worker, log_dir)
+    pretraining.seconds = time.perf_counter() - started
+    pretraining.best_loss, pretraining.best_weights = state.best_loss, state.best_weights
+
+
+def fine_tuning_start(config: TrainConfig, pretraining: Pretraining) -> TrainingState:
+    """The labelled stage's first state after a teacher stage: the pretrained weights count as epoch 0, so early
+    stopping keeps them if no epoch on the labels lowers their validation loss."""
+    state = TrainingState(fingerprint=training_fingerprint(config))
+    if pretraining.best_weights is not None:
+        state.best_loss, state.best_epoch, state.best_weights = pretraining.best_loss, 0, pretraining.best_weights
+    return state
+
+
+def unlabelled_notes(config: TrainConfig, training_rows: int, pretraining: Pretraining, training: TrainingResult,
+                     check: ValidationCheck) -> list[str]:
+    """What to say about unlabelled text: that it would likely help a small labelled split that has none, and,
+    after a teacher stage, what the labels added on validation and whether the model reached its teacher."""
+    if pretraining.method == "none":
+        if (pretraining.reason.endswith("no unlabelled text") and training_rows < SMALL_TRAINING_ROWS
+                and config.arch != "bert" and config.baseline):
+            return [f"Few labels ({training_rows} training rows): unlabelled text of the same kind would likely "
+                    "help. Rows of --data with a text and an empty label, or --unlabelled FILE (a CSV or one text "
+                    "per line), let the model learn the baseline's probabilities on them first (README: "
+                    "Unlabelled text)."]
+        return []
+    notes = []
+    if training.best_epoch == 0:
+        notes.append("Fine-tuning on the labels did not lower the validation loss of the model the teacher stage "
+                     "ended with; that model is kept.")
+    accuracy = check.accuracy()
+    if "baseline" in accuracy and accuracy["neural"] < accuracy["baseline"]:
+        notes.append(f"The teacher stage did not bring the {config.arch} up to its teacher on the validation split "
+                     f"({accuracy['neural']:.4f} against the baseline's {accuracy['baseline']:.4f}).")
+    return notes
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2387,7 +2633,7 @@ def confident_errors(texts, labels, probabilities, class_names, limit: int = 100
 
 def build_metrics(config: TrainConfig, started_from: dict, data: dict, training: TrainingResult,
                  evaluation: Evaluation, blend: Blend | None, check: ValidationCheck, notes: list[str], strategy,
-                 role: ClusterRole | None) -> dict:
+                 role: ClusterRole | None, pretraining: Pretraining) -> dict:
     """The run's metrics.json: the primary model's test results first, then each other model's; the data,
     settings, training, timing (filled in last) and environment."""
 
@@ -2406,6 +2652,7 @@ def build_metrics(config: TrainConfig, started_from: dict, data: dict, training:
         "config": dataclasses.asdict(config),
         "started_from": started_from,
         "training": training.summary(),
+        "semi_supervised": pretraining.summary(),
         "environment": {"python": platform.python_version(), "tensorflow": tf.__version__,
                         "machine": platform.platform(), "cpus": os.cpu_count(),
                         "strategy": strategy_name(strategy, role), "replicas": strategy.num_replicas_in_sync},
@@ -2455,13 +2702,13 @@ def plot_roc_curves(labels, probabilities: dict[str, np.ndarray], class_names):
     return figure
 
 
-def plot_history(history: dict):
+def plot_history(history: dict, stage: str = ""):
     figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(10, 4))
     epochs = np.arange(1, len(history.get("loss", [])) + 1)
     for axes, metric in ((loss_axes, "loss"), (accuracy_axes, "accuracy")):
         axes.plot(epochs, history.get(metric, []), marker="o", label="training")
         axes.plot(epochs, history.get(f"val_{metric}", []), marker="o", label="validation")
-        axes.set(xlabel="epoch", ylabel=metric, title=f"{metric.capitalize()} per epoch")
+        axes.set(xlabel="epoch", ylabel=metric, title=f"{stage}{metric} per epoch".capitalize())
         axes.set_xticks(epochs)
         axes.legend()
     figure.tight_layout()
@@ -2479,9 +2726,10 @@ def show_figures(show: bool) -> None:
 
 
 def write_outputs(output_dir: Path, model, evaluation: Evaluation, history: dict, test: LabelledTexts,
-                  show: bool) -> tuple[pd.DataFrame, dict[str, Path]]:
-    """Save the model (model.keras and saved_model/1/), the reports and the figures, each file whole
-    (report.html and metrics.json come after, last). Returns the confident errors and the figures' paths."""
+                  show: bool, pretraining_history: dict | None = None) -> tuple[pd.DataFrame, dict[str, Path]]:
+    """Save the model (model.keras and saved_model/1/), the reports and the figures (with a teacher stage, its
+    curves too), each file whole (report.html and metrics.json come after, last). Returns the confident errors
+    and the figures' paths."""
 
     if not show:
         matplotlib.use("Agg")
@@ -2502,6 +2750,8 @@ def write_outputs(output_dir: Path, model, evaluation: Evaluation, history: dict
         "roc_curve.png": plot_roc_curves(test.labels, evaluation.probabilities, evaluation.class_names),
         "training_history.png": plot_history(history),
     }
+    if pretraining_history:
+        figures["pretraining_history.png"] = plot_history(pretraining_history, "teacher stage: ")
     for name, figure in figures.items():
         save_figure(figure, output_dir / name)
     return errors, {name: output_dir / name for name in figures}
@@ -2881,7 +3131,7 @@ def build_html_report(report: dict, evaluation: Evaluation, history: dict, figur
     sections.append(f"<h2>Per class ({html.escape(primary)})</h2>")
     sections.append(html_table(["class", "precision", "recall", "f1", "support"],
                                [[name, *values.values()] for name, values in per_class.items()]))
-    sections.append("<h2>Figures</h2>" + "".join(embedded_image(path, name, wide=name.startswith("training"))
+    sections.append("<h2>Figures</h2>" + "".join(embedded_image(path, name, wide="history" in name)
                                                  for name, path in figures.items()))
     epochs = len(history.get("loss", []))
     sections.append("<h2>Learning curves</h2>")
@@ -2904,6 +3154,19 @@ def build_html_report(report: dict, evaluation: Evaluation, history: dict, figur
     if report.get("training"):
         sections.append("<h2>Training</h2>")
         sections.append(html_table(["", "value"], [[name, value] for name, value in report["training"].items()]))
+    semi = report.get("semi_supervised", {})
+    if semi.get("history"):
+        sections.append("<h2>Unlabelled text: the teacher stage</h2>")
+        sections.append('<p class="small">Before the labels, the model learned the baseline\'s probabilities on the '
+                        "unlabelled texts (accuracy here: agreement with the baseline; validation: the true labels "
+                        "of the validation split).</p>")
+        sections.append(html_table(["", "value"], [[name, value] for name, value in semi.items() if name != "history"]))
+        stage = semi["history"]
+        sections.append(html_table(["epoch", *stage], [[epoch + 1, *(values[epoch] for values in stage.values())]
+                                                       for epoch in range(len(stage.get("loss", [])))]))
+    elif semi:
+        sections.append(f'<p class="small">Unlabelled text: {html.escape(semi["method"])} '
+                        f'({html.escape(semi["chosen"])})</p>')
     sections.append("<h2>Time</h2>")
     sections.append(html_table(["stage", "seconds"],
                                [[name, value] for name, value in timing.items() if not isinstance(value, list)]))
@@ -3060,25 +3323,49 @@ def run_training(config: TrainConfig) -> TrainingResult:
         with clock.timed("load_s"):
             data = load_dataset(config)
             splits = split_dataset(data, config)
-        counts, class_names = data_summary(data, splits), data.classes.names
+            unlabelled = gather_unlabelled(data, splits, config)
+        counts, class_names = data_summary(data, splits, unlabelled), data.classes.names
         print(f"Read {counts['rows_read']} rows from {config.data}; dropped {counts['dropped']}; "
               f"train {counts['train']}, validation {counts['validation']}, test {counts['test']}; "
-              f"{describe_classes(data)}")
+              f"{describe_unlabelled(unlabelled.counts)}; {describe_classes(data)}")
+        semi = choose_semi_supervised(config, counts["train"], len(unlabelled.texts), config.baseline)
+        if unlabelled.counts["used"] or semi.method != "none":
+            print(f"Unlabelled text: {semi.method} ({semi.reason})")
         strategy = set_up_tensorflow(config, setup.role)
+        baseline = train_strings = targets = None
+        if semi.method == "teacher":  # the teacher is needed before training
+            baseline, train_strings = fit_the_baseline(config, splits, clock)
+            if baseline is None:
+                raise UserError("the baseline, which is the teacher of --semi-supervised teacher, cannot be fitted "
+                                "on these texts; use --semi-supervised none")
+            with clock.timed("baseline_s"):
+                targets = soft_targets(baseline_probabilities(baseline, unlabelled.texts))
+        used_unlabelled = unlabelled.texts if semi.method != "none" else np.array([], dtype=object)
         with clock.timed("preprocess_s"):
-            inputs = prepare_inputs(splits, config, strategy.num_replicas_in_sync, len(class_names))
+            inputs = prepare_inputs(splits, config, strategy.num_replicas_in_sync, len(class_names), used_unlabelled)
         classifier, optimizer = build_model_and_optimizer(config, inputs, len(class_names), strategy)
         needed = output_bytes_needed(classifier.count_params(), config.blend_weight is not None)
         check_free_space(setup.output_dir, needed)
         cleanup.enter_context(disk_full_advice(setup.output_dir, setup.state_dir, needed))
-        state = restore_training_state(classifier, optimizer, setup.saved_state, config, setup.state_dir)
-        if setup.role is not None:
-            check_workers_agree(strategy, state.epoch)
+        multi_worker, pretraining_dir = setup.role is not None, setup.state_dir / "pretraining"
         log_dir = setup.output_dir / "tensorboard" if setup.writes_outputs else None
-        clear_old_curves(log_dir, resuming=setup.saved_state is not None)
-        with clock.timed("train_s"):
-            training = train(classifier, optimizer, strategy, inputs, state, setup.state_dir,
-                             multi_worker=setup.role is not None, log_dir=log_dir)
+        clear_old_curves(log_dir, resuming=setup.saved_state is not None or (pretraining_dir / "state.json").is_file())
+        pretraining = Pretraining(semi.method, semi.reason, len(used_unlabelled),
+                                  int(review_lengths(inputs.unlabelled_ids).sum()) if len(used_unlabelled) else 0)
+        if semi.method == "teacher":
+            with clock.timed("pretrain_s"):
+                learn_from_teacher(classifier, strategy, inputs, targets, config, pretraining_dir, multi_worker,
+                                   log_dir / "pretraining" if log_dir else None, pretraining)
+        if pretraining.result is not None and pretraining.result.interrupted:
+            training = pretraining.result  # Ctrl-C in the teacher stage: report the model as it is
+        else:
+            state = (restore_training_state(classifier, optimizer, setup.saved_state, config, setup.state_dir)
+                     if setup.saved_state is not None else fine_tuning_start(config, pretraining))
+            if multi_worker:
+                check_workers_agree(strategy, state.epoch)
+            with clock.timed("train_s"):
+                training = train(classifier, optimizer, strategy, inputs, state, setup.state_dir,
+                                 multi_worker=multi_worker, log_dir=log_dir)
         if not training.interrupted:
             shutil.rmtree(setup.state_dir, ignore_errors=True)  # finished: nothing to resume
         clock.record("epoch_s", training.epoch_seconds)
@@ -3087,22 +3374,26 @@ def run_training(config: TrainConfig) -> TrainingResult:
             return training
 
         classifier = local_copy(classifier, config, len(inputs.vocabulary))
-        baseline, train_strings = fit_the_baseline(config, splits, clock)
+        if baseline is None:
+            baseline, train_strings = fit_the_baseline(config, splits, clock)
         with clock.timed("validation_s"):
             check = compare_on_validation(classifier, baseline, inputs.validation_ids, splits, train_strings, config)
         blend = blend_if_asked(config, baseline, check)
         probabilities = score_on_test(config, classifier, baseline, blend, inputs.test_ids, splits.test, clock)
-        model = model_to_save(config, setup.started_from, inputs.vectorizer, classifier, baseline, blend, class_names)
+        started_from = {**setup.started_from, **pretraining.started_from(config)}
+        model = model_to_save(config, started_from, inputs.vectorizer, classifier, baseline, blend, class_names)
         evaluation = evaluate(splits.test, class_names, probabilities)
-        notes = inputs.notes + advice(check, config.arch, blend)
-        report = build_metrics(config, setup.started_from, {**counts, **inputs.counts()}, training, evaluation,
-                               blend, check, notes, strategy, setup.role)
+        notes = (inputs.notes + unlabelled_notes(config, counts["train"], pretraining, training, check)
+                 + advice(check, config.arch, blend))
+        report = build_metrics(config, started_from, {**counts, **inputs.counts()}, training, evaluation,
+                               blend, check, notes, strategy, setup.role, pretraining)
         print(f"\nTest set results:\n{evaluation.table}\n\n{evaluation.classification_report}")
         for note in notes:
             print(f"Note: {note}")
         show = config.show and display_available()
         with clock.timed("write_s"):
-            errors, figures = write_outputs(setup.output_dir, model, evaluation, training.history, splits.test, show)
+            errors, figures = write_outputs(setup.output_dir, model, evaluation, training.history, splits.test, show,
+                                            pretraining.result.history if pretraining.result else None)
         with clock.timed("report_s"):
             mistakes = report_mistakes(model, errors, class_names)
             page = build_html_report(report, evaluation, training.history, figures, mistakes, clock.summary())

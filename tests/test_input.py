@@ -188,7 +188,9 @@ def test_drops_are_counted(tmp_path):
     data = tmp_path / "messy.csv"
     pd.concat([rows, extra]).to_csv(data, index=False)
     loaded = sa.load_dataset(sa.TrainConfig(data=str(data)))
-    assert loaded.dropped == {"missing_text": 2, "missing_label": 1, "duplicate_text": 2}
+    # A text without a label is unlabelled text, kept apart, not dropped.
+    assert loaded.dropped == {"missing_text": 2, "duplicate_text": 2}
+    assert loaded.unlabelled.tolist() == ["fine text"]
     assert loaded.rows_read == 25 and len(loaded.texts) == len(loaded.labels) == 20
     assert len(set(loaded.texts)) == len(loaded.texts)
 

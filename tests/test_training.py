@@ -51,7 +51,10 @@ def test_metrics_json_is_complete(trained_dir):
     check_scores(metrics["baseline"])
     data = metrics["data"]
     assert data["rows_read"] == len(rows)
-    assert set(data["dropped"]) == {"missing_text", "missing_label", "duplicate_text"}
+    assert set(data["dropped"]) == {"missing_text", "duplicate_text"}
+    assert data["unlabelled"] == {"from_data": 0, "from_file": 0, "duplicates": 0, "equal_to_validation_or_test": 0,
+                                  "used": 0}
+    assert metrics["semi_supervised"] == {"method": "none", "chosen": "auto: no unlabelled text"}
     assert data["train"] + data["validation"] + data["test"] == data["rows_used"]
     assert data["test"] == test_rows == round(0.2 * data["rows_used"])
     assert metrics["config"]["epochs"] == 1 and metrics["config"]["seed"] == 42

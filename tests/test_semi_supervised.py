@@ -1,0 +1,215 @@
+"""Unlabelled text: counted, deduplicated and kept away from the scored splits; the teacher stage (the baseline's
+probabilities on the unlabelled texts, learned before the labels) through the one training loop, resumable."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import SCRIPT, TINY_CSV, TINY_FLAGS, assert_user_error, build_once, run_main
+
+import sentiment_analysis as sa
+
+LABELLED_ROWS = 120  # of the tiny CSV's 200: the other 80 rows keep their text and lose their label
+# The teacher stage on the 80 unlabelled texts: 3 epochs of batches of 8, then one epoch on the labels.
+TEACHER_FLAGS = [*TINY_FLAGS, "--semi-supervised", "teacher", "--pretrain-epochs", "3", "--batch-size", "8"]
+
+
+def write_semi_csv(path):
+    rows = pd.read_csv(TINY_CSV)
+    rows.loc[LABELLED_ROWS:, "sentiment"] = ""
+    rows.to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def semi_csv(tmp_path_factory):
+    return write_semi_csv(tmp_path_factory.mktemp("semi") / "few_labels.csv")
+
+
+def config_for(data, **settings):
+    return sa.TrainConfig(data=str(data), vocab_size=2000, max_length=80, **settings)
+
+
+def test_rows_without_a_label_are_unlabelled_text_not_dropped(semi_csv):
+    config = config_for(semi_csv)
+    data = sa.load_dataset(config)
+    assert len(data.labels) == LABELLED_ROWS and len(data.unlabelled) == 200 - LABELLED_ROWS
+    assert data.dropped == {"missing_text": 0, "duplicate_text": 0}
+    splits = sa.split_dataset(data, config)
+    unlabelled = sa.gather_unlabelled(data, splits, config)
+    assert unlabelled.counts == {"from_data": 80, "from_file": 0, "duplicates": 0, "equal_to_validation_or_test": 0,
+                                 "used": 80}
+    summary = sa.data_summary(data, splits, unlabelled)
+    assert summary["rows_used"] == LABELLED_ROWS and summary["unlabelled"]["used"] == 80
+    assert "80 rows without a label" in sa.describe_unlabelled(unlabelled.counts)
+
+
+@pytest.mark.parametrize("kind", ["txt", "csv", "tsv"])
+def test_unlabelled_file_is_deduplicated_and_never_holds_a_scored_text(semi_csv, tmp_path, kind):
+    config = config_for(semi_csv)
+    data = sa.load_dataset(config)
+    splits = sa.split_dataset(data, config)
+    test_text, validation_text, training_text = splits.test.texts[0], splits.validation.texts[0], splits.train.texts[0]
+    own = ["A new review nobody labelled.", "Another one, quite good."]
+    texts = [*own, own[0], test_text, validation_text, training_text, data.unlabelled[0]]
+    path = tmp_path / f"more.{kind}"
+    if kind == "txt":
+        path.write_text("\n".join([*texts[:2], "", *texts[2:]]) + "\n")
+    else:
+        pd.DataFrame({"text": texts}).to_csv(path, index=False, sep="\t" if kind == "tsv" else ",")
+    unlabelled = sa.gather_unlabelled(data, splits, config_for(semi_csv, unlabelled=str(path)))
+    assert unlabelled.counts == {"from_data": 80, "from_file": len(texts), "duplicates": 3,
+                                 "equal_to_validation_or_test": 2, "used": 82}
+    used = set(unlabelled.texts)
+    assert set(own) <= used and test_text not in used and validation_text not in used and training_text not in used
+
+
+def test_auto_chooses_the_teacher_only_with_enough_unlabelled_text_and_a_baseline():
+    auto = sa.TrainConfig()
+    assert sa.choose_semi_supervised(auto, 1000, 0, True).method == "none"
+    assert sa.choose_semi_supervised(auto, 1000, 999, True).method == "none"
+    assert sa.choose_semi_supervised(auto, 1000, 1000, True).method == "teacher"
+    assert sa.choose_semi_supervised(auto, 1000, 5000, False).method == "none"
+    assert sa.choose_semi_supervised(sa.TrainConfig(semi_supervised="none"), 10, 5000, True).method == "none"
+    assert sa.choose_semi_supervised(sa.TrainConfig(semi_supervised="teacher"), 5000, 10, True).method == "teacher"
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--semi-supervised", "teacher", "--no-baseline"], "needs the baseline"),
+    (["--unlabelled", "/nonexistent/more.txt"], "--unlabelled must be an existing file"),
+    (["--pretrain-epochs", "0"], "--pretrain-epochs must be at least 1"),
+    (["--semi-supervised", "lm"], "invalid choice"),
+])
+def test_bad_semi_supervised_flags_are_one_line(tmp_path, flags, fragment):
+    result = run_main("--data", TINY_CSV, "--output-dir", tmp_path / "out", *TINY_FLAGS, *flags)
+    if fragment == "invalid choice":  # argparse's own usage error
+        assert result.returncode == 2 and fragment in result.stderr and "Traceback" not in result.stderr
+    else:
+        assert_user_error(result, fragment)
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_teacher_without_unlabelled_text_is_one_line_before_training(tmp_path):
+    result = run_main("--data", TINY_CSV, "--output-dir", tmp_path, *TINY_FLAGS, "--semi-supervised", "teacher")
+    assert_user_error(result, "needs unlabelled text")
+    assert "Epoch" not in result.stdout
+
+
+def test_a_file_with_no_labelled_row_is_one_line(tmp_path):
+    rows = pd.read_csv(TINY_CSV)
+    rows["sentiment"] = ""
+    data = tmp_path / "no_labels.csv"
+    rows.to_csv(data, index=False)
+    assert_user_error(run_main("--data", data, "--output-dir", tmp_path / "out", *TINY_FLAGS),
+                      "no row", "text without a label")
+
+
+@pytest.mark.slow
+def test_the_classifier_starts_from_the_weights_the_teacher_stage_ends_with(semi_csv, tmp_path):
+    sa.keras.utils.set_random_seed(42)
+    config = config_for(semi_csv, batch_size=16, pretrain_epochs=1, embeddings="random", semi_supervised="teacher",
+                        embedding_dim=16)
+    data = sa.load_dataset(config)
+    splits = sa.split_dataset(data, config)
+    unlabelled = sa.gather_unlabelled(data, splits, config)
+    inputs = sa.prepare_inputs(splits, config, 1, 2, unlabelled.texts)
+    assert inputs.unlabelled_ids.shape == (80, 80) and inputs.unlabelled_ids.any()
+    baseline = sa.fit_baseline(sa.standardized_strings(splits.train.texts), splits.train.labels, config)
+    targets = sa.soft_targets(sa.baseline_probabilities(baseline, unlabelled.texts))
+    assert targets.shape == (80,) and 0 < targets.min() < targets.max() < 1  # probabilities, not labels
+    strategy = sa.tf.distribute.get_strategy()
+    classifier, _ = sa.build_model_and_optimizer(config, inputs, 2, strategy)
+    fresh = [weight.copy() for weight in classifier.get_weights()]
+    pretraining = sa.Pretraining("teacher", "as given", len(unlabelled.texts), 0)
+    sa.learn_from_teacher(classifier, strategy, inputs, targets, config, tmp_path / "state", False, None, pretraining)
+    assert pretraining.result.epochs_run == 1 and pretraining.result.plan.steps_per_epoch >= 80 // 16
+    pretrained = classifier.get_weights()
+    for weight, kept in zip(pretrained, pretraining.best_weights):
+        np.testing.assert_array_equal(weight, kept)
+    assert any(not np.array_equal(before, after) for before, after in zip(fresh, pretrained))
+    # The labelled stage starts from them: epoch 0, which early stopping keeps unless an epoch does better.
+    start = sa.fine_tuning_start(config, pretraining)
+    assert start.epoch == 0 and start.best_epoch == 0 and start.best_loss == pretraining.best_loss
+    for weight, kept in zip(pretrained, start.best_weights):
+        np.testing.assert_array_equal(weight, kept)
+
+
+def teacher_run(output_dir, data):
+    result = run_main("--data", data, "--output-dir", output_dir, *TEACHER_FLAGS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output_dir, result.stdout
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory):
+    """One uninterrupted tiny run with a teacher stage, shared by the tests that read it."""
+    data = write_semi_csv(tmp_path_factory.getbasetemp() / "teacher_few_labels.csv")
+    return build_once(tmp_path_factory, "teacher", lambda output_dir: teacher_run(output_dir, data))
+
+
+@pytest.mark.slow
+def test_teacher_run_reports_its_stage_and_saves_a_model_that_predicts(teacher_dir):
+    output_dir, stdout = teacher_dir
+    assert "Unlabelled text: teacher (as given)" in stdout and "Teacher stage: 3 epochs of " in stdout
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    stage = metrics["semi_supervised"]
+    assert stage["method"] == "teacher" and stage["texts"] == 80 and stage["tokens"] > 80
+    assert stage["epochs_run"] == len(stage["history"]["loss"]) >= 1 and stage["seconds"] > 0
+    assert set(stage["history"]) == {"loss", "accuracy", "val_loss", "val_accuracy"}
+    assert stage["validation_accuracy"] in stage["history"]["val_accuracy"]
+    assert metrics["started_from"]["pretrained"].startswith("taught by the TF-IDF baseline's probabilities on 80")
+    assert "and 80 unlabelled texts" in metrics["started_from"]["vectors"]
+    assert metrics["data"]["unlabelled"]["used"] == 80 and metrics["timing"]["pretrain_s"] > 0
+    assert metrics["training"]["epochs_run"] == 1  # the labelled stage, after the teacher stage
+    assert (output_dir / "pretraining_history.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (output_dir / "report.html").read_text()
+    assert "Unlabelled text: the teacher stage" in page and "pretraining_history.png" in page
+    assert (output_dir / "tensorboard" / "pretraining" / "train").is_dir()
+    assert not (output_dir / "training_state").exists()
+    # The saved model holds the tokenizer learned on the training split and the unlabelled texts.
+    result = run_main("predict", "--model", output_dir / "model.keras", "A wonderful, moving film.")
+    assert result.returncode == 0 and result.stdout.split()[0] in ("positive", "negative")
+
+
+@pytest.mark.slow
+def test_few_labels_without_unlabelled_text_suggest_it(trained_dir):
+    notes = json.loads((trained_dir / "metrics.json").read_text())["notes"]
+    assert any(note.startswith("Few labels") and "--unlabelled" in note for note in notes)
+
+
+@pytest.mark.slow
+def test_a_run_killed_in_the_teacher_stage_resumes_there(teacher_dir, tmp_path):
+    output_dir = tmp_path / "killed"
+    data = write_semi_csv(tmp_path / "few_labels.csv")
+    env = {key: value for key, value in os.environ.items() if key not in ("DISPLAY", "TF_CONFIG")}
+    process = subprocess.Popen([sys.executable, str(SCRIPT), "--data", str(data), "--output-dir", str(output_dir),
+                                *TEACHER_FLAGS], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    state_file = output_dir / "training_state" / "pretraining" / "state.json"
+    deadline = time.monotonic() + 240
+    while not state_file.exists():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no teacher epoch finished in time"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    saved = json.loads(state_file.read_text())
+    assert 1 <= saved["epoch"] < 3 and not (output_dir / "metrics.json").exists()
+
+    result = run_main("--data", data, "--output-dir", output_dir, *TEACHER_FLAGS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Resuming after epoch {saved['epoch']}" in result.stdout
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    assert metrics["semi_supervised"]["resumed_after_epoch"] == saved["epoch"]
+    # The same batches and weights as the run that was never stopped: the same curves and test figures.
+    whole = json.loads((teacher_dir[0] / "metrics.json").read_text())
+    assert metrics["semi_supervised"]["history"] == whole["semi_supervised"]["history"]
+    pd.testing.assert_frame_equal(pd.read_csv(output_dir / "history.csv"),
+                                  pd.read_csv(teacher_dir[0] / "history.csv"))
+    assert metrics["test"] == whole["test"]
