@@ -213,3 +213,43 @@ def test_a_run_killed_in_the_teacher_stage_resumes_there(teacher_dir, tmp_path):
     pd.testing.assert_frame_equal(pd.read_csv(output_dir / "history.csv"),
                                   pd.read_csv(teacher_dir[0] / "history.csv"))
     assert metrics["test"] == whole["test"]
+
+
+@pytest.mark.slow
+def test_teacher_stage_on_two_replicas_counts_every_unlabelled_text(semi_csv, tmp_path):
+    result = run_main("--data", semi_csv, "--output-dir", tmp_path, *TEACHER_FLAGS, "--pretrain-epochs", "1",
+                      "--cpu-replicas", "2", "--no-show")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MirroredStrategy" in json.loads((tmp_path / "metrics.json").read_text())["environment"]["strategy"]
+    stage = json.loads((tmp_path / "metrics.json").read_text())["semi_supervised"]
+    assert stage["epochs_run"] == 1 and stage["texts"] == 80
+
+
+@pytest.mark.slow
+def test_two_workers_run_the_teacher_stage_together(semi_csv, tmp_path):
+    from test_resilience import free_ports
+
+    addresses = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    workers = []
+    for index in range(2):
+        env = {key: value for key, value in os.environ.items() if key not in ("DISPLAY", "TF_CONFIG")}
+        env["TF_CONFIG"] = json.dumps({"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}})
+        workers.append(subprocess.Popen(
+            [sys.executable, str(SCRIPT), "--data", str(semi_csv), "--output-dir", str(tmp_path / f"worker-{index}"),
+             *TEACHER_FLAGS, "--pretrain-epochs", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=env))
+    try:
+        outputs = [worker.communicate(timeout=400) for worker in workers]
+    finally:
+        for worker in workers:
+            worker.kill()
+    for worker, (stdout, stderr) in zip(workers, outputs):
+        assert worker.returncode == 0, stderr[-3000:]
+        assert "Teacher stage: 1 epochs" in stdout
+    # Both workers ran the same steps of both stages on the same batches, split between them.
+    epoch_lines = [[line.split(" - loss")[1] for line in stdout.splitlines() if "val_loss" in line]
+                   for stdout, _ in outputs]
+    assert len(epoch_lines[0]) == 2 and epoch_lines[0] == epoch_lines[1]
+    metrics = json.loads((tmp_path / "worker-0" / "metrics.json").read_text())
+    assert metrics["semi_supervised"]["epochs_run"] == 1 and metrics["environment"]["replicas"] == 2
+    assert list((tmp_path / "worker-1").iterdir()) == []
