@@ -1565,10 +1565,12 @@ def small_data_notes(config: TrainConfig, training_rows: int, unlabelled_texts: 
 
 
 def prepare_inputs(splits: DataSplits, config: TrainConfig, replicas: int, num_classes: int,
-                   unlabelled_texts: np.ndarray) -> PreparedInputs:
+                   unlabelled_texts: np.ndarray | None = None) -> PreparedInputs:
     """Everything training needs from the text: the tokenizer (learned on the training split and the unlabelled
     texts given, never on validation or test texts) and the token ids of each split and of the unlabelled
     texts, the plan and the batches, the embedding's start, the class weights, and what to say about the data."""
+    if unlabelled_texts is None:
+        unlabelled_texts = np.array([], dtype=object)
     vectorizer = build_vectorizer(np.concatenate([splits.train.texts, unlabelled_texts]), config)
     vocabulary = vectorizer.get_vocabulary()
     train_ids, validation_ids, test_ids = (vectorize(vectorizer, part.texts)
