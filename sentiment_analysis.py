@@ -1578,8 +1578,7 @@ def prepare_inputs(splits: DataSplits, config: TrainConfig, replicas: int, num_c
     unlabelled_ids = (vectorize(vectorizer, unlabelled_texts) if len(unlabelled_texts)
                       else np.zeros((0, config.max_length), dtype=np.int32))
     check_texts_split(train_ids, config)
-    plan = plan_training(config, review_lengths(train_ids), replicas,
-                         int(review_lengths(unlabelled_ids).sum()) if len(unlabelled_ids) else 0)
+    plan = plan_training(config, review_lengths(train_ids), replicas, int(review_lengths(unlabelled_ids).sum()))
     global_batch_size, several = plan.batch_size * replicas, replicas > 1
     validation_batches = build_training_dataset(validation_ids, splits.validation.labels, global_batch_size,
                                                 config.max_length, None, pad_to_full_batches=several)
@@ -3342,9 +3341,9 @@ def run_training(config: TrainConfig) -> TrainingResult:
                                 "on these texts; use --semi-supervised none")
             with clock.timed("baseline_s"):
                 targets = soft_targets(baseline_probabilities(baseline, unlabelled.texts))
-        used_unlabelled = unlabelled.texts if semi.method != "none" else np.array([], dtype=object)
         with clock.timed("preprocess_s"):
-            inputs = prepare_inputs(splits, config, strategy.num_replicas_in_sync, len(class_names), used_unlabelled)
+            inputs = prepare_inputs(splits, config, strategy.num_replicas_in_sync, len(class_names),
+                                    unlabelled.texts if semi.method != "none" else None)
         classifier, optimizer = build_model_and_optimizer(config, inputs, len(class_names), strategy)
         needed = output_bytes_needed(classifier.count_params(), config.blend_weight is not None)
         check_free_space(setup.output_dir, needed)
@@ -3352,8 +3351,8 @@ def run_training(config: TrainConfig) -> TrainingResult:
         multi_worker, pretraining_dir = setup.role is not None, setup.state_dir / "pretraining"
         log_dir = setup.output_dir / "tensorboard" if setup.writes_outputs else None
         clear_old_curves(log_dir, resuming=setup.saved_state is not None or (pretraining_dir / "state.json").is_file())
-        pretraining = Pretraining(semi.method, semi.reason, len(used_unlabelled),
-                                  int(review_lengths(inputs.unlabelled_ids).sum()) if len(used_unlabelled) else 0)
+        pretraining = Pretraining(semi.method, semi.reason, len(inputs.unlabelled_ids),
+                                  int(review_lengths(inputs.unlabelled_ids).sum()))
         if semi.method == "teacher":
             with clock.timed("pretrain_s"):
                 learn_from_teacher(classifier, strategy, inputs, targets, config, pretraining_dir, multi_worker,
