@@ -1815,6 +1815,196 @@ def accuracy_of(labels: np.ndarray, probabilities: np.ndarray) -> float:
     return round(float(np.mean(predicted_labels(probabilities) == labels)), 4)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Noise: 95% intervals from a bootstrap over the rows, paired comparisons, and McNemar's exact test
+# ----------------------------------------------------------------------------------------------------------
+
+
+# Every interval is a percentile bootstrap: the rows are drawn with replacement BOOTSTRAP_RESAMPLES times with a
+# fixed seed, the figure is computed on each draw, and the middle 95% of those values is the interval. Every
+# model is scored on the same draws, so the difference of two models on a draw is paired (the rows both get
+# right or both get wrong cancel out), which is what makes a paired interval narrower than the two intervals.
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_SEED = 0
+BOOTSTRAP_CELLS = 4_000_000  # draws x rows held in memory at once (about 100 MB of working arrays)
+INTERVAL_LEVEL = 0.95
+INTERVALS_METHOD = (f"95% percentile bootstrap over the {{rows}} test rows: {BOOTSTRAP_RESAMPLES} draws with seed "
+                    f"{BOOTSTRAP_SEED}, the same draws for every model (comparisons are paired); McNemar's exact "
+                    "test on the rows only one of two models gets right")
+
+
+def bootstrap_draws(rows: int, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED):
+    """The bootstrap's draws, a block at a time: (draws, rows) arrays of how often each row was drawn."""
+    generator = np.random.default_rng(seed)
+    block = max(1, BOOTSTRAP_CELLS // max(rows, 1))
+    for start in range(0, resamples, block):
+        size = min(block, resamples - start)
+        drawn = generator.integers(0, rows, size=(size, rows)) + np.arange(size)[:, None] * rows
+        yield np.bincount(drawn.ravel(), minlength=size * rows).reshape(size, rows).astype(np.float32)
+
+
+def drawn_f1(counts: np.ndarray, truth: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """F1 of one class (boolean truth and prediction per row) on each draw; 0 where it has no true or predicted row,
+    as scikit-learn's zero_division=0."""
+    true_positive = counts @ (truth & predicted)
+    wrong = counts @ (truth ^ predicted)
+    denominator = 2 * true_positive + wrong
+    return np.divide(2 * true_positive, denominator, out=np.zeros_like(denominator), where=denominator > 0)
+
+
+def drawn_auc(counts: np.ndarray, truth: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """ROC AUC of one class (boolean truth, a score per row) on each draw: the chance that a drawn positive row
+    scores above a drawn negative one, ties counting half (the Mann-Whitney form, as roc_auc_score); NaN on a
+    draw without both."""
+    order = np.argsort(scores, kind="stable")
+    sorted_scores, sorted_truth = scores[order], truth[order]
+    # Each sorted row's group of tied scores: [start, end) in sorted positions.
+    new_group = np.r_[True, sorted_scores[1:] != sorted_scores[:-1]]
+    starts = np.flatnonzero(new_group)
+    group = np.cumsum(new_group) - 1
+    ends = np.r_[starts[1:], len(scores)]
+    drawn = counts[:, order]
+    negatives_through = np.zeros((len(counts), len(scores) + 1))  # negatives drawn in sorted positions < k
+    np.cumsum(drawn * ~sorted_truth, axis=1, out=negatives_through[:, 1:])
+    positive = np.flatnonzero(sorted_truth)
+    below, through = starts[group[positive]], ends[group[positive]]
+    # A positive row beats the negatives below its group and ties with those in it.
+    beaten = 0.5 * (negatives_through[:, below] + negatives_through[:, through])
+    wins = np.einsum("ij,ij->i", drawn[:, positive], beaten)
+    pairs = drawn[:, positive].sum(axis=1) * negatives_through[:, -1]
+    return np.divide(wins, pairs, out=np.full_like(wins, np.nan), where=pairs > 0)
+
+
+def interval_figures(class_names) -> tuple[str, ...]:
+    """The headline figures that carry an interval: accuracy, F1 (macro for several classes) and ROC AUC."""
+    return ("accuracy", "f1", "roc_auc") if is_binary(len(class_names)) else ("accuracy", "f1_macro", "roc_auc")
+
+
+def bootstrap_figures(labels: np.ndarray, probabilities: dict[str, np.ndarray], class_names,
+                      figures: tuple[str, ...] | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """Each model's figures (accuracy, F1 or macro F1, ROC AUC; or those named) on each bootstrap draw of the rows,
+    the same draws for every model: model -> figure -> (draws,) values."""
+    figures = figures or interval_figures(class_names)
+    classes = range(len(class_names))
+    binary = is_binary(len(class_names))
+    values = {name: {figure: [] for figure in figures} for name in probabilities}
+    for counts in bootstrap_draws(len(labels)):
+        for name, model in probabilities.items():
+            predicted = predicted_labels(model)
+            for figure in figures:
+                if figure == "accuracy":
+                    value = counts @ (predicted == labels) / len(labels)
+                elif figure == "f1":
+                    value = drawn_f1(counts, labels == 1, predicted == 1)
+                elif figure == "f1_macro":
+                    value = np.mean([drawn_f1(counts, labels == c, predicted == c) for c in classes], axis=0)
+                elif binary:  # roc_auc of the positive class
+                    value = drawn_auc(counts, labels == 1, model[:, 1])
+                else:  # roc_auc one-vs-rest, macro
+                    value = np.mean([drawn_auc(counts, labels == c, model[:, c]) for c in classes], axis=0)
+                values[name][figure].append(value)
+    return {name: {figure: np.concatenate(parts) for figure, parts in figures_of.items()}
+            for name, figures_of in values.items()}
+
+
+def percentile_interval(values: np.ndarray) -> list[float]:
+    """The middle INTERVAL_LEVEL of the bootstrap values (draws where the figure is undefined left out)."""
+    tail = 100 * (1 - INTERVAL_LEVEL) / 2
+    low, high = np.nanpercentile(values, [tail, 100 - tail])
+    return [round(float(low), 4), round(float(high), 4)]
+
+
+def mean_interval(values: np.ndarray) -> list[float]:
+    """The bootstrap interval of the mean of a value per row (1 or 0 for right or wrong: the accuracy)."""
+    values = np.asarray(values, dtype=np.float64)
+    return percentile_interval(np.concatenate([counts @ values / len(values)
+                                               for counts in bootstrap_draws(len(values))]))
+
+
+def mcnemar_p_value(first_only: int, second_only: int) -> float:
+    """McNemar's exact test: the two-sided binomial p-value of the rows only one of two models gets right
+    (first_only against second_only), under the hypothesis that either is as likely to be the one."""
+    discordant, fewer = first_only + second_only, min(first_only, second_only)
+    if discordant == 0:
+        return 1.0
+    # P(X <= fewer) for X ~ Binomial(discordant, 1/2), summed in logarithms (exact to rounding at any size).
+    logs = [math.lgamma(discordant + 1) - math.lgamma(k + 1) - math.lgamma(discordant - k + 1)
+            for k in range(fewer + 1)]
+    top = max(logs)
+    tail = math.exp(top + math.log(sum(math.exp(value - top) for value in logs)) - discordant * math.log(2))
+    return float(min(1.0, 2 * tail))
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Two models' accuracy on the same rows: the difference (first minus second), its paired interval, McNemar's
+    p-value, and the rows only one of them got right. Level when the interval holds zero or McNemar's p is 0.05 or
+    more: on a few hundred rows the percentile bootstrap's interval can be a little too narrow, and the exact test
+    then keeps a verdict from resting on it alone."""
+    first: str
+    second: str
+    split: str
+    difference: float
+    interval: list[float]
+    p_value: float
+    first_only: int
+    second_only: int
+
+    @property
+    def level(self) -> bool:
+        return self.interval[0] <= 0 <= self.interval[1] or self.p_value >= 0.05
+
+    def spread(self) -> str:
+        """The difference in points, its interval and McNemar's p-value: '+0.2 points, -0.5 to +0.9; McNemar p =
+        0.61'."""
+        low, high = (100 * bound for bound in self.interval)
+        return f"{100 * self.difference:+.1f} points, {low:+.1f} to {high:+.1f}; McNemar p = {self.p_value:.2g}"
+
+    def margin(self) -> str:
+        """'by 1.3 points (0.6 to 2.0; McNemar p = 0.001)': the size of the difference, its interval the same way."""
+        low, high = sorted(abs(100 * bound) if self.difference > 0 else -100 * bound for bound in self.interval)
+        return f"by {abs(100 * self.difference):.1f} points ({low:.1f} to {high:.1f}; McNemar p = {self.p_value:.2g})"
+
+    def words(self) -> str:
+        """'ahead by 1.3 points (0.6 to 2.0; ...)', or 'level: the difference is within noise (...)'."""
+        if self.level:
+            return f"level: the difference is within noise ({self.spread()})"
+        return f"{'ahead' if self.difference > 0 else 'behind'} {self.margin()}"
+
+    def sentence(self) -> str:
+        if self.level:
+            return (f"On the {self.split} split the {self.first} and the {self.second} are level: the difference is "
+                    f"within noise ({self.spread()}).")
+        return (f"On the {self.split} split the {self.first} is {'ahead of' if self.difference > 0 else 'behind'} the "
+                f"{self.second} {self.margin()}.")
+
+    def summary(self) -> dict:
+        return {"first": self.first, "second": self.second, "split": self.split, "figure": "accuracy",
+                "difference": round(self.difference, 4), "interval": self.interval, "mcnemar_p": self.p_value,
+                "first_only_right": self.first_only, "second_only_right": self.second_only, "level": self.level,
+                "words": self.words()}
+
+
+def compare_models(labels: np.ndarray, first: np.ndarray, second: np.ndarray, names: tuple[str, str], split: str,
+                   drawn: dict[str, dict[str, np.ndarray]] | None = None) -> Comparison:
+    """The paired comparison of two models' (rows, classes) probabilities on the same rows (bootstrap draws of
+    their accuracy already made on these rows may be given: {name: {"accuracy": draws}})."""
+    first_right, second_right = predicted_labels(first) == labels, predicted_labels(second) == labels
+    if drawn is None:
+        interval = mean_interval(first_right.astype(float) - second_right)
+    else:
+        interval = percentile_interval(drawn[names[0]]["accuracy"] - drawn[names[1]]["accuracy"])
+    first_only = int(np.sum(first_right & ~second_right))
+    second_only = int(np.sum(~first_right & second_right))
+    return Comparison(names[0], names[1], split, float(first_right.mean() - second_right.mean()), interval,
+                      mcnemar_p_value(first_only, second_only), first_only, second_only)
+
+
+def with_interval(value: float, bounds: list[float] | None) -> str:
+    """A figure as the terminal and the report show it: 0.9081 (0.9024–0.9138)."""
+    return f"{value:.4f}" if bounds is None else f"{value:.4f} ({bounds[0]:.4f}–{bounds[1]:.4f})"
+
+
 def choose_blend_weight(labels, neural, baseline) -> float:
     """The weight of the neural model (0 to 1 in steps of 0.05) with the lowest log loss on validation data.
 
@@ -1833,30 +2023,51 @@ def choose_blend_weight(labels, neural, baseline) -> float:
     return float(weights[int(np.argmin(losses))])
 
 
+EQUAL_BLEND_WEIGHT = 0.5  # the plain choice when the validation split cannot tell the weights apart
+
+
 @dataclass
 class Blend:
     weight: float
     validation_accuracy: dict[str, float] | None  # of each part and the blend, when the weight was chosen here
+    reason: str = "as given"                      # how the weight was chosen, in words
+
+
+def row_log_loss(labels: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+    """Each row's log loss: minus the log of the probability given to its true class."""
+    return -np.log(np.clip(probabilities[np.arange(len(labels)), labels], 1e-7, 1.0))
 
 
 def choose_blend(config: TrainConfig, validation_labels: np.ndarray, neural: np.ndarray,
                  baseline: np.ndarray) -> Blend:
     """--blend-weight W as given, or with auto the weight chosen on the validation split (never the test), from
-    the two models' validation probabilities: the weight of the lowest log loss, unless that blend is less
-    accurate there than one of its parts alone, which then gets all the weight (on small data an overconfident
-    neural model can lower the log loss of a blend that gets more reviews wrong)."""
+    the two models' validation probabilities: the weight of the lowest log loss, if its log loss is lower than
+    that of equal weights beyond noise (the paired bootstrap interval of the rows' log-loss difference is below
+    zero), else EQUAL_BLEND_WEIGHT; then, if one part alone is more accurate than that blend beyond noise, that
+    part gets all the weight (on small data an overconfident neural model can lower the log loss of a blend that
+    gets more reviews wrong)."""
     if config.blend_weight != "auto":
         return Blend(config.blend_weight, None)
-    weight = choose_blend_weight(validation_labels, neural, baseline)
+    labels = validation_labels
+    weight, reason = choose_blend_weight(labels, neural, baseline), "the lowest validation log loss"
+    if weight != EQUAL_BLEND_WEIGHT:
+        gain = mean_interval(row_log_loss(labels, blend_probabilities(weight, neural, baseline))
+                             - row_log_loss(labels, blend_probabilities(EQUAL_BLEND_WEIGHT, neural, baseline)))
+        if gain[1] >= 0:
+            reason = (f"equal weights: the validation split cannot tell {weight:.2f} (the lowest log loss) from "
+                      f"{EQUAL_BLEND_WEIGHT:.2f} (log-loss difference {gain[0]:+.4f} to {gain[1]:+.4f})")
+            weight = EQUAL_BLEND_WEIGHT
     blended = blend_probabilities(weight, neural, baseline)
+    better, part_weight, part = ((config.arch, 1.0, neural) if accuracy_of(labels, neural) > accuracy_of(labels, baseline)
+                                 else ("baseline", 0.0, baseline))
+    comparison = compare_models(labels, part, blended, (better, "blend"), "validation")
+    if comparison.difference > 0 and not comparison.level:
+        weight, blended = part_weight, part
+        reason = f"all on the {better}: alone it is more accurate than the blend ({comparison.words()})"
     # Reported so that presets can be compared on validation data, never on the test set.
-    accuracy = {config.arch: accuracy_of(validation_labels, neural),
-                "baseline": accuracy_of(validation_labels, baseline),
-                "blend": accuracy_of(validation_labels, blended)}
-    if accuracy["blend"] < max(accuracy[config.arch], accuracy["baseline"]):
-        weight = 1.0 if accuracy[config.arch] > accuracy["baseline"] else 0.0
-        accuracy["blend"] = accuracy[config.arch] if weight == 1.0 else accuracy["baseline"]
-    return Blend(weight, accuracy)
+    accuracy = {config.arch: accuracy_of(labels, neural), "baseline": accuracy_of(labels, baseline),
+                "blend": accuracy_of(labels, blended)}
+    return Blend(weight, accuracy, reason)
 
 
 # The baseline's learning curve: it is fitted again on these shares of the training split (the whole split is
@@ -1864,14 +2075,22 @@ def choose_blend(config: TrainConfig, validation_labels: np.ndarray, neural: np.
 BASELINE_CURVE_FRACTIONS = (0.1, 0.25, 0.5)
 
 
+def curve_point(share: float, rows: int, labels: np.ndarray, probabilities: np.ndarray) -> dict:
+    right = predicted_labels(probabilities) == labels
+    return {"share": share, "training_rows": rows, "validation_accuracy": accuracy_of(labels, probabilities),
+            "interval": mean_interval(right)}
+
+
 def baseline_learning_curve(whole_split_probabilities: np.ndarray, train_strings: list[str],
                             train_labels: np.ndarray, validation_strings: list[str], validation_labels: np.ndarray,
-                            config: TrainConfig) -> list[dict]:
-    """Validation accuracy of the baseline fitted on a stratified share of the training split, for each share of
-    BASELINE_CURVE_FRACTIONS, then of the baseline itself (fitted on the whole split, whose validation
-    probabilities are given). A share too small to fit (a class or every word missing) is left out."""
+                            config: TrainConfig) -> tuple[list[dict], np.ndarray | None]:
+    """Validation accuracy (with its 95% interval) of the baseline fitted on a stratified share of the training
+    split, for each share of BASELINE_CURVE_FRACTIONS, then of the baseline itself (fitted on the whole split,
+    whose validation probabilities are given). A share too small to fit (a class or every word missing) is left
+    out. Also returns the validation probabilities of the baseline fitted on half the split (None if left out),
+    which the advice compares with the whole split's."""
 
-    points = []
+    points, half = [], None
     for fraction in BASELINE_CURVE_FRACTIONS:
         rows = round(fraction * len(train_labels))
         try:
@@ -1880,11 +2099,12 @@ def baseline_learning_curve(whole_split_probabilities: np.ndarray, train_strings
             model = fit_baseline([train_strings[i] for i in chosen], train_labels[chosen], config)
         except ValueError:
             continue
-        points.append({"share": fraction, "training_rows": rows,
-                       "validation_accuracy": accuracy_of(validation_labels, model.predict_proba(validation_strings))})
-    points.append({"share": 1.0, "training_rows": len(train_labels),
-                   "validation_accuracy": accuracy_of(validation_labels, whole_split_probabilities)})
-    return points
+        probabilities = model.predict_proba(validation_strings)
+        points.append(curve_point(fraction, rows, validation_labels, probabilities))
+        if fraction == 0.5:
+            half = probabilities
+    points.append(curve_point(1.0, len(train_labels), validation_labels, whole_split_probabilities))
+    return points, half
 
 
 @dataclass
@@ -1895,6 +2115,7 @@ class ValidationCheck:
     neural: np.ndarray                   # (reviews, classes) probabilities of the neural model
     baseline: np.ndarray | None          # and of the baseline
     baseline_curve: list[dict]           # see baseline_learning_curve
+    half_baseline: np.ndarray | None = None  # probabilities of the baseline fitted on half the training split
 
     def accuracy(self) -> dict[str, float]:
         return {"neural": accuracy_of(self.labels, self.neural),
@@ -1909,30 +2130,42 @@ def compare_on_validation(classifier, baseline, validation_ids: np.ndarray, spli
         return ValidationCheck(splits.validation.labels, neural, None, [])
     validation_strings = standardized_strings(splits.validation.texts)
     probabilities = baseline.predict_proba(validation_strings)
-    curve = baseline_learning_curve(probabilities, train_strings, splits.train.labels, validation_strings,
-                                    splits.validation.labels, config)
-    return ValidationCheck(splits.validation.labels, neural, probabilities, curve)
+    curve, half = baseline_learning_curve(probabilities, train_strings, splits.train.labels, validation_strings,
+                                          splits.validation.labels, config)
+    return ValidationCheck(splits.validation.labels, neural, probabilities, curve, half)
+
+
+MIN_CURVE_GAIN = 0.01  # the least validation accuracy gained from half the labels to all that the advice mentions
 
 
 def advice(check: ValidationCheck, arch: str, blend: Blend | None) -> list[str]:
-    """What to trust, in plain words, from the validation split: whether the baseline beats the model this run
-    saves (and what to use instead), and whether its learning curve still rises."""
-    notes, accuracy = [], check.accuracy()
-    if "baseline" in accuracy:
-        saved, name = accuracy["neural"], arch
+    """What to trust, in plain words, from the validation split, each only when its difference is beyond noise
+    (the paired bootstrap interval excludes zero): whether the baseline beats the model this run saves (and what
+    to use instead), or that the two are level (then the cheaper baseline will do); and whether the baseline's
+    learning curve still rises."""
+    notes = []
+    if check.baseline is not None and not (blend is not None and blend.validation_accuracy and blend.weight == 0.0):
+        saved, name = check.neural, arch
         if blend is not None and blend.validation_accuracy:
-            saved, name = blend.validation_accuracy["blend"], "blend"
-        if accuracy["baseline"] > saved:
+            saved, name = blend_probabilities(blend.weight, check.neural, check.baseline), "blend"
+        comparison = compare_models(check.labels, saved, check.baseline, (name, "baseline"), "validation")
+        ours, theirs = accuracy_of(check.labels, saved), accuracy_of(check.labels, check.baseline)
+        if comparison.level:
+            notes.append(f"The {name} and the baseline are level on the validation split: {ours:.4f} against "
+                         f"{theirs:.4f} accuracy, a difference within noise ({comparison.spread()}). The baseline is "
+                         "the cheaper one to use: it fits in seconds and predicts many times faster.")
+        elif comparison.difference < 0:
             better = ("--preset best (the model blended with the baseline) or the baseline's figures" if blend is None
                       else "the baseline's figures")
-            notes.append(f"The baseline is better on this data: {accuracy['baseline']:.4f} against {saved:.4f} "
-                         f"accuracy for the {name} on the validation split. Trust {better}.")
+            notes.append(f"The baseline is better on this data: {theirs:.4f} against {ours:.4f} accuracy for the "
+                         f"{name} on the validation split (the {name} is {comparison.words()}). Trust {better}.")
     curve = check.baseline_curve
-    if len(curve) >= 2 and curve[-1]["share"] == 1.0 and curve[-2]["share"] == 0.5:
-        gain = curve[-1]["validation_accuracy"] - curve[-2]["validation_accuracy"]
-        if gain >= 0.01:
-            notes.append(f"More labelled data would likely help: the baseline gained {gain:.4f} validation accuracy "
-                         f"from half of the training split to all of it.")
+    if (check.half_baseline is not None and len(curve) >= 2 and curve[-1]["share"] == 1.0
+            and curve[-2]["share"] == 0.5):
+        gain = compare_models(check.labels, check.baseline, check.half_baseline, ("baseline", "half"), "validation")
+        if gain.difference >= MIN_CURVE_GAIN and not gain.level:
+            notes.append(f"More labelled data would likely help: the baseline gained {gain.difference:.4f} validation "
+                         f"accuracy from half of the training split to all of it ({gain.words()}).")
     return notes
 
 
@@ -2518,9 +2751,12 @@ def unlabelled_notes(config: TrainConfig, training_rows: int, pretraining: Pretr
         notes.append("Fine-tuning on the labels did not lower the validation loss of the model the teacher stage "
                      "ended with; that model is kept.")
     accuracy = check.accuracy()
-    if "baseline" in accuracy and accuracy["neural"] < accuracy["baseline"]:
+    behind = (compare_models(check.labels, check.baseline, check.neural, ("baseline", config.arch), "validation")
+              if check.baseline is not None else None)
+    if behind is not None and behind.difference > 0 and not behind.level:
         notes.append(f"The teacher stage did not bring the {config.arch} up to its teacher on the validation split "
-                     f"({accuracy['neural']:.4f} against the baseline's {accuracy['baseline']:.4f}).")
+                     f"({accuracy['neural']:.4f} against the baseline's {accuracy['baseline']:.4f}; the baseline is "
+                     f"{behind.words()}).")
     return notes
 
 
@@ -2582,11 +2818,15 @@ def classification_report(labels, probabilities, class_names) -> str:
 
 
 def summary_table(scores: dict[str, dict], class_names) -> str:
-    """One line per model: the figures of two classes, or accuracy and the averages of more."""
+    """One line per model: the figures of two classes, or accuracy and the averages of more; those with a 95%
+    interval (accuracy, F1, ROC AUC) show it beside them."""
     names = BINARY_FIGURES if is_binary(len(class_names)) else MULTICLASS_TABLE
-    lines = [f"{'model':<12}" + "".join(f"{name:>12}" for name in names)]
+    widths = {name: 24 if f"{name}_interval" in next(iter(scores.values())) else 12 for name in names}
+    lines = [f"{'model':<12}" + "".join(f"{name:>{widths[name]}}" for name in names)]
     for model_name, model_scores in scores.items():
-        lines.append(f"{model_name:<12}" + "".join(f"{model_scores[name]:>12.4f}" for name in names))
+        lines.append(f"{model_name:<12}" + "".join(
+            f"{with_interval(model_scores[name], model_scores.get(f'{name}_interval')):>{widths[name]}}"
+            for name in names))
     return "\n".join(lines)
 
 
@@ -2597,7 +2837,8 @@ class Evaluation:
     labels: np.ndarray
     class_names: tuple[str, ...]
     probabilities: dict[str, np.ndarray]  # model name -> (reviews, classes)
-    scores: dict[str, dict]
+    scores: dict[str, dict]               # with a 95% interval beside each headline figure (name_interval)
+    comparisons: list[Comparison]         # the paired comparisons of the models on the test rows
     classification_report: str
     table: str
 
@@ -2606,11 +2847,31 @@ class Evaluation:
         return next(iter(self.probabilities))
 
 
+def compared_pairs(probabilities: dict[str, np.ndarray]) -> list[tuple[str, str]]:
+    """Which models are compared on the test rows: the neural model against the baseline, and a blend against
+    each of its parts."""
+    names = list(probabilities)
+    if "baseline" not in names:
+        return []
+    neural = next(name for name in names if name not in ("blend", "baseline"))
+    pairs = [(neural, "baseline")]
+    if "blend" in names:
+        pairs += [("blend", "baseline"), ("blend", neural)]
+    return pairs
+
+
 def evaluate(test: LabelledTexts, class_names, probabilities: dict[str, np.ndarray]) -> Evaluation:
-    """Score each model's test probabilities (the primary model first)."""
+    """Score each model's test probabilities (the primary model first): the figures, their 95% intervals (the
+    bootstrap above) and the paired comparisons."""
     scores = {name: compute_metrics(test.labels, values, class_names) for name, values in probabilities.items()}
+    drawn = bootstrap_figures(test.labels, probabilities, class_names)
+    for name, figures in drawn.items():
+        for figure, values in figures.items():
+            scores[name][f"{figure}_interval"] = percentile_interval(values)
+    comparisons = [compare_models(test.labels, probabilities[first], probabilities[second], (first, second), "test",
+                                  drawn) for first, second in compared_pairs(probabilities)]
     report = classification_report(test.labels, next(iter(probabilities.values())), class_names)
-    return Evaluation(test.labels, tuple(class_names), probabilities, scores, report,
+    return Evaluation(test.labels, tuple(class_names), probabilities, scores, comparisons, report,
                       summary_table(scores, class_names))
 
 
@@ -2642,13 +2903,19 @@ def build_metrics(config: TrainConfig, started_from: dict, data: dict, training:
     return {
         "model": primary,
         "classes": list(evaluation.class_names),
-        **({"blend_weight": blend.weight} if blend else {}),
+        **({"blend_weight": blend.weight, "blend_chosen": blend.reason} if blend else {}),
         **({"validation_accuracy": blend.validation_accuracy} if blend and blend.validation_accuracy else {}),
         "test": evaluation.scores[primary],
         # The baseline, then the neural part of a blend, under their own names.
         **{name: scores for name, scores in evaluation.scores.items() if name != primary},
+        "intervals": INTERVALS_METHOD.format(rows=len(evaluation.labels)),
+        "comparisons": [comparison.summary() for comparison in evaluation.comparisons],
         "notes": notes,
-        "validation": {"accuracy": check.accuracy(), "baseline_learning_curve": check.baseline_curve},
+        "validation": {"accuracy": check.accuracy(),
+                       **({"comparison": compare_models(check.labels, check.neural, check.baseline,
+                                                        ("neural", "baseline"), "validation").summary()}
+                          if check.baseline is not None else {}),
+                       "baseline_learning_curve": check.baseline_curve},
         "data": data,
         "config": dataclasses.asdict(config),
         "started_from": started_from,
@@ -2716,6 +2983,25 @@ def plot_history(history: dict, stage: str = ""):
     return figure
 
 
+LEARNING_CURVE_FIGURE = "learning_curve.png"
+
+
+def plot_learning_curve(curve: list[dict]):
+    """The baseline's validation accuracy against its training rows, each point with its 95% interval."""
+    figure, axes = plt.subplots(figsize=(5.5, 4))
+    rows = [point["training_rows"] for point in curve]
+    accuracy = np.array([point["validation_accuracy"] for point in curve])
+    bounds = np.array([point.get("interval", [value, value]) for point, value in zip(curve, accuracy)])
+    axes.errorbar(rows, accuracy, yerr=[accuracy - bounds[:, 0], bounds[:, 1] - accuracy], marker="o", capsize=4)
+    axes.set_xscale("log")
+    axes.set_xticks(rows, [str(value) for value in rows])
+    axes.minorticks_off()
+    axes.set(xlabel="training rows (log scale)", ylabel="validation accuracy",
+             title="The baseline's learning curve (95% intervals)")
+    figure.tight_layout()
+    return figure
+
+
 def show_figures(show: bool) -> None:
     """Open the figures in windows if asked and able, then free them."""
     if show:
@@ -2727,10 +3013,11 @@ def show_figures(show: bool) -> None:
 
 
 def write_outputs(output_dir: Path, model, evaluation: Evaluation, history: dict, test: LabelledTexts,
-                  show: bool, pretraining_history: dict | None = None) -> tuple[pd.DataFrame, dict[str, Path]]:
+                  show: bool, pretraining_history: dict | None = None,
+                  learning_curve: list[dict] | None = None) -> tuple[pd.DataFrame, dict[str, Path]]:
     """Save the model (model.keras and saved_model/1/), the reports and the figures (with a teacher stage, its
-    curves too), each file whole (report.html and metrics.json come after, last). Returns the confident errors
-    and the figures' paths."""
+    curves too; with a baseline, its learning curve), each file whole (report.html and metrics.json come after,
+    last). Returns the confident errors and the figures' paths."""
 
     if not show:
         matplotlib.use("Agg")
@@ -2753,6 +3040,8 @@ def write_outputs(output_dir: Path, model, evaluation: Evaluation, history: dict
     }
     if pretraining_history:
         figures["pretraining_history.png"] = plot_history(pretraining_history, "teacher stage: ")
+    if learning_curve:
+        figures[LEARNING_CURVE_FIGURE] = plot_learning_curve(learning_curve)
     for name, figure in figures.items():
         save_figure(figure, output_dir / name)
     return errors, {name: output_dir / name for name in figures}
@@ -3058,6 +3347,7 @@ img.wide { width: 97%; }
 .mistake { margin: 1em 0; padding: 0.5em 0.8em; border-left: 4px solid #c33; background: #fafafa; }
 .mistake .text { line-height: 1.7; } .small { color: #666; font-size: 0.9em; }
 .note { margin: 0.5em 0; padding: 0.5em 0.8em; border-left: 4px solid #e0a000; background: #fff8e5; }
+.side { display: flex; gap: 1em; align-items: flex-start; } .side img { width: 50%; }
 """
 
 
@@ -3095,8 +3385,10 @@ def highlighted_html(explanation: Explanation) -> str:
 
 
 def metric_rows(scores: dict[str, dict], class_names) -> list[list]:
-    """Side by side: one row per figure, one column per model (the primary model first)."""
-    return [[name, *(model_scores[name] for model_scores in scores.values())] for name in figure_names(class_names)]
+    """Side by side: one row per figure, one column per model (the primary model first), with its 95% interval
+    where it has one."""
+    return [[name, *(with_interval(model_scores[name], model_scores.get(f"{name}_interval"))
+                     for model_scores in scores.values())] for name in figure_names(class_names)]
 
 
 def build_html_report(report: dict, evaluation: Evaluation, history: dict, figures: dict[str, Path],
@@ -3115,6 +3407,15 @@ def build_html_report(report: dict, evaluation: Evaluation, history: dict, figur
                                                           for note in report["notes"]))
     sections.append("<h2>Test-set metrics</h2>")
     sections.append(html_table(["metric", *evaluation.scores], metric_rows(evaluation.scores, evaluation.class_names)))
+    sections.append(f'<p class="small">In brackets: {html.escape(report["intervals"])}.</p>')
+    if evaluation.comparisons:
+        sections.append("<h2>Paired comparisons (test split)</h2>")
+        sections.append(html_table(["models", "accuracy difference", "95% interval", "McNemar p", "verdict"],
+                                   [[f"{c.first} against {c.second}", f"{100 * c.difference:+.1f} points",
+                                     f"{100 * c.interval[0]:+.1f} to {100 * c.interval[1]:+.1f}", f"{c.p_value:.2g}",
+                                     "level" if c.level else ("ahead" if c.difference > 0 else "behind")]
+                                    for c in evaluation.comparisons]))
+        sections.append("".join(f'<p class="note">{html.escape(c.sentence())}</p>' for c in evaluation.comparisons))
     accuracy = report["validation"]["accuracy"]
     sections.append('<p class="small">Validation accuracy: ' + html.escape(", ".join(
         f"{'the ' + report['config']['arch'] if name == 'neural' else 'the ' + name} {value:.4f}"
@@ -3125,15 +3426,18 @@ def build_html_report(report: dict, evaluation: Evaluation, history: dict, figur
         sections.append('<p class="small">The baseline fitted again on a share of the training split and scored '
                         "on the validation split: a curve still rising at the right means more labelled data would "
                         "help.</p>")
-        sections.append(html_table(["share of the training split", "training rows", "validation accuracy"],
-                                   [[f"{point['share']:.0%}", point["training_rows"], point["validation_accuracy"]]
-                                    for point in curve]))
+        table = html_table(["share of the training split", "training rows", "validation accuracy (95% interval)"],
+                           [[f"{point['share']:.0%}", point["training_rows"],
+                             with_interval(point["validation_accuracy"], point.get("interval"))] for point in curve])
+        picture = (embedded_image(figures[LEARNING_CURVE_FIGURE], LEARNING_CURVE_FIGURE)
+                   if LEARNING_CURVE_FIGURE in figures else "")
+        sections.append(f'<div class="side">{table}{picture}</div>')
     per_class = evaluation.scores[primary]["per_class"]
     sections.append(f"<h2>Per class ({html.escape(primary)})</h2>")
     sections.append(html_table(["class", "precision", "recall", "f1", "support"],
                                [[name, *values.values()] for name, values in per_class.items()]))
     sections.append("<h2>Figures</h2>" + "".join(embedded_image(path, name, wide="history" in name)
-                                                 for name, path in figures.items()))
+                                                 for name, path in figures.items() if name != LEARNING_CURVE_FIGURE))
     epochs = len(history.get("loss", []))
     sections.append("<h2>Learning curves</h2>")
     sections.append(html_table(["epoch", *history], [[epoch + 1, *(values[epoch] for values in history.values())]
@@ -3286,7 +3590,7 @@ def blend_if_asked(config: TrainConfig, baseline, check: ValidationCheck) -> Ble
     if baseline is None or config.blend_weight is None:
         return None
     blend = choose_blend(config, check.labels, check.neural, check.baseline)
-    print(f"Blend: {blend.weight:.2f} * {config.arch} + {1 - blend.weight:.2f} * baseline")
+    print(f"Blend: {blend.weight:.2f} * {config.arch} + {1 - blend.weight:.2f} * baseline ({blend.reason})")
     return blend
 
 
@@ -3383,7 +3687,8 @@ def run_training(config: TrainConfig) -> TrainingResult:
         probabilities = score_on_test(config, classifier, baseline, blend, inputs.test_ids, splits.test, clock)
         started_from = {**setup.started_from, **pretraining.started_from(config)}
         model = model_to_save(config, started_from, inputs.vectorizer, classifier, baseline, blend, class_names)
-        evaluation = evaluate(splits.test, class_names, probabilities)
+        with clock.timed("intervals_s"):
+            evaluation = evaluate(splits.test, class_names, probabilities)
         notes = (inputs.notes + unlabelled_notes(config, counts["train"], pretraining, training, check)
                  + advice(check, config.arch, blend))
         report = build_metrics(config, started_from, {**counts, **inputs.counts()}, training, evaluation,
@@ -3394,7 +3699,8 @@ def run_training(config: TrainConfig) -> TrainingResult:
         show = config.show and display_available()
         with clock.timed("write_s"):
             errors, figures = write_outputs(setup.output_dir, model, evaluation, training.history, splits.test, show,
-                                            pretraining.result.history if pretraining.result else None)
+                                            pretraining.result.history if pretraining.result else None,
+                                            check.baseline_curve)
         with clock.timed("report_s"):
             mistakes = report_mistakes(model, errors, class_names)
             page = build_html_report(report, evaluation, training.history, figures, mistakes, clock.summary())

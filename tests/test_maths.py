@@ -147,8 +147,8 @@ def test_standardize_text(raw, expected):
 @pytest.mark.slow
 def test_a_run_chooses_the_blend_weight_on_the_validation_split(tmp_path):
     """Not only the helper: the weight a whole run records is the one that minimizes log loss on the validation
-    split (or all on one part, when that blend is less accurate than the part alone), as recomputed here from the
-    two parts inside the saved blend."""
+    split (equal weights when that is not better beyond noise; all on one part, when that blend is less accurate
+    than the part alone beyond noise), as recomputed here from the two parts inside the saved blend."""
     result = run_main("--data", TINY_CSV, "--output-dir", tmp_path, *TINY_FLAGS, "--blend-weight", "auto")
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -161,13 +161,25 @@ def test_a_run_chooses_the_blend_weight_on_the_validation_split(tmp_path):
     scorer, ngram_ids = blend.get_layer("tfidf_logistic"), blend.get_layer("ngram_ids")
     baseline = sa.class_probabilities(scorer(ngram_ids(text)))
     weight = sa.choose_blend_weight(validation.labels, neural, baseline)
+    if weight != sa.EQUAL_BLEND_WEIGHT:
+        # Equal weights unless the log-loss weight is better beyond noise (paired bootstrap of the rows' losses).
+        losses = [-np.log(np.clip(sa.blend_probabilities(w, neural, baseline)[np.arange(len(validation.labels)),
+                                                                              validation.labels], 1e-7, 1))
+                  for w in (weight, sa.EQUAL_BLEND_WEIGHT)]
+        if sa.mean_interval(losses[0] - losses[1])[1] >= 0:
+            weight = sa.EQUAL_BLEND_WEIGHT
     accuracy = {name: round(float(np.mean(sa.predicted_labels(values) == validation.labels)), 4)
                 for name, values in (("lstm", neural), ("baseline", baseline),
                                      ("blend", sa.blend_probabilities(weight, neural, baseline)))}
-    if accuracy["blend"] < max(accuracy["lstm"], accuracy["baseline"]):
-        # A blend less accurate than a part alone gives that part all the weight.
-        weight = 1.0 if accuracy["lstm"] > accuracy["baseline"] else 0.0
-        accuracy["blend"] = accuracy["lstm"] if weight == 1.0 else accuracy["baseline"]
+    part = "lstm" if accuracy["lstm"] > accuracy["baseline"] else "baseline"
+    ahead = sa.compare_models(validation.labels, neural if part == "lstm" else baseline,
+                              sa.blend_probabilities(weight, neural, baseline), (part, "blend"), "validation")
+    if ahead.difference > 0 and not ahead.level:
+        # A blend less accurate than a part alone, beyond noise, gives that part all the weight.
+        weight = 1.0 if part == "lstm" else 0.0
+        accuracy["blend"] = accuracy[part]
+    assert metrics["blend_chosen"] == sa.choose_blend(sa.TrainConfig(blend_weight="auto"), validation.labels,
+                                                      neural, baseline).reason
     assert metrics["blend_weight"] == weight
     assert metrics["validation_accuracy"] == accuracy
     blended = sa.blend_probabilities(weight, neural, baseline)

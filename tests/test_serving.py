@@ -243,9 +243,9 @@ def test_report_is_one_self_contained_page_naming_every_figure_and_metric(blend_
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
     assert not re.search(r"(src|href)\s*=\s*[\"']?(https?:|//)", page), "the page must need no network"
     assert "http://" not in page and "https://" not in page
-    for figure in ("confusion_matrix.png", "roc_curve.png", "training_history.png"):
+    for figure in ("confusion_matrix.png", "roc_curve.png", "training_history.png", "learning_curve.png"):
         assert f'alt="{figure}"' in page
-    assert page.count('src="data:image/png;base64,') == 3
+    assert page.count('src="data:image/png;base64,') == 4
     for metric in ("accuracy", "precision", "recall", "f1", "roc_auc"):
         assert f"<td>{metric}</td>" in page
     for model in ("blend", "baseline", "lstm"):

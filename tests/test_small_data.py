@@ -69,19 +69,22 @@ def test_flags_given_are_taken_as_given():
     assert plan.steps_per_epoch == batches(lengths, 32)
 
 
-def check(neural_accuracy, baseline_accuracy, curve=()):
-    """A ValidationCheck of 100 reviews whose models reach these accuracies."""
+def as_probabilities(accuracy, rows=100):
+    """Two-class probabilities for `rows` reviews (labels alternating) that are right on the first accuracy * rows."""
+    labels = np.arange(rows) % 2
+    right = np.arange(rows) < round(accuracy * rows)
+    positive = np.where(right, labels, 1 - labels).astype(float) * 0.8 + 0.1
+    return np.stack([1 - positive, positive], axis=1)
+
+
+def check(neural_accuracy, baseline_accuracy, curve=(), half_accuracy=None, rows=100):
+    """A ValidationCheck of `rows` reviews whose models reach these accuracies (each right on the first rows, so the
+    more accurate one is right wherever the other is)."""
     import sentiment_analysis as sa
 
-    labels = np.arange(100) % 2
-
-    def probabilities(accuracy):
-        right = np.arange(100) < round(accuracy * 100)
-        positive = np.where(right, labels, 1 - labels).astype(float) * 0.8 + 0.1
-        return np.stack([1 - positive, positive], axis=1)
-
-    return sa.ValidationCheck(labels, probabilities(neural_accuracy),
-                              None if baseline_accuracy is None else probabilities(baseline_accuracy), list(curve))
+    return sa.ValidationCheck(np.arange(rows) % 2, as_probabilities(neural_accuracy, rows),
+                              None if baseline_accuracy is None else as_probabilities(baseline_accuracy, rows),
+                              list(curve), None if half_accuracy is None else as_probabilities(half_accuracy, rows))
 
 
 def test_the_advice_says_plainly_when_the_baseline_is_better():
@@ -91,29 +94,53 @@ def test_the_advice_says_plainly_when_the_baseline_is_better():
     assert len(notes) == 1
     assert "The baseline is better on this data: 0.8700 against 0.6400" in notes[0]
     assert "--preset best" in notes[0] and "validation split" in notes[0]
+    assert "the lstm is behind by 23.0 points" in notes[0] and "McNemar p = 2.4e-07" in notes[0]  # 2 / 2**23
     # A blend that the baseline still beats points to the baseline's own figures, by the blend's accuracy.
-    blend = sa.Blend(0.1, {"lstm": 0.64, "baseline": 0.87, "blend": 0.86})
+    blend = sa.Blend(0.9, {"lstm": 0.64, "baseline": 0.87, "blend": 0.64})
     notes = sa.advice(check(0.64, 0.87), "lstm", blend)
-    assert "0.8700 against 0.8600 accuracy for the blend" in notes[0] and "--preset best" not in notes[0]
+    assert "0.8700 against 0.6400 accuracy for the blend" in notes[0] and "--preset best" not in notes[0]
 
 
-def test_no_advice_when_the_model_is_ahead_or_there_is_no_baseline():
+def test_the_advice_calls_models_level_when_the_difference_is_within_noise():
     import sentiment_analysis as sa
 
-    assert sa.advice(check(0.91, 0.90), "lstm", None) == []
-    assert sa.advice(check(0.90, 0.90), "lstm", None) == []
+    # One review of 100 apart, or none: level, and the note names the cheaper model instead of a winner.
+    for neural, baseline in ((0.90, 0.91), (0.91, 0.90), (0.90, 0.90)):
+        notes = sa.advice(check(neural, baseline), "lstm", None)
+        assert len(notes) == 1 and "The baseline is better" not in notes[0]
+        assert notes[0].startswith("The lstm and the baseline are level on the validation split")
+        assert "within noise" in notes[0] and "The baseline is the cheaper one to use" in notes[0]
+    # Both models agree on every validation row: a difference of exactly zero, McNemar p = 1.
+    assert "+0.0 points, +0.0 to +0.0; McNemar p = 1" in sa.advice(check(0.9, 0.9), "lstm", None)[0]
+    # The same gap of 3 points on 100 reviews is noise; on 2,000 reviews (60 of them) it is not.
+    assert "level" in sa.advice(check(0.87, 0.90), "lstm", None)[0]
+    assert "The baseline is better" in sa.advice(check(0.87, 0.90, rows=2000), "lstm", None)[0]
+
+
+def test_no_advice_when_the_model_is_ahead_beyond_noise_or_there_is_no_baseline():
+    import sentiment_analysis as sa
+
+    assert sa.advice(check(0.95, 0.70), "lstm", None) == []
     assert sa.advice(check(0.90, None), "lstm", None) == []
+    # A blend that is all baseline (weight 0) is the baseline: nothing to compare.
+    blend = sa.Blend(0.0, {"lstm": 0.5, "baseline": 0.9, "blend": 0.9})
+    assert sa.advice(check(0.5, 0.9), "lstm", blend) == []
 
 
 def test_the_advice_reads_the_baselines_learning_curve():
     import sentiment_analysis as sa
 
     rising = [{"share": 0.5, "training_rows": 50, "validation_accuracy": 0.80},
-              {"share": 1.0, "training_rows": 100, "validation_accuracy": 0.84}]
-    notes = sa.advice(check(0.9, 0.84, rising), "lstm", None)
-    assert len(notes) == 1 and "More labelled data would likely help" in notes[0] and "0.0400" in notes[0]
-    flat = [dict(rising[0], validation_accuracy=0.839), rising[1]]
-    assert sa.advice(check(0.9, 0.84, flat), "lstm", None) == []
+              {"share": 1.0, "training_rows": 100, "validation_accuracy": 0.90}]
+    notes = sa.advice(check(0.99, 0.90, rising, half_accuracy=0.80), "lstm", None)
+    assert len(notes) == 1 and "More labelled data would likely help" in notes[0] and "0.1000" in notes[0]
+    assert "ahead by 10.0 points" in notes[0]
+    # A gain of 2 reviews of 100 is within noise: no advice, though it passes the 1-point floor.
+    small = [dict(rising[0], validation_accuracy=0.82), dict(rising[1], validation_accuracy=0.84)]
+    assert sa.advice(check(0.95, 0.84, small, half_accuracy=0.82), "lstm", None) == []
+    # Beyond noise but below the floor (10 reviews of 2,000): no advice either.
+    notes = sa.advice(check(0.99, 0.85, rising, half_accuracy=0.845, rows=2000), "lstm", None)
+    assert notes == []
 
 
 def test_the_baselines_learning_curve_refits_on_shares_of_the_training_split():
@@ -124,8 +151,8 @@ def test_the_baselines_learning_curve_refits_on_shares_of_the_training_split():
     train = sa.standardized_strings(splits.train.texts)
     validation = sa.standardized_strings(splits.validation.texts)
     baseline = sa.fit_baseline(train, splits.train.labels, config)
-    curve = sa.baseline_learning_curve(baseline.predict_proba(validation), train, splits.train.labels, validation,
-                                       splits.validation.labels, config)
+    curve, half = sa.baseline_learning_curve(baseline.predict_proba(validation), train, splits.train.labels,
+                                             validation, splits.validation.labels, config)
     rows = len(splits.train.labels)
     assert [point["share"] for point in curve] == [0.1, 0.25, 0.5, 1.0]
     assert [point["training_rows"] for point in curve] == [round(0.1 * rows), round(0.25 * rows),
@@ -140,6 +167,9 @@ def test_the_baselines_learning_curve_refits_on_shares_of_the_training_split():
     refit = sa.fit_baseline([train[i] for i in chosen], splits.train.labels[chosen], config)
     accuracy = np.mean(sa.predicted_labels(refit.predict_proba(validation)) == splits.validation.labels)
     assert curve[2]["validation_accuracy"] == round(float(accuracy), 4)
+    np.testing.assert_array_equal(half, refit.predict_proba(validation))  # what the advice compares with
+    for point in curve:  # each point's 95% interval holds its accuracy
+        assert point["interval"][0] <= point["validation_accuracy"] <= point["interval"][1]
 
 
 @pytest.mark.slow
@@ -162,8 +192,31 @@ def test_the_report_shows_the_plan_the_notes_and_the_learning_curve(trained_dir)
     assert any(note.startswith("Small data:") for note in metrics["notes"])
     for note in metrics["notes"]:
         assert html.escape(note) in page
-    accuracy = metrics["validation"]["accuracy"]
-    assert ("The baseline is better on this data" in page) == (accuracy["baseline"] > accuracy["neural"])
+    # The advice speaks by the paired comparison on validation: better beyond noise, or level.
+    comparison = metrics["validation"]["comparison"]
+    assert (comparison["first"], comparison["second"], comparison["split"]) == ("neural", "baseline", "validation")
+    better = not comparison["level"] and comparison["difference"] < 0
+    assert ("The baseline is better on this data" in page) == better
+    assert any("and the baseline are level on the validation split" in note for note in metrics["notes"]) \
+        == comparison["level"]
+    # Every headline figure carries its interval, in metrics.json, the terminal's table and the page.
+    for model in ("test", "baseline"):
+        for figure in ("accuracy", "f1", "roc_auc"):
+            low, high = metrics[model][f"{figure}_interval"]
+            assert low <= metrics[model][figure] <= high
+    low, high = metrics["test"]["accuracy_interval"]
+    assert f"{metrics['test']['accuracy']:.4f} ({low:.4f}–{high:.4f})" in page
+    assert "1000 draws with seed 0" in metrics["intervals"]
+    [test_comparison] = metrics["comparisons"]
+    assert (test_comparison["first"], test_comparison["second"]) == ("lstm", "baseline")
+    assert "Paired comparisons (test split)" in page and html.escape(test_comparison["words"]) in page
+    report_text = (trained_dir / "classification_report.txt").read_text()
+    assert f"({low:.4f}–{high:.4f})" in report_text
+    # The learning curve as a picture, with the intervals of its table.
+    assert (trained_dir / "learning_curve.png").read_bytes().startswith(b"\x89PNG")
+    assert 'alt="learning_curve.png"' in page
+    for point in curve:
+        assert point["interval"][0] <= point["validation_accuracy"] <= point["interval"][1]
 
 
 @pytest.mark.slow

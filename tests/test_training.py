@@ -41,7 +41,7 @@ def test_metrics_json_is_complete(trained_dir):
     # The binary IMDB run keeps its names: the positive class's figures, plus every class's own.
     assert metrics["classes"] == ["negative", "positive"]
     assert list(metrics["test"]) == ["accuracy", "precision", "recall", "f1", "roc_auc", "confusion_matrix",
-                                     "threshold", "per_class"]
+                                     "threshold", "per_class", "accuracy_interval", "f1_interval", "roc_auc_interval"]
     assert set(metrics["test"]["per_class"]) == {"negative", "positive"}
     assert metrics["test"]["per_class"]["positive"]["recall"] == metrics["test"]["recall"]
     assert metrics["data"]["positive"] + metrics["data"]["negative"] == metrics["data"]["rows_used"]
