@@ -1,6 +1,7 @@
 """Unlabelled text: counted, deduplicated and kept away from the scored splits; the teacher stage (the baseline's
 probabilities on the unlabelled texts, learned before the labels) through the one training loop, resumable."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
+import tensorflow as tf
 
 from conftest import SCRIPT, TINY_CSV, TINY_FLAGS, assert_user_error, build_once, run_main
 
@@ -168,6 +170,7 @@ def test_teacher_run_reports_its_stage_and_saves_a_model_that_predicts(teacher_d
     assert "and 80 unlabelled texts" in metrics["started_from"]["vectors"]
     assert metrics["data"]["unlabelled"]["used"] == 80 and metrics["timing"]["pretrain_s"] > 0
     assert metrics["training"]["epochs_run"] == 1  # the labelled stage, after the teacher stage
+    assert stage["fine_tuning_learning_rate"] == metrics["config"]["learning_rate"] * 0.25
     assert (output_dir / "pretraining_history.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (output_dir / "report.html").read_text()
     assert "Unlabelled text: the teacher stage" in page and "pretraining_history.png" in page
@@ -253,3 +256,13 @@ def test_two_workers_run_the_teacher_stage_together(semi_csv, tmp_path):
     metrics = json.loads((tmp_path / "worker-0" / "metrics.json").read_text())
     assert metrics["semi_supervised"]["epochs_run"] == 1 and metrics["environment"]["replicas"] == 2
     assert list((tmp_path / "worker-1").iterdir()) == []
+
+
+def test_fine_tuning_after_a_teacher_stage_starts_at_a_quarter_of_the_learning_rate():
+    config = sa.TrainConfig(learning_rate=2e-3, lr_schedule="cosine")
+    plan = sa.TrainingPlan(32, 10, 4, 1, 0, "test")
+    strategy = tf.distribute.get_strategy()
+    classifier = sa.build_classifier(dataclasses.replace(config, embedding_dim=8), 50)
+    optimizer = sa.fine_tuning_optimizer(config, plan, classifier, strategy)
+    assert float(optimizer.learning_rate) == pytest.approx(5e-4)
+    assert optimizer.learning_rate is not None and len(optimizer.variables) > 1  # built for the classifier
