@@ -154,11 +154,14 @@ class TrainConfig:
                                     "text too")
     semi_supervised: str = option("auto", "how unlabelled text is used: teacher trains the model first on the "
                                   "baseline's probabilities for the unlabelled texts (its vocabulary and Word2Vec "
-                                  "learned on them too), then on the labels; none ignores it; auto chooses teacher "
-                                  "when there are unlabelled texts, at least as many as training rows, and a "
-                                  "baseline (README: Unlabelled text)", choices=("auto", "none", "teacher"))
-    pretrain_epochs: int | None = option(None, "epochs of the teacher stage, early stopping aside (default: "
-                                         "planned from the number of unlabelled texts)")
+                                  "learned on them too), then on the labels; lm first trains the embedding and "
+                                  "the recurrent layer as a next-word language model on the training split and "
+                                  "the unlabelled texts (lstm and gru); both runs lm, then teacher; none ignores "
+                                  "unlabelled text; auto chooses teacher when there are unlabelled texts, at least "
+                                  "as many as training rows, and a baseline (README: Unlabelled text)",
+                                  choices=("auto", "none", "teacher", "lm", "both"))
+    pretrain_epochs: int | None = option(None, "epochs of each pretraining stage (language model, teacher), "
+                                         "early stopping aside (default: planned from the number of texts)")
     seed: int = option(42, "seed for the split, the weights and the data order")
     test_fraction: float = option(0.2, "share of the rows held out for the final test")
     validation_fraction: float = option(0.1, "share of the training rows used for early stopping")
@@ -240,6 +243,10 @@ class Terminated(Exception):
     """SIGTERM stopped training after a step, its state saved: said on stderr, exit status 143 (128 + 15)."""
 
 
+class Interrupted(Terminated):
+    """Ctrl-C stopped a stage that leaves nothing to evaluate, its state saved: exit status 130 (128 + 2)."""
+
+
 def flag_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
@@ -279,8 +286,12 @@ def validate_config(config: TrainConfig) -> None:
         ("cpu_replicas", config.cpu_replicas >= 1, "must be at least 1"),
         ("pretrain_epochs", config.pretrain_epochs is None or config.pretrain_epochs >= 1, "must be at least 1"),
         ("unlabelled", config.unlabelled is None or Path(config.unlabelled).is_file(), "must be an existing file"),
-        ("semi_supervised", config.semi_supervised != "teacher" or config.baseline,
-         "teacher needs the baseline, which is the teacher (drop --no-baseline)"),
+        ("semi_supervised", config.semi_supervised not in ("teacher", "both") or config.baseline,
+         f"{config.semi_supervised} needs the baseline, which is the teacher (drop --no-baseline)"),
+        ("semi_supervised", config.semi_supervised not in ("lm", "both") or config.arch in LM_ARCHITECTURES,
+         f"{config.semi_supervised} pretrains a one-direction recurrent layer as a language model: use --arch "
+         f"lstm or gru (--arch {config.arch} cannot: "
+         f"{'BERT brings its own pretraining' if config.arch == 'bert' else 'its backward layer sees the next word'})"),
         ("bert_preset", config.arch != "bert" or "://" in config.bert_preset or os.sep not in config.bert_preset
          or Path(config.bert_preset).is_dir(), "must be a KerasHub preset name or an existing directory"),
         ("embeddings", config.arch != "bert" or config.embeddings == "random",
@@ -2329,7 +2340,21 @@ def build_step_functions(classifier, optimizer, strategy, class_weights: np.ndar
             return [strategy.reduce("SUM", value, axis=None) for value in per_replica]
         return step
 
-    return on_all_replicas(train_batch), on_all_replicas(validation_batch)
+    return Steps(on_all_replicas(train_batch), on_all_replicas(validation_batch))
+
+
+HISTORY_NAMES = ("loss", "accuracy", "val_loss", "val_accuracy")  # a classifier's figures per epoch
+
+
+@dataclass(frozen=True)
+class Steps:
+    """What the training loop runs: a training step and a validation step (each a distributed step over the
+    next batch of an iterator, returning the summed loss, right answers and count), and the figures it keeps
+    per epoch (the training pass of a language model has no accuracy: its sampled softmax scores no full
+    prediction)."""
+    train: object
+    validation: object
+    names: tuple[str, ...] = HISTORY_NAMES
 
 
 @dataclass
@@ -2348,10 +2373,10 @@ class EpochProgress:
 
 
 def run_epoch(step, dataset, steps: int, progress=None, on_batch=None, done: EpochProgress | None = None,
-              stop=None) -> EpochProgress:
+              stop=None, shown: tuple[str, ...] = ("loss", "accuracy")) -> EpochProgress:
     """Run `step` over a pass of the distributed dataset, from batch `done.batches` on (the dataset starts
     there), to batch `steps` or until `stop()` is true after a step. `on_batch(index, mean loss of the batch)`
-    is told of each batch."""
+    is told of each batch; `progress` shows the `shown` running figures."""
     done = dataclasses.replace(done) if done else EpochProgress()
     iterator = iter(dataset)
     for index in range(done.batches, steps):
@@ -2360,7 +2385,8 @@ def run_epoch(step, dataset, steps: int, progress=None, on_batch=None, done: Epo
             done.count + batch_count
         done.batches = index + 1
         if progress:
-            progress.update(index + 1, list(done.scores().items()), finalize=False)
+            progress.update(index + 1, [(name, value) for name, value in done.scores().items() if name in shown],
+                            finalize=False)
         if on_batch:
             on_batch(index, batch_loss / max(batch_count, 1.0))
         if stop is not None and stop():
@@ -2389,22 +2415,22 @@ class TrainingLog:
                 tf.summary.scalar("batch_loss", loss, step=global_step)
 
     def epoch(self, epoch: int, scores: dict, learning_rate: float) -> None:
+        """Each figure as epoch_NAME, a val_NAME one in the validation directory."""
         with self.train.as_default():
-            tf.summary.scalar("epoch_loss", scores["loss"], step=epoch)
-            tf.summary.scalar("epoch_accuracy", scores["accuracy"], step=epoch)
+            for name, value in scores.items():
+                if not name.startswith("val_"):
+                    tf.summary.scalar(f"epoch_{name}", value, step=epoch)
             tf.summary.scalar("epoch_learning_rate", learning_rate, step=epoch)
         with self.validation.as_default():
-            tf.summary.scalar("epoch_loss", scores["val_loss"], step=epoch)
-            tf.summary.scalar("epoch_accuracy", scores["val_accuracy"], step=epoch)
+            for name, value in scores.items():
+                if name.startswith("val_"):
+                    tf.summary.scalar(f"epoch_{name[len('val_'):]}", value, step=epoch)
         self.train.flush()
         self.validation.flush()
 
     def close(self) -> None:
         self.train.close()
         self.validation.close()
-
-
-HISTORY_NAMES = ("loss", "accuracy", "val_loss", "val_accuracy")
 
 
 def numbered_arrays(arrays, prefix: str) -> list[np.ndarray]:
@@ -2523,17 +2549,19 @@ def clear_old_curves(log_dir: Path | None, resuming: bool) -> None:
 
 
 def train(classifier, optimizer, strategy, inputs: PreparedInputs, state: TrainingState, state_dir: Path,
-          multi_worker: bool, log_dir: Path | None = None) -> TrainingResult:
+          multi_worker: bool, log_dir: Path | None = None, steps: Steps | None = None) -> TrainingResult:
     """Train from `state` with early stopping on validation loss and keep the best weights; save the training
     state after every epoch so that a crashed run continues; on Ctrl-C stop and keep the best weights so far; on SIGTERM
     (a scheduler's notice before it kills) save the state after the current step and stop at once, with no
-    evaluation (raises Terminated). With `log_dir`, log the curves for TensorBoard there.
+    evaluation (raises Terminated). With `log_dir`, log the curves for TensorBoard there. `steps` are the
+    classifier's (build_step_functions) unless given: the language model's train through the same loop.
 
     One loop for every setup: the strategy runs each step on its replicas, whether that is this CPU, several
     GPUs or the workers of a cluster. Not Keras' fit(): in Keras 3.15 it fails under
     MultiWorkerMirroredStrategy (keras-team/keras#20585)."""
 
-    train_step, validation_step = build_step_functions(classifier, optimizer, strategy, inputs.class_weights)
+    step_functions = steps or build_step_functions(classifier, optimizer, strategy, inputs.class_weights)
+    names = step_functions.names
     validation_batches = strategy.experimental_distribute_dataset(inputs.validation_batches)
     variables = classifier.variables + optimizer.variables
     resumed_after_epoch, interrupted = state.epoch, False
@@ -2551,13 +2579,13 @@ def train(classifier, optimizer, strategy, inputs: PreparedInputs, state: Traini
             print(f"Epoch {state.epoch + 1}/{plan.epochs}" +
                   (f", from batch {resume.batches + 1}" if resume.batches else ""))
             started = time.perf_counter()
-            bar = keras.utils.Progbar(steps, verbose=1 if sys.stdout.isatty() else 2, stateful_metrics=HISTORY_NAMES)
+            bar = keras.utils.Progbar(steps, verbose=1 if sys.stdout.isatty() else 2, stateful_metrics=names)
             # Each epoch's batches come in the order of its own seed, so a resumed epoch skips those it has done.
             train_batches = strategy.experimental_distribute_dataset(
                 inputs.training_batches(state.epoch).skip(resume.batches))
             first_step = state.epoch * steps
-            done = run_epoch(train_step, train_batches, steps, bar, done=resume, stop=terminated.is_set,
-                             on_batch=lambda index, loss: log.batch(first_step + index + 1, loss))
+            done = run_epoch(step_functions.train, train_batches, steps, bar, done=resume, stop=terminated.is_set,
+                             on_batch=lambda index, loss: log.batch(first_step + index + 1, loss), shown=names)
             done.seconds = resume.seconds + time.perf_counter() - started
             if terminated.is_set():
                 state.epoch_progress = dataclasses.asdict(done)
@@ -2566,15 +2594,15 @@ def train(classifier, optimizer, strategy, inputs: PreparedInputs, state: Traini
                 raise Terminated(f"Stopped by SIGTERM after batch {done.batches} of {steps} in epoch "
                                  f"{state.epoch + 1}; the training state is saved in {state_dir}: run the same "
                                  "command to continue from there.")
-            scores = done.scores()
-            validation = run_epoch(validation_step, validation_batches, inputs.validation_steps).scores()
-            scores.update({f"val_{name}": value for name, value in validation.items()})
+            validation = run_epoch(step_functions.validation, validation_batches, inputs.validation_steps).scores()
+            scores = {**done.scores(), **{f"val_{name}": value for name, value in validation.items()}}
+            scores = {name: scores[name] for name in names}
             bar.update(steps, list(scores.items()), finalize=True)
             state.epoch += 1
             state.epoch_progress = None
             log.epoch(state.epoch, scores, float(optimizer.learning_rate))
             state.epoch_seconds.append(done.seconds)
-            for name in HISTORY_NAMES:
+            for name in names:
                 state.history.setdefault(name, []).append(scores[name])
             if scores["val_loss"] < state.best_loss:
                 state.best_loss, state.best_epoch, state.wait = scores["val_loss"], state.epoch, 0
@@ -2624,8 +2652,16 @@ FINE_TUNING_LEARNING_RATE_SCALE = 0.25
 
 @dataclass(frozen=True)
 class SemiSupervised:
-    method: str  # none or teacher
+    method: str  # none, teacher, lm or both
     reason: str  # why, in words (auto's choice, or as given)
+
+    @property
+    def teaches(self) -> bool:
+        return self.method in ("teacher", "both")
+
+    @property
+    def models_language(self) -> bool:
+        return self.method in ("lm", "both")
 
 
 def choose_semi_supervised(config: TrainConfig, training_rows: int, unlabelled_texts: int,
@@ -2633,12 +2669,14 @@ def choose_semi_supervised(config: TrainConfig, training_rows: int, unlabelled_t
     """--semi-supervised as given, or auto's choice from the sizes: the teacher when there is unlabelled text,
     at least as much as labelled training text, and a baseline to teach (measured on IMDB subsets, see
     docs/RESULTS.md); else none, which is the run without unlabelled text."""
-    if config.semi_supervised == "teacher":
+    if config.semi_supervised in ("teacher", "both"):
         if not unlabelled_texts:
-            raise UserError("--semi-supervised teacher needs unlabelled text: rows of --data with an empty label, "
-                            "or --unlabelled FILE (none is left after removing duplicates and validation or test "
-                            "texts)")
-        return SemiSupervised("teacher", "as given")
+            raise UserError(f"--semi-supervised {config.semi_supervised} needs unlabelled text: rows of --data with "
+                            "an empty label, or --unlabelled FILE (none is left after removing duplicates and "
+                            "validation or test texts)")
+        return SemiSupervised(config.semi_supervised, "as given")
+    if config.semi_supervised == "lm":  # the training split is text for a language model too
+        return SemiSupervised("lm", "as given")
     if config.semi_supervised == "none":
         return SemiSupervised("none", "as given" if unlabelled_texts else "no unlabelled text")
     if not unlabelled_texts:
@@ -2675,34 +2713,53 @@ def teacher_inputs(inputs: PreparedInputs, targets: np.ndarray, config: TrainCon
 
 @dataclass
 class Pretraining:
-    """What the teacher stage did, for metrics.json, the report and the next stage."""
+    """What the pretraining stages did (the language model's, the teacher's), for metrics.json, the report and
+    the labelled stage."""
     method: str
     reason: str
-    texts: int
-    tokens: int
-    result: TrainingResult | None = None
+    texts: int   # unlabelled texts used
+    tokens: int  # their tokens
+    result: TrainingResult | None = None            # the teacher stage's
     seconds: float = 0.0
-    best_loss: float = math.inf                     # the validation loss of the weights it ended with
+    best_loss: float = math.inf                     # the validation loss of the weights the teacher stage ended with
     best_weights: list[np.ndarray] | None = field(default=None, repr=False)
     fine_tuning_learning_rate: float | None = None  # the labelled stage's starting learning rate
+    language_model: LanguageModelStage | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None or self.language_model is not None
 
     def started_from(self, config: TrainConfig) -> dict:
-        """What started_from adds: the teacher stage, and Word2Vec's unlabelled text."""
-        if self.method != "teacher":
+        """What started_from adds: the pretraining stages, and Word2Vec's unlabelled text."""
+        if self.method == "none":
             return {}
-        start = {"pretrained": f"taught by the TF-IDF baseline's probabilities on {self.texts} unlabelled texts"}
-        if config.embeddings == "word2vec":
+        stages = []
+        if self.language_model is not None:
+            model = self.language_model
+            stages.append(f"a next-word language model on {model.texts} texts (the training split and {self.texts} "
+                          f"unlabelled texts), held-out perplexity {model.summary()['best_perplexity']}")
+        if self.result is not None:
+            stages.append(f"taught by the TF-IDF baseline's probabilities on {self.texts} unlabelled texts")
+        start = {"pretrained": ", then ".join(stages)} if stages else {}
+        if config.embeddings == "word2vec" and self.texts:
             start["vectors"] = f"Word2Vec trained on this run's training split and {self.texts} unlabelled texts"
         return start
 
-    def summary(self) -> dict:
+    def summary(self, classifier_tokens_per_second: int | None = None) -> dict:
+        """The method and each stage's record; the language model's speed beside the labelled stage's
+        (`classifier_tokens_per_second`, its training split's tokens over its mean epoch)."""
         summary = {"method": self.method, "chosen": self.reason}
+        if self.done:
+            summary["fine_tuning_learning_rate"] = self.fine_tuning_learning_rate
+        if self.language_model is not None:
+            summary["language_model"] = {**self.language_model.summary(),
+                                         "classifier_tokens_per_second": classifier_tokens_per_second}
         if self.result is None:
             return summary
         history = self.result.history
         best = (self.result.best_epoch or self.result.epochs_run) - 1
         return {**summary, "teacher": "the TF-IDF baseline (its probabilities on the unlabelled texts)",
-                "fine_tuning_learning_rate": self.fine_tuning_learning_rate,
                 "texts": self.texts, "tokens": self.tokens, **self.result.summary(), "seconds": round(self.seconds, 2),
                 "history": history,
                 "validation_accuracy": history["val_accuracy"][best] if history.get("val_accuracy") else None}
@@ -2728,6 +2785,210 @@ def learn_from_teacher(classifier, strategy, inputs: PreparedInputs, targets: np
     pretraining.result = train(classifier, optimizer, strategy, stage, state, state_dir, multi_worker, log_dir)
     pretraining.seconds = time.perf_counter() - started
     pretraining.best_loss, pretraining.best_weights = state.best_loss, state.best_weights
+
+
+# The language-model stage (--semi-supervised lm, and the first stage of both): the classifier's Embedding and
+# recurrent layers learn to predict each next word of the training split and the unlabelled texts (never of the
+# validation or test texts), through a sampled softmax (Jean et al. 2015; tf.nn.sampled_softmax_loss): each
+# step scores the true next word against LM_SAMPLED_WORDS words drawn by frequency, instead of all 30,000, which
+# would cost about 20 times the LSTM's own work per token. The held-out perplexity is exact (a full softmax)
+# on the first LM_HELD_OUT_TOKENS tokens of the validation split. The output layer is then dropped.
+LM_SAMPLED_WORDS = 512
+LM_HELD_OUT_TOKENS = 50_000
+LM_HELD_OUT_BATCH = 8  # texts per replica in a held-out batch: a full softmax of each token over the vocabulary
+LM_MIN_EPOCHS = 2
+LM_ARCHITECTURES = ("lstm", "gru")  # one direction: a backward layer would see the word it is to predict
+
+
+class LanguageModel(keras.Model):
+    """The classifier's Embedding, SpatialDropout1D and recurrent layers, each recurrent layer returning every
+    step's state, and a next-word output layer (a weight and a bias per word) under them. Called on token ids,
+    it returns the states; the loss steps apply the output layer (sampled or full)."""
+
+    def __init__(self, config: TrainConfig, vocab_size: int):
+        super().__init__(name="language_model")
+        recurrent = layers.GRU if config.arch == "gru" else layers.LSTM
+        self.vocab_size = vocab_size
+        self.embedding = layers.Embedding(vocab_size, config.embedding_dim, mask_zero=True)
+        self.dropout = layers.SpatialDropout1D(config.spatial_dropout)
+        self.recurrent = [recurrent(config.units, return_sequences=True) for _ in range(config.layers)]
+        self.next_word_kernel = self.add_weight(shape=(vocab_size, config.units), initializer="glorot_uniform",
+                                                name="next_word_kernel")
+        self.next_word_bias = self.add_weight(shape=(vocab_size,), initializer="zeros", name="next_word_bias")
+
+    def call(self, token_ids, training=False):
+        mask = keras.ops.not_equal(token_ids, 0)
+        states = self.dropout(self.embedding(token_ids), training=training)
+        for layer in self.recurrent:
+            states = layer(states, mask=mask, training=training)
+        return states
+
+    def shared_layers(self) -> list:
+        return [self.embedding, *self.recurrent]
+
+
+def classifier_shared_layers(classifier) -> list:
+    """The classifier's layers that the language model trains: its embedding and its recurrent layers, in order."""
+    return [classifier.get_layer(EMBEDDING_LAYER),
+            *(layer for layer in classifier.layers if isinstance(layer, (layers.LSTM, layers.GRU)))]
+
+
+def copy_shared_weights(source: list, target: list) -> None:
+    for from_layer, to_layer in zip(source, target, strict=True):
+        to_layer.set_weights(from_layer.get_weights())
+
+
+def sample_words(true_words, vocab_size: int, count: int, seed):
+    """`count` word ids drawn for a sampled softmax, and the expected counts of the true and the drawn words:
+    by Zipf's law (log-uniform), as TensorFlow's default sampler draws, which suits a vocabulary sorted by
+    frequency. Drawn from `seed` (the run's seed, the step and the replica) with a stateless generator, so a
+    resumed run draws the same words as one that was never stopped."""
+    log_range = math.log(vocab_size + 1)
+    uniform = tf.random.stateless_uniform([count], seed=seed, dtype=tf.float64)
+    sampled = tf.clip_by_value(tf.cast(tf.floor(tf.exp(uniform * log_range)), tf.int64) - 1, 0, vocab_size - 1)
+
+    def expected(words):
+        words = tf.cast(words, tf.float64)
+        return tf.cast(count * (tf.math.log(words + 2.0) - tf.math.log(words + 1.0)) / log_range, tf.float32)
+
+    return sampled, expected(true_words), expected(sampled)
+
+
+def language_model_steps(model: LanguageModel, optimizer, strategy, seed: int) -> Steps:
+    """The language model's steps for the training loop: each text predicts its own next words. Training: the
+    sampled softmax loss summed over the batch's real tokens (padding, and the weight-0 copies that fill a batch
+    for several replicas, not counted); validation: the exact cross-entropy and next-word accuracy. The loss is
+    the mean per token, so the held-out perplexity is exp(val_loss)."""
+    sampled = min(LM_SAMPLED_WORDS, model.vocab_size - 1)
+
+    def next_words(token_ids, weights, training):
+        """The states that predict a real next word, those words, and how many there are."""
+        states = model(token_ids[:, :-1], training=training)
+        targets = token_ids[:, 1:]
+        real = keras.ops.logical_and(keras.ops.not_equal(targets, 0), weights[:, None] > 0)
+        return tf.cast(tf.boolean_mask(states, real), tf.float32), tf.boolean_mask(targets, real)
+
+    def train_batch(token_ids, labels, weights):
+        real = tf.cast(keras.ops.not_equal(token_ids[:, 1:], 0), tf.float32) * weights[:, None]
+        real_tokens = tf.distribute.get_replica_context().all_reduce("SUM", tf.reduce_sum(real))
+        replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+        step_seed = tf.stack([tf.constant(seed, tf.int64),
+                              tf.cast(optimizer.iterations, tf.int64) * 1024 + tf.cast(replica, tf.int64)])
+        with tf.GradientTape() as tape:
+            states, targets = next_words(token_ids, weights, training=True)
+            true_words = tf.cast(targets[:, None], tf.int64)
+            losses = tf.nn.sampled_softmax_loss(
+                model.next_word_kernel, model.next_word_bias, true_words, states, sampled, model.vocab_size,
+                sampled_values=sample_words(true_words, model.vocab_size, sampled, step_seed))
+            total = tf.reduce_sum(losses)
+            loss = optimizer.scale_loss(total / real_tokens)
+        gradients = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply(gradients, model.trainable_variables)
+        count = tf.cast(tf.shape(targets)[0], tf.float32)
+        return [total, tf.constant(0.0), count]  # no accuracy: Steps.names leaves it out
+
+    def validation_batch(token_ids, labels, weights):
+        states, targets = next_words(token_ids, weights, training=False)
+        logits = tf.matmul(states, model.next_word_kernel, transpose_b=True) + model.next_word_bias
+        losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)
+        correct = tf.cast(tf.equal(tf.argmax(logits, axis=1, output_type=targets.dtype), targets), tf.float32)
+        return [tf.reduce_sum(losses), tf.reduce_sum(correct), tf.cast(tf.shape(targets)[0], tf.float32)]
+
+    def on_all_replicas(batch_function):
+        @tf.function
+        def step(iterator):
+            per_replica = strategy.run(batch_function, args=next(iterator))
+            return [strategy.reduce("SUM", value, axis=None) for value in per_replica]
+        return step
+
+    return Steps(on_all_replicas(train_batch), on_all_replicas(validation_batch),
+                 names=("loss", "val_loss", "val_accuracy"))
+
+
+def held_out_ids(validation_ids: np.ndarray, limit: int = LM_HELD_OUT_TOKENS) -> np.ndarray:
+    """The first validation texts, up to about `limit` tokens in all (at least one text): the language model's
+    held-out text."""
+    tokens = np.cumsum(review_lengths(validation_ids))
+    return validation_ids[: max(1, int(np.searchsorted(tokens, limit, side="right")))]
+
+
+def language_model_inputs(inputs: PreparedInputs, config: TrainConfig, replicas: int) -> PreparedInputs:
+    """The language-model stage's inputs: the training split's texts and the unlabelled texts, planned like a
+    training split of that size (at least LM_MIN_EPOCHS epochs, or --pretrain-epochs), and the held-out
+    validation texts."""
+    texts = np.concatenate([inputs.train_ids, inputs.unlabelled_ids])
+    no_labels = np.zeros(len(texts), dtype=np.float32)
+    stage_config = dataclasses.replace(config, epochs=config.pretrain_epochs, min_epochs=LM_MIN_EPOCHS,
+                                       patience=None, embeddings="random")
+    plan = plan_training(stage_config, review_lengths(texts), replicas)
+    held_out = held_out_ids(inputs.validation_ids)
+    validation_batches = build_training_dataset(held_out, np.zeros(len(held_out), dtype=np.float32),
+                                                LM_HELD_OUT_BATCH * replicas, config.max_length, None, replicas > 1)
+
+    def training_batches(epoch: int):
+        return build_training_dataset(texts, no_labels, plan.batch_size * replicas, config.max_length,
+                                      config.seed + epoch, replicas > 1)
+
+    return dataclasses.replace(inputs, plan=plan, training_batches=training_batches, class_weights=None,
+                               validation_batches=validation_batches,
+                               validation_steps=int(validation_batches.cardinality()))
+
+
+@dataclass
+class LanguageModelStage:
+    """What the language-model stage did, for metrics.json and the report."""
+    texts: int
+    tokens: int  # of one epoch's texts (the training split and the unlabelled texts)
+    held_out_tokens: int
+    result: TrainingResult | None = None
+    seconds: float = 0.0
+
+    def summary(self) -> dict:
+        """The stage's plan and history, its held-out perplexity per epoch, and its tokens per second."""
+        history = self.result.history
+        epoch_seconds = np.mean(self.result.epoch_seconds) if self.result.epoch_seconds else math.nan
+        best = (self.result.best_epoch or self.result.epochs_run) - 1
+        return {"texts": self.texts, "tokens": self.tokens, "held_out_tokens": self.held_out_tokens,
+                "sampled_words": LM_SAMPLED_WORDS, **self.result.summary(), "seconds": round(self.seconds, 2),
+                "history": history,
+                "held_out_perplexity": [round(math.exp(loss), 2) for loss in history.get("val_loss", [])],
+                "best_perplexity": round(math.exp(history["val_loss"][best]), 2) if history.get("val_loss") else None,
+                "tokens_per_second": round(self.tokens / epoch_seconds) if self.result.epoch_seconds else None}
+
+
+def learn_language_model(classifier, strategy, inputs: PreparedInputs, config: TrainConfig, state_dir: Path,
+                         multi_worker: bool, log_dir: Path | None) -> LanguageModelStage:
+    """The language-model stage: a LanguageModel starting from the classifier's embedding and recurrent weights
+    trains through the training loop (its own saved state in `state_dir`, so the same command resumes it); its
+    best weights (the lowest held-out perplexity) go back into the classifier, whose output layer stays new."""
+    stage = language_model_inputs(inputs, config, strategy.num_replicas_in_sync)
+    plan = stage.plan
+    texts = len(inputs.train_ids) + len(inputs.unlabelled_ids)
+    record = LanguageModelStage(texts, int(review_lengths(inputs.train_ids).sum() +
+                                           review_lengths(inputs.unlabelled_ids).sum()),
+                                int(review_lengths(held_out_ids(inputs.validation_ids)).sum()))
+    print(f"Language-model stage: {plan.epochs} epochs of {plan.steps_per_epoch} batches of {plan.batch_size} "
+          f"on {texts} texts ({record.tokens} tokens), sampled softmax of {LM_SAMPLED_WORDS} words, held-out "
+          f"perplexity on {record.held_out_tokens} validation tokens, patience {plan.patience}")
+    with strategy.scope():
+        model = LanguageModel(config, len(inputs.vocabulary))
+        model(np.ones((1, 2), dtype=np.int32))  # builds the weights
+        copy_shared_weights(classifier_shared_layers(classifier), model.shared_layers())
+        optimizer = build_optimizer(config, plan)
+        optimizer.build(model.trainable_variables)
+    saved = TrainingState.load(state_dir, training_fingerprint(config))
+    state = restore_training_state(model, optimizer, saved, config, state_dir)
+    if multi_worker:
+        check_workers_agree(strategy, state.epoch)
+    started = time.perf_counter()
+    record.result = train(model, optimizer, strategy, stage, state, state_dir, multi_worker, log_dir,
+                          language_model_steps(model, optimizer, strategy, config.seed))
+    record.seconds = time.perf_counter() - started
+    copy_shared_weights(model.shared_layers(), classifier_shared_layers(classifier))
+    if record.result.interrupted:
+        raise Interrupted(f"Interrupted in the language-model stage, before the classifier was trained: nothing to "
+                         f"evaluate. The state stays in {state_dir}: run the same command to continue.")
+    return record
 
 
 def fine_tuning_optimizer(config: TrainConfig, plan: TrainingPlan, classifier, strategy):
@@ -2761,7 +3022,8 @@ def unlabelled_notes(config: TrainConfig, training_rows: int, pretraining: Pretr
                     "per line), let the model learn the baseline's probabilities on them first (README: "
                     "Unlabelled text)."]
         return []
-    notes = []
+    notes, stages = [], {"teacher": "The teacher stage", "lm": "Pretraining as a language model",
+                         "both": "Pretraining as a language model and the teacher stage"}
     if training.best_epoch == 0:
         notes.append("Fine-tuning on the labels did not lower the validation loss of the model the teacher stage "
                      "ended with; that model is kept.")
@@ -2769,7 +3031,8 @@ def unlabelled_notes(config: TrainConfig, training_rows: int, pretraining: Pretr
     behind = (compare_models(check.labels, check.baseline, check.neural, ("baseline", config.arch), "validation")
               if check.baseline is not None else None)
     if behind is not None and behind.difference > 0 and not behind.level:
-        notes.append(f"The teacher stage did not bring the {config.arch} up to its teacher on the validation split "
+        notes.append(f"{stages[pretraining.method]} did not bring the {config.arch} up to the baseline on the "
+                     "validation split "
                      f"({accuracy['neural']:.4f} against the baseline's {accuracy['baseline']:.4f}; the baseline is "
                      f"{behind.words()}).")
     return notes
@@ -2908,9 +3171,16 @@ def confident_errors(texts, labels, probabilities, class_names, limit: int = 100
     })
 
 
+def tokens_per_second(token_ids: np.ndarray, training: TrainingResult) -> int | None:
+    """The labelled stage's speed: its training split's tokens over its mean epoch."""
+    if not training.epoch_seconds:
+        return None
+    return round(int(review_lengths(token_ids).sum()) / float(np.mean(training.epoch_seconds)))
+
+
 def build_metrics(config: TrainConfig, started_from: dict, data: dict, training: TrainingResult,
                  evaluation: Evaluation, blend: Blend | None, check: ValidationCheck, notes: list[str], strategy,
-                 role: ClusterRole | None, pretraining: Pretraining) -> dict:
+                 role: ClusterRole | None, pretraining: dict) -> dict:
     """The run's metrics.json: the primary model's test results first, then each other model's; the data,
     settings, training, timing (filled in last) and environment."""
 
@@ -2935,7 +3205,7 @@ def build_metrics(config: TrainConfig, started_from: dict, data: dict, training:
         "config": dataclasses.asdict(config),
         "started_from": started_from,
         "training": training.summary(),
-        "semi_supervised": pretraining.summary(),
+        "semi_supervised": pretraining,
         "environment": {"python": platform.python_version(), "tensorflow": tf.__version__,
                         "machine": platform.platform(), "cpus": os.cpu_count(),
                         "strategy": strategy_name(strategy, role), "replicas": strategy.num_replicas_in_sync},
@@ -2985,8 +3255,9 @@ def plot_roc_curves(labels, probabilities: dict[str, np.ndarray], class_names):
     return figure
 
 
-def plot_history(history: dict, stage: str = ""):
-    figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(10, 4))
+def plot_history(history: dict, stage: str = "", row=None):
+    """Loss and accuracy per epoch, training beside validation (into `row`, a pair of axes, if given)."""
+    figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(10, 4)) if row is None else (None, row)
     epochs = np.arange(1, len(history.get("loss", [])) + 1)
     for axes, metric in ((loss_axes, "loss"), (accuracy_axes, "accuracy")):
         axes.plot(epochs, history.get(metric, []), marker="o", label="training")
@@ -2994,6 +3265,32 @@ def plot_history(history: dict, stage: str = ""):
         axes.set(xlabel="epoch", ylabel=metric, title=f"{stage}{metric} per epoch".capitalize())
         axes.set_xticks(epochs)
         axes.legend()
+    if figure is not None:
+        figure.tight_layout()
+    return figure
+
+
+def plot_pretraining(pretraining: Pretraining):
+    """A row per pretraining stage: the language model's loss (sampled in training, exact on the held-out
+    text) and held-out perplexity; the teacher stage's loss and accuracy."""
+    rows = [stage for stage in (pretraining.language_model, pretraining.result) if stage is not None]
+    figure, axes = plt.subplots(len(rows), 2, figsize=(10, 4 * len(rows)), squeeze=False)
+    row = 0
+    if pretraining.language_model is not None:
+        history = pretraining.language_model.result.history
+        epochs = np.arange(1, len(history.get("loss", [])) + 1)
+        loss_axes, perplexity_axes = axes[row]
+        loss_axes.plot(epochs, history.get("loss", []), marker="o", label="training (sampled softmax)")
+        loss_axes.plot(epochs, history.get("val_loss", []), marker="o", label="held-out (full softmax)")
+        loss_axes.set(xlabel="epoch", ylabel="loss per token", title="Language model: loss per epoch")
+        perplexity_axes.plot(epochs, np.exp(history.get("val_loss", [])), marker="o", color="C1")
+        perplexity_axes.set(xlabel="epoch", ylabel="perplexity", title="Language model: held-out perplexity")
+        for each in (loss_axes, perplexity_axes):
+            each.set_xticks(epochs)
+        loss_axes.legend()
+        row += 1
+    if pretraining.result is not None:
+        plot_history(pretraining.result.history, "teacher stage: ", axes[row])
     figure.tight_layout()
     return figure
 
@@ -3028,11 +3325,11 @@ def show_figures(show: bool) -> None:
 
 
 def write_outputs(output_dir: Path, model, evaluation: Evaluation, history: dict, test: LabelledTexts,
-                  show: bool, pretraining_history: dict | None = None,
+                  show: bool, pretraining: Pretraining | None = None,
                   learning_curve: list[dict] | None = None) -> tuple[pd.DataFrame, dict[str, Path]]:
-    """Save the model (model.keras and saved_model/1/), the reports and the figures (with a teacher stage, its
-    curves too; with a baseline, its learning curve), each file whole (report.html and metrics.json come after,
-    last). Returns the confident errors and the figures' paths."""
+    """Save the model (model.keras and saved_model/1/), the reports and the figures (with pretraining stages,
+    their curves too; with a baseline, its learning curve), each file whole (report.html and metrics.json come
+    after, last). Returns the confident errors and the figures' paths."""
 
     if not show:
         matplotlib.use("Agg")
@@ -3053,8 +3350,8 @@ def write_outputs(output_dir: Path, model, evaluation: Evaluation, history: dict
         "roc_curve.png": plot_roc_curves(test.labels, evaluation.probabilities, evaluation.class_names),
         "training_history.png": plot_history(history),
     }
-    if pretraining_history:
-        figures["pretraining_history.png"] = plot_history(pretraining_history, "teacher stage: ")
+    if pretraining is not None and pretraining.done:
+        figures["pretraining_history.png"] = plot_pretraining(pretraining)
     if learning_curve:
         figures[LEARNING_CURVE_FIGURE] = plot_learning_curve(learning_curve)
     for name, figure in figures.items():
@@ -3475,16 +3772,29 @@ def build_html_report(report: dict, evaluation: Evaluation, history: dict, figur
         sections.append("<h2>Training</h2>")
         sections.append(html_table(["", "value"], [[name, value] for name, value in report["training"].items()]))
     semi = report.get("semi_supervised", {})
+    language_model = semi.get("language_model")
+    if language_model:
+        sections.append("<h2>Unlabelled text: the language-model stage</h2>")
+        sections.append('<p class="small">Before the labels, the embedding and the recurrent layer learned to predict '
+                        "the next word of the training split's texts and the unlabelled texts (a sampled softmax in "
+                        "training; the held-out loss and perplexity are exact, on the first validation texts; "
+                        "accuracy: the next word predicted right).</p>")
+        sections.append(html_table(["", "value"], [[name, value] for name, value in language_model.items()
+                                                   if name not in ("history", "held_out_perplexity")]))
+        stage = {**language_model["history"], "val_perplexity": language_model["held_out_perplexity"]}
+        sections.append(html_table(["epoch", *stage], [[epoch + 1, *(values[epoch] for values in stage.values())]
+                                                       for epoch in range(len(stage.get("loss", [])))]))
     if semi.get("history"):
         sections.append("<h2>Unlabelled text: the teacher stage</h2>")
         sections.append('<p class="small">Before the labels, the model learned the baseline\'s probabilities on the '
                         "unlabelled texts (accuracy here: agreement with the baseline; validation: the true labels "
                         "of the validation split).</p>")
-        sections.append(html_table(["", "value"], [[name, value] for name, value in semi.items() if name != "history"]))
+        sections.append(html_table(["", "value"], [[name, value] for name, value in semi.items()
+                                                   if name not in ("history", "language_model")]))
         stage = semi["history"]
         sections.append(html_table(["epoch", *stage], [[epoch + 1, *(values[epoch] for values in stage.values())]
                                                        for epoch in range(len(stage.get("loss", [])))]))
-    elif semi:
+    if semi and not language_model and not semi.get("history"):
         sections.append(f'<p class="small">Unlabelled text: {html.escape(semi["method"])} '
                         f'({html.escape(semi["chosen"])})</p>')
     sections.append("<h2>Time</h2>")
@@ -3653,11 +3963,11 @@ def run_training(config: TrainConfig) -> TrainingResult:
             print(f"Unlabelled text: {semi.method} ({semi.reason})")
         strategy = set_up_tensorflow(config, setup.role)
         baseline = train_strings = targets = None
-        if semi.method == "teacher":  # the teacher is needed before training
+        if semi.teaches:  # the teacher is needed before training
             baseline, train_strings = fit_the_baseline(config, splits, clock)
             if baseline is None:
-                raise UserError("the baseline, which is the teacher of --semi-supervised teacher, cannot be fitted "
-                                "on these texts; use --semi-supervised none")
+                raise UserError(f"the baseline, which is the teacher of --semi-supervised {semi.method}, cannot be "
+                                "fitted on these texts; use --semi-supervised none or lm")
             with clock.timed("baseline_s"):
                 targets = soft_targets(baseline_probabilities(baseline, unlabelled.texts))
         with clock.timed("preprocess_s"):
@@ -3668,18 +3978,25 @@ def run_training(config: TrainConfig) -> TrainingResult:
         check_free_space(setup.output_dir, needed)
         cleanup.enter_context(disk_full_advice(setup.output_dir, setup.state_dir, needed))
         multi_worker, pretraining_dir = setup.role is not None, setup.state_dir / "pretraining"
+        language_model_dir = setup.state_dir / "language_model"
         log_dir = setup.output_dir / "tensorboard" if setup.writes_outputs else None
-        clear_old_curves(log_dir, resuming=setup.saved_state is not None or (pretraining_dir / "state.json").is_file())
+        clear_old_curves(log_dir, resuming=setup.saved_state is not None or any(
+            (stage_dir / "state.json").is_file() for stage_dir in (pretraining_dir, language_model_dir)))
         pretraining = Pretraining(semi.method, semi.reason, len(inputs.unlabelled_ids),
                                   int(review_lengths(inputs.unlabelled_ids).sum()))
-        if semi.method == "teacher":
+        if semi.models_language:
+            with clock.timed("language_model_s"):
+                pretraining.language_model = learn_language_model(
+                    classifier, strategy, inputs, config, language_model_dir, multi_worker,
+                    log_dir / "language_model" if log_dir else None)
+        if semi.teaches:
             with clock.timed("pretrain_s"):
                 learn_from_teacher(classifier, strategy, inputs, targets, config, pretraining_dir, multi_worker,
                                    log_dir / "pretraining" if log_dir else None, pretraining)
         if pretraining.result is not None and pretraining.result.interrupted:
             training = pretraining.result  # Ctrl-C in the teacher stage: report the model as it is
         else:
-            if pretraining.result is not None:
+            if pretraining.done:
                 optimizer = fine_tuning_optimizer(config, inputs.plan, classifier, strategy)
                 pretraining.fine_tuning_learning_rate = config.learning_rate * FINE_TUNING_LEARNING_RATE_SCALE
             state = (restore_training_state(classifier, optimizer, setup.saved_state, config, setup.state_dir)
@@ -3710,15 +4027,15 @@ def run_training(config: TrainConfig) -> TrainingResult:
         notes = (inputs.notes + unlabelled_notes(config, counts["train"], pretraining, training, check)
                  + advice(check, config.arch, blend))
         report = build_metrics(config, started_from, {**counts, **inputs.counts()}, training, evaluation,
-                               blend, check, notes, strategy, setup.role, pretraining)
+                               blend, check, notes, strategy, setup.role,
+                               pretraining.summary(tokens_per_second(inputs.train_ids, training)))
         print(f"\nTest set results:\n{evaluation.table}\n\n{evaluation.classification_report}")
         for note in notes:
             print(f"Note: {note}")
         show = config.show and display_available()
         with clock.timed("write_s"):
             errors, figures = write_outputs(setup.output_dir, model, evaluation, training.history, splits.test, show,
-                                            pretraining.result.history if pretraining.result else None,
-                                            check.baseline_curve)
+                                            pretraining, check.baseline_curve)
         with clock.timed("report_s"):
             mistakes = report_mistakes(model, errors, class_names)
             page = build_html_report(report, evaluation, training.history, figures, mistakes, clock.summary())
@@ -3995,7 +4312,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Terminated as stop:
         print(stop, file=sys.stderr)
-        return 143  # 128 + SIGTERM, what a shell reports for a process the signal ended.
+        # 128 + the signal's number, what a shell reports for a process the signal ended.
+        return 130 if isinstance(stop, Interrupted) else 143
     return 0
 
 

@@ -121,7 +121,8 @@ def test_balanced_class_weights_weight_the_training_loss():
     batch = next(iter(inputs.training_batches(0).unbatch().batch(8)))
     per_review = keras.losses.binary_crossentropy(batch[1][:, None], classifier(batch[0])).numpy()
     class_weights = np.array([1.0, 3.0], dtype=np.float32)  # far from 1, so weighting shows
-    train_step, validation_step = sa.build_step_functions(classifier, optimizer, strategy, class_weights)
+    steps = sa.build_step_functions(classifier, optimizer, strategy, class_weights)
+    train_step, validation_step = steps.train, steps.validation
     validation_loss, _, count = (float(value) for value in validation_step(iter(tf.data.Dataset.from_tensors(batch))))
     weighted_loss, _, _ = (float(value) for value in train_step(iter(tf.data.Dataset.from_tensors(batch))))
     weights = class_weights[batch[1].numpy().astype(int)]

@@ -27,7 +27,8 @@ def one_step_each(strategy, initial_weights, token_ids, labels, config):
         classifier.set_weights(initial_weights)
         optimizer = sa.build_optimizer(config, sa.TrainingPlan(32, 1, 4, 1, 5, "test"))
         optimizer.build(classifier.trainable_variables)
-    train_step, validation_step = sa.build_step_functions(classifier, optimizer, strategy)
+    steps = sa.build_step_functions(classifier, optimizer, strategy)
+    train_step, validation_step = steps.train, steps.validation
 
     def batches():
         dataset = sa.build_training_dataset(token_ids, labels, 8, token_ids.shape[1], shuffle_seed=None,

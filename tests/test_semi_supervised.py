@@ -87,7 +87,7 @@ def test_auto_chooses_the_teacher_only_with_enough_unlabelled_text_and_a_baselin
     (["--semi-supervised", "teacher", "--no-baseline"], "needs the baseline"),
     (["--unlabelled", "/nonexistent/more.txt"], "--unlabelled must be an existing file"),
     (["--pretrain-epochs", "0"], "--pretrain-epochs must be at least 1"),
-    (["--semi-supervised", "lm"], "invalid choice"),
+    (["--semi-supervised", "gpt"], "invalid choice"),
 ])
 def test_bad_semi_supervised_flags_are_one_line(tmp_path, flags, fragment):
     result = run_main("--data", TINY_CSV, "--output-dir", tmp_path / "out", *TINY_FLAGS, *flags)

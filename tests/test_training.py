@@ -197,7 +197,7 @@ def test_mixed_precision_training_step_runs_with_loss_scaling():
         optimizer.build(classifier.trainable_variables)
         assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
         assert classifier.get_layer("probability").dtype_policy.compute_dtype == "float32"
-        train_step, _ = sa.build_step_functions(classifier, optimizer, strategy)
+        train_step = sa.build_step_functions(classifier, optimizer, strategy).train
         token_ids = np.random.default_rng(0).integers(1, 50, (8, 10)).astype(np.int32)
         labels = (np.arange(8) % 2).astype(np.float32)
         batches = tf.data.Dataset.from_tensor_slices((token_ids, labels, np.ones(8, np.float32))).batch(4)
