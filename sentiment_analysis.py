@@ -542,10 +542,22 @@ def with_text_encoding(path: Path, read):
         return read("latin-1")
 
 
+def check_row_widths(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """pandas reads rows with one more field than the header as an index of their first fields: refuse them,
+    or the columns would silently shift by one."""
+    if not isinstance(frame.index, pd.RangeIndex):
+        raise UserError(f"could not parse {path} as CSV: its rows have more fields than its header "
+                        f"({len(frame.columns)} names); quote texts that hold the separator")
+    return frame
+
+
 def read_csv(path: Path, encoding: str, **options):
     """pandas.read_csv with every cell as text; a malformed file becomes a UserError."""
     try:
-        return pd.read_csv(path, encoding=encoding, dtype=str, keep_default_na=False, na_values=[""], **options)
+        frame = pd.read_csv(path, encoding=encoding, dtype=str, keep_default_na=False, na_values=[""], **options)
+        if isinstance(frame, pd.DataFrame):
+            return check_row_widths(frame, path)
+        return (check_row_widths(chunk, path) for chunk in frame)
     except UnicodeDecodeError:
         raise  # For with_text_encoding, which reads the file again as Latin-1.
     except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as error:

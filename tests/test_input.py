@@ -39,6 +39,9 @@ BAD_FILES = {
     "one_label": ("reviews,sentiment\na,positive\nb,positive\nc, Positive \n", "only one label"),
     "too_few_rows": ("reviews,sentiment\na,positive\nb,negative\nc,positive\nd,negative\n", "too few"),
     "not_csv": ('reviews,sentiment\n"unclosed quote,positive\nb,negative\n', "could not parse"),
+    # Unquoted commas in every text: pandas would read the first field as an index and shift the columns.
+    "more_fields_than_header": ("reviews,sentiment\n" + "".join(f"good, film {i},positive\n" for i in range(12)),
+                                "more fields than its header"),
 }
 
 

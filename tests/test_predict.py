@@ -84,6 +84,16 @@ def test_predict_csv_keeps_columns_order_and_empty_rows(trained_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_predict_csv_with_rows_wider_than_its_header_is_one_line(trained_dir, tmp_path):
+    input_path, output_path = tmp_path / "in.csv", tmp_path / "out.csv"
+    input_path.write_text("reviews\nhello, world\ngreat, film\n")
+    result = run_main("predict", "--model", trained_dir / "model.keras", "--input", input_path,
+                      "--output", output_path)
+    assert_user_error(result, "more fields than its header")
+    assert not output_path.exists()
+
+
+@pytest.mark.slow
 def test_predict_csv_with_named_text_column(trained_dir, tmp_path):
     source = pd.read_csv(TINY_CSV).head(5).rename(columns={"reviews": "body"})
     input_path, output_path = tmp_path / "in.csv", tmp_path / "out.csv"
