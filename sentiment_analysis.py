@@ -235,6 +235,11 @@ ARCH_DEFAULTS = {
 }
 
 
+# The --arch choices that --semi-supervised lm can pretrain: one direction (a backward layer would see the word it
+# is to predict).
+LM_ARCHITECTURES = ("lstm", "gru")
+
+
 class UserError(Exception):
     """A mistake in the user's input or flags: reported as one line on stderr, never as a traceback."""
 
@@ -2294,7 +2299,21 @@ def set_up_tensorflow(config: TrainConfig, role: ClusterRole | None):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def build_step_functions(classifier, optimizer, strategy, class_weights: np.ndarray | None = None):
+HISTORY_NAMES = ("loss", "accuracy", "val_loss", "val_accuracy")  # a classifier's figures per epoch
+
+
+@dataclass(frozen=True)
+class Steps:
+    """What the training loop runs: a training step and a validation step (each a distributed step over the
+    next batch of an iterator, returning the summed loss, right answers and count), and the figures it keeps
+    per epoch (the training pass of a language model has no accuracy: its sampled softmax scores no full
+    prediction)."""
+    train: object
+    validation: object
+    names: tuple[str, ...] = HISTORY_NAMES
+
+
+def build_step_functions(classifier, optimizer, strategy, class_weights: np.ndarray | None = None) -> Steps:
     """One training step and one validation step over a batch split across the strategy's replicas.
 
     Each returns the batch's summed loss, number of correct predictions and number of reviews (padding
@@ -2353,20 +2372,6 @@ def build_step_functions(classifier, optimizer, strategy, class_weights: np.ndar
         return step
 
     return Steps(on_all_replicas(train_batch), on_all_replicas(validation_batch))
-
-
-HISTORY_NAMES = ("loss", "accuracy", "val_loss", "val_accuracy")  # a classifier's figures per epoch
-
-
-@dataclass(frozen=True)
-class Steps:
-    """What the training loop runs: a training step and a validation step (each a distributed step over the
-    next batch of an iterator, returning the summed loss, right answers and count), and the figures it keeps
-    per epoch (the training pass of a language model has no accuracy: its sampled softmax scores no full
-    prediction)."""
-    train: object
-    validation: object
-    names: tuple[str, ...] = HISTORY_NAMES
 
 
 @dataclass
@@ -2651,8 +2656,9 @@ def train(classifier, optimizer, strategy, inputs: PreparedInputs, state: Traini
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Learning from unlabelled text: the baseline teaches the model on the texts without labels, then the labels
-# fine-tune it. Both stages run through the one training loop above, each with its own saved state.
+# Learning from unlabelled text: before the labels, the model learns from the texts without them, as a
+# next-word language model (lm), from the baseline's probabilities (teacher), or both in that order; then the
+# labels fine-tune it. Every stage runs through the one training loop above, each with its own saved state.
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -2722,83 +2728,6 @@ def teacher_inputs(inputs: PreparedInputs, targets: np.ndarray, config: TrainCon
 
     return dataclasses.replace(inputs, plan=plan, training_batches=training_batches, class_weights=None)
 
-
-@dataclass
-class Pretraining:
-    """What the pretraining stages did (the language model's, the teacher's), for metrics.json, the report and
-    the labelled stage."""
-    method: str
-    reason: str
-    texts: int   # unlabelled texts used
-    tokens: int  # their tokens
-    result: TrainingResult | None = None            # the teacher stage's
-    seconds: float = 0.0
-    best_loss: float = math.inf                     # the validation loss of the weights the teacher stage ended with
-    best_weights: list[np.ndarray] | None = field(default=None, repr=False)
-    fine_tuning_learning_rate: float | None = None  # the labelled stage's starting learning rate
-    language_model: LanguageModelStage | None = None
-
-    @property
-    def done(self) -> bool:
-        return self.result is not None or self.language_model is not None
-
-    def started_from(self, config: TrainConfig) -> dict:
-        """What started_from adds: the pretraining stages, and Word2Vec's unlabelled text."""
-        if self.method == "none":
-            return {}
-        stages = []
-        if self.language_model is not None:
-            model = self.language_model
-            stages.append(f"a next-word language model on {model.texts} texts (the training split and {self.texts} "
-                          f"unlabelled texts), held-out perplexity {model.summary()['best_perplexity']}")
-        if self.result is not None:
-            stages.append(f"taught by the TF-IDF baseline's probabilities on {self.texts} unlabelled texts")
-        start = {"pretrained": ", then ".join(stages)} if stages else {}
-        if config.embeddings == "word2vec" and self.texts:
-            start["vectors"] = f"Word2Vec trained on this run's training split and {self.texts} unlabelled texts"
-        return start
-
-    def summary(self, classifier_tokens_per_second: int | None = None) -> dict:
-        """The method and each stage's record; the language model's speed beside the labelled stage's
-        (`classifier_tokens_per_second`, its training split's tokens over its mean epoch)."""
-        summary = {"method": self.method, "chosen": self.reason}
-        if self.done:
-            summary["fine_tuning_learning_rate"] = self.fine_tuning_learning_rate
-        if self.language_model is not None:
-            summary["language_model"] = {**self.language_model.summary(),
-                                         "classifier_tokens_per_second": classifier_tokens_per_second}
-        if self.result is None:
-            return summary
-        history = self.result.history
-        best = (self.result.best_epoch or self.result.epochs_run) - 1
-        return {**summary, "teacher": "the TF-IDF baseline (its probabilities on the unlabelled texts)",
-                "texts": self.texts, "tokens": self.tokens, **self.result.summary(), "seconds": round(self.seconds, 2),
-                "history": history,
-                "validation_accuracy": history["val_accuracy"][best] if history.get("val_accuracy") else None}
-
-
-def learn_from_teacher(classifier, strategy, inputs: PreparedInputs, targets: np.ndarray, config: TrainConfig,
-                       state_dir: Path, multi_worker: bool, log_dir: Path | None, pretraining: Pretraining) -> None:
-    """The teacher stage: train the classifier on the unlabelled texts with the teacher's probabilities as
-    targets, through the training loop, with a fresh optimizer and its own training state in `state_dir` (the
-    same command resumes it). Leaves the best weights in the classifier and records them in `pretraining`."""
-    stage = teacher_inputs(inputs, targets, config, strategy.num_replicas_in_sync)
-    plan = stage.plan
-    print(f"Teacher stage: {plan.epochs} epochs of {plan.steps_per_epoch} batches of {plan.batch_size} on "
-          f"{pretraining.texts} unlabelled texts with the baseline's probabilities, patience {plan.patience}")
-    with strategy.scope():
-        optimizer = build_optimizer(config, plan)
-        optimizer.build(classifier.trainable_variables)
-    saved = TrainingState.load(state_dir, training_fingerprint(config))
-    state = restore_training_state(classifier, optimizer, saved, config, state_dir)
-    if multi_worker:
-        check_workers_agree(strategy, state.epoch)
-    started = time.perf_counter()
-    pretraining.result = train(classifier, optimizer, strategy, stage, state, state_dir, multi_worker, log_dir)
-    pretraining.seconds = time.perf_counter() - started
-    pretraining.best_loss, pretraining.best_weights = state.best_loss, state.best_weights
-
-
 # The language-model stage (--semi-supervised lm, and the first stage of both): the classifier's Embedding and
 # recurrent layers learn to predict each next word of the training split and the unlabelled texts (never of the
 # validation or test texts), through a sampled softmax (Jean et al. 2015; tf.nn.sampled_softmax_loss): each
@@ -2809,7 +2738,6 @@ LM_SAMPLED_WORDS = 512
 LM_HELD_OUT_TOKENS = 50_000
 LM_HELD_OUT_BATCH = 8  # texts per replica in a held-out batch: a full softmax of each token over the vocabulary
 LM_MIN_EPOCHS = 2
-LM_ARCHITECTURES = ("lstm", "gru")  # one direction: a backward layer would see the word it is to predict
 
 
 class LanguageModel(keras.Model):
@@ -3001,6 +2929,83 @@ def learn_language_model(classifier, strategy, inputs: PreparedInputs, config: T
         raise Interrupted(f"Interrupted in the language-model stage, before the classifier was trained: nothing to "
                          f"evaluate. The state stays in {state_dir}: run the same command to continue.")
     return record
+
+
+@dataclass
+class Pretraining:
+    """What the pretraining stages did (the language model's, the teacher's), for metrics.json, the report and
+    the labelled stage."""
+    method: str
+    reason: str
+    texts: int   # unlabelled texts used
+    tokens: int  # their tokens
+    result: TrainingResult | None = None            # the teacher stage's
+    seconds: float = 0.0
+    best_loss: float = math.inf                     # the validation loss of the weights the teacher stage ended with
+    best_weights: list[np.ndarray] | None = field(default=None, repr=False)
+    fine_tuning_learning_rate: float | None = None  # the labelled stage's starting learning rate
+    language_model: LanguageModelStage | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None or self.language_model is not None
+
+    def started_from(self, config: TrainConfig) -> dict:
+        """What started_from adds: the pretraining stages, and Word2Vec's unlabelled text."""
+        if self.method == "none":
+            return {}
+        stages = []
+        if self.language_model is not None:
+            model = self.language_model
+            stages.append(f"a next-word language model on {model.texts} texts (the training split and {self.texts} "
+                          f"unlabelled texts), held-out perplexity {model.summary()['best_perplexity']}")
+        if self.result is not None:
+            stages.append(f"taught by the TF-IDF baseline's probabilities on {self.texts} unlabelled texts")
+        start = {"pretrained": ", then ".join(stages)} if stages else {}
+        if config.embeddings == "word2vec" and self.texts:
+            start["vectors"] = f"Word2Vec trained on this run's training split and {self.texts} unlabelled texts"
+        return start
+
+    def summary(self, classifier_tokens_per_second: int | None = None) -> dict:
+        """The method and each stage's record; the language model's speed beside the labelled stage's
+        (`classifier_tokens_per_second`, its training split's tokens over its mean epoch)."""
+        summary = {"method": self.method, "chosen": self.reason}
+        if self.done:
+            summary["fine_tuning_learning_rate"] = self.fine_tuning_learning_rate
+        if self.language_model is not None:
+            summary["language_model"] = {**self.language_model.summary(),
+                                         "classifier_tokens_per_second": classifier_tokens_per_second}
+        if self.result is None:
+            return summary
+        history = self.result.history
+        best = (self.result.best_epoch or self.result.epochs_run) - 1
+        return {**summary, "teacher": "the TF-IDF baseline (its probabilities on the unlabelled texts)",
+                "texts": self.texts, "tokens": self.tokens, **self.result.summary(), "seconds": round(self.seconds, 2),
+                "history": history,
+                "validation_accuracy": history["val_accuracy"][best] if history.get("val_accuracy") else None}
+
+
+def learn_from_teacher(classifier, strategy, inputs: PreparedInputs, targets: np.ndarray, config: TrainConfig,
+                       state_dir: Path, multi_worker: bool, log_dir: Path | None, pretraining: Pretraining) -> None:
+    """The teacher stage: train the classifier on the unlabelled texts with the teacher's probabilities as
+    targets, through the training loop, with a fresh optimizer and its own training state in `state_dir` (the
+    same command resumes it). Leaves the best weights in the classifier and records them in `pretraining`."""
+    stage = teacher_inputs(inputs, targets, config, strategy.num_replicas_in_sync)
+    plan = stage.plan
+    print(f"Teacher stage: {plan.epochs} epochs of {plan.steps_per_epoch} batches of {plan.batch_size} on "
+          f"{pretraining.texts} unlabelled texts with the baseline's probabilities, patience {plan.patience}")
+    with strategy.scope():
+        optimizer = build_optimizer(config, plan)
+        optimizer.build(classifier.trainable_variables)
+    saved = TrainingState.load(state_dir, training_fingerprint(config))
+    state = restore_training_state(classifier, optimizer, saved, config, state_dir)
+    if multi_worker:
+        check_workers_agree(strategy, state.epoch)
+    started = time.perf_counter()
+    pretraining.result = train(classifier, optimizer, strategy, stage, state, state_dir, multi_worker, log_dir)
+    pretraining.seconds = time.perf_counter() - started
+    pretraining.best_loss, pretraining.best_weights = state.best_loss, state.best_weights
+
 
 
 def fine_tuning_optimizer(config: TrainConfig, plan: TrainingPlan, classifier, strategy):
