@@ -1,0 +1,69 @@
+"""The training loop's early stopping and Ctrl-C, on a tiny classifier whose validation losses are scripted: the
+run stops when it should and keeps the weights of its best epoch, compared with the weights each epoch ended with."""
+
+import tempfile
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import sentiment_analysis as sa
+
+
+def scripted_training(validation_losses, interrupt_in_epoch=None):
+    """A tiny classifier trained through sa.train with its real training step and a validation step that reports
+    `validation_losses` (one per epoch) and records the weights it sees: the weights of each epoch's end. With
+    `interrupt_in_epoch`, Ctrl-C (KeyboardInterrupt) comes in that epoch's first training step."""
+    sa.keras.utils.set_random_seed(3)
+    config = sa.TrainConfig(embedding_dim=4, units=3, spatial_dropout=0.0, learning_rate=0.05)
+    strategy = tf.distribute.get_strategy()
+    classifier = sa.build_classifier(config, 30)
+    epochs = len(validation_losses)
+    plan = sa.TrainingPlan(4, 2, epochs, 2, 0, "test")
+    optimizer = sa.build_optimizer(config, plan)
+    optimizer.build(classifier.trainable_variables)
+    real = sa.build_step_functions(classifier, optimizer, strategy)
+    token_ids = np.random.default_rng(0).integers(1, 30, (8, 6)).astype(np.int32)
+    labels = (np.arange(8) % 2).astype(np.float32)
+    batches = tf.data.Dataset.from_tensor_slices((token_ids, labels, np.ones(8, np.float32))).batch(4)
+    seen, steps_run = [], []
+
+    def train_step(iterator):
+        if interrupt_in_epoch is not None and len(steps_run) == 2 * (interrupt_in_epoch - 1):
+            raise KeyboardInterrupt
+        steps_run.append(1)
+        return real.train(iterator)
+
+    def validation_step(iterator):
+        next(iterator)
+        seen.append([weight.copy() for weight in classifier.get_weights()])
+        return [tf.constant(validation_losses[len(seen) - 1] * 4.0), tf.constant(2.0), tf.constant(4.0)]
+
+    inputs = types.SimpleNamespace(plan=plan, class_weights=None, validation_batches=batches.take(1),
+                                   validation_steps=1, training_batches=lambda epoch: batches)
+    state = sa.TrainingState(fingerprint={})
+    result = sa.train(classifier, optimizer, strategy, inputs, state, Path(tempfile.mkdtemp()), False,
+                      steps=sa.Steps(train_step, validation_step))
+    return result, classifier, seen
+
+
+@pytest.mark.slow
+def test_early_stopping_ends_the_run_and_keeps_the_best_epochs_weights():
+    # Patience 2: the best epoch is 2; epochs 3 and 4 do not beat it, so the run stops before epoch 5.
+    result, classifier, seen = scripted_training([0.6, 0.4, 0.5, 0.45, 0.1, 0.1])
+    assert result.epochs_run == 4 and result.best_epoch == 2 and len(seen) == 4
+    assert result.history["val_loss"] == pytest.approx([0.6, 0.4, 0.5, 0.45])
+    assert any(not np.array_equal(a, b) for a, b in zip(seen[1], seen[3]))  # training went on after epoch 2
+    for weight, best in zip(classifier.get_weights(), seen[1]):
+        np.testing.assert_array_equal(weight, best)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_training_and_keeps_the_best_weights_so_far():
+    result, classifier, seen = scripted_training([0.5, 0.3, 0.4, 0.2], interrupt_in_epoch=4)
+    assert result.interrupted and result.epochs_run == 3 and result.best_epoch == 2 and len(seen) == 3
+    assert any(not np.array_equal(a, b) for a, b in zip(seen[1], seen[2]))
+    for weight, best in zip(classifier.get_weights(), seen[1]):
+        np.testing.assert_array_equal(weight, best)
