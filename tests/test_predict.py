@@ -53,9 +53,18 @@ def test_predict_from_stdin_matches_arguments(trained_dir):
 
 @pytest.mark.slow
 def test_threshold_decides_the_label(trained_dir):
-    result = run_main("predict", "--model", trained_dir / "model.keras", "--threshold", "0.99", *TEXTS)
-    rows = parse_lines(result.stdout)
-    check_rows(rows, TEXTS, threshold=0.99)
+    model = trained_dir / "model.keras"
+    texts = pd.read_csv(TINY_CSV)["reviews"].head(20).tolist()
+    probabilities = sorted(float(row[1]) for row in parse_lines(run_main("predict", "--model", model,
+                                                                             *texts).stdout))
+    # A threshold between two of the probabilities: some texts fall on each side of it.
+    middle = len(probabilities) // 2
+    threshold = round((probabilities[middle - 1] + probabilities[middle]) / 2, 6)
+    assert probabilities[middle - 1] < threshold < probabilities[middle], probabilities
+    rows = parse_lines(run_main("predict", "--model", model, "--threshold", str(threshold), *texts).stdout)
+    check_rows(rows, texts, threshold=threshold)
+    labels = [row[0] for row in rows]
+    assert labels.count("positive") == len(texts) - middle and labels.count("negative") == middle
 
 
 @pytest.mark.slow
