@@ -156,7 +156,8 @@ def test_fresh_gets_past_a_damaged_training_state(tmp_path):
 
 
 # Far more epochs than the test waits for, of many small batches: the run is surely still training when Ctrl-C
-# comes (with LONG_RUN's few short epochs it could finish first on a fast machine).
+# (or a second run into its directory) comes (with LONG_RUN's few short epochs it could finish first on a fast
+# machine).
 CTRL_C_RUN = [*TINY_FLAGS, "--no-baseline", "--epochs", "60", "--patience", "60", "--batch-size", "8"]
 
 
@@ -308,7 +309,7 @@ def test_cpu_replicas_with_tf_config_is_refused(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_a_second_run_into_the_same_directory_is_refused_while_the_first_runs(tmp_path):
-    first = start_training(tmp_path, LONG_RUN)
+    first = start_training(tmp_path, CTRL_C_RUN)  # far longer than the test: it cannot finish first
     try:
         wait_for_first_epoch(first, tmp_path)
         second = train_tiny_in_process(tmp_path, "--no-baseline", "--seed", "2")
