@@ -2411,6 +2411,26 @@ def run_epoch(step, dataset, steps: int, progress=None, on_batch=None, done: Epo
     return done
 
 
+class MinuteProgress:
+    """In a log (not a terminal, where the progress bar moves), a line a minute during a pass: batches done,
+    seconds per batch and the time left, so a long epoch is not minutes of silence."""
+    EVERY_SECONDS = 60.0
+
+    def __init__(self, steps: int, first: int = 0, clock=time.monotonic):
+        self.steps, self.first, self.clock = steps, first, clock
+        self.started = self.last = clock()
+
+    def __call__(self, index: int) -> None:
+        now = self.clock()
+        if now - self.last < self.EVERY_SECONDS or index + 1 >= self.steps:
+            return
+        self.last = now
+        per_batch = (now - self.started) / (index + 1 - self.first)
+        left = per_batch * (self.steps - index - 1)
+        print(f"  batch {index + 1}/{self.steps}, {per_batch:.2f} s a batch, about {left / 60:.0f} min left",
+              flush=True)
+
+
 class TrainingLog:
     """TensorBoard summaries of training in LOG_DIR/train and LOG_DIR/validation, named as Keras' TensorBoard
     callback names them (which the custom loop cannot use): epoch_loss, epoch_accuracy and
@@ -2601,8 +2621,15 @@ def train(classifier, optimizer, strategy, inputs: PreparedInputs, state: Traini
             train_batches = strategy.experimental_distribute_dataset(
                 inputs.training_batches(state.epoch).skip(resume.batches))
             first_step = state.epoch * steps
+            minutes = None if sys.stdout.isatty() else MinuteProgress(steps, resume.batches)
+
+            def on_batch(index, loss):
+                log.batch(first_step + index + 1, loss)
+                if minutes is not None:
+                    minutes(index)
+
             done = run_epoch(step_functions.train, train_batches, steps, bar, done=resume, stop=terminated.is_set,
-                             on_batch=lambda index, loss: log.batch(first_step + index + 1, loss), shown=names)
+                             on_batch=on_batch, shown=names)
             done.seconds = resume.seconds + time.perf_counter() - started
             if terminated.is_set():
                 state.epoch_progress = dataclasses.asdict(done)

@@ -67,3 +67,15 @@ def test_ctrl_c_stops_training_and_keeps_the_best_weights_so_far():
     assert any(not np.array_equal(a, b) for a, b in zip(seen[1], seen[2]))
     for weight, best in zip(classifier.get_weights(), seen[1]):
         np.testing.assert_array_equal(weight, best)
+
+
+def test_a_log_gets_a_progress_line_a_minute_during_an_epoch(capsys):
+    now = [0.0]
+    progress = sa.MinuteProgress(steps=100, first=10, clock=lambda: now[0])
+    for index in range(10, 100):
+        now[0] += 2.0  # two seconds a batch
+        progress(index)
+    lines = capsys.readouterr().out.splitlines()
+    # A line after each whole minute (30 batches of a resumed epoch's 90), none at the epoch's last batch.
+    assert lines == ["  batch 40/100, 2.00 s a batch, about 2 min left",
+                     "  batch 70/100, 2.00 s a batch, about 1 min left"]
