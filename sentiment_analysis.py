@@ -2313,6 +2313,16 @@ class Steps:
     names: tuple[str, ...] = HISTORY_NAMES
 
 
+def on_all_replicas(strategy, batch_function):
+    """A step of the training loop: `batch_function` on the next batch of a distributed iterator, on every
+    replica, its sums added up over them."""
+    @tf.function
+    def step(iterator):
+        per_replica = strategy.run(batch_function, args=next(iterator))
+        return [strategy.reduce("SUM", value, axis=None) for value in per_replica]
+    return step
+
+
 def build_step_functions(classifier, optimizer, strategy, class_weights: np.ndarray | None = None) -> Steps:
     """One training step and one validation step over a batch split across the strategy's replicas.
 
@@ -2364,14 +2374,7 @@ def build_step_functions(classifier, optimizer, strategy, class_weights: np.ndar
     def validation_batch(token_ids, labels, weights):
         return sums(labels, weights, classifier(token_ids, training=False))[1]
 
-    def on_all_replicas(batch_function):
-        @tf.function
-        def step(iterator):
-            per_replica = strategy.run(batch_function, args=next(iterator))
-            return [strategy.reduce("SUM", value, axis=None) for value in per_replica]
-        return step
-
-    return Steps(on_all_replicas(train_batch), on_all_replicas(validation_batch))
+    return Steps(on_all_replicas(strategy, train_batch), on_all_replicas(strategy, validation_batch))
 
 
 @dataclass
@@ -2861,14 +2864,7 @@ def language_model_steps(model: LanguageModel, optimizer, strategy, seed: int) -
         correct = tf.cast(tf.equal(tf.argmax(logits, axis=1, output_type=targets.dtype), targets), tf.float32)
         return [tf.reduce_sum(losses), tf.reduce_sum(correct), tf.cast(tf.shape(targets)[0], tf.float32)]
 
-    def on_all_replicas(batch_function):
-        @tf.function
-        def step(iterator):
-            per_replica = strategy.run(batch_function, args=next(iterator))
-            return [strategy.reduce("SUM", value, axis=None) for value in per_replica]
-        return step
-
-    return Steps(on_all_replicas(train_batch), on_all_replicas(validation_batch),
+    return Steps(on_all_replicas(strategy, train_batch), on_all_replicas(strategy, validation_batch),
                  names=("loss", "val_loss", "val_accuracy"))
 
 
