@@ -99,6 +99,7 @@ import matplotlib.pyplot as plt
 import seaborn as sns
 import gensim.downloader
 from gensim.models import KeyedVectors, Word2Vec
+from gensim.models.callbacks import CallbackAny2Vec
 from sklearn import metrics
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
@@ -1036,6 +1037,39 @@ class BertVectorizer(SubwordVectorizer):
 # ----------------------------------------------------------------------------------------------------------
 
 
+class StageProgress:
+    """How far a long stage has come: `units` done of `total`, the rate and the time left. On a terminal one line
+    rewritten in place (at most twice a second); in a log a line a minute, so a long stage is not minutes of
+    silence; nothing for a stage that ends within its first minute in a log. (Training's epochs have Keras'
+    progress bar on a terminal: they ask for the log lines only.)"""
+    LOG_EVERY, TERMINAL_EVERY = 60.0, 0.5
+
+    def __init__(self, stage: str, total: int, unit: str, first: int = 0, terminal: bool | None = None,
+                 clock=time.monotonic, one: str | None = None):
+        self.stage, self.total, self.unit, self.first, self.clock = stage, total, unit, first, clock
+        self.one = one or unit[:-1]  # the unit's singular
+        self.terminal = sys.stdout.isatty() if terminal is None else terminal
+        self.started = self.last = clock()
+        self.shown = False
+
+    def __call__(self, done: int) -> None:
+        now = self.clock()
+        if now - self.last < (self.TERMINAL_EVERY if self.terminal else self.LOG_EVERY) or done >= self.total:
+            return
+        self.last = now
+        seconds_each = (now - self.started) / max(1, done - self.first)
+        rate = (f"{seconds_each:.2f} s a {self.one}" if seconds_each >= 1
+                else f"{1 / seconds_each:.0f} {self.unit} a second")
+        line = (f"  {self.stage}{done}/{self.total} {self.unit}, {rate}, about "
+                f"{seconds_each * (self.total - done) / 60:.0f} min left")
+        print(f"\r{line}\033[K" if self.terminal else line, end="" if self.terminal else "\n", flush=True)
+        self.shown = True
+
+    def close(self) -> None:
+        if self.terminal and self.shown:
+            print("\r\033[K", end="", flush=True)  # the next line starts clean
+
+
 def text_dataset(texts, batch_size: int = 2048):
     """Batches of tf.string. (NumPy's astype(str) would make a fixed-width array as wide as the longest
     review: gigabytes for IMDB.)"""
@@ -1196,9 +1230,14 @@ def build_vectorizer(texts, config: TrainConfig):
     return WordPieceVectorizer(vocabulary, config.max_length, name="vectorizer")
 
 
-def vectorize(vectorizer, texts) -> np.ndarray:
+def vectorize(vectorizer, texts, stage: str = "tokenizing: ") -> np.ndarray:
     """Token ids, right-padded with zeros to max_length, as int32 to halve the memory of int64."""
-    return np.concatenate([np.asarray(vectorizer(batch), dtype=np.int32) for batch in text_dataset(texts)])
+    progress, parts = StageProgress(stage, len(texts), "texts"), []
+    for batch in text_dataset(texts):
+        parts.append(np.asarray(vectorizer(batch), dtype=np.int32))
+        progress(sum(len(part) for part in parts))
+    progress.close()
+    return np.concatenate(parts)
 
 
 def review_lengths(token_ids: np.ndarray) -> np.ndarray:
@@ -1376,9 +1415,20 @@ def word2vec_matrix(token_ids, vocabulary: list[str], config: TrainConfig, epoch
 
     words = np.array(vocabulary, dtype=object)
     sentences = [list(words[row[row > 1]]) for row in token_ids]
+    progress = StageProgress("Word2Vec: ", epochs, "passes")
+
+    class Passes(CallbackAny2Vec):
+        def __init__(self):
+            self.done = 0
+
+        def on_epoch_end(self, model):
+            self.done += 1
+            progress(self.done)
+
     # One worker thread and a hash that does not change between Python processes make it repeatable.
     model = Word2Vec(sentences, vector_size=config.embedding_dim, window=5, min_count=1, sg=0, epochs=epochs,
-                     seed=config.seed, workers=1, hashfxn=stable_hash)
+                     seed=config.seed, workers=1, hashfxn=stable_hash, callbacks=[Passes()])
+    progress.close()
     rng = np.random.default_rng(config.seed)
     matrix = rng.normal(0, 0.05, size=(len(vocabulary), config.embedding_dim)).astype(np.float32)
     matrix[0] = 0.0
@@ -2414,26 +2464,6 @@ def run_epoch(step, dataset, steps: int, progress=None, on_batch=None, done: Epo
     return done
 
 
-class MinuteProgress:
-    """In a log (not a terminal, where the progress bar moves), a line a minute during a pass: batches done,
-    seconds per batch and the time left, so a long epoch is not minutes of silence."""
-    EVERY_SECONDS = 60.0
-
-    def __init__(self, steps: int, first: int = 0, clock=time.monotonic):
-        self.steps, self.first, self.clock = steps, first, clock
-        self.started = self.last = clock()
-
-    def __call__(self, index: int) -> None:
-        now = self.clock()
-        if now - self.last < self.EVERY_SECONDS or index + 1 >= self.steps:
-            return
-        self.last = now
-        per_batch = (now - self.started) / (index + 1 - self.first)
-        left = per_batch * (self.steps - index - 1)
-        print(f"  batch {index + 1}/{self.steps}, {per_batch:.2f} s a batch, about {left / 60:.0f} min left",
-              flush=True)
-
-
 class TrainingLog:
     """TensorBoard summaries of training in LOG_DIR/train and LOG_DIR/validation, named as Keras' TensorBoard
     callback names them (which the custom loop cannot use): epoch_loss, epoch_accuracy and
@@ -2624,12 +2654,12 @@ def train(classifier, optimizer, strategy, inputs: PreparedInputs, state: Traini
             train_batches = strategy.experimental_distribute_dataset(
                 inputs.training_batches(state.epoch).skip(resume.batches))
             first_step = state.epoch * steps
-            minutes = None if sys.stdout.isatty() else MinuteProgress(steps, resume.batches)
+            minutes = StageProgress("", steps, "batches", resume.batches, terminal=False, one="batch")
 
             def on_batch(index, loss):
                 log.batch(first_step + index + 1, loss)
-                if minutes is not None:
-                    minutes(index)
+                if not sys.stdout.isatty():  # a terminal has the progress bar
+                    minutes(index + 1)
 
             done = run_epoch(step_functions.train, train_batches, steps, bar, done=resume, stop=terminated.is_set,
                              on_batch=on_batch, shown=names)

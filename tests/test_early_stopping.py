@@ -71,11 +71,23 @@ def test_ctrl_c_stops_training_and_keeps_the_best_weights_so_far():
 
 def test_a_log_gets_a_progress_line_a_minute_during_an_epoch(capsys):
     now = [0.0]
-    progress = sa.MinuteProgress(steps=100, first=10, clock=lambda: now[0])
+    progress = sa.StageProgress("", 100, "batches", first=10, terminal=False, clock=lambda: now[0], one="batch")
     for index in range(10, 100):
         now[0] += 2.0  # two seconds a batch
-        progress(index)
+        progress(index + 1)
     lines = capsys.readouterr().out.splitlines()
     # A line after each whole minute (30 batches of a resumed epoch's 90), none at the epoch's last batch.
-    assert lines == ["  batch 40/100, 2.00 s a batch, about 2 min left",
-                     "  batch 70/100, 2.00 s a batch, about 1 min left"]
+    assert lines == ["  40/100 batches, 2.00 s a batch, about 2 min left",
+                     "  70/100 batches, 2.00 s a batch, about 1 min left"]
+
+
+def test_a_terminal_gets_one_line_rewritten_and_cleared(capsys):
+    now = [0.0]
+    progress = sa.StageProgress("tokenizing: ", 10_000, "texts", terminal=True, clock=lambda: now[0])
+    for done in range(1000, 10_001, 1000):
+        now[0] += 1.0  # a thousand texts a second
+        progress(done)
+    progress.close()
+    out = capsys.readouterr().out
+    assert "\n" not in out and out.count("\r") == 10  # nine updates (none at the end) and the clearing
+    assert "\r  tokenizing: 9000/10000 texts, 1000 texts a second, about 0 min left" in out
