@@ -228,25 +228,14 @@ def test_both_stages_on_two_replicas_count_every_text(tmp_path):
 
 @pytest.mark.slow
 def test_two_workers_run_the_language_model_stage_together(tmp_path):
-    from test_resilience import free_ports
+    from test_resilience import run_two_workers
 
     data = write_semi_csv(tmp_path / "few_labels.csv")
-    addresses = [f"127.0.0.1:{port}" for port in free_ports(2)]
-    workers = []
-    for index in range(2):
-        env = {key: value for key, value in os.environ.items() if key not in ("DISPLAY", "TF_CONFIG")}
-        env["TF_CONFIG"] = json.dumps({"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}})
-        workers.append(subprocess.Popen(
-            [sys.executable, str(SCRIPT), "--data", str(data), "--output-dir", str(tmp_path / f"worker-{index}"),
-             *LM_FLAGS, "--pretrain-epochs", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env=env))
-    try:
-        outputs = [worker.communicate(timeout=400) for worker in workers]
-    finally:
-        for worker in workers:
-            worker.kill()
-    for worker, (stdout, stderr) in zip(workers, outputs):
-        assert worker.returncode == 0, stderr[-3000:]
+    results = run_two_workers([tmp_path / "worker-0", tmp_path / "worker-1"],
+                              [*LM_FLAGS, "--pretrain-epochs", "1"], data=data)
+    outputs = [(stdout, stderr) for _, stdout, stderr in results]
+    for returncode, stdout, stderr in results:
+        assert returncode == 0, stderr[-3000:]
         assert "Language-model stage: 1 epochs" in stdout
     # Both workers ran the same steps of both stages on the same batches, split between them.
     epoch_lines = [[line.split(" - loss")[1] for line in stdout.splitlines() if "val_loss" in line]

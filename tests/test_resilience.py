@@ -21,10 +21,10 @@ from conftest import (SCRIPT, SMALL_BATCH_EPOCHS, SMALL_BATCH_FLAGS, SMALL_BATCH
 LONG_RUN = [*TINY_FLAGS, "--no-baseline", "--epochs", "8", "--patience", "8"]
 
 
-def start_training(output_dir, flags, env_extra=None):
+def start_training(output_dir, flags, env_extra=None, data=TINY_CSV):
     env = {key: value for key, value in os.environ.items() if key not in ("DISPLAY", "TF_CONFIG")}
     env.update(env_extra or {})
-    command = [sys.executable, str(SCRIPT), "--data", str(TINY_CSV), "--output-dir", str(output_dir), *flags]
+    command = [sys.executable, str(SCRIPT), "--data", str(data), "--output-dir", str(output_dir), *flags]
     # A shell without job control starts background commands with SIGINT ignored, and the child would inherit
     # that (Python then never raises KeyboardInterrupt): give the run the default, as a terminal would.
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
@@ -216,24 +216,33 @@ def free_ports(count):
     return ports
 
 
-def start_workers(output_dirs, flags):
+def start_workers(output_dirs, flags, data=TINY_CSV):
     """The README's one-machine cluster: the same command on two ports of 127.0.0.1, one TF_CONFIG each."""
     addresses = [f"127.0.0.1:{port}" for port in free_ports(len(output_dirs))]
     workers = []
     for index, output_dir in enumerate(output_dirs):
         config = json.dumps({"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}})
-        workers.append(start_training(output_dir, flags, env_extra={"TF_CONFIG": config}))
+        workers.append(start_training(output_dir, flags, env_extra={"TF_CONFIG": config}, data=data))
     return workers
 
 
-def run_two_workers(output_dirs, flags):
-    workers = start_workers(output_dirs, flags)
-    try:
-        outputs = [worker.communicate(timeout=400) for worker in workers]
-    finally:
-        for worker in workers:
-            worker.kill()
-    return [(worker.returncode, stdout, stderr) for worker, (stdout, stderr) in zip(workers, outputs)]
+def run_two_workers(output_dirs, flags, data=TINY_CSV, attempts=3):
+    """Run the workers to the end: (exit status, stdout, stderr) of each. The free ports are closed before the
+    workers bind them (TensorFlow's gRPC server will not share a port that a test holds), so another process may
+    take one in between: then the cluster is started again on new ports, with clean output directories."""
+    for _ in range(attempts):
+        workers = start_workers(output_dirs, flags, data)
+        try:
+            outputs = [worker.communicate(timeout=400) for worker in workers]
+        finally:
+            for worker in workers:
+                worker.kill()
+        results = [(worker.returncode, stdout, stderr) for worker, (stdout, stderr) in zip(workers, outputs)]
+        if not any("Could not start gRPC server" in stderr for _, _, stderr in results):
+            return results
+        for output_dir in output_dirs:
+            shutil.rmtree(output_dir, ignore_errors=True)
+    return results
 
 
 # The default --batch-size: a global batch of 256, more than the tiny CSV holds, still trains on two workers.
