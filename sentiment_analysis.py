@@ -1230,12 +1230,13 @@ def build_vectorizer(texts, config: TrainConfig):
     return WordPieceVectorizer(vocabulary, config.max_length, name="vectorizer")
 
 
-def vectorize(vectorizer, texts, stage: str = "tokenizing: ") -> np.ndarray:
+def vectorize(vectorizer, texts) -> np.ndarray:
     """Token ids, right-padded with zeros to max_length, as int32 to halve the memory of int64."""
-    progress, parts = StageProgress(stage, len(texts), "texts"), []
+    progress, parts, done = StageProgress("tokenizing: ", len(texts), "texts"), [], 0
     for batch in text_dataset(texts):
         parts.append(np.asarray(vectorizer(batch), dtype=np.int32))
-        progress(sum(len(part) for part in parts))
+        done += len(parts[-1])
+        progress(done)
     progress.close()
     return np.concatenate(parts)
 
@@ -2788,6 +2789,19 @@ def teacher_inputs(inputs: PreparedInputs, targets: np.ndarray, config: TrainCon
 
     return dataclasses.replace(inputs, plan=plan, training_batches=training_batches, class_weights=None)
 
+def train_stage(model, optimizer, strategy, stage: PreparedInputs, config: TrainConfig, state_dir: Path,
+                multi_worker: bool, log_dir: Path | None, steps: Steps | None = None):
+    """A pretraining stage through the training loop, from its state saved in `state_dir` if any (the same
+    command resumes it): (its TrainingResult, its seconds, its final TrainingState)."""
+    saved = TrainingState.load(state_dir, training_fingerprint(config))
+    state = restore_training_state(model, optimizer, saved, config, state_dir)
+    if multi_worker:
+        check_workers_agree(strategy, state.epoch)
+    started = time.perf_counter()
+    result = train(model, optimizer, strategy, stage, state, state_dir, multi_worker, log_dir, steps)
+    return result, time.perf_counter() - started, state
+
+
 # The language-model stage (--semi-supervised lm, and the first stage of both): the classifier's Embedding and
 # recurrent layers learn to predict each next word of the training split and the unlabelled texts (never of the
 # validation or test texts), through a sampled softmax (Jean et al. 2015; tf.nn.sampled_softmax_loss): each
@@ -2905,28 +2919,6 @@ def held_out_ids(validation_ids: np.ndarray, limit: int = LM_HELD_OUT_TOKENS) ->
     return validation_ids[: max(1, int(np.searchsorted(tokens, limit, side="right")))]
 
 
-def language_model_inputs(inputs: PreparedInputs, config: TrainConfig, replicas: int) -> PreparedInputs:
-    """The language-model stage's inputs: the training split's texts and the unlabelled texts, planned like a
-    training split of that size (at least LM_MIN_EPOCHS epochs, or --pretrain-epochs), and the held-out
-    validation texts."""
-    texts = np.concatenate([inputs.train_ids, inputs.unlabelled_ids])
-    no_labels = np.zeros(len(texts), dtype=np.float32)
-    stage_config = dataclasses.replace(config, epochs=config.pretrain_epochs, min_epochs=LM_MIN_EPOCHS,
-                                       patience=None, embeddings="random")
-    plan = plan_training(stage_config, review_lengths(texts), replicas)
-    held_out = held_out_ids(inputs.validation_ids)
-    validation_batches = build_training_dataset(held_out, np.zeros(len(held_out), dtype=np.float32),
-                                                LM_HELD_OUT_BATCH * replicas, config.max_length, None, replicas > 1)
-
-    def training_batches(epoch: int):
-        return build_training_dataset(texts, no_labels, plan.batch_size * replicas, config.max_length,
-                                      config.seed + epoch, replicas > 1)
-
-    return dataclasses.replace(inputs, plan=plan, training_batches=training_batches, class_weights=None,
-                               validation_batches=validation_batches,
-                               validation_steps=int(validation_batches.cardinality()))
-
-
 @dataclass
 class LanguageModelStage:
     """What the language-model stage did, for metrics.json and the report."""
@@ -2949,19 +2941,41 @@ class LanguageModelStage:
                 "tokens_per_second": round(self.tokens / epoch_seconds) if self.result.epoch_seconds else None}
 
 
+def language_model_inputs(inputs: PreparedInputs, config: TrainConfig,
+                          replicas: int) -> tuple[PreparedInputs, LanguageModelStage]:
+    """The language-model stage's inputs: the training split's texts and the unlabelled texts, planned like a
+    training split of that size (at least LM_MIN_EPOCHS epochs, or --pretrain-epochs), and the held-out
+    validation texts; and the stage's record of their sizes."""
+    texts = np.concatenate([inputs.train_ids, inputs.unlabelled_ids])
+    no_labels = np.zeros(len(texts), dtype=np.float32)
+    stage_config = dataclasses.replace(config, epochs=config.pretrain_epochs, min_epochs=LM_MIN_EPOCHS,
+                                       patience=None, embeddings="random")
+    lengths = review_lengths(texts)
+    plan = plan_training(stage_config, lengths, replicas)
+    held_out = held_out_ids(inputs.validation_ids)
+    record = LanguageModelStage(len(texts), int(lengths.sum()), int(review_lengths(held_out).sum()))
+    validation_batches = build_training_dataset(held_out, np.zeros(len(held_out), dtype=np.float32),
+                                                LM_HELD_OUT_BATCH * replicas, config.max_length, None, replicas > 1)
+
+    def training_batches(epoch: int):
+        return build_training_dataset(texts, no_labels, plan.batch_size * replicas, config.max_length,
+                                      config.seed + epoch, replicas > 1)
+
+    stage = dataclasses.replace(inputs, plan=plan, training_batches=training_batches, class_weights=None,
+                                validation_batches=validation_batches,
+                                validation_steps=int(validation_batches.cardinality()))
+    return stage, record
+
+
 def learn_language_model(classifier, strategy, inputs: PreparedInputs, config: TrainConfig, state_dir: Path,
                          multi_worker: bool, log_dir: Path | None) -> LanguageModelStage:
     """The language-model stage: a LanguageModel starting from the classifier's embedding and recurrent weights
     trains through the training loop (its own saved state in `state_dir`, so the same command resumes it); its
     best weights (the lowest held-out perplexity) go back into the classifier, whose output layer stays new."""
-    stage = language_model_inputs(inputs, config, strategy.num_replicas_in_sync)
+    stage, record = language_model_inputs(inputs, config, strategy.num_replicas_in_sync)
     plan = stage.plan
-    texts = len(inputs.train_ids) + len(inputs.unlabelled_ids)
-    record = LanguageModelStage(texts, int(review_lengths(inputs.train_ids).sum() +
-                                           review_lengths(inputs.unlabelled_ids).sum()),
-                                int(review_lengths(held_out_ids(inputs.validation_ids)).sum()))
     print(f"Language-model stage: {plan.epochs} epochs of {plan.steps_per_epoch} batches of {plan.batch_size} "
-          f"on {texts} texts ({record.tokens} tokens), sampled softmax of {LM_SAMPLED_WORDS} words, held-out "
+          f"on {record.texts} texts ({record.tokens} tokens), sampled softmax of {LM_SAMPLED_WORDS} words, held-out "
           f"perplexity on {record.held_out_tokens} validation tokens, patience {plan.patience}")
     with strategy.scope():
         model = LanguageModel(config, len(inputs.vocabulary))
@@ -2969,14 +2983,9 @@ def learn_language_model(classifier, strategy, inputs: PreparedInputs, config: T
         copy_shared_weights(classifier_shared_layers(classifier), model.shared_layers())
         optimizer = build_optimizer(config, plan)
         optimizer.build(model.trainable_variables)
-    saved = TrainingState.load(state_dir, training_fingerprint(config))
-    state = restore_training_state(model, optimizer, saved, config, state_dir)
-    if multi_worker:
-        check_workers_agree(strategy, state.epoch)
-    started = time.perf_counter()
-    record.result = train(model, optimizer, strategy, stage, state, state_dir, multi_worker, log_dir,
-                          language_model_steps(model, optimizer, strategy, config.seed))
-    record.seconds = time.perf_counter() - started
+    steps = language_model_steps(model, optimizer, strategy, config.seed)
+    record.result, record.seconds, _ = train_stage(model, optimizer, strategy, stage, config, state_dir,
+                                                   multi_worker, log_dir, steps)
     copy_shared_weights(model.shared_layers(), classifier_shared_layers(classifier))
     if record.result.interrupted:
         raise Interrupted(f"Interrupted in the language-model stage, before the classifier was trained: nothing to "
@@ -3050,13 +3059,8 @@ def learn_from_teacher(classifier, strategy, inputs: PreparedInputs, targets: np
     with strategy.scope():
         optimizer = build_optimizer(config, plan)
         optimizer.build(classifier.trainable_variables)
-    saved = TrainingState.load(state_dir, training_fingerprint(config))
-    state = restore_training_state(classifier, optimizer, saved, config, state_dir)
-    if multi_worker:
-        check_workers_agree(strategy, state.epoch)
-    started = time.perf_counter()
-    pretraining.result = train(classifier, optimizer, strategy, stage, state, state_dir, multi_worker, log_dir)
-    pretraining.seconds = time.perf_counter() - started
+    pretraining.result, pretraining.seconds, state = train_stage(classifier, optimizer, strategy, stage, config,
+                                                                 state_dir, multi_worker, log_dir)
     pretraining.best_loss, pretraining.best_weights = state.best_loss, state.best_weights
 
 

@@ -3,18 +3,15 @@ on the training split and the unlabelled texts, through the training loop, befor
 
 import json
 import math
-import os
 import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
 
-from conftest import SCRIPT, TINY_CSV, TINY_FLAGS, assert_user_error, build_once, run_main
+from conftest import TINY_CSV, TINY_FLAGS, assert_user_error, build_once, run_main
+from test_resilience import run_two_workers, start_training, wait_for_first_epoch
 from test_semi_supervised import config_for, write_semi_csv
 
 import sentiment_analysis as sa
@@ -184,17 +181,11 @@ def test_lm_run_reports_its_stage_and_saves_a_model_that_predicts(lm_dir):
 def test_a_run_killed_in_the_language_model_stage_resumes_there(lm_dir, tmp_path):
     output_dir = tmp_path / "killed"
     data = write_semi_csv(tmp_path / "few_labels.csv")
-    env = {key: value for key, value in os.environ.items() if key not in ("DISPLAY", "TF_CONFIG")}
-    process = subprocess.Popen([sys.executable, str(SCRIPT), "--data", str(data), "--output-dir", str(output_dir),
-                                *LM_FLAGS], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    state_file = output_dir / "training_state" / "language_model" / "state.json"
-    deadline = time.monotonic() + 240
-    while not state_file.exists():
-        assert process.poll() is None, process.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "no language-model epoch finished in time"
-        time.sleep(0.02)
+    process = start_training(output_dir, LM_FLAGS, data=data)
+    wait_for_first_epoch(process, output_dir, stage="language_model")
     process.send_signal(signal.SIGKILL)
     process.wait()
+    state_file = output_dir / "training_state" / "language_model" / "state.json"
     saved = json.loads(state_file.read_text())
     assert 1 <= saved["epoch"] < 3 and not (output_dir / "metrics.json").exists()
 
@@ -228,8 +219,6 @@ def test_both_stages_on_two_replicas_count_every_text(tmp_path):
 
 @pytest.mark.slow
 def test_two_workers_run_the_language_model_stage_together(tmp_path):
-    from test_resilience import run_two_workers
-
     data = write_semi_csv(tmp_path / "few_labels.csv")
     results = run_two_workers([tmp_path / "worker-0", tmp_path / "worker-1"],
                               [*LM_FLAGS, "--pretrain-epochs", "1"], data=data)

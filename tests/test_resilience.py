@@ -31,8 +31,9 @@ def start_training(output_dir, flags, env_extra=None, data=TINY_CSV):
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
-def wait_for_first_epoch(process, output_dir, timeout=240):
-    state_file = output_dir / "training_state" / "state.json"
+def wait_for_first_epoch(process, output_dir, timeout=240, stage=None):
+    """Until the run has saved the state of a whole epoch (of a pretraining stage's, if named: its directory)."""
+    state_file = output_dir / "training_state" / (stage or "") / "state.json"
     deadline = time.monotonic() + timeout
     while not state_file.exists():
         assert process.poll() is None, process.communicate()[1][-3000:]

@@ -3,18 +3,15 @@ probabilities on the unlabelled texts, learned before the labels) through the on
 
 import dataclasses
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
 
-from conftest import SCRIPT, TINY_CSV, TINY_FLAGS, assert_user_error, build_once, run_main
+from conftest import TINY_CSV, TINY_FLAGS, assert_user_error, build_once, run_main
+from test_resilience import run_two_workers, start_training, wait_for_first_epoch
 
 import sentiment_analysis as sa
 
@@ -191,17 +188,11 @@ def test_few_labels_without_unlabelled_text_suggest_it(trained_dir):
 def test_a_run_killed_in_the_teacher_stage_resumes_there(teacher_dir, tmp_path):
     output_dir = tmp_path / "killed"
     data = write_semi_csv(tmp_path / "few_labels.csv")
-    env = {key: value for key, value in os.environ.items() if key not in ("DISPLAY", "TF_CONFIG")}
-    process = subprocess.Popen([sys.executable, str(SCRIPT), "--data", str(data), "--output-dir", str(output_dir),
-                                *TEACHER_FLAGS], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    state_file = output_dir / "training_state" / "pretraining" / "state.json"
-    deadline = time.monotonic() + 240
-    while not state_file.exists():
-        assert process.poll() is None, process.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "no teacher epoch finished in time"
-        time.sleep(0.02)
+    process = start_training(output_dir, TEACHER_FLAGS, data=data)
+    wait_for_first_epoch(process, output_dir, stage="pretraining")
     process.send_signal(signal.SIGKILL)
     process.wait()
+    state_file = output_dir / "training_state" / "pretraining" / "state.json"
     saved = json.loads(state_file.read_text())
     assert 1 <= saved["epoch"] < 3 and not (output_dir / "metrics.json").exists()
 
@@ -230,8 +221,6 @@ def test_teacher_stage_on_two_replicas_counts_every_unlabelled_text(semi_csv, tm
 
 @pytest.mark.slow
 def test_two_workers_run_the_teacher_stage_together(semi_csv, tmp_path):
-    from test_resilience import run_two_workers
-
     results = run_two_workers([tmp_path / "worker-0", tmp_path / "worker-1"],
                               [*TEACHER_FLAGS, "--pretrain-epochs", "1"], data=semi_csv)
     outputs = [(stdout, stderr) for _, stdout, stderr in results]
