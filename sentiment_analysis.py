@@ -1058,8 +1058,9 @@ class StageProgress:
             return
         self.last = now
         seconds_each = (now - self.started) / max(1, done - self.first)
+        per_second = 1 / seconds_each
         rate = (f"{seconds_each:.2f} s a {self.one}" if seconds_each >= 1
-                else f"{1 / seconds_each:.0f} {self.unit} a second")
+                else f"{per_second:.{0 if per_second >= 10 else 1}f} {self.unit} a second")
         line = (f"  {self.stage}{done}/{self.total} {self.unit}, {rate}, about "
                 f"{seconds_each * (self.total - done) / 60:.0f} min left")
         print(f"\r{line}\033[K" if self.terminal else line, end="" if self.terminal else "\n", flush=True)
@@ -1416,7 +1417,7 @@ def word2vec_matrix(token_ids, vocabulary: list[str], config: TrainConfig, epoch
 
     words = np.array(vocabulary, dtype=object)
     sentences = [list(words[row[row > 1]]) for row in token_ids]
-    progress = StageProgress("Word2Vec: ", epochs, "passes")
+    progress = StageProgress("Word2Vec: ", epochs, "passes", one="pass")
 
     class Passes(CallbackAny2Vec):
         def __init__(self):

@@ -91,3 +91,11 @@ def test_a_terminal_gets_one_line_rewritten_and_cleared(capsys):
     out = capsys.readouterr().out
     assert "\n" not in out and out.count("\r") == 10  # nine updates (none at the end) and the clearing
     assert "\r  tokenizing: 9000/10000 texts, 1000 texts a second, about 0 min left" in out
+
+
+def test_a_rate_near_one_a_second_keeps_a_decimal(capsys):
+    now = [0.0]
+    progress = sa.StageProgress("", 1000, "batches", terminal=False, clock=lambda: now[0], one="batch")
+    now[0] = 61.0
+    progress(85)  # 0.72 s a batch: 1.4 batches a second, not "1 batches a second"
+    assert capsys.readouterr().out.splitlines() == ["  85/1000 batches, 1.4 batches a second, about 11 min left"]
