@@ -1844,7 +1844,18 @@ def fit_baseline(train_texts, train_labels, config: TrainConfig):
                                lowercase=False, tokenizer=str.split, token_pattern=None, dtype=np.float32)
     classifier = LogisticRegression(C=8.0, max_iter=1000, random_state=config.seed,
                                     class_weight="balanced" if config.class_weight == "balanced" else None)
-    return make_pipeline(features, classifier).fit(train_texts, train_labels)
+    progress = StageProgress("baseline features: ", len(train_texts), "texts")
+
+    def counted(texts):  # the vectorizer reads the texts once, as they come
+        for done, text in enumerate(texts):
+            if done and done % 1000 == 0:
+                progress(done)
+            yield text
+
+    matrix = features.fit_transform(counted(train_texts))
+    progress.close()
+    classifier.fit(matrix, train_labels)
+    return make_pipeline(features, classifier)  # both steps fitted
 
 
 def baseline_probabilities(baseline, texts) -> np.ndarray:

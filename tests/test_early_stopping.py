@@ -99,3 +99,15 @@ def test_a_rate_near_one_a_second_keeps_a_decimal(capsys):
     now[0] = 61.0
     progress(85)  # 0.72 s a batch: 1.4 batches a second, not "1 batches a second"
     assert capsys.readouterr().out.splitlines() == ["  85/1000 batches, 1.4 batches a second, about 11 min left"]
+
+
+def test_the_baseline_shows_how_many_texts_its_features_have_read(capsys, monkeypatch):
+    monkeypatch.setattr(sa.StageProgress, "LOG_EVERY", 0.0)  # a line at every check, not every minute
+    texts = [f"word{index % 7} great film {index}" if index % 2 else f"word{index % 5} awful film {index}"
+             for index in range(2500)]
+    labels = np.arange(2500) % 2
+    baseline = sa.fit_baseline(texts, labels, sa.TrainConfig())
+    lines = [line for line in capsys.readouterr().out.splitlines() if "baseline features" in line]
+    assert [line.split(",")[0] for line in lines] == ["  baseline features: 1000/2500 texts",
+                                                      "  baseline features: 2000/2500 texts"]
+    assert (baseline.predict(["word1 great film 3", "word2 awful film 4"]) == [1, 0]).all()
