@@ -114,6 +114,7 @@ POSITIVE_LABELS = {"positive", "pos", "1", "1.0", "true"}
 NEGATIVE_LABELS = {"negative", "neg", "0", "0.0", "false"}
 CLASS_NAMES = ("negative", "positive")  # the classes of positive/negative-style labels, and of older model files
 MIN_ROWS = 10
+READ_CHUNK_ROWS = 50_000  # rows of --data parsed at a time, between progress checks
 EMBEDDING_METHODS = ("word2vec", "random")  # else --embeddings names a word-vector file
 DEFAULT_EMBEDDING_DIM = 128
 MAX_CLASSES = 100
@@ -557,10 +558,12 @@ def check_row_widths(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
     return frame
 
 
-def read_csv(path: Path, encoding: str, **options):
-    """pandas.read_csv with every cell as text; a malformed file becomes a UserError."""
+def read_csv(path: Path, encoding: str, source=None, **options):
+    """pandas.read_csv of `source` (default: the file at `path`) with every cell as text; a malformed file becomes
+    a UserError naming `path`."""
     try:
-        frame = pd.read_csv(path, encoding=encoding, dtype=str, keep_default_na=False, na_values=[""], **options)
+        frame = pd.read_csv(path if source is None else source, encoding=encoding, dtype=str,
+                            keep_default_na=False, na_values=[""], **options)
         if isinstance(frame, pd.DataFrame):
             return check_row_widths(frame, path)
         return (check_row_widths(chunk, path) for chunk in frame)
@@ -570,14 +573,28 @@ def read_csv(path: Path, encoding: str, **options):
         raise UserError(f"could not parse {path} as CSV: {str(error).splitlines()[0]}") from None
 
 
-def read_csv_chunks(path: Path, encoding: str, chunk_rows: int, sep: str = ","):
+def read_csv_chunks(path: Path, encoding: str, chunk_rows: int, sep: str = ",", **options):
     """The CSV in DataFrames of chunk_rows rows, so memory stays bounded whatever the file's size."""
     try:
-        yield from read_csv(path, encoding, chunksize=chunk_rows, sep=sep)
+        yield from read_csv(path, encoding, chunksize=chunk_rows, sep=sep, **options)
     except UnicodeDecodeError:
         raise
     except (pd.errors.ParserError, ValueError) as error:
         raise UserError(f"could not parse {path} as CSV: {str(error).splitlines()[0]}") from None
+
+
+def read_whole_csv(path: Path, encoding: str, sep: str, nrows: int | None) -> pd.DataFrame:
+    """The CSV as one DataFrame, read in chunks so a large file shows how far the reading has come."""
+    progress = StageProgress("reading: ", max(1, path.stat().st_size // 2**20), "MB", one="MB")
+    with open(path, "rb") as handle:
+        chunks = []
+        for chunk in read_csv_chunks(path, encoding, READ_CHUNK_ROWS, sep, source=handle, nrows=nrows):
+            chunks.append(chunk)
+            progress(handle.tell() // 2**20)
+    progress.close()
+    if not chunks:  # a header and no rows
+        return read_csv(path, encoding, nrows=0, sep=sep)
+    return pd.concat(chunks, ignore_index=True) if len(chunks) > 1 else chunks[0]
 
 
 def find_column(columns, candidates, override: str | None, kind: str, flag: str) -> str:
@@ -691,7 +708,7 @@ def load_dataset(config: TrainConfig) -> LoadedData:
     path = Path(config.data)
     check_csv_file(path)
     sep = column_separator(path, config.sep)
-    frame = with_text_encoding(path, lambda encoding: read_csv(path, encoding, nrows=config.max_rows, sep=sep))
+    frame = with_text_encoding(path, lambda encoding: read_whole_csv(path, encoding, sep, config.max_rows))
     if frame.empty:
         raise UserError(f"the CSV has a header but no rows: {config.data}")
     text_column = find_column(frame.columns, TEXT_COLUMN_NAMES, config.text_column, "text", "--text-column")

@@ -259,6 +259,23 @@ def test_max_rows_reads_only_the_first_rows():
     assert loaded.texts.tolist() == pd.read_csv(TINY_CSV)["reviews"].head(50).tolist()
 
 
+def test_reading_a_large_csv_shows_how_far_it_has_come(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sa.StageProgress, "LOG_EVERY", 0.0)  # a line at every check, not every minute
+    monkeypatch.setattr(sa, "READ_CHUNK_ROWS", 4000)
+    rows = pd.DataFrame({"reviews": [f"review number {index} " + "word " * 50 for index in range(12_000)],
+                         "sentiment": ["positive", "negative"] * 6000})
+    data = tmp_path / "large.csv"
+    rows.to_csv(data, index=False)
+    assert data.stat().st_size > 3 * 2**20
+    loaded = sa.load_dataset(sa.TrainConfig(data=str(data)))
+    lines = [line for line in capsys.readouterr().out.splitlines() if "reading: " in line]
+    assert len(lines) == 2 and all(line.startswith("  reading: ") and "/3 MB" in line for line in lines), lines
+    done = [int(line.split("reading: ")[1].split("/")[0]) for line in lines]
+    assert done == sorted(done) and done[0] > 0
+    assert loaded.rows_read == 12_000 and loaded.texts.tolist() == rows["reviews"].tolist()
+    assert loaded.labels.tolist() == [1, 0] * 6000
+
+
 def chinese_reviews(path, rows=120):
     """Made-up Chinese reviews without spaces: the sentiment is in a few two-character words among filler."""
     rng = np.random.default_rng(0)
