@@ -558,6 +558,40 @@ def check_row_widths(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
     return frame
 
 
+class StageProgress:
+    """How far a long stage has come: `units` done of `total`, the rate and the time left. On a terminal one line
+    rewritten in place (at most twice a second); in a log a line a minute, so a long stage is not minutes of
+    silence; nothing for a stage that ends within its first minute in a log. (Training's epochs have Keras'
+    progress bar on a terminal: they ask for the log lines only.)"""
+    LOG_EVERY, TERMINAL_EVERY = 60.0, 0.5
+
+    def __init__(self, stage: str, total: int, unit: str, first: int = 0, terminal: bool | None = None,
+                 clock=time.monotonic, one: str | None = None):
+        self.stage, self.total, self.unit, self.first, self.clock = stage, total, unit, first, clock
+        self.one = one or unit[:-1]  # the unit's singular
+        self.terminal = sys.stdout.isatty() if terminal is None else terminal
+        self.started = self.last = clock()
+        self.shown = False
+
+    def __call__(self, done: int) -> None:
+        now = self.clock()
+        if now - self.last < (self.TERMINAL_EVERY if self.terminal else self.LOG_EVERY) or done >= self.total:
+            return
+        self.last = now
+        seconds_each = (now - self.started) / max(1, done - self.first)
+        per_second = 1 / seconds_each
+        rate = (f"{seconds_each:.2f} s a {self.one}" if seconds_each >= 1
+                else f"{per_second:.{0 if per_second >= 10 else 1}f} {self.unit} a second")
+        line = (f"  {self.stage}{done}/{self.total} {self.unit}, {rate}, about "
+                f"{seconds_each * (self.total - done) / 60:.0f} min left")
+        print(f"\r{line}\033[K" if self.terminal else line, end="" if self.terminal else "\n", flush=True)
+        self.shown = True
+
+    def close(self) -> None:
+        if self.terminal and self.shown:
+            print("\r\033[K", end="", flush=True)  # the next line starts clean
+
+
 def read_csv(path: Path, encoding: str, source=None, **options):
     """pandas.read_csv of `source` (default: the file at `path`) with every cell as text; a malformed file becomes
     a UserError naming `path`."""
@@ -1052,40 +1086,6 @@ class BertVectorizer(SubwordVectorizer):
 # ----------------------------------------------------------------------------------------------------------
 # Text to tokens. The tokenizer lives inside the saved model, so training and prediction share it.
 # ----------------------------------------------------------------------------------------------------------
-
-
-class StageProgress:
-    """How far a long stage has come: `units` done of `total`, the rate and the time left. On a terminal one line
-    rewritten in place (at most twice a second); in a log a line a minute, so a long stage is not minutes of
-    silence; nothing for a stage that ends within its first minute in a log. (Training's epochs have Keras'
-    progress bar on a terminal: they ask for the log lines only.)"""
-    LOG_EVERY, TERMINAL_EVERY = 60.0, 0.5
-
-    def __init__(self, stage: str, total: int, unit: str, first: int = 0, terminal: bool | None = None,
-                 clock=time.monotonic, one: str | None = None):
-        self.stage, self.total, self.unit, self.first, self.clock = stage, total, unit, first, clock
-        self.one = one or unit[:-1]  # the unit's singular
-        self.terminal = sys.stdout.isatty() if terminal is None else terminal
-        self.started = self.last = clock()
-        self.shown = False
-
-    def __call__(self, done: int) -> None:
-        now = self.clock()
-        if now - self.last < (self.TERMINAL_EVERY if self.terminal else self.LOG_EVERY) or done >= self.total:
-            return
-        self.last = now
-        seconds_each = (now - self.started) / max(1, done - self.first)
-        per_second = 1 / seconds_each
-        rate = (f"{seconds_each:.2f} s a {self.one}" if seconds_each >= 1
-                else f"{per_second:.{0 if per_second >= 10 else 1}f} {self.unit} a second")
-        line = (f"  {self.stage}{done}/{self.total} {self.unit}, {rate}, about "
-                f"{seconds_each * (self.total - done) / 60:.0f} min left")
-        print(f"\r{line}\033[K" if self.terminal else line, end="" if self.terminal else "\n", flush=True)
-        self.shown = True
-
-    def close(self) -> None:
-        if self.terminal and self.shown:
-            print("\r\033[K", end="", flush=True)  # the next line starts clean
 
 
 def text_dataset(texts, batch_size: int = 2048):

@@ -5,6 +5,7 @@ In-process (main([...])) except where the process itself is the promise."""
 import pandas as pd
 import pytest
 
+import sentiment_analysis as sa
 from conftest import TINY_CSV, assert_user_error, run_main, run_script
 
 TEXTS = ["An absolute delight, the best film of the year!", "Dull, slow and badly acted. Avoid.",
@@ -57,14 +58,20 @@ def test_threshold_decides_the_label(trained_dir):
     texts = pd.read_csv(TINY_CSV)["reviews"].head(20).tolist()
     probabilities = sorted(float(row[1]) for row in parse_lines(run_main("predict", "--model", model,
                                                                              *texts).stdout))
-    # A threshold between two of the probabilities: some texts fall on each side of it.
-    middle = len(probabilities) // 2
+    # A threshold between two of the probabilities, as far in the sorted list from where the default threshold
+    # splits it as it can be: some texts fall on each side of it, and a different number than at the default.
+    at_default = sum(probability < sa.DECISION_THRESHOLD for probability in probabilities)
+    gaps = [index for index in range(1, len(probabilities)) if probabilities[index - 1] < probabilities[index]]
+    middle = max(gaps, key=lambda index: abs(index - at_default))
+    assert middle != at_default, probabilities
     threshold = round((probabilities[middle - 1] + probabilities[middle]) / 2, 6)
     assert probabilities[middle - 1] < threshold < probabilities[middle], probabilities
     rows = parse_lines(run_main("predict", "--model", model, "--threshold", str(threshold), *texts).stdout)
     check_rows(rows, texts, threshold=threshold)
     labels = [row[0] for row in rows]
     assert labels.count("positive") == len(texts) - middle and labels.count("negative") == middle
+    default_labels = [row[0] for row in parse_lines(run_main("predict", "--model", model, *texts).stdout)]
+    assert default_labels.count("negative") == at_default != labels.count("negative")  # --threshold was used
 
 
 @pytest.mark.slow
