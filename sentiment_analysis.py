@@ -103,7 +103,7 @@ from gensim.models.callbacks import CallbackAny2Vec
 from sklearn import metrics
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import train_test_split
+from sklearn.model_selection import StratifiedKFold, train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.metrics import log_loss, roc_auc_score, roc_curve
 
@@ -2434,7 +2434,10 @@ def build_step_functions(classifier, optimizer, strategy, class_weights: np.ndar
             truth = labels
         loss_weights = weights
         if class_weighted and class_weights is not None:
-            loss_weights = weights * tf.gather(tf.constant(class_weights), tf.cast(labels, tf.int32))
+            # A soft target (a teacher's) weighs as the class it leans to.
+            classes = (tf.argmax(labels, axis=1) if labels.shape.rank == 2
+                       else tf.round(labels) if binary else labels)
+            loss_weights = weights * tf.gather(tf.constant(class_weights), tf.cast(classes, tf.int32))
         correct = tf.cast(predicted == truth, tf.float32)
         return losses, [tf.reduce_sum(losses * loss_weights), tf.reduce_sum(correct * weights),
                         tf.reduce_sum(weights)]
@@ -2756,12 +2759,18 @@ TEACHER_MIN_EPOCHS = 2  # the fewest planned epochs of the teacher stage
 # After a teacher stage the labels fine-tune at a quarter of --learning-rate (5e-4 by default): chosen on the
 # validation split at 2,000 IMDB labels, mean of seeds 42, 1, 2 (docs/RESULTS.md, "Unlabelled text").
 FINE_TUNING_LEARNING_RATE_SCALE = 0.25
+# With no unlabelled text the teacher teaches beside the labels (knowledge distillation): each training text's
+# target is this share of its label plus the rest of the baseline's out-of-fold probability for it (the
+# baseline fitted on the other TEACHER_FOLDS - 1 folds, so it never grades a text it has learned).
+DISTILLATION_LABEL_SHARE = 0.5
+TEACHER_FOLDS = 5
 
 
 @dataclass(frozen=True)
 class SemiSupervised:
     method: str  # none, teacher, lm or both
     reason: str  # why, in words (auto's choice, or as given)
+    distils: bool = False  # teacher with no unlabelled text: the baseline's probabilities beside the labels
 
     @property
     def teaches(self) -> bool:
@@ -2779,9 +2788,9 @@ def choose_semi_supervised(config: TrainConfig, training_rows: int, unlabelled_t
     docs/RESULTS.md); else none, which is the run without unlabelled text."""
     if config.semi_supervised in ("teacher", "both"):
         if not unlabelled_texts:
-            raise UserError(f"--semi-supervised {config.semi_supervised} needs unlabelled text: rows of --data with "
-                            "an empty label, or --unlabelled FILE (none is left after removing duplicates and "
-                            "validation or test texts)")
+            return SemiSupervised(config.semi_supervised, "as given; no unlabelled text, so the baseline's "
+                                  "out-of-fold probabilities on the training split are learned beside the labels",
+                                  distils=True)
         return SemiSupervised(config.semi_supervised, "as given")
     if config.semi_supervised == "lm":  # the training split is text for a language model too
         return SemiSupervised("lm", "as given")
@@ -2801,6 +2810,44 @@ def soft_targets(probabilities: np.ndarray) -> np.ndarray:
     """A teacher's (texts, classes) probabilities as the labels of the training loop: for two classes the
     positive class's probability (what the sigmoid learns), for more the whole row."""
     return probabilities[:, 1] if is_binary(probabilities.shape[1]) else probabilities
+
+
+def out_of_fold_probabilities(train_strings, labels: np.ndarray, config: TrainConfig) -> np.ndarray:
+    """The baseline's probabilities (texts, classes) for each training text from a baseline fitted on the other
+    folds (TEACHER_FOLDS, stratified, seeded), so no text is graded by a baseline that has seen its label."""
+    classes = int(labels.max()) + 1
+    folds = min(TEACHER_FOLDS, int(np.bincount(labels, minlength=classes).min()))
+    if folds < 2:
+        raise UserError("the teacher needs at least two training rows of each class to grade the training "
+                        "split out of fold; use --semi-supervised none")
+    strings, probabilities = np.asarray(train_strings, dtype=object), np.zeros((len(labels), classes))
+    splitter = StratifiedKFold(folds, shuffle=True, random_state=config.seed)
+    for fold, (fitted_on, graded) in enumerate(splitter.split(strings, labels), start=1):
+        print(f"Teacher: the baseline on fold {fold} of {folds} grades {len(graded)} training texts")
+        baseline = fit_baseline(strings[fitted_on], labels[fitted_on], config)
+        probabilities[graded] = baseline.predict_proba(strings[graded])
+    return probabilities
+
+
+def distilled_targets(labels: np.ndarray, teacher: np.ndarray, num_classes: int) -> np.ndarray:
+    """Each training text's target beside its label: DISTILLATION_LABEL_SHARE of the label plus the rest of the
+    teacher's probabilities (texts, classes): for two classes the positive class's share (what the sigmoid
+    learns; the hard label is still on the same side of 0.5), for more a row of class shares."""
+    one_hot = np.eye(num_classes)[labels]
+    return soft_targets(DISTILLATION_LABEL_SHARE * one_hot + (1 - DISTILLATION_LABEL_SHARE) * teacher)
+
+
+def distillation_inputs(inputs: PreparedInputs, targets: np.ndarray, config: TrainConfig,
+                        replicas: int) -> PreparedInputs:
+    """The labelled stage's inputs with the distilled targets in place of the labels: the same plan, batches
+    and validation split (true labels)."""
+    global_batch_size = inputs.plan.batch_size * replicas
+
+    def training_batches(epoch: int):
+        return build_training_dataset(inputs.train_ids, targets, global_batch_size, config.max_length,
+                                      config.seed + epoch, replicas > 1)
+
+    return dataclasses.replace(inputs, training_batches=training_batches)
 
 
 def teacher_inputs(inputs: PreparedInputs, targets: np.ndarray, config: TrainConfig, replicas: int) -> PreparedInputs:
@@ -3036,6 +3083,7 @@ class Pretraining:
     best_weights: list[np.ndarray] | None = field(default=None, repr=False)
     fine_tuning_learning_rate: float | None = None  # the labelled stage's starting learning rate
     language_model: LanguageModelStage | None = None
+    distillation: dict | None = None  # with no unlabelled text: how the teacher graded the training split
 
     @property
     def done(self) -> bool:
@@ -3053,6 +3101,10 @@ class Pretraining:
         if self.result is not None:
             stages.append(f"taught by the TF-IDF baseline's probabilities on {self.texts} unlabelled texts")
         start = {"pretrained": ", then ".join(stages)} if stages else {}
+        if self.distillation is not None:
+            start["taught"] = (f"labels beside the TF-IDF baseline's out-of-fold probabilities on the training "
+                               f"split ({self.distillation['label_share']} label, "
+                               f"{round(1 - self.distillation['label_share'], 2)} baseline)")
         if config.embeddings == "word2vec" and self.texts:
             start["vectors"] = f"Word2Vec trained on this run's training split and {self.texts} unlabelled texts"
         return start
@@ -3066,6 +3118,8 @@ class Pretraining:
         if self.language_model is not None:
             summary["language_model"] = {**self.language_model.summary(),
                                          "classifier_tokens_per_second": classifier_tokens_per_second}
+        if self.distillation is not None:
+            summary["distillation"] = self.distillation
         if self.result is None:
             return summary
         history = self.result.history
@@ -3134,7 +3188,9 @@ def unlabelled_notes(config: TrainConfig, training_rows: int, pretraining: Pretr
     behind = (compare_models(check.labels, check.baseline, check.neural, ("baseline", config.arch), "validation")
               if check.baseline is not None else None)
     if behind is not None and behind.difference > 0 and not behind.level:
-        notes.append(f"{stages[pretraining.method]} did not bring the {config.arch} up to the baseline on the "
+        stage = ("Learning the baseline's probabilities beside the labels" if pretraining.distillation is not None
+                 and pretraining.method == "teacher" else stages[pretraining.method])
+        notes.append(f"{stage} did not bring the {config.arch} up to the baseline on the "
                      "validation split "
                      f"({accuracy['neural']:.4f} against the baseline's {accuracy['baseline']:.4f}; the baseline is "
                      f"{behind.words()}).")
@@ -4071,8 +4127,20 @@ def run_training(config: TrainConfig) -> TrainingResult:
             if baseline is None:
                 raise UserError(f"the baseline, which is the teacher of --semi-supervised {semi.method}, cannot be "
                                 "fitted on these texts; use --semi-supervised none or lm")
-            with clock.timed("baseline_s"):
-                targets = soft_targets(baseline_probabilities(baseline, unlabelled.texts))
+            with clock.timed("teacher_s"):
+                if semi.distils:
+                    started = time.perf_counter()
+                    graded = out_of_fold_probabilities(train_strings, splits.train.labels, config)
+                    targets = distilled_targets(splits.train.labels, graded, len(class_names))
+                    distillation = {"label_share": DISTILLATION_LABEL_SHARE, "folds": TEACHER_FOLDS,
+                                    "out_of_fold_accuracy": round(float(np.mean(
+                                        graded.argmax(axis=1) == splits.train.labels)), 4),
+                                    "seconds": round(time.perf_counter() - started, 2)}
+                    print(f"Teacher: out-of-fold accuracy {distillation['out_of_fold_accuracy']:.4f} on the "
+                          f"training split; the targets are {DISTILLATION_LABEL_SHARE} label, "
+                          f"{1 - DISTILLATION_LABEL_SHARE:g} baseline")
+                else:
+                    targets = soft_targets(baseline_probabilities(baseline, unlabelled.texts))
         with clock.timed("preprocess_s"):
             inputs = prepare_inputs(splits, config, strategy.num_replicas_in_sync, len(class_names),
                                     unlabelled.texts if semi.method != "none" else None)
@@ -4087,12 +4155,16 @@ def run_training(config: TrainConfig) -> TrainingResult:
             (stage_dir / "state.json").is_file() for stage_dir in (pretraining_dir, language_model_dir)))
         pretraining = Pretraining(semi.method, semi.reason, len(inputs.unlabelled_ids),
                                   int(review_lengths(inputs.unlabelled_ids).sum()))
+        labelled_inputs = inputs
+        if semi.distils:
+            pretraining.distillation = distillation
+            labelled_inputs = distillation_inputs(inputs, targets, config, strategy.num_replicas_in_sync)
         if semi.models_language:
             with clock.timed("language_model_s"):
                 pretraining.language_model = learn_language_model(
                     classifier, strategy, inputs, config, language_model_dir, multi_worker,
                     log_dir / "language_model" if log_dir else None)
-        if semi.teaches:
+        if semi.teaches and not semi.distils:
             with clock.timed("pretrain_s"):
                 learn_from_teacher(classifier, strategy, inputs, targets, config, pretraining_dir, multi_worker,
                                    log_dir / "pretraining" if log_dir else None, pretraining)
@@ -4107,7 +4179,7 @@ def run_training(config: TrainConfig) -> TrainingResult:
             if multi_worker:
                 check_workers_agree(strategy, state.epoch)
             with clock.timed("train_s"):
-                training = train(classifier, optimizer, strategy, inputs, state, setup.state_dir,
+                training = train(classifier, optimizer, strategy, labelled_inputs, state, setup.state_dir,
                                  multi_worker=multi_worker, log_dir=log_dir)
         if not training.interrupted:
             shutil.rmtree(setup.state_dir, ignore_errors=True)  # finished: nothing to resume

@@ -32,10 +32,9 @@ def test_language_model_flags_that_cannot_work_are_one_line(tmp_path, flags, fra
     assert "Epoch" not in result.stdout and not (tmp_path / "out" / "metrics.json").exists()
 
 
-def test_both_without_unlabelled_text_is_one_line_before_training(tmp_path):
-    result = run_main("--data", TINY_CSV, "--output-dir", tmp_path, *TINY_FLAGS, "--semi-supervised", "both")
-    assert_user_error(result, "--semi-supervised both needs unlabelled text")
-    assert "Epoch" not in result.stdout
+def test_both_without_unlabelled_text_models_the_language_then_distils():
+    semi = sa.choose_semi_supervised(sa.TrainConfig(semi_supervised="both"), 1000, 0, True)
+    assert semi.models_language and semi.teaches and semi.distils
 
 
 def test_lm_needs_no_unlabelled_text_the_training_split_is_text():

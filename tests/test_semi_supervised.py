@@ -95,10 +95,39 @@ def test_bad_semi_supervised_flags_are_one_line(tmp_path, flags, fragment):
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 
-def test_teacher_without_unlabelled_text_is_one_line_before_training(tmp_path):
+def test_without_unlabelled_text_the_teacher_grades_the_training_split_out_of_fold():
+    assert sa.choose_semi_supervised(sa.TrainConfig(semi_supervised="teacher"), 1000, 0, True).distils
+    assert not sa.choose_semi_supervised(sa.TrainConfig(semi_supervised="teacher"), 1000, 5, True).distils
+    rows = pd.read_csv(TINY_CSV)
+    texts = sa.standardized_strings(rows["reviews"].to_numpy())
+    labels = (rows["sentiment"] == "positive").to_numpy().astype(np.int64)
+    config = sa.TrainConfig(seed=3)
+    graded = sa.out_of_fold_probabilities(texts, labels, config)
+    assert graded.shape == (200, 2) and np.allclose(graded.sum(axis=1), 1)
+    np.testing.assert_array_equal(graded, sa.out_of_fold_probabilities(texts, labels, config))  # seeded
+    # A baseline grading the texts it was fitted on is surer of their labels than one grading them out of fold.
+    in_sample = sa.fit_baseline(texts, labels, config).predict_proba(texts)
+    assert (np.abs(graded[:, 1] - labels).mean() > np.abs(in_sample[:, 1] - labels).mean() + 0.05)
+
+
+def test_distilled_targets_are_half_the_label_and_half_the_teacher():
+    teacher = np.array([[0.9, 0.1], [0.2, 0.8], [0.4, 0.6]])
+    np.testing.assert_allclose(sa.distilled_targets(np.array([1, 1, 0]), teacher, 2), [0.55, 0.9, 0.3])
+    three = np.array([[0.2, 0.2, 0.6]])
+    np.testing.assert_allclose(sa.distilled_targets(np.array([0]), three, 3), [[0.6, 0.1, 0.3]])
+
+
+@pytest.mark.slow
+def test_teacher_without_unlabelled_text_trains_on_distilled_targets(tmp_path):
     result = run_main("--data", TINY_CSV, "--output-dir", tmp_path, *TINY_FLAGS, "--semi-supervised", "teacher")
-    assert_user_error(result, "needs unlabelled text")
-    assert "Epoch" not in result.stdout
+    assert result.returncode == 0, result.stderr
+    assert "Teacher: the baseline on fold 5 of 5 grades" in result.stdout and "Teacher stage" not in result.stdout
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    distillation = metrics["semi_supervised"]["distillation"]
+    assert distillation["label_share"] == 0.5 and distillation["folds"] == 5
+    assert 0.5 <= distillation["out_of_fold_accuracy"] <= 1
+    assert "out-of-fold probabilities" in metrics["started_from"]["taught"]
+    assert metrics["training"]["epochs_run"] == 1 and not (tmp_path / "pretraining_history.png").exists()
 
 
 def test_a_file_with_no_labelled_row_is_one_line(tmp_path):
