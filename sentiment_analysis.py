@@ -156,7 +156,9 @@ class TrainConfig:
                                     "text too")
     semi_supervised: str = option("auto", "how unlabelled text is used: teacher trains the model first on the "
                                   "baseline's probabilities for the unlabelled texts (its vocabulary and Word2Vec "
-                                  "learned on them too), then on the labels; lm first trains the embedding and "
+                                  "learned on them too), then on the labels (with no unlabelled text: the "
+                                  "baseline's out-of-fold probabilities on the training split, beside the labels); "
+                                  "lm first trains the embedding and "
                                   "the recurrent layer as a next-word language model on the training split and "
                                   "the unlabelled texts (lstm and gru); both runs lm, then teacher; none ignores "
                                   "unlabelled text; auto chooses teacher when there are unlabelled texts, at least "
@@ -3953,6 +3955,12 @@ def build_html_report(report: dict, evaluation: Evaluation, history: dict, figur
         stage = semi["history"]
         sections.append(html_table(["epoch", *stage], [[epoch + 1, *(values[epoch] for values in stage.values())]
                                                        for epoch in range(len(stage.get("loss", [])))]))
+    if semi.get("distillation"):
+        sections.append("<h2>The teacher beside the labels</h2>")
+        sections.append('<p class="small">With no unlabelled text, each training text\'s target was its label mixed '
+                        "with the baseline's probability for it, graded by a baseline fitted on the other folds "
+                        "(knowledge distillation).</p>")
+        sections.append(html_table(["", "value"], list(semi["distillation"].items())))
     if semi and not language_model and not semi.get("history"):
         sections.append(f'<p class="small">Unlabelled text: {html.escape(semi["method"])} '
                         f'({html.escape(semi["chosen"])})</p>')

@@ -176,6 +176,29 @@ def test_ctrl_c_keeps_the_best_weights_and_still_reports(tmp_path):
     for name in ("model.keras", "roc_curve.png", "confusion_matrix.png", "training_history.png", "errors.csv"):
         assert (tmp_path / name).is_file()
     assert (tmp_path / "training_state" / "state.json").is_file(), "kept so the same command continues"
+    # The saved model holds the best epoch's weights that the training state names: its output layer's kernel
+    # and bias are the last two of the state's best weights.
+    state = json.loads((tmp_path / "training_state" / "state.json").read_text())
+    assert 1 <= state["best_epoch"] <= state["epoch"]
+    assert state["history"]["val_loss"][state["best_epoch"] - 1] == min(state["history"]["val_loss"])
+    with np.load(tmp_path / "training_state" / state["arrays"]) as arrays:
+        best = [arrays[f"best_{index}"] for index in range(sum(name.startswith("best_") for name in arrays))]
+    import sentiment_analysis as sa
+    saved = layer_named(sa.load_model(tmp_path / "model.keras"), "probability").get_weights()
+    for saved_weight, best_weight in zip(saved, best[-2:]):
+        np.testing.assert_array_equal(saved_weight, best_weight)
+
+
+def layer_named(model, name):
+    """The layer of that name anywhere inside a saved model (the classifier is nested in it)."""
+    for layer in model.layers:
+        if layer.name == name:
+            return layer
+        if hasattr(layer, "layers"):
+            found = layer_named(layer, name)
+            if found is not None:
+                return found
+    return None
 
 
 @pytest.mark.slow
