@@ -128,6 +128,7 @@ def test_teacher_without_unlabelled_text_trains_on_distilled_targets(tmp_path):
     assert 0.5 <= distillation["out_of_fold_accuracy"] <= 1
     assert "out-of-fold probabilities" in metrics["started_from"]["taught"]
     assert metrics["training"]["epochs_run"] == 1 and not (tmp_path / "pretraining_history.png").exists()
+    assert "The teacher beside the labels" in (tmp_path / "report.html").read_text()
 
 
 def test_a_file_with_no_labelled_row_is_one_line(tmp_path):
