@@ -117,6 +117,18 @@ def test_distilled_targets_are_half_the_label_and_half_the_teacher():
     np.testing.assert_allclose(sa.distilled_targets(np.array([0]), three, 3), [[0.6, 0.1, 0.3]])
 
 
+def test_distilled_targets_get_half_as_many_epochs_again_unless_epochs_is_given():
+    ids = np.ones((4, 5), dtype=np.int32)
+    plan = sa.TrainingPlan(32, 3, 4, 1, 0, "4 epochs to reach about 1000 optimizer steps")
+    inputs = sa.PreparedInputs(None, [], ids, ids, ids, ids[:0], plan, None, None, 1, None, None, None, 0, [])
+    targets = np.array([0.2, 0.9, 0.6, 0.1])
+    planned = sa.distillation_inputs(inputs, targets, sa.TrainConfig(), 1)
+    assert planned.plan.epochs == 6 and planned.plan.batch_size == 32 and "1.5x" in planned.plan.reason
+    assert sa.distillation_inputs(inputs, targets, sa.TrainConfig(epochs=4), 1).plan.epochs == 4
+    labels = [batch[1].numpy() for batch in planned.training_batches(0)]
+    np.testing.assert_allclose(np.sort(np.concatenate(labels)), np.sort(targets), rtol=1e-6)  # the soft targets
+
+
 @pytest.mark.slow
 def test_teacher_without_unlabelled_text_trains_on_distilled_targets(tmp_path):
     result = run_main("--data", TINY_CSV, "--output-dir", tmp_path, *TINY_FLAGS, "--semi-supervised", "teacher")
