@@ -1327,6 +1327,12 @@ def build_training_dataset(token_ids, labels, batch_size: int, max_length: int, 
         tf.data.AUTOTUNE)
 
 
+def epoch_batches(token_ids, labels, global_batch_size: int, config: TrainConfig, several: bool):
+    """epoch -> that epoch's training batches, shuffled with a seed of its own (so a resumed run sees the same)."""
+    return lambda epoch: build_training_dataset(token_ids, labels, global_batch_size, config.max_length,
+                                                config.seed + epoch, several)
+
+
 def build_inference_dataset(token_ids, batch_size: int):
     """Batches in the order given (callers sort by length first), each padded to its longest review."""
     lengths = review_lengths(token_ids)
@@ -1682,11 +1688,7 @@ def prepare_inputs(splits: DataSplits, config: TrainConfig, replicas: int, num_c
     validation_batches = build_training_dataset(validation_ids, splits.validation.labels, global_batch_size,
                                                 config.max_length, None, pad_to_full_batches=several)
 
-    def training_batches(epoch: int):
-        """This epoch's training batches, shuffled with a seed of its own (so a resumed run sees the same)."""
-        return build_training_dataset(train_ids, splits.train.labels, global_batch_size, config.max_length,
-                                      config.seed + epoch, several)
-
+    training_batches = epoch_batches(train_ids, splits.train.labels, global_batch_size, config, several)
     embedding_matrix, coverage = starting_embedding(config, train_ids, unlabelled_ids, vocabulary, plan)
     class_weights = (balanced_class_weights(splits.train.labels, num_classes)
                      if config.class_weight == "balanced" else None)
@@ -2817,15 +2819,14 @@ def soft_targets(probabilities: np.ndarray) -> np.ndarray:
     return probabilities[:, 1] if is_binary(probabilities.shape[1]) else probabilities
 
 
-def out_of_fold_probabilities(train_strings, labels: np.ndarray, config: TrainConfig) -> np.ndarray:
+def out_of_fold_probabilities(train_strings, labels: np.ndarray, num_classes: int, config: TrainConfig) -> np.ndarray:
     """The baseline's probabilities (texts, classes) for each training text from a baseline fitted on the other
     folds (TEACHER_FOLDS, stratified, seeded), so no text is graded by a baseline that has seen its label."""
-    classes = int(labels.max()) + 1
-    folds = min(TEACHER_FOLDS, int(np.bincount(labels, minlength=classes).min()))
+    folds = min(TEACHER_FOLDS, int(np.bincount(labels, minlength=num_classes).min()))
     if folds < 2:
         raise UserError("the teacher needs at least two training rows of each class to grade the training "
                         "split out of fold; use --semi-supervised none")
-    strings, probabilities = np.asarray(train_strings, dtype=object), np.zeros((len(labels), classes))
+    strings, probabilities = np.asarray(train_strings, dtype=object), np.zeros((len(labels), num_classes))
     splitter = StratifiedKFold(folds, shuffle=True, random_state=config.seed)
     for fold, (fitted_on, graded) in enumerate(splitter.split(strings, labels), start=1):
         print(f"Teacher: the baseline on fold {fold} of {folds} grades {len(graded)} training texts")
@@ -2842,6 +2843,17 @@ def distilled_targets(labels: np.ndarray, teacher: np.ndarray, num_classes: int)
     return soft_targets(DISTILLATION_LABEL_SHARE * one_hot + (1 - DISTILLATION_LABEL_SHARE) * teacher)
 
 
+def teach_beside_the_labels(train_strings, labels: np.ndarray, num_classes: int, config: TrainConfig):
+    """The distilled targets of the training split and their record for metrics.json (the seconds are the
+    run's timing, teacher_s)."""
+    graded = out_of_fold_probabilities(train_strings, labels, num_classes, config)
+    record = {"label_share": DISTILLATION_LABEL_SHARE, "folds": TEACHER_FOLDS,
+              "out_of_fold_accuracy": round(float(np.mean(graded.argmax(axis=1) == labels)), 4)}
+    print(f"Teacher: out-of-fold accuracy {record['out_of_fold_accuracy']:.4f} on the training split; the targets "
+          f"are {DISTILLATION_LABEL_SHARE} label, {1 - DISTILLATION_LABEL_SHARE:g} baseline")
+    return distilled_targets(labels, graded, num_classes), record
+
+
 def distillation_inputs(inputs: PreparedInputs, targets: np.ndarray, config: TrainConfig,
                         replicas: int) -> PreparedInputs:
     """The labelled stage's inputs with the distilled targets in place of the labels: the same batches and
@@ -2853,12 +2865,8 @@ def distillation_inputs(inputs: PreparedInputs, targets: np.ndarray, config: Tra
                                                                 f"({DISTILLATION_EPOCH_SCALE:g}x)")
         print(f"Plan for the distilled targets: {epochs} epochs ({DISTILLATION_EPOCH_SCALE:g}x the planned "
               f"{inputs.plan.epochs})")
-
-    def training_batches(epoch: int):
-        return build_training_dataset(inputs.train_ids, targets, global_batch_size, config.max_length,
-                                      config.seed + epoch, replicas > 1)
-
-    return dataclasses.replace(inputs, plan=plan, training_batches=training_batches)
+    return dataclasses.replace(inputs, plan=plan, training_batches=epoch_batches(
+        inputs.train_ids, targets, global_batch_size, config, replicas > 1))
 
 
 def teacher_inputs(inputs: PreparedInputs, targets: np.ndarray, config: TrainConfig, replicas: int) -> PreparedInputs:
@@ -2868,12 +2876,7 @@ def teacher_inputs(inputs: PreparedInputs, targets: np.ndarray, config: TrainCon
     stage_config = dataclasses.replace(config, epochs=config.pretrain_epochs, min_epochs=TEACHER_MIN_EPOCHS,
                                        patience=None, embeddings="random")
     plan = plan_training(stage_config, review_lengths(inputs.unlabelled_ids), replicas)
-    global_batch_size = plan.batch_size * replicas
-
-    def training_batches(epoch: int):
-        return build_training_dataset(inputs.unlabelled_ids, targets, global_batch_size, config.max_length,
-                                      config.seed + epoch, replicas > 1)
-
+    training_batches = epoch_batches(inputs.unlabelled_ids, targets, plan.batch_size * replicas, config, replicas > 1)
     return dataclasses.replace(inputs, plan=plan, training_batches=training_batches, class_weights=None)
 
 def train_stage(model, optimizer, strategy, stage: PreparedInputs, config: TrainConfig, state_dir: Path,
@@ -3044,10 +3047,7 @@ def language_model_inputs(inputs: PreparedInputs, config: TrainConfig,
     validation_batches = build_training_dataset(held_out, np.zeros(len(held_out), dtype=np.float32),
                                                 LM_HELD_OUT_BATCH * replicas, config.max_length, None, replicas > 1)
 
-    def training_batches(epoch: int):
-        return build_training_dataset(texts, no_labels, plan.batch_size * replicas, config.max_length,
-                                      config.seed + epoch, replicas > 1)
-
+    training_batches = epoch_batches(texts, no_labels, plan.batch_size * replicas, config, replicas > 1)
     stage = dataclasses.replace(inputs, plan=plan, training_batches=training_batches, class_weights=None,
                                 validation_batches=validation_batches,
                                 validation_steps=int(validation_batches.cardinality()))
@@ -4146,16 +4146,8 @@ def run_training(config: TrainConfig) -> TrainingResult:
                                 "fitted on these texts; use --semi-supervised none or lm")
             with clock.timed("teacher_s"):
                 if semi.distils:
-                    started = time.perf_counter()
-                    graded = out_of_fold_probabilities(train_strings, splits.train.labels, config)
-                    targets = distilled_targets(splits.train.labels, graded, len(class_names))
-                    distillation = {"label_share": DISTILLATION_LABEL_SHARE, "folds": TEACHER_FOLDS,
-                                    "out_of_fold_accuracy": round(float(np.mean(
-                                        graded.argmax(axis=1) == splits.train.labels)), 4),
-                                    "seconds": round(time.perf_counter() - started, 2)}
-                    print(f"Teacher: out-of-fold accuracy {distillation['out_of_fold_accuracy']:.4f} on the "
-                          f"training split; the targets are {DISTILLATION_LABEL_SHARE} label, "
-                          f"{1 - DISTILLATION_LABEL_SHARE:g} baseline")
+                    targets, distillation = teach_beside_the_labels(train_strings, splits.train.labels,
+                                                                    len(class_names), config)
                 else:
                     targets = soft_targets(baseline_probabilities(baseline, unlabelled.texts))
         with clock.timed("preprocess_s"):

@@ -102,9 +102,9 @@ def test_without_unlabelled_text_the_teacher_grades_the_training_split_out_of_fo
     texts = sa.standardized_strings(rows["reviews"].to_numpy())
     labels = (rows["sentiment"] == "positive").to_numpy().astype(np.int64)
     config = sa.TrainConfig(seed=3)
-    graded = sa.out_of_fold_probabilities(texts, labels, config)
+    graded = sa.out_of_fold_probabilities(texts, labels, 2, config)
     assert graded.shape == (200, 2) and np.allclose(graded.sum(axis=1), 1)
-    np.testing.assert_array_equal(graded, sa.out_of_fold_probabilities(texts, labels, config))  # seeded
+    np.testing.assert_array_equal(graded, sa.out_of_fold_probabilities(texts, labels, 2, config))  # seeded
     # A baseline grading the texts it was fitted on is surer of their labels than one grading them out of fold.
     in_sample = sa.fit_baseline(texts, labels, config).predict_proba(texts)
     assert (np.abs(graded[:, 1] - labels).mean() > np.abs(in_sample[:, 1] - labels).mean() + 0.05)
