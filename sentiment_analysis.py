@@ -41,6 +41,7 @@ import contextlib
 import dataclasses
 import errno
 import functools
+import glob
 import gzip
 import html
 import json
@@ -139,7 +140,9 @@ def option(default, help_text, shapes_training=True, hidden=False, **argparse_kw
 
 @dataclass
 class TrainConfig:
-    data: str = option(str(SCRIPT_DIR / "imdb.csv"), "CSV file with a review text column and a label column")
+    data: str = option(str(SCRIPT_DIR / "imdb.csv"), "CSV (or TSV) file with a review text column and a label "
+                       "column; or a directory of such files, or a glob of them in quotes ('reviews-*.csv'), "
+                       "read in name order as one table")
     text_column: str | None = option(None, "name of the text column (default: reviews, review or text)")
     label_column: str | None = option(None, "name of the label column (default: sentiment or label)")
     sep: str | None = option(None, "column separator of --data: a character, or tab (default: tab for .tsv "
@@ -739,12 +742,47 @@ def column_separator(path: Path, sep: str | None) -> str:
     return sep
 
 
+def data_files(data: str) -> list[Path]:
+    """The files of --data: the file itself; the .csv and .tsv files of a directory; or the files a glob
+    matches (`reviews-*.csv`), in name order, so every run and every worker sees the same rows in the same order."""
+    path = Path(data)
+    if path.is_dir():
+        files = sorted(child for child in path.iterdir() if child.is_file() and child.suffix.lower() in
+                       (".csv", ".tsv"))
+        if not files:
+            raise UserError(f"no .csv or .tsv file in the directory {path}")
+        return files
+    if not path.exists() and any(mark in data for mark in "*?["):
+        files = sorted(Path(match) for match in glob.glob(data) if Path(match).is_file())
+        if not files:
+            raise UserError(f"no file matches {data}")
+        return files
+    return [path]
+
+
+def read_data_files(files: list[Path], sep: str | None, max_rows: int | None) -> pd.DataFrame:
+    """The rows of every file of --data as one table (the first max_rows of them); each file is checked and
+    decoded on its own, and all must have the same columns as the first."""
+    frames, rows = [], 0
+    for path in files:
+        check_csv_file(path)
+        separator = column_separator(path, sep)
+        left = None if max_rows is None else max_rows - rows
+        frame = with_text_encoding(path, lambda encoding: read_whole_csv(path, encoding, separator, left))
+        if frames and list(frame.columns) != list(frames[0].columns):
+            raise UserError(f"{path} has the columns {', '.join(map(repr, map(str, frame.columns)))}, not those of "
+                            f"{files[0]} ({', '.join(map(repr, map(str, frames[0].columns)))}): every file of "
+                            "--data needs the same columns")
+        frames.append(frame)
+        rows += len(frame)
+        if max_rows is not None and rows >= max_rows:
+            break
+    return frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+
+
 def load_dataset(config: TrainConfig) -> LoadedData:
-    """Read the CSV; drop empty and duplicate reviews and count them."""
-    path = Path(config.data)
-    check_csv_file(path)
-    sep = column_separator(path, config.sep)
-    frame = with_text_encoding(path, lambda encoding: read_whole_csv(path, encoding, sep, config.max_rows))
+    """Read the CSV (or the files of a directory or glob); drop empty and duplicate reviews and count them."""
+    frame = read_data_files(data_files(config.data), config.sep, config.max_rows)
     if frame.empty:
         raise UserError(f"the CSV has a header but no rows: {config.data}")
     text_column = find_column(frame.columns, TEXT_COLUMN_NAMES, config.text_column, "text", "--text-column")

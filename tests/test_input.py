@@ -335,3 +335,41 @@ def test_the_run_says_in_plain_words_where_it_trains(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Training on the CPU, {os.cpu_count()} cores; TensorFlow" in result.stdout
     assert "_DefaultDistributionStrategy" not in result.stdout
+
+
+# --- --data as a directory or a glob of shards ------------------------------------------------------------
+
+
+def write_shards(directory, rows, parts=3):
+    """rows cut into `parts` files of the same columns, the second one a TSV, named in the rows' order."""
+    directory.mkdir(exist_ok=True)
+    for index, chunk in enumerate(np.array_split(np.arange(len(rows)), parts)):
+        tsv = index == 1
+        rows.iloc[chunk].to_csv(directory / f"reviews-{index}.{'tsv' if tsv else 'csv'}", index=False,
+                                sep="\t" if tsv else ",")
+    return directory
+
+
+def test_a_directory_or_a_glob_of_shards_reads_as_one_table_in_name_order(tmp_path):
+    rows = tiny_rows(60)
+    shards = write_shards(tmp_path / "shards", rows)
+    (shards / "notes.md").write_text("not data")  # neither .csv nor .tsv: not read
+    whole = sa.load_dataset(sa.TrainConfig(data=str(TINY_CSV), max_rows=60))
+    from_directory = sa.load_dataset(sa.TrainConfig(data=str(shards)))
+    assert from_directory.texts.tolist() == whole.texts.tolist() == rows["reviews"].tolist()
+    assert from_directory.labels.tolist() == whole.labels.tolist() and from_directory.rows_read == 60
+    from_glob = sa.load_dataset(sa.TrainConfig(data=str(shards / "reviews-*.csv")))  # the TSV is left out
+    assert from_glob.texts.tolist() == rows["reviews"].iloc[np.r_[0:20, 40:60]].tolist()
+    first = sa.load_dataset(sa.TrainConfig(data=str(shards), max_rows=25))  # the first rows across the files
+    assert first.rows_read == 25 and first.texts.tolist() == rows["reviews"].head(25).tolist()
+
+
+def test_shards_with_other_columns_no_match_or_an_empty_directory_are_one_line(tmp_path):
+    shards = write_shards(tmp_path / "shards", tiny_rows(60))
+    tiny_rows(20).rename(columns={"sentiment": "label"}).to_csv(shards / "reviews-3.csv", index=False)
+    line = assert_user_error(run_main("--data", shards, "--output-dir", tmp_path / "out"), "same columns")
+    assert "reviews-3.csv" in line and "'label'" in line
+    assert_user_error(run_main("--data", tmp_path / "shards" / "nothing-*.csv"), "no file matches")
+    (tmp_path / "empty").mkdir()
+    assert_user_error(run_main("--data", tmp_path / "empty"), "no .csv or .tsv file in the directory")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*"))

@@ -5,7 +5,7 @@ import json
 import pandas as pd
 import pytest
 
-from conftest import TINY_CSV, train_tiny, train_tiny_in_process
+from conftest import TINY_CSV, run_main, train_tiny, train_tiny_in_process
 
 EXPECTED_FILES = ["model.keras", "metrics.json", "classification_report.txt", "history.csv", "errors.csv",
                   "confusion_matrix.png", "roc_curve.png", "training_history.png", "report.html",
@@ -140,6 +140,27 @@ def test_same_seed_gives_the_same_run(trained_dir, tmp_path):
         assert metrics[0][part] == metrics[1][part]
     history = [pd.read_csv(path / "history.csv") for path in (trained_dir, tmp_path)]
     pd.testing.assert_frame_equal(history[0], history[1])
+
+
+@pytest.mark.slow
+def test_a_directory_of_shards_trains_the_same_run_as_the_whole_file_and_predicts(trained_dir, tmp_path):
+    """The tiny CSV cut into three files (one a TSV) in a directory: the run reads them as the one file, so it
+    trains the same model (history and figures equal to the shared run's), and the model predicts."""
+    rows, shards = pd.read_csv(TINY_CSV), tmp_path / "shards"
+    shards.mkdir()
+    for index, start in enumerate(range(0, len(rows), -(-len(rows) // 3))):
+        tsv = index == 1
+        rows.iloc[start:start + -(-len(rows) // 3)].to_csv(shards / f"part-{index}.{'tsv' if tsv else 'csv'}",
+                                                           index=False, sep="\t" if tsv else ",")
+    result = train_tiny(tmp_path / "out", data=shards)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"from {shards}" in result.stdout
+    metrics = [json.loads((path / "metrics.json").read_text()) for path in (trained_dir, tmp_path / "out")]
+    assert metrics[0]["test"] == metrics[1]["test"] and metrics[0]["data"] == metrics[1]["data"]
+    history = [pd.read_csv(path / "history.csv") for path in (trained_dir, tmp_path / "out")]
+    pd.testing.assert_frame_equal(history[0], history[1])
+    predicted = run_main("predict", "--model", tmp_path / "out" / "model.keras", "a wonderful, moving film")
+    assert predicted.returncode == 0 and predicted.stdout.split()[0] in ("positive", "negative"), predicted
 
 
 @pytest.mark.slow
