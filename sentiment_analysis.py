@@ -43,6 +43,7 @@ import errno
 import functools
 import glob
 import gzip
+import hashlib
 import html
 import json
 import math
@@ -140,9 +141,10 @@ def option(default, help_text, shapes_training=True, hidden=False, **argparse_kw
 
 @dataclass
 class TrainConfig:
+    # Not part of the training fingerprint by name: a digest of the data's bytes is (a moved file still resumes).
     data: str = option(str(SCRIPT_DIR / "imdb.csv"), "CSV (or TSV) file with a review text column and a label "
                        "column; or a directory of such files, or a glob of them in quotes ('reviews-*.csv'), "
-                       "read in name order as one table")
+                       "read in name order as one table", shapes_training=False)
     text_column: str | None = option(None, "name of the text column (default: reviews, review or text)")
     label_column: str | None = option(None, "name of the label column (default: sentiment or label)")
     sep: str | None = option(None, "column separator of --data: a character, or tab (default: tab for .tsv "
@@ -156,7 +158,7 @@ class TrainConfig:
     unlabelled: str | None = option(None, "more text without labels, for --semi-supervised: a CSV or TSV file (its "
                                     "text column found as for --data, or --text-column) or a .txt file with one "
                                     "text per line; rows of --data with a text and an empty label count as such "
-                                    "text too")
+                                    "text too", shapes_training=False)  # its bytes are in the data digest
     semi_supervised: str = option("auto", "how unlabelled text is used: teacher trains the model first on the "
                                   "baseline's probabilities for the unlabelled texts (its vocabulary and Word2Vec "
                                   "learned on them too), then on the labels (with no unlabelled text: the "
@@ -318,12 +320,6 @@ def one_line(text, width: int = 80) -> str:
     """A text (or an error) on one line, cut to `width` characters."""
     text = " ".join(str(text).split())
     return text if len(text) <= width else text[: width - 3] + "..."
-
-
-def training_fingerprint(config: TrainConfig) -> dict:
-    """The settings that shape training, which a resumed run must share with the run that saved the state."""
-    return {spec.name: getattr(config, spec.name) for spec in dataclasses.fields(config)
-            if spec.metadata["shapes_training"]}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -758,6 +754,35 @@ def data_files(data: str) -> list[Path]:
             raise UserError(f"no file matches {data}")
         return files
     return [path]
+
+
+@functools.lru_cache(maxsize=256)
+def file_digest(path: str, size: int, modified_ns: int) -> str:
+    """SHA-1 of a file's bytes, read in blocks; the size and modification time make a changed file a new key."""
+    digest = hashlib.sha1()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def data_digest(config: TrainConfig) -> str:
+    """One SHA-1 of the bytes of every file of --data and of --unlabelled, in their order (each file hashed once
+    per process): a moved or renamed file is the same data, an edited one is not."""
+    files = data_files(config.data) + ([Path(config.unlabelled)] if config.unlabelled else [])
+    digest = hashlib.sha1()
+    for path in files:
+        check_csv_file(path)
+        stat = path.stat()
+        digest.update(file_digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns).encode())
+    return digest.hexdigest()
+
+
+def training_fingerprint(config: TrainConfig) -> dict:
+    """The settings that shape training and a digest of the data's bytes, which a resumed run must share with
+    the run that saved the state (and its cache of token ids)."""
+    return {**{spec.name: getattr(config, spec.name) for spec in dataclasses.fields(config)
+               if spec.metadata["shapes_training"]}, "data_digest": data_digest(config)}
 
 
 def read_data_files(files: list[Path], sep: str | None, max_rows: int | None) -> pd.DataFrame:
@@ -1267,6 +1292,11 @@ def fit_max_length_to_bert(config: TrainConfig) -> TrainConfig:
                     f"BERT checkpoint {config.bert_preset}: give --max-length {checkpoint.positions} or less")
 
 
+def word_vectorizer(config: TrainConfig):
+    return layers.TextVectorization(max_tokens=config.vocab_size, standardize=standardize_text,
+                                    output_sequence_length=config.max_length, name="vectorizer")
+
+
 def build_vectorizer(texts, config: TrainConfig):
     """The tokenizer, learned on the training texts, as a layer from strings to token ids that pads or cuts
     every review to max_length: a TextVectorization of the --vocab-size most frequent words, or with
@@ -1277,14 +1307,24 @@ def build_vectorizer(texts, config: TrainConfig):
         return BertVectorizer(checkpoint.vocabulary, config.max_length, checkpoint.lowercase,
                               checkpoint.strip_accents, name="vectorizer")
     if config.tokenizer == "word":
-        vectorizer = layers.TextVectorization(max_tokens=config.vocab_size, standardize=standardize_text,
-                                              output_sequence_length=config.max_length, name="vectorizer")
+        vectorizer = word_vectorizer(config)
         vectorizer.adapt(text_dataset(texts))
         return vectorizer
     print("Learning a WordPiece vocabulary on the training split ...")
     vocabulary = keras_hub.tokenizers.compute_word_piece_vocabulary(
         text_dataset(texts).unbatch().map(standardize_text), config.vocab_size, lowercase=False,
         strip_accents=False, reserved_tokens=["[PAD]", "[UNK]"])
+    return WordPieceVectorizer(vocabulary, config.max_length, name="vectorizer")
+
+
+def vectorizer_of(vocabulary: list[str], config: TrainConfig):
+    """The vectorizer build_vectorizer learned, made again from its vocabulary (for the cache of token ids)."""
+    if config.arch == "bert":
+        return build_vectorizer([], config)
+    if config.tokenizer == "word":
+        vectorizer = word_vectorizer(config)
+        vectorizer.set_vocabulary(vocabulary)
+        return vectorizer
     return WordPieceVectorizer(vocabulary, config.max_length, name="vectorizer")
 
 
@@ -1636,6 +1676,7 @@ class PreparedInputs:
     embedding_coverage: dict | None      # with a word-vector file: how much of the text it covered
     truncated_reviews: int               # reviews longer than --max-length tokens, in all splits
     notes: list[str]                     # advice about the data, for the run's output and the report
+    from_cache: bool = False             # made by an interrupted run with the same data and settings
 
     def counts(self) -> dict:
         """What the report adds to the data's counts: reviews cut, and a word-vector file's coverage."""
@@ -1707,19 +1748,96 @@ def small_data_notes(config: TrainConfig, training_rows: int, unlabelled_texts: 
             "--embeddings FILE with a GloVe, word2vec or fastText file."]
 
 
+# An interrupted run's token ids, vocabulary and starting embedding, kept in its training state directory (and
+# removed with it when the run ends), so the same command resumes without tokenizing or Word2Vec again.
+INPUTS_CACHE = "inputs_cache"
+CACHED_IDS = ("train_ids", "validation_ids", "test_ids", "unlabelled_ids")
+
+
+def ids_lengths(token_ids: np.ndarray) -> np.ndarray:
+    """Each row's length up to its last non-padding id (right padding is all a row loses when it is stored
+    without it)."""
+    nonzero = token_ids != 0
+    return np.where(nonzero.any(axis=1), token_ids.shape[1] - np.argmax(nonzero[:, ::-1], axis=1), 0)
+
+
+def padded_ids(tokens: np.ndarray, lengths: np.ndarray, max_length: int) -> np.ndarray:
+    ids = np.zeros((len(lengths), max_length), dtype=np.int32)
+    ids[np.arange(max_length) < lengths[:, None]] = tokens
+    return ids
+
+
+def inputs_cache_key(config: TrainConfig, unlabelled_texts: int) -> dict:
+    return {**training_fingerprint(config), "unlabelled_texts": unlabelled_texts}
+
+
+def cached_arrays(inputs: PreparedInputs) -> dict[str, np.ndarray]:
+    """What the cache stores of the inputs: each split's token ids without their right padding, and the
+    embedding's starting weights."""
+    arrays = {}
+    for name in CACHED_IDS:
+        ids = getattr(inputs, name)
+        lengths = ids_lengths(ids)
+        arrays[f"{name}_tokens"], arrays[f"{name}_lengths"] = ids[np.arange(ids.shape[1]) < lengths[:, None]], lengths
+    if inputs.embedding_matrix is not None:
+        arrays["embedding_matrix"] = inputs.embedding_matrix
+    return arrays
+
+
+def save_inputs_cache(cache_dir: Path, config: TrainConfig, inputs: PreparedInputs, arrays: dict) -> None:
+    """The cache, written whole or not at all."""
+    record = {"key": inputs_cache_key(config, len(inputs.unlabelled_ids)), "vocabulary": [str(word) for word in inputs.vocabulary],
+              "truncated_reviews": inputs.truncated_reviews, "embedding_coverage": inputs.embedding_coverage}
+    with atomic_directory(cache_dir) as temporary:
+        temporary.mkdir(parents=True)
+        np.savez(temporary / "arrays.npz", **arrays)
+        (temporary / "inputs.json").write_text(json.dumps(record), encoding="utf-8")
+
+
+def load_inputs_cache(cache_dir: Path, key: dict, max_length: int) -> dict | None:
+    """The cached inputs of an interrupted run with the same data and settings, else None (a cache of other data
+    or settings, or one that cannot be read, is made again)."""
+    if not (cache_dir / "inputs.json").is_file():
+        return None
+    try:
+        record = json.loads((cache_dir / "inputs.json").read_text(encoding="utf-8"))
+        if record["key"] != json.loads(json.dumps(key)):
+            print("The cached token ids were made from other data or settings: preparing them again")
+            return None
+        with np.load(cache_dir / "arrays.npz") as arrays:
+            cached = {name: padded_ids(arrays[f"{name}_tokens"], arrays[f"{name}_lengths"], max_length)
+                      for name in CACHED_IDS}
+            cached["embedding_matrix"] = arrays["embedding_matrix"] if "embedding_matrix" in arrays.files else None
+    except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as error:
+        print(f"The cached token ids in {cache_dir} cannot be read ({type(error).__name__}): preparing them again")
+        return None
+    print(f"Reusing the token ids, vocabulary and starting embedding cached in {cache_dir} by the interrupted run")
+    return {**cached, "vocabulary": record["vocabulary"], "truncated_reviews": record["truncated_reviews"],
+            "embedding_coverage": record["embedding_coverage"]}
+
+
 def prepare_inputs(splits: DataSplits, config: TrainConfig, replicas: int, num_classes: int,
-                   unlabelled_texts: np.ndarray | None = None) -> PreparedInputs:
+                   unlabelled_texts: np.ndarray | None = None, cache_dir: Path | None = None) -> PreparedInputs:
     """Everything training needs from the text: the tokenizer (learned on the training split and the unlabelled
     texts given, never on validation or test texts) and the token ids of each split and of the unlabelled
-    texts, the plan and the batches, the embedding's start, the class weights, and what to say about the data."""
+    texts, the plan and the batches, the embedding's start, the class weights, and what to say about the data.
+    With `cache_dir`, the tokenizer, token ids and embedding's start that an interrupted run cached there
+    (save_inputs_cache) are reused when the data and settings are the same."""
     if unlabelled_texts is None:
         unlabelled_texts = np.array([], dtype=object)
-    vectorizer = build_vectorizer(np.concatenate([splits.train.texts, unlabelled_texts]), config)
-    vocabulary = vectorizer.get_vocabulary()
-    train_ids, validation_ids, test_ids = (vectorize(vectorizer, part.texts)
-                                           for part in (splits.train, splits.validation, splits.test))
-    unlabelled_ids = (vectorize(vectorizer, unlabelled_texts) if len(unlabelled_texts)
-                      else np.zeros((0, config.max_length), dtype=np.int32))
+    cached = (load_inputs_cache(cache_dir, inputs_cache_key(config, len(unlabelled_texts)), config.max_length)
+              if cache_dir else None)
+    if cached:
+        vocabulary = cached["vocabulary"]
+        vectorizer = vectorizer_of(vocabulary, config)
+        train_ids, validation_ids, test_ids, unlabelled_ids = (cached[name] for name in CACHED_IDS)
+    else:
+        vectorizer = build_vectorizer(np.concatenate([splits.train.texts, unlabelled_texts]), config)
+        vocabulary = vectorizer.get_vocabulary()
+        train_ids, validation_ids, test_ids = (vectorize(vectorizer, part.texts)
+                                               for part in (splits.train, splits.validation, splits.test))
+        unlabelled_ids = (vectorize(vectorizer, unlabelled_texts) if len(unlabelled_texts)
+                          else np.zeros((0, config.max_length), dtype=np.int32))
     check_texts_split(train_ids, config)
     plan = plan_training(config, review_lengths(train_ids), replicas, int(review_lengths(unlabelled_ids).sum()))
     global_batch_size, several = plan.batch_size * replicas, replicas > 1
@@ -1727,11 +1845,15 @@ def prepare_inputs(splits: DataSplits, config: TrainConfig, replicas: int, num_c
                                                 config.max_length, None, pad_to_full_batches=several)
 
     training_batches = epoch_batches(train_ids, splits.train.labels, global_batch_size, config, several)
-    embedding_matrix, coverage = starting_embedding(config, train_ids, unlabelled_ids, vocabulary, plan)
+    if cached:
+        embedding_matrix, coverage = cached["embedding_matrix"], cached["embedding_coverage"]
+        truncated = cached["truncated_reviews"]
+    else:
+        embedding_matrix, coverage = starting_embedding(config, train_ids, unlabelled_ids, vocabulary, plan)
+        truncated = sum(count_truncated(vectorizer, part.texts, config.max_length)
+                        for part in (splits.train, splits.validation, splits.test))
     class_weights = (balanced_class_weights(splits.train.labels, num_classes)
                      if config.class_weight == "balanced" else None)
-    truncated = sum(count_truncated(vectorizer, part.texts, config.max_length)
-                    for part in (splits.train, splits.validation, splits.test))
     unit = "words" if config.tokenizer == "word" and config.arch != "bert" else "pieces"
     print(f"Vocabulary {len(vocabulary)} {unit}; {truncated} reviews longer than {config.max_length} tokens are cut")
     print(f"Plan: {plan.epochs} epochs of {plan.steps_per_epoch} batches of {plan.batch_size} ({plan.planned_steps} "
@@ -1740,9 +1862,8 @@ def prepare_inputs(splits: DataSplits, config: TrainConfig, replicas: int, num_c
     for note in notes:
         print(f"Note: {note}")
     return PreparedInputs(vectorizer, vocabulary, train_ids, validation_ids, test_ids, unlabelled_ids, plan,
-                          training_batches,
-                          validation_batches, int(validation_batches.cardinality()), embedding_matrix, class_weights,
-                          coverage, truncated, notes)
+                          training_batches, validation_batches, int(validation_batches.cardinality()),
+                          embedding_matrix, class_weights, coverage, truncated, notes, from_cache=bool(cached))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2636,7 +2757,7 @@ class TrainingState:
             raise UserError(f"the training state in {state_dir} cannot be read ({type(error).__name__}); "
                             "add --fresh to start over") from None
         if state.fingerprint != fingerprint:
-            raise UserError(f"the training state in {state_dir} was saved with other settings; "
+            raise UserError(f"the training state in {state_dir} was saved with other settings or other data; "
                             "run with the same flags to resume, or add --fresh to start over")
         return state
 
@@ -4190,14 +4311,20 @@ def run_training(config: TrainConfig) -> TrainingResult:
                     targets = soft_targets(baseline_probabilities(baseline, unlabelled.texts))
         with clock.timed("preprocess_s"):
             inputs = prepare_inputs(splits, config, strategy.num_replicas_in_sync, len(class_names),
-                                    unlabelled.texts if semi.method != "none" else None)
+                                    unlabelled.texts if semi.method != "none" else None,
+                                    cache_dir=setup.state_dir / INPUTS_CACHE)
         labelled_inputs = inputs  # what the labelled stage trains on
         if semi.distils:
             labelled_inputs = distillation_inputs(inputs, targets, config, strategy.num_replicas_in_sync)
         classifier, optimizer = build_model_and_optimizer(config, labelled_inputs, len(class_names), strategy)
-        needed = output_bytes_needed(classifier.count_params(), config.blend_weight is not None)
+        cache = {} if inputs.from_cache else cached_arrays(inputs)
+        needed = (output_bytes_needed(classifier.count_params(), config.blend_weight is not None)
+                  + sum(array.nbytes for array in cache.values()))
         check_free_space(setup.output_dir, needed)
         cleanup.enter_context(disk_full_advice(setup.output_dir, setup.state_dir, needed))
+        if cache:
+            save_inputs_cache(setup.state_dir / INPUTS_CACHE, config, inputs, cache)
+            cache = None  # the arrays' memory back before training
         multi_worker, pretraining_dir = setup.role is not None, setup.state_dir / "pretraining"
         language_model_dir = setup.state_dir / "language_model"
         log_dir = setup.output_dir / "tensorboard" if setup.writes_outputs else None
@@ -4537,6 +4664,12 @@ def main(argv: list[str] | None = None) -> int:
         print(stop, file=sys.stderr)
         # 128 + the signal's number, what a shell reports for a process the signal ended.
         return 130 if isinstance(stop, Interrupted) else 143
+    except KeyboardInterrupt:  # Ctrl-C before training (in training, train() handles it and reports)
+        if show_traceback:
+            raise
+        print("Interrupted before training: no outputs written; the same command starts again (reusing the "
+              "token ids of an interrupted training run, if any)", file=sys.stderr)
+        return 130
     return 0
 
 

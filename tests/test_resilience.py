@@ -65,6 +65,7 @@ def test_killed_run_resumes_where_it_stopped(crashed, tmp_path, small_batch_run)
     saved = json.loads((crashed / "training_state" / "state.json").read_text())
     completed, epochs = saved["epoch"], SMALL_BATCH_EPOCHS
     assert 1 <= completed < epochs
+    assert (crashed / "training_state" / "inputs_cache" / "inputs.json").is_file()
     assert not (crashed / "metrics.json").exists()
 
     # Settings that do not shape training may change: another directory name, the baseline and a blend.
@@ -73,6 +74,7 @@ def test_killed_run_resumes_where_it_stopped(crashed, tmp_path, small_batch_run)
     result = train_tiny_in_process(resumed, *SMALL_BATCH_TRAINING, "--blend-weight", "0.5")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Resuming after epoch {completed}" in result.stdout
+    assert "Reusing the token ids" in result.stdout and "Training Word2Vec" not in result.stdout  # its cache
     assert f"Epoch {completed + 1}/{epochs}" in result.stdout and f"Epoch 1/{epochs}" not in result.stdout
     metrics = json.loads((resumed / "metrics.json").read_text())
     assert metrics["training"]["resumed_after_epoch"] == completed
@@ -390,7 +392,7 @@ def test_a_full_disk_while_training_is_one_line_and_leaves_no_half_file(tmp_path
 
     def savez_until_full(path, **arrays):
         saves.append(path)
-        if len(saves) == 2:
+        if len([saved for saved in saves if "epoch-" in str(saved)]) == 2:  # the training state's, not the cache's
             with open(path, "wb") as partial:
                 partial.write(b"half an array")
             raise OSError(errno_module.ENOSPC, "No space left on device")
@@ -468,3 +470,89 @@ def test_sigterm_saves_the_step_and_the_resumed_run_ends_like_one_never_stopped(
                                   check_exact=True)
     assert (json.loads((stopped / "metrics.json").read_text())["test"]
             == json.loads((whole / "metrics.json").read_text())["test"])
+
+
+# --- The cache of token ids: reused by the same command, made again when the data or the settings change --------
+
+
+def prepared(config, cache_dir, capsys):
+    import sentiment_analysis as sa
+
+    data = sa.load_dataset(config)
+    inputs = sa.prepare_inputs(sa.split_dataset(data, config), config, 1, 2, cache_dir=cache_dir)
+    if not inputs.from_cache:  # as run_training does, once the free space is checked
+        sa.save_inputs_cache(cache_dir, config, inputs, sa.cached_arrays(inputs))
+    return inputs, capsys.readouterr().out
+
+
+def test_the_token_ids_are_cached_reused_and_made_again_when_the_data_changes(tmp_path, capsys):
+    import sentiment_analysis as sa
+
+    data, cache_dir = tmp_path / "reviews.csv", tmp_path / "training_state" / sa.INPUTS_CACHE
+    shutil.copy(TINY_CSV, data)
+    config = sa.resolve_embedding_dim(sa.TrainConfig(data=str(data), vocab_size=2000, max_length=80))
+    first, out = prepared(config, cache_dir, capsys)
+    assert "Training Word2Vec" in out and "Reusing" not in out and (cache_dir / "inputs.json").is_file()
+    second, out = prepared(config, cache_dir, capsys)
+    assert "Reusing the token ids" in out and "Training Word2Vec" not in out
+    for name in sa.CACHED_IDS:
+        np.testing.assert_array_equal(getattr(first, name), getattr(second, name))
+    np.testing.assert_array_equal(first.embedding_matrix, second.embedding_matrix)
+    assert second.vocabulary == first.vocabulary and second.truncated_reviews == first.truncated_reviews
+    texts = sa.load_dataset(config).texts[:20]
+    np.testing.assert_array_equal(first.vectorizer(texts), second.vectorizer(texts))  # the same tokenizer
+
+    rows = pd.read_csv(data)
+    rows.loc[0, "reviews"] = "a wholly new review of a film nobody had seen before"
+    rows.to_csv(data, index=False)
+    changed, out = prepared(config, cache_dir, capsys)
+    assert "other data or settings: preparing them again" in out and "Training Word2Vec" in out
+    assert "Reusing" in prepared(config, cache_dir, capsys)[1]  # the cache now holds the new data's ids
+    other_settings = dataclasses_replace(config, max_length=60)
+    assert "other data or settings" in prepared(other_settings, cache_dir, capsys)[1]
+
+    (cache_dir / "arrays.npz").write_bytes(b"truncated")
+    again, out = prepared(other_settings, cache_dir, capsys)
+    assert "cannot be read" in out and "Training Word2Vec" in out
+    np.testing.assert_array_equal(again.train_ids, prepared(other_settings, cache_dir, capsys)[0].train_ids)
+
+
+def dataclasses_replace(config, **changes):
+    import dataclasses
+
+    return dataclasses.replace(config, **changes)
+
+
+def test_a_moved_data_file_still_resumes_and_a_changed_one_does_not(tmp_path):
+    import sentiment_analysis as sa
+
+    moved = tmp_path / "moved.csv"
+    shutil.copy(TINY_CSV, moved)
+    base = sa.training_fingerprint(config_for("--data", str(TINY_CSV)))
+    assert sa.training_fingerprint(config_for("--data", str(moved))) == base
+    moved.write_text(TINY_CSV.read_text(encoding="utf-8") + "one more review,positive\n", encoding="utf-8")
+    assert sa.training_fingerprint(config_for("--data", str(moved))) != base
+
+
+@pytest.mark.slow
+def test_a_run_interrupted_while_tokenizing_starts_again_with_the_same_command(tmp_path, monkeypatch):
+    import sentiment_analysis as sa
+
+    real_vectorize, calls = sa.vectorize, []
+
+    def interrupted_vectorize(vectorizer, texts):
+        calls.append(len(texts))
+        if len(calls) == 2:  # Ctrl-C while the validation split is tokenized
+            raise KeyboardInterrupt
+        return real_vectorize(vectorizer, texts)
+
+    monkeypatch.setattr(sa, "vectorize", interrupted_vectorize)
+    result = train_tiny_in_process(tmp_path, "--no-baseline")
+    assert result.returncode == 130 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [line for line in result.stderr.strip().splitlines()
+                                                  if line.startswith("Interrupted before training")]
+    assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "model.keras").exists()
+    monkeypatch.setattr(sa, "vectorize", real_vectorize)
+    result = train_tiny_in_process(tmp_path, "--no-baseline")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resuming" not in result.stdout and (tmp_path / "metrics.json").is_file()
