@@ -1067,7 +1067,10 @@ class WeightedBlend(keras.layers.Layer):
 
 class SubwordVectorizer(keras.layers.Layer):
     """What the two subword vectorizers share: a vocabulary of pieces, an output of sequence_length token ids per
-    text, and tokenizers made whole in __init__."""
+    text, tokenizers made whole in __init__, and the cleaning of text into words (`standardize`: what
+    WordPiece splits; for BERT, whose tokenizer cleans text its own way, the words the baseline and the
+    explanations read)."""
+    standardize = staticmethod(standardize_text)
 
     def __init__(self, vocabulary, sequence_length, **kwargs):
         super().__init__(**kwargs)
@@ -1098,11 +1101,11 @@ class WordPieceVectorizer(SubwordVectorizer):
             oov_token="[UNK]", dtype="int32") for length in (sequence_length, None))
 
     def call(self, texts):
-        return self.tokenizer(standardize_text(tf.reshape(texts, [-1])))
+        return self.tokenizer(self.standardize(tf.reshape(texts, [-1])))
 
     def token_counts(self, texts):
         """Tokens per text before the cut to sequence_length."""
-        return np.array([len(row) for row in self.uncut(standardize_text(tf.reshape(texts, [-1])))])
+        return np.array([len(row) for row in self.uncut(self.standardize(tf.reshape(texts, [-1])))])
 
 
 @keras.saving.register_keras_serializable(package="sentiment_analysis")
@@ -1151,6 +1154,18 @@ class BertVectorizer(SubwordVectorizer):
 # ----------------------------------------------------------------------------------------------------------
 # Text to tokens. The tokenizer lives inside the saved model, so training and prediction share it.
 # ----------------------------------------------------------------------------------------------------------
+
+
+def text_standardizer(vectorizer):
+    """How a model's vectorizer cleans text into words: the one function the baseline (fitted beside it and
+    exported into the blend), the truncation count and the explanations read text with. A TextVectorization
+    holds it in its config; the script's subword vectorizers as `standardize`."""
+    standardize = (vectorizer.get_config()["standardize"] if isinstance(vectorizer, layers.TextVectorization)
+                   else getattr(vectorizer, "standardize", None))
+    if not callable(standardize):
+        raise UserError(f"the model's vectorizer cleans text with {standardize!r}, which this script does not know; "
+                        "train the model with this script")
+    return standardize
 
 
 def text_dataset(texts, batch_size: int = 2048):
@@ -1312,7 +1327,7 @@ def build_vectorizer(texts, config: TrainConfig):
         return vectorizer
     print("Learning a WordPiece vocabulary on the training split ...")
     vocabulary = keras_hub.tokenizers.compute_word_piece_vocabulary(
-        text_dataset(texts).unbatch().map(standardize_text), config.vocab_size, lowercase=False,
+        text_dataset(texts).unbatch().map(WordPieceVectorizer.standardize), config.vocab_size, lowercase=False,
         strip_accents=False, reserved_tokens=["[PAD]", "[UNK]"])
     return WordPieceVectorizer(vocabulary, config.max_length, name="vectorizer")
 
@@ -1444,11 +1459,12 @@ def predict_token_ids(classifier, token_ids, batch_size: int = 512) -> np.ndarra
 
 def count_truncated(vectorizer, texts, max_length: int) -> int:
     """How many texts have more than max_length tokens, so that the model saw only their first max_length."""
+    standardize = text_standardizer(vectorizer)
 
     def token_counts(batch):
         if hasattr(vectorizer, "token_counts"):  # subword pieces
             return vectorizer.token_counts(batch)
-        return tf.strings.split(standardize_text(batch)).row_lengths()  # words, as TextVectorization splits
+        return tf.strings.split(standardize(batch)).row_lengths()  # words, as TextVectorization splits
 
     return int(sum(int(tf.reduce_sum(tf.cast(token_counts(batch) > max_length, tf.int32)))
                    for batch in text_dataset(texts)))
@@ -2009,9 +2025,10 @@ def write_saved_model(model, directory: Path, class_names) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def standardized_strings(texts) -> list[str]:
-    """The model's own standardization applied to Python strings, so the baseline sees the same words."""
-    return [value.decode("utf-8") for batch in text_dataset(texts) for value in standardize_text(batch).numpy()]
+def standardized_strings(texts, standardize) -> list[str]:
+    """The model's own cleaning of text (`text_standardizer` of its vectorizer) applied to Python strings, so
+    the baseline sees the model's words."""
+    return [value.decode("utf-8") for batch in text_dataset(texts) for value in standardize(batch).numpy()]
 
 
 def fit_baseline(train_texts, train_labels, config: TrainConfig):
@@ -2038,16 +2055,16 @@ def fit_baseline(train_texts, train_labels, config: TrainConfig):
     return make_pipeline(features, classifier)  # both steps fitted
 
 
-def baseline_probabilities(baseline, texts) -> np.ndarray:
-    """The baseline's class probabilities (reviews, classes) for raw texts."""
-    return baseline.predict_proba(standardized_strings(texts))
+def baseline_probabilities(baseline, texts, standardize) -> np.ndarray:
+    """The baseline's class probabilities (reviews, classes) for raw texts, cleaned by `standardize`."""
+    return baseline.predict_proba(standardized_strings(texts, standardize))
 
 
 def build_blend_predictor(neural_model, baseline, weight: float, class_names, settings: dict | None = None):
     """One model from raw strings to the blended probabilities, the baseline and the class names inside it."""
     features, classifier = baseline.named_steps["tfidfvectorizer"], baseline.named_steps["logisticregression"]
     vocabulary = features.get_feature_names_out().tolist()
-    ngram_ids = layers.TextVectorization(standardize=standardize_text,
+    ngram_ids = layers.TextVectorization(standardize=text_standardizer(neural_model.get_layer("vectorizer")),
                                          ngrams=tuple(range(1, features.ngram_range[1] + 1)),
                                          output_mode="int",
                                          vocabulary=vocabulary, name="ngram_ids")
@@ -2394,12 +2411,12 @@ class ValidationCheck:
 
 
 def compare_on_validation(classifier, baseline, validation_ids: np.ndarray, splits: DataSplits,
-                          train_strings: list[str] | None, config: TrainConfig) -> ValidationCheck:
+                          train_strings: list[str] | None, standardize, config: TrainConfig) -> ValidationCheck:
     """Both models' validation probabilities, and the baseline's learning curve."""
     neural = predict_token_ids(classifier, validation_ids)
     if baseline is None:
         return ValidationCheck(splits.validation.labels, neural, None, [])
-    validation_strings = standardized_strings(splits.validation.texts)
+    validation_strings = standardized_strings(splits.validation.texts, standardize)
     probabilities = baseline.predict_proba(validation_strings)
     curve, half = baseline_learning_curve(probabilities, train_strings, splits.train.labels, validation_strings,
                                           splits.validation.labels, config)
@@ -3715,6 +3732,7 @@ class Explainer:
     gradients: object             # tf.function: (embedding vectors, target class) -> integrated gradients
     subword_pieces: list[str] | None = None  # a WordPiece vectorizer's vocabulary (None: whole words)
     special_ids: set = field(default_factory=set)  # BERT's [CLS] and [SEP]: not words of the text
+    standardize: object = None    # the vectorizer's cleaning of text into words (text_standardizer)
     words_of: object = None       # BERT: its tokenizer's words of a text (None: the standardized words)
     neural_weight: float = 1.0    # the blend's weight of the neural model (1 without a baseline)
     ngram_index: dict | None = None   # the baseline's n-gram -> id (None without a baseline)
@@ -3801,7 +3819,8 @@ def build_explainer(model, class_names) -> Explainer:
         raise UserError("--explain needs a model saved by this script (its neural part was not found)")
     vectorizer = layers_by_name["vectorizer"]
     embedding, rest = embedding_and_rest(classifier)
-    explainer = Explainer(vectorizer, embedding, tuple(class_names), integrated_gradients_function(rest))
+    explainer = Explainer(vectorizer, embedding, tuple(class_names), integrated_gradients_function(rest),
+                          standardize=text_standardizer(vectorizer))
     if hasattr(vectorizer, "token_counts"):  # the WordPiece vectorizer (words or BERT)
         explainer.subword_pieces = vectorizer.get_vocabulary()
         explainer.special_ids = {getattr(vectorizer, "start_id", None), getattr(vectorizer, "end_id", None)} - {None}
@@ -3821,9 +3840,9 @@ def build_explainer(model, class_names) -> Explainer:
     return explainer
 
 
-def text_words(text: str) -> list[str]:
-    """The words of a text as the model reads them."""
-    return standardize_text(str(text)).numpy().decode("utf-8").split()
+def text_words(text: str, standardize) -> list[str]:
+    """The words of a text as the model reads them (`standardize`: its vectorizer's, text_standardizer)."""
+    return standardize(str(text)).numpy().decode("utf-8").split()
 
 
 def neural_word_scores(explainer: Explainer, text: str, target: int, words: int) -> np.ndarray:
@@ -3921,7 +3940,7 @@ def word_places(words: list[str], other_words: list[str]) -> np.ndarray:
 
 def explain_text(explainer: Explainer, text: str, target: int) -> Explanation:
     """Each word's push towards class `target` in the model's prediction for `text`."""
-    standardized = text_words(text)
+    standardized = text_words(text, explainer.standardize)
     words = standardized if explainer.words_of is None else explainer.words_of(text)
     scores = explainer.neural_weight * neural_word_scores(explainer, text, target, len(words))
     if explainer.ngram_index is not None:
@@ -4141,9 +4160,9 @@ def build_html_report(report: dict, evaluation: Evaluation, history: dict, figur
             f"<style>{REPORT_STYLE}</style></head><body>{''.join(sections)}</body></html>\n")
 
 
-def unexplained(text: str, towards: str) -> Explanation:
+def unexplained(text: str, standardize, towards: str) -> Explanation:
     """A text's words with no scores (shown without colours)."""
-    words = text_words(text)
+    words = text_words(text, standardize)
     return Explanation(words, np.zeros(len(words)), towards)
 
 
@@ -4154,6 +4173,7 @@ def report_mistakes(model, errors: pd.DataFrame, class_names) -> list[tuple[dict
         explainer = build_explainer(model, class_names)
     except UserError:
         explainer = None
+    standardize = text_standardizer(model_layers(model)["vectorizer"])
     probability_name = next(column for column in errors.columns if column.startswith("probability"))
     mistakes = []
     for _, row in errors.head(REPORT_MISTAKES).iterrows():
@@ -4162,7 +4182,7 @@ def report_mistakes(model, errors: pd.DataFrame, class_names) -> list[tuple[dict
                           "probability_name": probability_name.replace("_", " "),
                           "probability": float(row[probability_name])},
                          explain_text(explainer, row["text"], target) if explainer else
-                         unexplained(row["text"], class_names[target])))
+                         unexplained(row["text"], standardize, class_names[target])))
     return mistakes
 
 
@@ -4228,13 +4248,14 @@ def set_up_run(config: TrainConfig, cleanup: contextlib.ExitStack) -> RunSetup:
                     starting_point(config, asked_embeddings))
 
 
-def fit_the_baseline(config: TrainConfig, splits: DataSplits, clock: Stopwatch):
-    """The fitted baseline and the standardized training texts it was fitted on (None, None without it)."""
+def fit_the_baseline(config: TrainConfig, splits: DataSplits, standardize, clock: Stopwatch):
+    """The fitted baseline and the training texts it was fitted on, cleaned by the model's `standardize`
+    (None, None without it)."""
     if not config.baseline:
         return None, None
     print("Fitting the TF-IDF + logistic-regression baseline ...")
     with clock.timed("baseline_s"):
-        train_strings = standardized_strings(splits.train.texts)
+        train_strings = standardized_strings(splits.train.texts, standardize)
         try:
             return fit_baseline(train_strings, splits.train.labels, config), train_strings
         except ValueError as error:  # scikit-learn's "empty vocabulary": no word is in two training texts
@@ -4255,7 +4276,7 @@ def blend_if_asked(config: TrainConfig, baseline, check: ValidationCheck) -> Ble
 
 
 def score_on_test(config: TrainConfig, classifier, baseline, blend: Blend | None, test_ids: np.ndarray,
-                  test: LabelledTexts, clock: Stopwatch) -> dict[str, np.ndarray]:
+                  test: LabelledTexts, standardize, clock: Stopwatch) -> dict[str, np.ndarray]:
     """Test-set probabilities of every model, the primary one (the blend, if any) first. Every choice (epochs,
     blend weight) was made on the validation split; the test split is only scored."""
     with clock.timed("evaluate_s"):
@@ -4263,7 +4284,7 @@ def score_on_test(config: TrainConfig, classifier, baseline, blend: Blend | None
     if baseline is None:
         return {config.arch: neural}
     with clock.timed("baseline_s"):
-        baseline_test = baseline_probabilities(baseline, test.texts)
+        baseline_test = baseline_probabilities(baseline, test.texts, standardize)
     if blend is None:
         return {config.arch: neural, "baseline": baseline_test}
     return {"blend": blend_probabilities(blend.weight, neural, baseline_test), "baseline": baseline_test,
@@ -4297,9 +4318,14 @@ def run_training(config: TrainConfig) -> TrainingResult:
         if unlabelled.counts["used"] or semi.method != "none":
             print(f"Unlabelled text: {semi.method} ({semi.reason})")
         strategy = set_up_tensorflow(config, setup.role)
+        with clock.timed("preprocess_s"):
+            inputs = prepare_inputs(splits, config, strategy.num_replicas_in_sync, len(class_names),
+                                    unlabelled.texts if semi.method != "none" else None,
+                                    cache_dir=setup.state_dir / INPUTS_CACHE)
+        standardize = text_standardizer(inputs.vectorizer)  # the model's words, for the baseline too
         baseline = train_strings = targets = None
         if semi.teaches:  # the teacher is needed before training
-            baseline, train_strings = fit_the_baseline(config, splits, clock)
+            baseline, train_strings = fit_the_baseline(config, splits, standardize, clock)
             if baseline is None:
                 raise UserError(f"the baseline, which is the teacher of --semi-supervised {semi.method}, cannot be "
                                 "fitted on these texts; use --semi-supervised none or lm")
@@ -4308,11 +4334,7 @@ def run_training(config: TrainConfig) -> TrainingResult:
                     targets, distillation = teach_beside_the_labels(train_strings, splits.train.labels,
                                                                     len(class_names), config)
                 else:
-                    targets = soft_targets(baseline_probabilities(baseline, unlabelled.texts))
-        with clock.timed("preprocess_s"):
-            inputs = prepare_inputs(splits, config, strategy.num_replicas_in_sync, len(class_names),
-                                    unlabelled.texts if semi.method != "none" else None,
-                                    cache_dir=setup.state_dir / INPUTS_CACHE)
+                    targets = soft_targets(baseline_probabilities(baseline, unlabelled.texts, standardize))
         labelled_inputs = inputs  # what the labelled stage trains on
         if semi.distils:
             labelled_inputs = distillation_inputs(inputs, targets, config, strategy.num_replicas_in_sync)
@@ -4365,11 +4387,13 @@ def run_training(config: TrainConfig) -> TrainingResult:
 
         classifier = local_copy(classifier, config, len(inputs.vocabulary))
         if baseline is None:
-            baseline, train_strings = fit_the_baseline(config, splits, clock)
+            baseline, train_strings = fit_the_baseline(config, splits, standardize, clock)
         with clock.timed("validation_s"):
-            check = compare_on_validation(classifier, baseline, inputs.validation_ids, splits, train_strings, config)
+            check = compare_on_validation(classifier, baseline, inputs.validation_ids, splits, train_strings,
+                                          standardize, config)
         blend = blend_if_asked(config, baseline, check)
-        probabilities = score_on_test(config, classifier, baseline, blend, inputs.test_ids, splits.test, clock)
+        probabilities = score_on_test(config, classifier, baseline, blend, inputs.test_ids, splits.test, standardize,
+                                      clock)
         started_from = {**setup.started_from, **pretraining.started_from(config)}
         model = model_to_save(config, started_from, inputs.vectorizer, classifier, baseline, blend, class_names)
         with clock.timed("intervals_s"):

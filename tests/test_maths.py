@@ -142,7 +142,29 @@ def test_flags_build_the_layers_they_name(flags, expected):
 def test_standardize_text(raw, expected):
     cleaned = sa.standardize_text(tf.constant([raw])).numpy()[0].decode("utf-8")
     assert cleaned.split() == expected.split()
-    assert sa.standardized_strings(np.array([raw], dtype=object)) == [cleaned]
+    assert sa.standardized_strings(np.array([raw], dtype=object), sa.standardize_text) == [cleaned]
+
+
+def test_the_vectorizer_owns_the_cleaning_of_text_and_the_rest_reads_it_from_there():
+    """Another cleaning in the vectorizer (here none: case and hyphens kept) is the one the baseline's strings and
+    the count of cut reviews use, not the script's standardize_text."""
+    def as_given(text):
+        return text
+
+    review = np.array(["A well-made Film"], dtype=object)  # 3 words as given, 4 once standardize_text splits "-"
+    vectorizer = keras.layers.TextVectorization(max_tokens=50, standardize=as_given, output_sequence_length=3)
+    vectorizer.adapt(tf.constant(review.tolist()))
+    assert sa.text_standardizer(vectorizer) is as_given
+    assert sa.standardized_strings(review, sa.text_standardizer(vectorizer)) == ["A well-made Film"]
+    assert sa.count_truncated(vectorizer, review, 3) == 0
+    standard = keras.layers.TextVectorization(max_tokens=50, standardize=sa.standardize_text, output_sequence_length=3)
+    standard.adapt(tf.constant(review.tolist()))
+    assert sa.count_truncated(standard, review, 3) == 1
+    assert sa.text_words(review[0], sa.text_standardizer(standard)) == ["a", "well", "made", "film"]
+    assert sa.WordPieceVectorizer.standardize is sa.standardize_text  # the subword vectorizers' own
+    foreign = keras.layers.TextVectorization(max_tokens=50)  # Keras' "lower_and_strip_punctuation", a name
+    with pytest.raises(sa.UserError, match="does not know"):
+        sa.text_standardizer(foreign)
 
 
 @pytest.mark.slow

@@ -99,7 +99,7 @@ def test_without_unlabelled_text_the_teacher_grades_the_training_split_out_of_fo
     assert sa.choose_semi_supervised(sa.TrainConfig(semi_supervised="teacher"), 1000, 0, True).distils
     assert not sa.choose_semi_supervised(sa.TrainConfig(semi_supervised="teacher"), 1000, 5, True).distils
     rows = pd.read_csv(TINY_CSV)
-    texts = sa.standardized_strings(rows["reviews"].to_numpy())
+    texts = sa.standardized_strings(rows["reviews"].to_numpy(), sa.standardize_text)
     labels = (rows["sentiment"] == "positive").to_numpy().astype(np.int64)
     config = sa.TrainConfig(seed=3)
     graded = sa.out_of_fold_probabilities(texts, labels, 2, config)
@@ -162,8 +162,9 @@ def test_the_classifier_starts_from_the_weights_the_teacher_stage_ends_with(semi
     unlabelled = sa.gather_unlabelled(data, splits, config)
     inputs = sa.prepare_inputs(splits, config, 1, 2, unlabelled.texts)
     assert inputs.unlabelled_ids.shape == (80, 80) and inputs.unlabelled_ids.any()
-    baseline = sa.fit_baseline(sa.standardized_strings(splits.train.texts), splits.train.labels, config)
-    targets = sa.soft_targets(sa.baseline_probabilities(baseline, unlabelled.texts))
+    standardize = sa.text_standardizer(inputs.vectorizer)
+    baseline = sa.fit_baseline(sa.standardized_strings(splits.train.texts, standardize), splits.train.labels, config)
+    targets = sa.soft_targets(sa.baseline_probabilities(baseline, unlabelled.texts, standardize))
     assert targets.shape == (80,) and 0 < targets.min() < targets.max() < 1  # probabilities, not labels
     strategy = sa.tf.distribute.get_strategy()
     classifier, _ = sa.build_model_and_optimizer(config, inputs, 2, strategy)

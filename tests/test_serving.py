@@ -131,8 +131,10 @@ def test_explain_prints_each_word_and_its_score_after_each_prediction(trained_di
     assert result.returncode == 0, result.stderr[-3000:]
     blocks = explanation_blocks(result.stdout)
     assert [ "\t".join(prediction) for prediction, _ in blocks] == plain.stdout.splitlines()
+    standardize = sentiment_analysis.text_standardizer(
+        sentiment_analysis.load_model(trained_dir / "model.keras").get_layer("vectorizer"))
     for text, (_, words) in zip(texts, blocks):
-        assert [word for word, _ in words] == sentiment_analysis.text_words(text)
+        assert [word for word, _ in words] == sentiment_analysis.text_words(text, standardize)
         assert all(re.fullmatch(r"[+-]\d\.\d{4}", score) for _, score in words), words
 
 
@@ -226,7 +228,7 @@ def test_blend_explanation_weighs_exact_baseline_terms(blend_dir):
     assert explainer.neural_weight == 0.5
     layers = sentiment_analysis.model_layers(model)
     text = pd.read_csv(TINY_CSV)["reviews"][0]
-    words = sentiment_analysis.text_words(text)
+    words = sentiment_analysis.text_words(text, explainer.standardize)
     baseline = layers["tfidf_logistic"](layers["ngram_ids"](tf.constant([[text]]))).numpy()[0, 0]
     empty = 1 / (1 + np.exp(-float(explainer.intercept)))
     baseline_scores = sentiment_analysis.baseline_word_scores(explainer, words, 1)

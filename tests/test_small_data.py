@@ -148,8 +148,8 @@ def test_the_baselines_learning_curve_refits_on_shares_of_the_training_split():
 
     config = sa.TrainConfig(data=str(TINY_CSV))
     splits = sa.split_dataset(sa.load_dataset(config), config)
-    train = sa.standardized_strings(splits.train.texts)
-    validation = sa.standardized_strings(splits.validation.texts)
+    train = sa.standardized_strings(splits.train.texts, sa.standardize_text)
+    validation = sa.standardized_strings(splits.validation.texts, sa.standardize_text)
     baseline = sa.fit_baseline(train, splits.train.labels, config)
     curve, half = sa.baseline_learning_curve(baseline.predict_proba(validation), train, splits.train.labels,
                                              validation, splits.validation.labels, config)
