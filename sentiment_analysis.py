@@ -2944,8 +2944,9 @@ FINE_TUNING_LEARNING_RATE_SCALE = 0.25
 # baseline fitted on the other TEACHER_FOLDS - 1 folds, so it never grades a text it has learned).
 DISTILLATION_LABEL_SHARE = 0.5
 TEACHER_FOLDS = 5
-# Soft targets teach more slowly: the planned epochs times this (4 -> 6 on all of imdb.csv won on validation,
-# 0.9138 against 0.9067 with the plan's 4; docs/RESULTS.md). --epochs, if given, is kept.
+# Soft targets teach more slowly: the planned epochs and patience times this (4 -> 6 epochs on all of imdb.csv won
+# on validation, 0.9138 against 0.9067 with the plan's 4; patience 1 -> 2 kept seed 2 from stopping at epoch 3,
+# 0.9092 against 0.8986; docs/RESULTS.md). --epochs and --patience, if given, are kept.
 DISTILLATION_EPOCH_SCALE = 1.5
 
 
@@ -3033,14 +3034,17 @@ def teach_beside_the_labels(train_strings, labels: np.ndarray, num_classes: int,
 def distillation_inputs(inputs: PreparedInputs, targets: np.ndarray, config: TrainConfig,
                         replicas: int) -> PreparedInputs:
     """The labelled stage's inputs with the distilled targets in place of the labels: the same batches and
-    validation split (true labels), and DISTILLATION_EPOCH_SCALE times the planned epochs unless --epochs."""
+    validation split (true labels), and DISTILLATION_EPOCH_SCALE times the planned epochs and patience unless
+    --epochs and --patience are given."""
     global_batch_size, plan = inputs.plan.batch_size * replicas, inputs.plan
-    if config.epochs is None:
-        epochs = math.ceil(plan.epochs * DISTILLATION_EPOCH_SCALE)
-        plan = dataclasses.replace(plan, epochs=epochs, reason=f"{plan.reason}; {epochs} epochs for soft targets "
-                                                                f"({DISTILLATION_EPOCH_SCALE:g}x)")
-        print(f"Plan for the distilled targets: {epochs} epochs ({DISTILLATION_EPOCH_SCALE:g}x the planned "
-              f"{inputs.plan.epochs})")
+    scaled = {name: math.ceil(getattr(plan, name) * DISTILLATION_EPOCH_SCALE) for name, given in
+              (("epochs", config.epochs), ("patience", config.patience)) if given is None}
+    if scaled:
+        said = " and ".join(f"{value} {name}" for name, value in scaled.items())
+        plan = dataclasses.replace(plan, **scaled, reason=f"{plan.reason}; {said} for soft targets "
+                                                          f"({DISTILLATION_EPOCH_SCALE:g}x)")
+        print(f"Plan for the distilled targets: {said} ({DISTILLATION_EPOCH_SCALE:g}x the planned "
+              + " and ".join(f"{getattr(inputs.plan, name)}" for name in scaled) + ")")
     return dataclasses.replace(inputs, plan=plan, training_batches=epoch_batches(
         inputs.train_ids, targets, global_batch_size, config, replicas > 1))
 

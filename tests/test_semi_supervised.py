@@ -117,14 +117,18 @@ def test_distilled_targets_are_half_the_label_and_half_the_teacher():
     np.testing.assert_allclose(sa.distilled_targets(np.array([0]), three, 3), [[0.6, 0.1, 0.3]])
 
 
-def test_distilled_targets_get_half_as_many_epochs_again_unless_epochs_is_given():
+def test_distilled_targets_get_half_as_many_epochs_and_patience_again_unless_given():
     ids = np.ones((4, 5), dtype=np.int32)
     plan = sa.TrainingPlan(32, 3, 4, 1, 0, "4 epochs to reach about 1000 optimizer steps")
     inputs = sa.PreparedInputs(None, [], ids, ids, ids, ids[:0], plan, None, None, 1, None, None, None, 0, [])
     targets = np.array([0.2, 0.9, 0.6, 0.1])
     planned = sa.distillation_inputs(inputs, targets, sa.TrainConfig(), 1)
-    assert planned.plan.epochs == 6 and planned.plan.batch_size == 32 and "1.5x" in planned.plan.reason
-    assert sa.distillation_inputs(inputs, targets, sa.TrainConfig(epochs=4), 1).plan.epochs == 4
+    assert planned.plan.epochs == 6 and planned.plan.patience == 2 and planned.plan.batch_size == 32
+    assert "6 epochs and 2 patience for soft targets (1.5x)" in planned.plan.reason
+    given = sa.distillation_inputs(inputs, targets, sa.TrainConfig(epochs=4), 1).plan
+    assert given.epochs == 4 and given.patience == 2
+    given = sa.distillation_inputs(inputs, targets, sa.TrainConfig(epochs=5, patience=1), 1).plan
+    assert (given.epochs, given.patience, given.reason) == (4, 1, plan.reason)  # the plan holds what was given
     labels = [batch[1].numpy() for batch in planned.training_batches(0)]
     np.testing.assert_allclose(np.sort(np.concatenate(labels)), np.sort(targets), rtol=1e-6)  # the soft targets
 
