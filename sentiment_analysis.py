@@ -167,7 +167,8 @@ class TrainConfig:
                                   "the recurrent layer as a next-word language model on the training split and "
                                   "the unlabelled texts (lstm and gru); both runs lm, then teacher; none ignores "
                                   "unlabelled text; auto chooses teacher when there are unlabelled texts, at least "
-                                  "as many as training rows, and a baseline (README: Unlabelled text)",
+                                  "as many as training rows, and a baseline, and else distils for the lstm from "
+                                  "20,000 training rows with a baseline and no blend (README: Unlabelled text)",
                                   choices=("auto", "none", "teacher", "lm", "both"))
     pretrain_epochs: int | None = option(None, "epochs of each pretraining stage (language model, teacher), "
                                          "early stopping aside (default: planned from the number of texts)")
@@ -2965,11 +2966,18 @@ class SemiSupervised:
         return self.method in ("lm", "both")
 
 
+# auto distils (the teacher beside the labels) from this many training rows on, where it measured better than
+# the plain run on validation (all of imdb.csv, seeds 42, 1 and 2); below it the plain run (not measured better).
+AUTO_DISTILLATION_ROWS = SMALL_TRAINING_ROWS
+
+
 def choose_semi_supervised(config: TrainConfig, training_rows: int, unlabelled_texts: int,
-                           has_baseline: bool) -> SemiSupervised:
-    """--semi-supervised as given, or auto's choice from the sizes: the teacher when there is unlabelled text,
-    at least as much as labelled training text, and a baseline to teach (measured on IMDB subsets, see
-    docs/RESULTS.md); else none, which is the run without unlabelled text."""
+                           has_baseline: bool, smallest_class: int = TEACHER_FOLDS) -> SemiSupervised:
+    """--semi-supervised as given, or auto's choice from the sizes (measured on IMDB subsets, see
+    docs/RESULTS.md): the teacher when there is unlabelled text, at least as much as labelled training text,
+    and a baseline to teach; without that much unlabelled text, for the card's lstm on a large training split
+    (AUTO_DISTILLATION_ROWS) with a baseline and no blend, the teacher beside the labels (distillation); else
+    none, the plain run."""
     if config.semi_supervised in ("teacher", "both"):
         if not unlabelled_texts:
             return SemiSupervised(config.semi_supervised, "as given; no unlabelled text, so the baseline's "
@@ -2980,14 +2988,20 @@ def choose_semi_supervised(config: TrainConfig, training_rows: int, unlabelled_t
         return SemiSupervised("lm", "as given")
     if config.semi_supervised == "none":
         return SemiSupervised("none", "as given" if unlabelled_texts else "no unlabelled text")
-    if not unlabelled_texts:
-        return SemiSupervised("none", "auto: no unlabelled text")
     if not has_baseline:
-        return SemiSupervised("none", "auto: no baseline to teach (--no-baseline)")
-    if unlabelled_texts < training_rows:
-        return SemiSupervised("none", f"auto: fewer unlabelled texts ({unlabelled_texts}) than training rows "
-                                      f"({training_rows})")
-    return SemiSupervised("teacher", f"auto: {unlabelled_texts} unlabelled texts for {training_rows} training rows")
+        return SemiSupervised("none", "auto: no baseline to teach (--no-baseline)" if unlabelled_texts
+                              else "auto: no unlabelled text")
+    if unlabelled_texts and unlabelled_texts >= training_rows:
+        return SemiSupervised("teacher", f"auto: {unlabelled_texts} unlabelled texts for {training_rows} training "
+                                         "rows")
+    few = (f"fewer unlabelled texts ({unlabelled_texts}) than training rows ({training_rows})" if unlabelled_texts
+           else "no unlabelled text")
+    if (config.arch == "lstm" and config.blend_weight is None and training_rows >= AUTO_DISTILLATION_ROWS
+            and smallest_class >= TEACHER_FOLDS):
+        return SemiSupervised("teacher", f"auto: {few}, so the baseline's out-of-fold probabilities on the training "
+                                         f"split are learned beside the labels ({training_rows} training rows)",
+                              distils=True)
+    return SemiSupervised("none", f"auto: {few}")
 
 
 def soft_targets(probabilities: np.ndarray) -> np.ndarray:
@@ -4318,13 +4332,14 @@ def run_training(config: TrainConfig) -> TrainingResult:
         print(f"Read {counts['rows_read']} rows from {config.data}; dropped {counts['dropped']}; "
               f"train {counts['train']}, validation {counts['validation']}, test {counts['test']}; "
               f"{describe_unlabelled(unlabelled.counts)}; {describe_classes(data)}")
-        semi = choose_semi_supervised(config, counts["train"], len(unlabelled.texts), config.baseline)
+        semi = choose_semi_supervised(config, counts["train"], len(unlabelled.texts), config.baseline,
+                                      int(np.bincount(splits.train.labels, minlength=len(class_names)).min()))
         if unlabelled.counts["used"] or semi.method != "none":
             print(f"Unlabelled text: {semi.method} ({semi.reason})")
         strategy = set_up_tensorflow(config, setup.role)
         with clock.timed("preprocess_s"):
             inputs = prepare_inputs(splits, config, strategy.num_replicas_in_sync, len(class_names),
-                                    unlabelled.texts if semi.method != "none" else None,
+                                    unlabelled.texts if semi.method != "none" and not semi.distils else None,
                                     cache_dir=setup.state_dir / INPUTS_CACHE)
         standardize = text_standardizer(inputs.vectorizer)  # the model's words, for the baseline too
         baseline = train_strings = targets = None

@@ -75,7 +75,22 @@ def test_auto_chooses_the_teacher_only_with_enough_unlabelled_text_and_a_baselin
     assert sa.choose_semi_supervised(auto, 1000, 0, True).method == "none"
     assert sa.choose_semi_supervised(auto, 1000, 999, True).method == "none"
     assert sa.choose_semi_supervised(auto, 1000, 1000, True).method == "teacher"
+    assert not sa.choose_semi_supervised(auto, 1000, 1000, True).distils
     assert sa.choose_semi_supervised(auto, 1000, 5000, False).method == "none"
+
+
+def test_auto_distils_the_lstm_on_a_large_training_split_without_enough_unlabelled_text():
+    auto, rows = sa.TrainConfig(), sa.AUTO_DISTILLATION_ROWS
+    for unlabelled in (0, rows - 1):
+        chosen = sa.choose_semi_supervised(auto, rows, unlabelled, True, smallest_class=rows // 2)
+        assert chosen.method == "teacher" and chosen.distils and "beside the labels" in chosen.reason
+    assert not sa.choose_semi_supervised(auto, rows, rows, True).distils  # enough text: the teacher stage
+    for config, rows_, baseline, smallest in ((auto, rows - 1, True, 100), (auto, rows, False, 100),
+                                              (auto, rows, True, sa.TEACHER_FOLDS - 1),
+                                              (sa.TrainConfig(arch="gru"), rows, True, 100),
+                                              (sa.TrainConfig(blend_weight="auto"), rows, True, 100),
+                                              (sa.TrainConfig(semi_supervised="none"), rows, True, 100)):
+        assert sa.choose_semi_supervised(config, rows_, 0, baseline, smallest).method == "none", config
     assert sa.choose_semi_supervised(sa.TrainConfig(semi_supervised="none"), 10, 5000, True).method == "none"
     assert sa.choose_semi_supervised(sa.TrainConfig(semi_supervised="teacher"), 5000, 10, True).method == "teacher"
 
