@@ -1003,7 +1003,10 @@ class TfidfLogistic(keras.layers.Layer):
         self.intercept = self.add_weight(shape=per_class, initializer="zeros", trainable=False,
                                          name="intercept")
 
-    def call(self, ids):
+    def ngram_weights(self, ids):
+        """The TF-IDF of a batch of n-gram ids, the one place it is computed (the explanations use it too): each
+        distinct (review, n-gram) pair in order of first occurrence, as its review, its n-gram id and its weight
+        (1 + log count) * idf, and each review's L2 norm of those weights."""
         # Count each (review, n-gram) pair: one key per pair, counted with unique_with_counts.
         ids = tf.cast(ids, "int64")
         batch = tf.shape(ids)[0]
@@ -1014,7 +1017,11 @@ class TfidfLogistic(keras.layers.Layer):
         unique_keys, _, counts = tf.unique_with_counts(keys)
         review, ngram = unique_keys // self.num_ids, unique_keys % self.num_ids
         weights = (1.0 + tf.math.log(tf.cast(counts, "float32"))) * tf.gather(self.idf, ngram)
-        norms = tf.sqrt(tf.math.unsorted_segment_sum(weights**2, review, batch))
+        return review, ngram, weights, tf.sqrt(tf.math.unsorted_segment_sum(weights**2, review, batch))
+
+    def call(self, ids):
+        batch = tf.shape(ids)[0]
+        review, ngram, weights, norms = self.ngram_weights(ids)
         if self.outputs == 1:
             scores = tf.math.unsorted_segment_sum(weights * tf.gather(self.coef, ngram), review, batch)
             return tf.sigmoid(scores / tf.maximum(norms, 1e-12) + self.intercept)[:, None]
@@ -3755,9 +3762,8 @@ class Explainer:
     neural_weight: float = 1.0    # the blend's weight of the neural model (1 without a baseline)
     ngram_index: dict | None = None   # the baseline's n-gram -> id (None without a baseline)
     ngram_lengths: int = 0
-    idf: np.ndarray | None = None
-    coef: np.ndarray | None = None
-    intercept: np.ndarray | None = None
+    tfidf: object = None          # the blend's TfidfLogistic layer: the baseline's TF-IDF and probabilities
+    coef: np.ndarray | None = None    # its coefficients, for each n-gram's term
 
 
 def model_layers(model) -> dict:
@@ -3853,8 +3859,8 @@ def build_explainer(model, class_names) -> Explainer:
         explainer.ngram_index = {gram: index for index, gram in enumerate(ngram_ids.get_vocabulary()) if index > 1}
         ngrams = ngram_ids.get_config()["ngrams"]  # an int N (up to N words), or the n-gram lengths
         explainer.ngram_lengths = max(ngrams) if isinstance(ngrams, (tuple, list)) else int(ngrams)
-        explainer.idf, explainer.coef, explainer.intercept = (
-            np.asarray(weight, dtype=np.float64) for weight in layers_by_name["tfidf_logistic"].get_weights())
+        explainer.tfidf = layers_by_name["tfidf_logistic"]
+        explainer.coef = np.asarray(explainer.tfidf.coef, dtype=np.float64)
     return explainer
 
 
@@ -3889,9 +3895,10 @@ def baseline_word_scores(explainer: Explainer, words: list[str], target: int) ->
     """The baseline's exact per-n-gram terms of its score, shared out among the words of each n-gram.
 
     The logistic regression's score (the logit; for several classes the target's logit minus the mean logit)
-    is a sum of one term per distinct n-gram, (1 + log count) * idf * coefficient / norm, plus the intercept.
-    The terms are scaled by one factor so that they add up to p(text) - p(empty text), the probability units of
-    the neural scores; each n-gram's share goes equally to its words, at each place it occurs."""
+    is a sum of one term per distinct n-gram, its TF-IDF weight (the blend's own TfidfLogistic.ngram_weights)
+    times its coefficient, plus the intercept. The terms are scaled by one factor so that they add up to
+    p(text) - p(empty text) (the layer's probabilities), the probability units of the neural scores; each
+    n-gram's share goes equally to its words, at each place it occurs."""
     places: dict[int, list[int]] = {}  # n-gram id -> where it starts, each time it occurs
     lengths: dict[int, int] = {}       # n-gram id -> its number of words
     for n in range(1, explainer.ngram_lengths + 1):
@@ -3904,22 +3911,15 @@ def baseline_word_scores(explainer: Explainer, words: list[str], target: int) ->
     if not places:
         return scores
     ids = np.array(list(places))
-    counts = np.array([len(starts) for starts in places.values()], dtype=np.float64)
-    weights = (1 + np.log(counts)) * explainer.idf[ids]
-    weights /= max(np.sqrt(np.sum(weights**2)), 1e-12)
-    if explainer.coef.ndim == 1:
-        terms = weights * explainer.coef[ids]
-        logit = terms.sum() + explainer.intercept
-        change = 1 / (1 + np.exp(-logit)) - 1 / (1 + np.exp(-explainer.intercept))
-    else:
-        coef = explainer.coef[ids]
-        terms = weights * (coef[:, target] - coef.mean(axis=1))
-
-        def softmax(logits):
-            exps = np.exp(logits - logits.max())
-            return exps / exps.sum()
-
-        change = (softmax(weights @ coef + explainer.intercept)[target] - softmax(explainer.intercept)[target])
+    text = tf.constant(np.repeat(ids, [len(starts) for starts in places.values()])[None])  # each n-gram as often
+    _, ngram, weights, norms = explainer.tfidf.ngram_weights(text)                        # as it occurs
+    weight_of = dict(zip(ngram.numpy().tolist(), weights.numpy().astype(np.float64)))
+    weights = np.array([weight_of[index] for index in ids.tolist()]) / max(float(norms[0]), 1e-12)
+    probabilities, empty = (np.asarray(explainer.tfidf(row), dtype=np.float64)[0]
+                            for row in (text, tf.zeros((1, 1), tf.int64)))
+    coef = explainer.coef[ids]
+    terms = weights * (coef if coef.ndim == 1 else coef[:, target] - coef.mean(axis=1))
+    change = probabilities[0 if coef.ndim == 1 else target] - empty[0 if coef.ndim == 1 else target]
     scale = float(change / terms.sum()) if abs(terms.sum()) > 1e-12 else 0.0
     for index, term, starts in zip(ids, terms, places.values()):
         length = lengths[index]

@@ -222,3 +222,41 @@ def test_the_figures_named_for_each_kind_of_model_are_the_ones_computed_and_repo
         rows = sa.metric_rows({"model": scores}, names)
         assert [row[0] for row in rows] == list(sa.figure_names(names)) and "threshold" not in dict(rows)
     assert sa.summary_table({"lstm": scores}, ("a", "b", "c")).split("\n")[0].split() == ["model", *sa.MULTICLASS_TABLE]
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_baseline_word_scores_come_from_the_blend_layers_own_tfidf_and_add_up_to_its_change(classes):
+    """The explanation's TF-IDF is TfidfLogistic's (one place), and matches scikit-learn's formula written out
+    here: (1 + log count) * idf, L2-normalized, times the coefficients; the words' scores add up to p(text) -
+    p(empty text) for the explained class."""
+    rng = np.random.default_rng(0)
+    vocabulary = ["good", "film", "bad", "good film", "bad film"]
+    outputs = 1 if classes == 2 else classes
+    layer = sa.TfidfLogistic(len(vocabulary) + 2, outputs)
+    layer.build(None)
+    idf = np.r_[0, 0, rng.uniform(1, 3, len(vocabulary))].astype(np.float32)
+    coef = rng.normal(size=(len(vocabulary) + 2,) + (() if outputs == 1 else (outputs,))).astype(np.float32)
+    intercept = np.float32(0.3) if outputs == 1 else rng.normal(size=outputs).astype(np.float32)
+    layer.set_weights([idf, coef, intercept])
+    explainer = sa.Explainer(None, None, tuple(f"c{i}" for i in range(classes)), None,
+                             ngram_index={gram: i + 2 for i, gram in enumerate(vocabulary)}, ngram_lengths=2,
+                             tfidf=layer, coef=np.asarray(coef, dtype=np.float64))
+    words, target = ["good", "film", "good", "film", "bad", "plot"], classes - 1
+    scores = sa.baseline_word_scores(explainer, words, target)
+
+    counts = {2: 2, 3: 2, 4: 1, 5: 2}  # good, film, bad, "good film" (twice); "bad film" never, "plot" unknown
+    ids = np.array(list(counts))
+    weights = (1 + np.log([counts[i] for i in ids])) * idf[ids]
+    weights = weights / np.sqrt(np.sum(weights**2))
+
+    def probabilities(logits):
+        return 1 / (1 + np.exp(-logits)) if outputs == 1 else np.exp(logits) / np.exp(logits).sum()
+
+    logits = weights @ coef[ids] + intercept
+    column = 0 if outputs == 1 else target
+    change = (np.atleast_1d(probabilities(logits))[column]
+              - np.atleast_1d(probabilities(np.asarray(intercept, dtype=np.float64)))[column])
+    assert scores.sum() == pytest.approx(change, abs=1e-6)
+    assert scores[5] == 0 and np.count_nonzero(scores[:5]) == 5
+    layer_probabilities = layer(tf.constant([[2, 3, 2, 3, 4, 5, 5]])).numpy()[0]
+    np.testing.assert_allclose(layer_probabilities, np.atleast_1d(probabilities(logits)), rtol=1e-5)

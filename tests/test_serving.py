@@ -230,7 +230,7 @@ def test_blend_explanation_weighs_exact_baseline_terms(blend_dir):
     text = pd.read_csv(TINY_CSV)["reviews"][0]
     words = sentiment_analysis.text_words(text, explainer.standardize)
     baseline = layers["tfidf_logistic"](layers["ngram_ids"](tf.constant([[text]]))).numpy()[0, 0]
-    empty = 1 / (1 + np.exp(-float(explainer.intercept)))
+    empty = 1 / (1 + np.exp(-float(np.asarray(explainer.tfidf.intercept))))
     baseline_scores = sentiment_analysis.baseline_word_scores(explainer, words, 1)
     assert baseline_scores.sum() == pytest.approx(baseline - empty, abs=1e-5)
     assert np.count_nonzero(baseline_scores) > len(words) / 2
