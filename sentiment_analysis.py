@@ -168,7 +168,7 @@ class TrainConfig:
                                   "the unlabelled texts (lstm and gru); both runs lm, then teacher; none ignores "
                                   "unlabelled text; auto chooses teacher when there are unlabelled texts, at least "
                                   "as many as training rows, and a baseline, and else distils for the lstm from "
-                                  "20,000 training rows with a baseline and no blend (README: Unlabelled text)",
+                                  "20,000 training rows with a baseline (README: Unlabelled text)",
                                   choices=("auto", "none", "teacher", "lm", "both"))
     pretrain_epochs: int | None = option(None, "epochs of each pretraining stage (language model, teacher), "
                                          "early stopping aside (default: planned from the number of texts)")
@@ -2974,7 +2974,8 @@ class SemiSupervised:
 
 
 # auto distils (the teacher beside the labels) from this many training rows on, where it measured better than
-# the plain run on validation (all of imdb.csv, seeds 42, 1 and 2); below it the plain run (not measured better).
+# the plain run on validation (all of imdb.csv, seeds 42, 1 and 2; under --preset best's blend too, seed 42);
+# below it the plain run (not measured better).
 AUTO_DISTILLATION_ROWS = SMALL_TRAINING_ROWS
 
 
@@ -2983,8 +2984,8 @@ def choose_semi_supervised(config: TrainConfig, training_rows: int, unlabelled_t
     """--semi-supervised as given, or auto's choice from the sizes (measured on IMDB subsets, see
     docs/RESULTS.md): the teacher when there is unlabelled text, at least as much as labelled training text,
     and a baseline to teach; without that much unlabelled text, for the card's lstm on a large training split
-    (AUTO_DISTILLATION_ROWS) with a baseline and no blend, the teacher beside the labels (distillation); else
-    none, the plain run."""
+    (AUTO_DISTILLATION_ROWS) with a baseline, the teacher beside the labels (distillation; --preset best too);
+    else none, the plain run."""
     if config.semi_supervised in ("teacher", "both"):
         if not unlabelled_texts:
             return SemiSupervised(config.semi_supervised, "as given; no unlabelled text, so the baseline's "
@@ -3003,8 +3004,7 @@ def choose_semi_supervised(config: TrainConfig, training_rows: int, unlabelled_t
                                          "rows")
     few = (f"fewer unlabelled texts ({unlabelled_texts}) than training rows ({training_rows})" if unlabelled_texts
            else "no unlabelled text")
-    if (config.arch == "lstm" and config.blend_weight is None and training_rows >= AUTO_DISTILLATION_ROWS
-            and smallest_class >= TEACHER_FOLDS):
+    if config.arch == "lstm" and training_rows >= AUTO_DISTILLATION_ROWS and smallest_class >= TEACHER_FOLDS:
         return SemiSupervised("teacher", f"auto: {few}, so the baseline's out-of-fold probabilities on the training "
                                          f"split are learned beside the labels ({training_rows} training rows)",
                               distils=True)

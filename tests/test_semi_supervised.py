@@ -85,10 +85,11 @@ def test_auto_distils_the_lstm_on_a_large_training_split_without_enough_unlabell
         chosen = sa.choose_semi_supervised(auto, rows, unlabelled, True, smallest_class=rows // 2)
         assert chosen.method == "teacher" and chosen.distils and "beside the labels" in chosen.reason
     assert not sa.choose_semi_supervised(auto, rows, rows, True).distils  # enough text: the teacher stage
+    best = sa.config_from_args(sa.build_train_parser().parse_args(["--preset", "best"]))
+    assert sa.choose_semi_supervised(best, rows, 0, True, 100).distils  # measured better under the blend too
     for config, rows_, baseline, smallest in ((auto, rows - 1, True, 100), (auto, rows, False, 100),
                                               (auto, rows, True, sa.TEACHER_FOLDS - 1),
                                               (sa.TrainConfig(arch="gru"), rows, True, 100),
-                                              (sa.TrainConfig(blend_weight="auto"), rows, True, 100),
                                               (sa.TrainConfig(semi_supervised="none"), rows, True, 100)):
         assert sa.choose_semi_supervised(config, rows_, 0, baseline, smallest).method == "none", config
     assert sa.choose_semi_supervised(sa.TrainConfig(semi_supervised="none"), 10, 5000, True).method == "none"
