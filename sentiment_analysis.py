@@ -1810,7 +1810,8 @@ def cached_arrays(inputs: PreparedInputs) -> dict[str, np.ndarray]:
 
 def save_inputs_cache(cache_dir: Path, config: TrainConfig, inputs: PreparedInputs, arrays: dict) -> None:
     """The cache, written whole or not at all."""
-    record = {"key": inputs_cache_key(config, len(inputs.unlabelled_ids)), "vocabulary": [str(word) for word in inputs.vocabulary],
+    record = {"key": inputs_cache_key(config, len(inputs.unlabelled_ids)),
+              "vocabulary": [str(word) for word in inputs.vocabulary],
               "truncated_reviews": inputs.truncated_reviews, "embedding_coverage": inputs.embedding_coverage}
     with atomic_directory(cache_dir) as temporary:
         temporary.mkdir(parents=True)
