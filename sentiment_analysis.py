@@ -647,7 +647,10 @@ def find_column(columns, candidates, override: str | None, kind: str, flag: str)
 
 def is_binary(num_classes: int) -> bool:
     """Two classes or more: the one place that decides. Two get a sigmoid whose output is the positive class's
-    probability, decided at DECISION_THRESHOLD; more get a softmax, decided by the most probable class."""
+    probability, decided at DECISION_THRESHOLD; more get a softmax, decided by the most probable class. Every
+    probability the script handles is (reviews, classes) (class_columns makes the sigmoid's two columns), so the
+    question is asked only where the two differ: the positive label, the output layer and its loss, the
+    baseline's coefficients, the decision, the figures and metrics, and predict's columns."""
     return num_classes == 2
 
 
@@ -1447,11 +1450,20 @@ def build_inference_dataset(token_ids, batch_size: int):
     return dataset.apply(tf.data.experimental.assert_cardinality(math.ceil(len(token_ids) / batch_size)))
 
 
+def class_columns(output):
+    """The one place where the card's Dense(1, sigmoid) becomes (reviews, classes): its (reviews, 1) probability
+    of the positive class p becomes the two columns [1 - p, p]; a softmax's output stays as it is. For NumPy
+    arrays and, in a graph (serving, explanations), for tensors alike."""
+    if output.shape[-1] != 1:
+        return output
+    if isinstance(output, np.ndarray):
+        return np.concatenate([1 - output, output], axis=1)
+    return tf.concat([1 - output, output], axis=1)
+
+
 def class_probabilities(model_output) -> np.ndarray:
-    """(reviews, classes) probabilities from a model's output: a sigmoid's (reviews, 1) probability of the
-    positive class p becomes the two columns [1 - p, p]; a softmax's output stays as it is."""
-    output = np.asarray(model_output, dtype=np.float64).reshape(len(model_output), -1)
-    return np.column_stack([1 - output[:, 0], output[:, 0]]) if output.shape[1] == 1 else output
+    """(reviews, classes) float64 probabilities from a model's output (class_columns)."""
+    return class_columns(np.asarray(model_output, dtype=np.float64).reshape(len(model_output), -1))
 
 
 def predict_token_ids(classifier, token_ids, batch_size: int = 512) -> np.ndarray:
@@ -2013,9 +2025,8 @@ def write_saved_model(model, directory: Path, class_names) -> None:
     names = tf.constant(list(class_names))
 
     def serve(texts):
-        probabilities = model(tf.reshape(texts, (-1, 1)), training=False)
-        if is_binary(len(class_names)):  # as class_probabilities does, in the graph
-            probabilities = tf.concat([1 - probabilities, probabilities], axis=1)
+        probabilities = class_columns(model(tf.reshape(texts, (-1, 1)), training=False))
+        if is_binary(len(class_names)):
             predicted = tf.cast(probabilities[:, 1] >= DECISION_THRESHOLD, tf.int32)
         else:
             predicted = tf.argmax(probabilities, axis=1, output_type=tf.int32)
@@ -3825,9 +3836,7 @@ def integrated_gradients_function(probabilities_from_vectors):
         path = alphas * vectors[None]  # (steps + 1, tokens, dimensions)
         with tf.GradientTape() as tape:
             tape.watch(path)
-            probabilities = probabilities_from_vectors(path)
-            # A sigmoid's single column is the positive class's probability.
-            chosen = probabilities[:, 0] if probabilities.shape[-1] == 1 else probabilities[:, target]
+            chosen = class_columns(probabilities_from_vectors(path))[:, target]
         gradients = tape.gradient(chosen, path)
         average = tf.reduce_mean((gradients[:-1] + gradients[1:]) / 2, axis=0)  # trapezoidal rule
         return tf.reduce_sum(average * vectors, axis=-1)
@@ -3916,11 +3925,10 @@ def baseline_word_scores(explainer: Explainer, words: list[str], target: int) ->
     _, ngram, weights, norms = explainer.tfidf.ngram_weights(text)                        # as it occurs
     weight_of = dict(zip(ngram.numpy().tolist(), weights.numpy().astype(np.float64)))
     weights = np.array([weight_of[index] for index in ids.tolist()]) / max(float(norms[0]), 1e-12)
-    probabilities, empty = (np.asarray(explainer.tfidf(row), dtype=np.float64)[0]
-                            for row in (text, tf.zeros((1, 1), tf.int64)))
-    coef = explainer.coef[ids]
+    probabilities, empty = (class_probabilities(explainer.tfidf(row))[0] for row in (text, tf.zeros((1, 1), tf.int64)))
+    coef = explainer.coef[ids]  # scikit-learn keeps one row of coefficients for two classes
     terms = weights * (coef if coef.ndim == 1 else coef[:, target] - coef.mean(axis=1))
-    change = probabilities[0 if coef.ndim == 1 else target] - empty[0 if coef.ndim == 1 else target]
+    change = probabilities[target] - empty[target]
     scale = float(change / terms.sum()) if abs(terms.sum()) > 1e-12 else 0.0
     for index, term, starts in zip(ids, terms, places.values()):
         length = lengths[index]
