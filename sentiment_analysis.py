@@ -782,13 +782,6 @@ def data_digest(config: TrainConfig) -> str:
     return digest.hexdigest()
 
 
-def training_fingerprint(config: TrainConfig) -> dict:
-    """The settings that shape training and a digest of the data's bytes, which a resumed run must share with
-    the run that saved the state (and its cache of token ids)."""
-    return {**{spec.name: getattr(config, spec.name) for spec in dataclasses.fields(config)
-               if spec.metadata["shapes_training"]}, "data_digest": data_digest(config)}
-
-
 def read_data_files(files: list[Path], sep: str | None, max_rows: int | None) -> pd.DataFrame:
     """The rows of every file of --data as one table (the first max_rows of them); each file is checked and
     decoded on its own, and all must have the same columns as the first."""
@@ -1300,7 +1293,7 @@ def load_bert_checkpoint(preset: str) -> BertCheckpoint:
     return checkpoint
 
 
-def fit_max_length_to_bert(config: TrainConfig) -> TrainConfig:
+def fit_max_length_to_bert(config: TrainConfig) -> int:
     """--max-length within the checkpoint's position table: BERT's default length is cut to the table, with a
     line that says so; a longer length given on purpose is a one-line error naming both numbers."""
     checkpoint = load_bert_checkpoint(config.bert_preset)
@@ -1309,49 +1302,49 @@ def fit_max_length_to_bert(config: TrainConfig) -> TrainConfig:
           f"positions, a vocabulary of {len(checkpoint.vocabulary)} pieces"
           f"{', lowercased' if checkpoint.lowercase else ''}")
     if config.max_length <= checkpoint.positions:
-        return config
+        return config.max_length
     if config.max_length == ARCH_DEFAULTS["bert"]["max_length"]:
         print(f"Note: the checkpoint has {checkpoint.positions} positions, fewer than BERT's default --max-length "
               f"{config.max_length}: texts are cut to {checkpoint.positions} tokens")
-        return dataclasses.replace(config, max_length=checkpoint.positions)
+        return checkpoint.positions
     raise UserError(f"--max-length {config.max_length} is longer than the {checkpoint.positions} positions of the "
                     f"BERT checkpoint {config.bert_preset}: give --max-length {checkpoint.positions} or less")
 
 
-def word_vectorizer(config: TrainConfig):
-    return layers.TextVectorization(max_tokens=config.vocab_size, standardize=standardize_text,
-                                    output_sequence_length=config.max_length, name="vectorizer")
+def word_vectorizer(vocab_size: int, max_length: int):
+    return layers.TextVectorization(max_tokens=vocab_size, standardize=standardize_text,
+                                    output_sequence_length=max_length, name="vectorizer")
 
 
-def build_vectorizer(texts, config: TrainConfig):
+def build_vectorizer(texts, config: TrainConfig, max_length: int):
     """The tokenizer, learned on the training texts, as a layer from strings to token ids that pads or cuts
-    every review to max_length: a TextVectorization of the --vocab-size most frequent words, or with
+    every review to max_length (the run's, Derived): a TextVectorization of the --vocab-size most frequent words, or with
     --tokenizer wordpiece a WordPiece vocabulary of about --vocab-size subword pieces."""
 
     if config.arch == "bert":
         checkpoint = load_bert_checkpoint(config.bert_preset)
-        return BertVectorizer(checkpoint.vocabulary, config.max_length, checkpoint.lowercase,
+        return BertVectorizer(checkpoint.vocabulary, max_length, checkpoint.lowercase,
                               checkpoint.strip_accents, name="vectorizer")
     if config.tokenizer == "word":
-        vectorizer = word_vectorizer(config)
+        vectorizer = word_vectorizer(config.vocab_size, max_length)
         vectorizer.adapt(text_dataset(texts))
         return vectorizer
     print("Learning a WordPiece vocabulary on the training split ...")
     vocabulary = keras_hub.tokenizers.compute_word_piece_vocabulary(
         text_dataset(texts).unbatch().map(WordPieceVectorizer.standardize), config.vocab_size, lowercase=False,
         strip_accents=False, reserved_tokens=["[PAD]", "[UNK]"])
-    return WordPieceVectorizer(vocabulary, config.max_length, name="vectorizer")
+    return WordPieceVectorizer(vocabulary, max_length, name="vectorizer")
 
 
-def vectorizer_of(vocabulary: list[str], config: TrainConfig):
+def vectorizer_of(vocabulary: list[str], config: TrainConfig, max_length: int):
     """The vectorizer build_vectorizer learned, made again from its vocabulary (for the cache of token ids)."""
     if config.arch == "bert":
-        return build_vectorizer([], config)
+        return build_vectorizer([], config, max_length)
     if config.tokenizer == "word":
-        vectorizer = word_vectorizer(config)
+        vectorizer = word_vectorizer(config.vocab_size, max_length)
         vectorizer.set_vocabulary(vocabulary)
         return vectorizer
-    return WordPieceVectorizer(vocabulary, config.max_length, name="vectorizer")
+    return WordPieceVectorizer(vocabulary, max_length, name="vectorizer")
 
 
 def vectorize(vectorizer, texts) -> np.ndarray:
@@ -1431,10 +1424,10 @@ def build_training_dataset(token_ids, labels, batch_size: int, max_length: int, 
         tf.data.AUTOTUNE)
 
 
-def epoch_batches(token_ids, labels, global_batch_size: int, config: TrainConfig, several: bool):
+def epoch_batches(token_ids, labels, global_batch_size: int, seed: int, several: bool):
     """epoch -> that epoch's training batches, shuffled with a seed of its own (so a resumed run sees the same)."""
-    return lambda epoch: build_training_dataset(token_ids, labels, global_batch_size, config.max_length,
-                                                config.seed + epoch, several)
+    return lambda epoch: build_training_dataset(token_ids, labels, global_batch_size, token_ids.shape[1],
+                                                seed + epoch, several)
 
 
 def build_inference_dataset(token_ids, batch_size: int):
@@ -1519,12 +1512,12 @@ def word_vector_file_dimension(path: Path) -> int:
     return len(first) - 1
 
 
-def fetch_word_vectors(config: TrainConfig) -> TrainConfig:
+def fetch_word_vectors(name: str) -> str:
     """--embeddings NAME (no such file): the word-vector file of that name from gensim's downloader, which fetches
-    it once from the internet and keeps it in ~/gensim-data (GENSIM_DATA_DIR); the config then names that file."""
-    name = config.embeddings
+    it once from the internet and keeps it in ~/gensim-data (GENSIM_DATA_DIR), as a path; a file or a method
+    (word2vec, random) as it is."""
     if name in EMBEDDING_METHODS or Path(name).is_file():
-        return config
+        return name
     print(f"Word vectors {name}: from gensim's downloader (fetched once, then kept in {gensim.downloader.BASE_DIR})")
     try:
         path = gensim.downloader.load(name, return_path=True)
@@ -1536,21 +1529,49 @@ def fetch_word_vectors(config: TrainConfig) -> TrainConfig:
                         f"{one_line(error, 120)}); download the vectors and give the file instead") from None
     if not Path(path).is_file():
         raise UserError(f"--embeddings {name}: gensim's downloader gave no file ({path})")
-    return dataclasses.replace(config, embeddings=str(path))
+    return str(path)
 
 
-def resolve_embedding_dim(config: TrainConfig) -> TrainConfig:
-    """The config with its embedding size settled: a word-vector file's own, else --embedding-dim or 128."""
-    if config.embeddings in EMBEDDING_METHODS:
-        return dataclasses.replace(config, embedding_dim=config.embedding_dim or DEFAULT_EMBEDDING_DIM)
-    size = word_vector_file_dimension(Path(config.embeddings))
-    if config.embedding_dim not in (None, size):
-        raise UserError(f"--embedding-dim {config.embedding_dim} conflicts with the vectors of {config.embeddings}, "
+def resolve_embedding_dim(embedding_dim: int | None, embeddings: str) -> int:
+    """The embedding's size: a word-vector file's own, else --embedding-dim or 128."""
+    if embeddings in EMBEDDING_METHODS:
+        return embedding_dim or DEFAULT_EMBEDDING_DIM
+    size = word_vector_file_dimension(Path(embeddings))
+    if embedding_dim not in (None, size):
+        raise UserError(f"--embedding-dim {embedding_dim} conflicts with the vectors of {embeddings}, "
                         f"which have {size} dimensions (leave --embedding-dim out)")
-    return dataclasses.replace(config, embedding_dim=size)
+    return size
 
 
-def word2vec_matrix(token_ids, vocabulary: list[str], config: TrainConfig, epochs: int = 5) -> np.ndarray:
+@dataclass(frozen=True)
+class Derived:
+    """What the run works out from the flags before it reads any data, kept apart from what the user gave
+    (TrainConfig, never rebound). The training plan, worked out from the data, is TrainingPlan."""
+    embeddings: str     # --embeddings, a downloader's name replaced by the file it fetched
+    embedding_dim: int  # the embedding's size: a word-vector file's own, else --embedding-dim or 128
+    max_length: int     # the length texts are padded or cut to: --max-length, within a BERT checkpoint's positions
+
+    @classmethod
+    def of(cls, config: TrainConfig) -> "Derived":
+        embeddings = fetch_word_vectors(config.embeddings)
+        return cls(embeddings, resolve_embedding_dim(config.embedding_dim, embeddings),
+                   fit_max_length_to_bert(config) if config.arch == "bert" else config.max_length)
+
+
+def run_settings(config: TrainConfig, derived: Derived) -> dict:
+    """The flags with the derived values in their place: what metrics.json and the saved model record."""
+    return {**dataclasses.asdict(config), **dataclasses.asdict(derived)}
+
+
+def training_fingerprint(config: TrainConfig, derived: Derived) -> dict:
+    """The settings that shape training (the derived values in place of the flags) and a digest of the data's
+    bytes, which a resumed run must share with the run that saved the state (and its cache of token ids)."""
+    settings = run_settings(config, derived)
+    return {**{spec.name: settings[spec.name] for spec in dataclasses.fields(config)
+               if spec.metadata["shapes_training"]}, "data_digest": data_digest(config)}
+
+
+def word2vec_matrix(token_ids, vocabulary: list[str], embedding_dim: int, seed: int, epochs: int = 5) -> np.ndarray:
     """Train gensim Word2Vec (`epochs` passes) on the training reviews and return it as an embedding matrix for
     `vocabulary`."""
 
@@ -1567,11 +1588,11 @@ def word2vec_matrix(token_ids, vocabulary: list[str], config: TrainConfig, epoch
             progress(self.done)
 
     # One worker thread and a hash that does not change between Python processes make it repeatable.
-    model = Word2Vec(sentences, vector_size=config.embedding_dim, window=5, min_count=1, sg=0, epochs=epochs,
-                     seed=config.seed, workers=1, hashfxn=stable_hash, callbacks=[Passes()])
+    model = Word2Vec(sentences, vector_size=embedding_dim, window=5, min_count=1, sg=0, epochs=epochs,
+                     seed=seed, workers=1, hashfxn=stable_hash, callbacks=[Passes()])
     progress.close()
-    rng = np.random.default_rng(config.seed)
-    matrix = rng.normal(0, 0.05, size=(len(vocabulary), config.embedding_dim)).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    matrix = rng.normal(0, 0.05, size=(len(vocabulary), embedding_dim)).astype(np.float32)
     matrix[0] = 0.0
     for index, word in enumerate(vocabulary):
         if index > 1 and word in model.wv:
@@ -1658,10 +1679,11 @@ class TrainingPlan:
                 "word2vec_epochs": self.word2vec_epochs, "plan": self.reason}
 
 
-def plan_training(config: TrainConfig, lengths: np.ndarray, replicas: int, other_tokens: int = 0) -> TrainingPlan:
+def plan_training(config: TrainConfig, lengths: np.ndarray, replicas: int, max_length: int,
+                  other_tokens: int = 0) -> TrainingPlan:
     """The batch size, epochs, patience and Word2Vec passes of a run on training reviews of these token counts
-    (and `other_tokens` of unlabelled text that Word2Vec also learns from): the values given as flags, and for the
-    rest the rule above. (Several replicas take --batch-size each.)"""
+    (padded or cut to max_length; and `other_tokens` of unlabelled text that Word2Vec also learns from): the values
+    given as flags, and for the rest the rule above. (Several replicas take --batch-size each.)"""
     rows, notes = len(lengths), []
     batch_size = config.batch_size
     if batch_size is None:
@@ -1669,7 +1691,7 @@ def plan_training(config: TrainConfig, lengths: np.ndarray, replicas: int, other
         if batch_size != BATCH_SIZE:
             notes.append(f"batches of {batch_size} for {rows} training reviews (fewer than {SMALL_TRAINING_ROWS})")
     global_batch = batch_size * replicas
-    steps = count_batches(lengths, global_batch, bucket_boundaries(config.max_length, rows, global_batch))
+    steps = count_batches(lengths, global_batch, bucket_boundaries(max_length, rows, global_batch))
     epochs = config.epochs
     if epochs is None:
         epochs = min(MAX_PLANNED_EPOCHS, max(config.min_epochs, math.ceil(MIN_STEPS / steps)))
@@ -1732,32 +1754,31 @@ def unsplit_texts(token_ids: np.ndarray) -> int:
     return int(np.all(lonely, axis=1).sum())
 
 
-def check_texts_split(train_ids: np.ndarray, config: TrainConfig) -> None:
+def check_texts_split(train_ids: np.ndarray, tokenizer: str) -> None:
     """Stop before training when most training texts were not split into tokens: such a model learns chance."""
     unsplit = unsplit_texts(train_ids)
     if unsplit > len(train_ids) / 2:
         hint = ("try --tokenizer wordpiece, whose pieces split Chinese characters and long words"
-                if config.tokenizer == "word" else "split the text into words (with spaces) before training")
+                if tokenizer == "word" else "split the text into words (with spaces) before training")
         raise UserError(f"{unsplit} of {len(train_ids)} training texts are one or two tokens that no other text "
                         f"shares: text without spaces between words (Chinese, Japanese, Thai) is read as one word "
                         f"per sentence, and a model of such words learns nothing; {hint}")
 
 
-def starting_embedding(config: TrainConfig, train_ids: np.ndarray, unlabelled_ids: np.ndarray, vocabulary: list[str],
-                       plan: TrainingPlan):
+def starting_embedding(derived: Derived, seed: int, train_ids: np.ndarray, unlabelled_ids: np.ndarray,
+                       vocabulary: list[str], plan: TrainingPlan):
     """The embedding's starting weights and, from a word-vector file, how much of the text it covers: Word2Vec
     trained on the training split and the unlabelled text (--embeddings word2vec), the file's vectors, or
     (None, None) for random."""
-    if config.embeddings == "word2vec":
+    if derived.embeddings == "word2vec":
         also = f" and {len(unlabelled_ids)} unlabelled texts" if len(unlabelled_ids) else ""
         print(f"Training Word2Vec on the training split{also} ({plan.word2vec_epochs} passes) ...")
         all_ids = np.concatenate([train_ids, unlabelled_ids]) if len(unlabelled_ids) else train_ids
-        return word2vec_matrix(all_ids, vocabulary, config, plan.word2vec_epochs), None
-    if config.embeddings == "random":
+        return word2vec_matrix(all_ids, vocabulary, derived.embedding_dim, seed, plan.word2vec_epochs), None
+    if derived.embeddings == "random":
         return None, None
-    print(f"Reading word vectors from {config.embeddings} ...")
-    matrix, coverage = pretrained_matrix(load_word_vectors(Path(config.embeddings)), train_ids, vocabulary,
-                                         config.seed)
+    print(f"Reading word vectors from {derived.embeddings} ...")
+    matrix, coverage = pretrained_matrix(load_word_vectors(Path(derived.embeddings)), train_ids, vocabulary, seed)
     print(f"The file covers {coverage['vocabulary_covered']:.1%} of the vocabulary and "
           f"{coverage['training_tokens_covered']:.1%} of the training tokens; the rest start random")
     return matrix, coverage
@@ -1771,13 +1792,13 @@ def balanced_class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return weights
 
 
-def small_data_notes(config: TrainConfig, training_rows: int, unlabelled_texts: int = 0) -> list[str]:
+def small_data_notes(arch: str, embeddings: str, training_rows: int, unlabelled_texts: int = 0) -> list[str]:
     """Advice for a small training split whose embedding starts from nothing pretrained (Word2Vec learns from the
     unlabelled texts too, so they count for it)."""
-    texts = training_rows + (unlabelled_texts if config.embeddings == "word2vec" else 0)
-    if config.embeddings not in EMBEDDING_METHODS or texts >= SMALL_TRAINING_ROWS or config.arch == "bert":
+    texts = training_rows + (unlabelled_texts if embeddings == "word2vec" else 0)
+    if embeddings not in EMBEDDING_METHODS or texts >= SMALL_TRAINING_ROWS or arch == "bert":
         return []
-    start = "Word2Vec vectors learned on" if config.embeddings == "word2vec" else "random vectors, with"
+    start = "Word2Vec vectors learned on" if embeddings == "word2vec" else "random vectors, with"
     what = f"{texts} texts" if texts > training_rows else f"{training_rows} training texts"
     return [f"Small data: the embedding starts from {start} only {what}. Pretrained word "
             "vectors help most here: --embeddings glove-wiki-gigaword-100 (gensim downloads it once), or "
@@ -1803,8 +1824,8 @@ def padded_ids(tokens: np.ndarray, lengths: np.ndarray, max_length: int) -> np.n
     return ids
 
 
-def inputs_cache_key(config: TrainConfig, unlabelled_texts: int) -> dict:
-    return {**training_fingerprint(config), "unlabelled_texts": unlabelled_texts}
+def inputs_cache_key(fingerprint: dict, unlabelled_texts: int) -> dict:
+    return {**fingerprint, "unlabelled_texts": unlabelled_texts}
 
 
 def cached_arrays(inputs: PreparedInputs) -> dict[str, np.ndarray]:
@@ -1820,9 +1841,9 @@ def cached_arrays(inputs: PreparedInputs) -> dict[str, np.ndarray]:
     return arrays
 
 
-def save_inputs_cache(cache_dir: Path, config: TrainConfig, inputs: PreparedInputs, arrays: dict) -> None:
-    """The cache, written whole or not at all."""
-    record = {"key": inputs_cache_key(config, len(inputs.unlabelled_ids)),
+def save_inputs_cache(cache_dir: Path, fingerprint: dict, inputs: PreparedInputs, arrays: dict) -> None:
+    """The cache, written whole or not at all, keyed on the run's training_fingerprint."""
+    record = {"key": inputs_cache_key(fingerprint, len(inputs.unlabelled_ids)),
               "vocabulary": [str(word) for word in inputs.vocabulary],
               "truncated_reviews": inputs.truncated_reviews, "embedding_coverage": inputs.embedding_coverage}
     with atomic_directory(cache_dir) as temporary:
@@ -1853,7 +1874,7 @@ def load_inputs_cache(cache_dir: Path, key: dict, max_length: int) -> dict | Non
             "embedding_coverage": record["embedding_coverage"]}
 
 
-def prepare_inputs(splits: DataSplits, config: TrainConfig, replicas: int, num_classes: int,
+def prepare_inputs(splits: DataSplits, config: TrainConfig, derived: Derived, replicas: int, num_classes: int,
                    unlabelled_texts: np.ndarray | None = None, cache_dir: Path | None = None) -> PreparedInputs:
     """Everything training needs from the text: the tokenizer (learned on the training split and the unlabelled
     texts given, never on validation or test texts) and the token ids of each split and of the unlabelled
@@ -1862,40 +1883,43 @@ def prepare_inputs(splits: DataSplits, config: TrainConfig, replicas: int, num_c
     (save_inputs_cache) are reused when the data and settings are the same."""
     if unlabelled_texts is None:
         unlabelled_texts = np.array([], dtype=object)
-    cached = (load_inputs_cache(cache_dir, inputs_cache_key(config, len(unlabelled_texts)), config.max_length)
-              if cache_dir else None)
+    max_length = derived.max_length
+    key = inputs_cache_key(training_fingerprint(config, derived), len(unlabelled_texts))
+    cached = load_inputs_cache(cache_dir, key, max_length) if cache_dir else None
     if cached:
         vocabulary = cached["vocabulary"]
-        vectorizer = vectorizer_of(vocabulary, config)
+        vectorizer = vectorizer_of(vocabulary, config, max_length)
         train_ids, validation_ids, test_ids, unlabelled_ids = (cached[name] for name in CACHED_IDS)
     else:
-        vectorizer = build_vectorizer(np.concatenate([splits.train.texts, unlabelled_texts]), config)
+        vectorizer = build_vectorizer(np.concatenate([splits.train.texts, unlabelled_texts]), config, max_length)
         vocabulary = vectorizer.get_vocabulary()
         train_ids, validation_ids, test_ids = (vectorize(vectorizer, part.texts)
                                                for part in (splits.train, splits.validation, splits.test))
         unlabelled_ids = (vectorize(vectorizer, unlabelled_texts) if len(unlabelled_texts)
-                          else np.zeros((0, config.max_length), dtype=np.int32))
-    check_texts_split(train_ids, config)
-    plan = plan_training(config, review_lengths(train_ids), replicas, int(review_lengths(unlabelled_ids).sum()))
+                          else np.zeros((0, max_length), dtype=np.int32))
+    check_texts_split(train_ids, config.tokenizer)
+    plan = plan_training(config, review_lengths(train_ids), replicas, max_length,
+                         int(review_lengths(unlabelled_ids).sum()))
     global_batch_size, several = plan.batch_size * replicas, replicas > 1
     validation_batches = build_training_dataset(validation_ids, splits.validation.labels, global_batch_size,
-                                                config.max_length, None, pad_to_full_batches=several)
+                                                max_length, None, pad_to_full_batches=several)
 
-    training_batches = epoch_batches(train_ids, splits.train.labels, global_batch_size, config, several)
+    training_batches = epoch_batches(train_ids, splits.train.labels, global_batch_size, config.seed, several)
     if cached:
         embedding_matrix, coverage = cached["embedding_matrix"], cached["embedding_coverage"]
         truncated = cached["truncated_reviews"]
     else:
-        embedding_matrix, coverage = starting_embedding(config, train_ids, unlabelled_ids, vocabulary, plan)
-        truncated = sum(count_truncated(vectorizer, part.texts, config.max_length)
+        embedding_matrix, coverage = starting_embedding(derived, config.seed, train_ids, unlabelled_ids, vocabulary,
+                                                        plan)
+        truncated = sum(count_truncated(vectorizer, part.texts, max_length)
                         for part in (splits.train, splits.validation, splits.test))
     class_weights = (balanced_class_weights(splits.train.labels, num_classes)
                      if config.class_weight == "balanced" else None)
     unit = "words" if config.tokenizer == "word" and config.arch != "bert" else "pieces"
-    print(f"Vocabulary {len(vocabulary)} {unit}; {truncated} reviews longer than {config.max_length} tokens are cut")
+    print(f"Vocabulary {len(vocabulary)} {unit}; {truncated} reviews longer than {max_length} tokens are cut")
     print(f"Plan: {plan.epochs} epochs of {plan.steps_per_epoch} batches of {plan.batch_size} ({plan.planned_steps} "
           f"steps), patience {plan.patience} ({plan.reason})")
-    notes = small_data_notes(config, len(train_ids), len(unlabelled_ids))
+    notes = small_data_notes(config.arch, derived.embeddings, len(train_ids), len(unlabelled_ids))
     for note in notes:
         print(f"Note: {note}")
     return PreparedInputs(vectorizer, vocabulary, train_ids, validation_ids, test_ids, unlabelled_ids, plan,
@@ -1921,13 +1945,13 @@ def output_layer(num_classes: int):
     return layers.Dense(num_classes, activation="softmax", dtype="float32", name=OUTPUT_LAYER)
 
 
-def build_recurrent_classifier(config: TrainConfig, vocab_size: int, num_classes: int):
+def build_recurrent_classifier(config: TrainConfig, vocab_size: int, num_classes: int, embedding_dim: int):
     """Embedding -> SpatialDropout1D -> recurrent layer(s) (LSTM, Bidirectional LSTM or GRU) -> the output
     layer, on token ids (0 is padding)."""
     recurrent = layers.GRU if config.arch == "gru" else layers.LSTM
     inputs = keras.Input(shape=(None,), dtype="int32", name="token_ids")
     # mask_zero lets the recurrent layer skip the right padding (and keeps cuDNN usable on a GPU).
-    x = layers.Embedding(vocab_size, config.embedding_dim, mask_zero=True, name=EMBEDDING_LAYER)(inputs)
+    x = layers.Embedding(vocab_size, embedding_dim, mask_zero=True, name=EMBEDDING_LAYER)(inputs)
     x = layers.SpatialDropout1D(config.spatial_dropout)(x)
     for index in range(config.layers):
         layer = recurrent(config.units, return_sequences=index < config.layers - 1)
@@ -1935,9 +1959,10 @@ def build_recurrent_classifier(config: TrainConfig, vocab_size: int, num_classes
     return keras.Model(inputs, output_layer(num_classes)(x), name=config.arch + CLASSIFIER_SUFFIX)
 
 
-def build_bert_classifier(config: TrainConfig, vocab_size: int, num_classes: int):
+def build_bert_classifier(config: TrainConfig, vocab_size: int, num_classes: int, embedding_dim: int):
     """A pretrained BERT backbone on token ids ([CLS] ... [SEP], then 0 padding), its pooled [CLS] output ->
-    Dropout(0.1) -> the output layer (KerasHub's BertTextClassifier's head). The vocabulary is the checkpoint's."""
+    Dropout(0.1) -> the output layer (KerasHub's BertTextClassifier's head). The vocabulary and the embedding's
+    size are the checkpoint's."""
     try:
         backbone = keras_hub.models.BertBackbone.from_preset(config.bert_preset, name="bert_backbone")
     except Exception as error:  # e.g. a weights file that does not match its config
@@ -1950,15 +1975,19 @@ def build_bert_classifier(config: TrainConfig, vocab_size: int, num_classes: int
     return keras.Model(token_ids, output_layer(num_classes)(x), name="bert" + CLASSIFIER_SUFFIX)
 
 
-# Every --arch choice and the function that builds it. A new model is one such function (from token ids to
-# the output layer, its token embedding named EMBEDDING_LAYER) and its name here and in TrainConfig.arch.
+# Every --arch choice and the function that builds it. A new model is one such function (config, vocabulary
+# size, classes, embedding size -> a model from token ids to the output layer, its token embedding named
+# EMBEDDING_LAYER) and its name here and in TrainConfig.arch.
 ARCHITECTURES = {"lstm": build_recurrent_classifier, "bilstm": build_recurrent_classifier,
                  "gru": build_recurrent_classifier, "bert": build_bert_classifier}
 
 
-def build_classifier(config: TrainConfig, vocab_size: int, num_classes: int = 2):
-    """The --arch model on token ids, checked for the layer names the explanations and the report rely on."""
-    classifier = ARCHITECTURES[config.arch](config, vocab_size, num_classes)
+def build_classifier(config: TrainConfig, vocab_size: int, num_classes: int = 2, embedding_dim: int | None = None):
+    """The --arch model on token ids, checked for the layer names the explanations and the report rely on. The
+    embedding's size is the run's (Derived), by default --embedding-dim or a word-vector file's own."""
+    if embedding_dim is None:
+        embedding_dim = resolve_embedding_dim(config.embedding_dim, config.embeddings)
+    classifier = ARCHITECTURES[config.arch](config, vocab_size, num_classes, embedding_dim)
     names = {layer.name for layer in classifier.layers}
     has_embedding = EMBEDDING_LAYER in names or any(hasattr(layer, "token_embedding") for layer in classifier.layers)
     if OUTPUT_LAYER not in names or not has_embedding or not classifier.name.endswith(CLASSIFIER_SUFFIX):
@@ -1982,11 +2011,12 @@ def build_optimizer(config: TrainConfig, plan: TrainingPlan):
     return optimizer
 
 
-def build_model_and_optimizer(config: TrainConfig, inputs: PreparedInputs, num_classes: int, strategy):
+def build_model_and_optimizer(config: TrainConfig, inputs: PreparedInputs, num_classes: int, strategy,
+                              embedding_dim: int):
     """The classifier with its starting embedding, and its optimizer, with their variables on the strategy's
     devices."""
     with strategy.scope():
-        classifier = build_classifier(config, len(inputs.vocabulary), num_classes)
+        classifier = build_classifier(config, len(inputs.vocabulary), num_classes, embedding_dim)
         if inputs.embedding_matrix is not None:
             classifier.get_layer(EMBEDDING_LAYER).set_weights([inputs.embedding_matrix])
         optimizer = build_optimizer(config, inputs.plan)
@@ -2000,10 +2030,10 @@ def count_classes(classifier) -> int:
     return max(2, classifier.get_layer(OUTPUT_LAYER).units)
 
 
-def local_copy(classifier, config: TrainConfig, vocab_size: int):
+def local_copy(classifier, config: TrainConfig, vocab_size: int, embedding_dim: int):
     """The trained classifier with plain variables on this machine, outside any distribution strategy: for
     scoring and saving, on the chief alone."""
-    copy = build_classifier(config, vocab_size, count_classes(classifier))
+    copy = build_classifier(config, vocab_size, count_classes(classifier), embedding_dim)
     copy.set_weights(classifier.get_weights())
     return copy
 
@@ -2831,12 +2861,12 @@ class TrainingResult:
                 "interrupted": self.interrupted, "resumed_after_epoch": self.resumed_after_epoch}
 
 
-def restore_training_state(classifier, optimizer, saved: TrainingState | None, config: TrainConfig,
+def restore_training_state(classifier, optimizer, saved: TrainingState | None, fingerprint: dict,
                            state_dir: Path) -> TrainingState:
     """The state to train from: a saved one, its values put back into the model's and the optimizer's
     variables (Adam's moments, the step count, the dropout seed state), or a new one."""
     if saved is None:
-        return TrainingState(fingerprint=training_fingerprint(config))
+        return TrainingState(fingerprint=fingerprint)
     for variable, value in zip(classifier.variables + optimizer.variables, saved.variable_values):
         variable.assign(value)
     where = (f"in epoch {saved.epoch + 1} after batch {saved.epoch_progress['batches']}" if saved.epoch_progress
@@ -3079,7 +3109,7 @@ def distillation_inputs(inputs: PreparedInputs, targets: np.ndarray, config: Tra
         print(f"Plan for the distilled targets: {said} ({DISTILLATION_EPOCH_SCALE:g}x the planned "
               + " and ".join(f"{getattr(inputs.plan, name)}" for name in scaled) + ")")
     return dataclasses.replace(inputs, plan=plan, training_batches=epoch_batches(
-        inputs.train_ids, targets, global_batch_size, config, replicas > 1))
+        inputs.train_ids, targets, global_batch_size, config.seed, replicas > 1))
 
 
 def teacher_inputs(inputs: PreparedInputs, targets: np.ndarray, config: TrainConfig, replicas: int) -> PreparedInputs:
@@ -3088,16 +3118,17 @@ def teacher_inputs(inputs: PreparedInputs, targets: np.ndarray, config: TrainCon
     validation split (true labels) for early stopping, and no class weights."""
     stage_config = dataclasses.replace(config, epochs=config.pretrain_epochs, min_epochs=TEACHER_MIN_EPOCHS,
                                        patience=None, embeddings="random")
-    plan = plan_training(stage_config, review_lengths(inputs.unlabelled_ids), replicas)
-    training_batches = epoch_batches(inputs.unlabelled_ids, targets, plan.batch_size * replicas, config, replicas > 1)
+    plan = plan_training(stage_config, review_lengths(inputs.unlabelled_ids), replicas, inputs.train_ids.shape[1])
+    training_batches = epoch_batches(inputs.unlabelled_ids, targets, plan.batch_size * replicas, config.seed,
+                                     replicas > 1)
     return dataclasses.replace(inputs, plan=plan, training_batches=training_batches, class_weights=None)
 
-def train_stage(model, optimizer, strategy, stage: PreparedInputs, config: TrainConfig, state_dir: Path,
+def train_stage(model, optimizer, strategy, stage: PreparedInputs, fingerprint: dict, state_dir: Path,
                 multi_worker: bool, log_dir: Path | None, steps: Steps | None = None):
     """A pretraining stage through the training loop, from its state saved in `state_dir` if any (the same
-    command resumes it): (its TrainingResult, its seconds, its final TrainingState)."""
-    saved = TrainingState.load(state_dir, training_fingerprint(config))
-    state = restore_training_state(model, optimizer, saved, config, state_dir)
+    command resumes it; `fingerprint` is the run's): (its TrainingResult, its seconds, its final TrainingState)."""
+    saved = TrainingState.load(state_dir, fingerprint)
+    state = restore_training_state(model, optimizer, saved, fingerprint, state_dir)
     if multi_worker:
         check_workers_agree(strategy, state.epoch)
     started = time.perf_counter()
@@ -3122,11 +3153,11 @@ class LanguageModel(keras.Model):
     step's state, and a next-word output layer (a weight and a bias per word) under them. Called on token ids,
     it returns the states; the loss steps apply the output layer (sampled or full)."""
 
-    def __init__(self, config: TrainConfig, vocab_size: int):
+    def __init__(self, config: TrainConfig, vocab_size: int, embedding_dim: int):
         super().__init__(name="language_model")
         recurrent = layers.GRU if config.arch == "gru" else layers.LSTM
         self.vocab_size = vocab_size
-        self.embedding = layers.Embedding(vocab_size, config.embedding_dim, mask_zero=True)
+        self.embedding = layers.Embedding(vocab_size, embedding_dim, mask_zero=True)
         self.dropout = layers.SpatialDropout1D(config.spatial_dropout)
         self.recurrent = [recurrent(config.units, return_sequences=True) for _ in range(config.layers)]
         self.next_word_kernel = self.add_weight(shape=(vocab_size, config.units), initializer="glorot_uniform",
@@ -3253,22 +3284,22 @@ def language_model_inputs(inputs: PreparedInputs, config: TrainConfig,
     no_labels = np.zeros(len(texts), dtype=np.float32)
     stage_config = dataclasses.replace(config, epochs=config.pretrain_epochs, min_epochs=LM_MIN_EPOCHS,
                                        patience=None, embeddings="random")
-    lengths = review_lengths(texts)
-    plan = plan_training(stage_config, lengths, replicas)
+    lengths, max_length = review_lengths(texts), inputs.train_ids.shape[1]
+    plan = plan_training(stage_config, lengths, replicas, max_length)
     held_out = held_out_ids(inputs.validation_ids)
     record = LanguageModelStage(len(texts), int(lengths.sum()), int(review_lengths(held_out).sum()))
     validation_batches = build_training_dataset(held_out, np.zeros(len(held_out), dtype=np.float32),
-                                                LM_HELD_OUT_BATCH * replicas, config.max_length, None, replicas > 1)
+                                                LM_HELD_OUT_BATCH * replicas, max_length, None, replicas > 1)
 
-    training_batches = epoch_batches(texts, no_labels, plan.batch_size * replicas, config, replicas > 1)
+    training_batches = epoch_batches(texts, no_labels, plan.batch_size * replicas, config.seed, replicas > 1)
     stage = dataclasses.replace(inputs, plan=plan, training_batches=training_batches, class_weights=None,
                                 validation_batches=validation_batches,
                                 validation_steps=int(validation_batches.cardinality()))
     return stage, record
 
 
-def learn_language_model(classifier, strategy, inputs: PreparedInputs, config: TrainConfig, state_dir: Path,
-                         multi_worker: bool, log_dir: Path | None) -> LanguageModelStage:
+def learn_language_model(classifier, strategy, inputs: PreparedInputs, config: TrainConfig, fingerprint: dict,
+                         state_dir: Path, multi_worker: bool, log_dir: Path | None) -> LanguageModelStage:
     """The language-model stage: a LanguageModel starting from the classifier's embedding and recurrent weights
     trains through the training loop (its own saved state in `state_dir`, so the same command resumes it); its
     best weights (the lowest held-out perplexity) go back into the classifier, whose output layer stays new."""
@@ -3278,13 +3309,13 @@ def learn_language_model(classifier, strategy, inputs: PreparedInputs, config: T
           f"on {record.texts} texts ({record.tokens} tokens), sampled softmax of {LM_SAMPLED_WORDS} words, held-out "
           f"perplexity on {record.held_out_tokens} validation tokens, patience {plan.patience}")
     with strategy.scope():
-        model = LanguageModel(config, len(inputs.vocabulary))
+        model = LanguageModel(config, len(inputs.vocabulary), classifier.get_layer(EMBEDDING_LAYER).output_dim)
         model(np.ones((1, 2), dtype=np.int32))  # builds the weights
         copy_shared_weights(classifier_shared_layers(classifier), model.shared_layers())
         optimizer = build_optimizer(config, plan)
         optimizer.build(model.trainable_variables)
     steps = language_model_steps(model, optimizer, strategy, config.seed)
-    record.result, record.seconds, _ = train_stage(model, optimizer, strategy, stage, config, state_dir,
+    record.result, record.seconds, _ = train_stage(model, optimizer, strategy, stage, fingerprint, state_dir,
                                                    multi_worker, log_dir, steps)
     copy_shared_weights(model.shared_layers(), classifier_shared_layers(classifier))
     if record.result.interrupted:
@@ -3355,7 +3386,8 @@ class Pretraining:
 
 
 def learn_from_teacher(classifier, strategy, inputs: PreparedInputs, targets: np.ndarray, config: TrainConfig,
-                       state_dir: Path, multi_worker: bool, log_dir: Path | None, pretraining: Pretraining) -> None:
+                       fingerprint: dict, state_dir: Path, multi_worker: bool, log_dir: Path | None,
+                       pretraining: Pretraining) -> None:
     """The teacher stage: train the classifier on the unlabelled texts with the teacher's probabilities as
     targets, through the training loop, with a fresh optimizer and its own training state in `state_dir` (the
     same command resumes it). Leaves the best weights in the classifier and records them in `pretraining`."""
@@ -3366,7 +3398,7 @@ def learn_from_teacher(classifier, strategy, inputs: PreparedInputs, targets: np
     with strategy.scope():
         optimizer = build_optimizer(config, plan)
         optimizer.build(classifier.trainable_variables)
-    pretraining.result, pretraining.seconds, state = train_stage(classifier, optimizer, strategy, stage, config,
+    pretraining.result, pretraining.seconds, state = train_stage(classifier, optimizer, strategy, stage, fingerprint,
                                                                  state_dir, multi_worker, log_dir)
     pretraining.best_loss, pretraining.best_weights = state.best_loss, state.best_weights
 
@@ -3382,10 +3414,10 @@ def fine_tuning_optimizer(config: TrainConfig, plan: TrainingPlan, classifier, s
     return optimizer
 
 
-def fine_tuning_start(config: TrainConfig, pretraining: Pretraining) -> TrainingState:
+def fine_tuning_start(fingerprint: dict, pretraining: Pretraining) -> TrainingState:
     """The labelled stage's first state after a teacher stage: the pretrained weights count as epoch 0, so early
     stopping keeps them if no epoch on the labels lowers their validation loss."""
-    state = TrainingState(fingerprint=training_fingerprint(config))
+    state = TrainingState(fingerprint=fingerprint)
     if pretraining.best_weights is not None:
         state.best_loss, state.best_epoch, state.best_weights = pretraining.best_loss, 0, pretraining.best_weights
     return state
@@ -3561,7 +3593,7 @@ def tokens_per_second(token_ids: np.ndarray, training: TrainingResult) -> int | 
     return round(int(review_lengths(token_ids).sum()) / float(np.mean(training.epoch_seconds)))
 
 
-def build_metrics(config: TrainConfig, started_from: dict, data: dict, training: TrainingResult,
+def build_metrics(settings: dict, started_from: dict, data: dict, training: TrainingResult,
                  evaluation: Evaluation, blend: Blend | None, check: ValidationCheck, notes: list[str], strategy,
                  role: ClusterRole | None, pretraining: dict) -> dict:
     """The run's metrics.json: the primary model's test results first, then each other model's; the data,
@@ -3585,7 +3617,7 @@ def build_metrics(config: TrainConfig, started_from: dict, data: dict, training:
                           if check.baseline is not None else {}),
                        "baseline_learning_curve": check.baseline_curve},
         "data": data,
-        "config": dataclasses.asdict(config),
+        "config": settings,
         "started_from": started_from,
         "training": training.summary(),
         "semi_supervised": pretraining,
@@ -4228,9 +4260,10 @@ def open_report(path: Path) -> None:
 
 @dataclass
 class RunSetup:
-    """What is settled before any data is read: the settings (the embedding size resolved), this process's
-    role, where it writes, and a saved state."""
-    config: TrainConfig
+    """What is settled before any data is read: what the run derives from the flags, this process's role, where
+    it writes, and a saved state."""
+    derived: Derived
+    fingerprint: dict             # training_fingerprint: what a saved state and the cache of token ids must match
     role: ClusterRole | None
     output_dir: Path
     state_dir: Path
@@ -4242,26 +4275,23 @@ class RunSetup:
         return self.role is None or self.role.chief
 
 
-def starting_point(config: TrainConfig, asked_embeddings: str) -> dict:
+def starting_point(config: TrainConfig, derived: Derived) -> dict:
     """Which pretrained weights or word vectors the model starts from (metrics.json and the saved model)."""
     if config.arch == "bert":
         return load_bert_checkpoint(config.bert_preset).description()
     if config.embeddings in EMBEDDING_METHODS:
         return {"embeddings": config.embeddings, "vectors": "Word2Vec trained on this run's training split"
                 if config.embeddings == "word2vec" else "random"}
-    path = Path(config.embeddings)
-    return {"embeddings": asked_embeddings, "vectors": str(path.resolve()), "file_bytes": path.stat().st_size,
-            "dimensions": config.embedding_dim}
+    path = Path(derived.embeddings)
+    return {"embeddings": config.embeddings, "vectors": str(path.resolve()), "file_bytes": path.stat().st_size,
+            "dimensions": derived.embedding_dim}
 
 
 def set_up_run(config: TrainConfig, cleanup: contextlib.ExitStack) -> RunSetup:
     """Every check that needs no data, so a mistake costs seconds: the flags, TF_CONFIG, the output directory
     (locked for this run until `cleanup` closes) and a saved training state."""
     validate_config(config)
-    asked_embeddings = config.embeddings
-    config = resolve_embedding_dim(fetch_word_vectors(config))
-    if config.arch == "bert":
-        config = fit_max_length_to_bert(config)
+    derived = Derived.of(config)
     role = cluster_role()
     if role and config.cpu_replicas > 1:
         raise UserError("--cpu-replicas cannot be combined with TF_CONFIG: each worker uses its own devices")
@@ -4271,8 +4301,9 @@ def set_up_run(config: TrainConfig, cleanup: contextlib.ExitStack) -> RunSetup:
     state_dir = output_dir / ("training_state" if not role or role.chief else f"training_state-{role.name}")
     if config.fresh:
         shutil.rmtree(state_dir, ignore_errors=True)
-    return RunSetup(config, role, output_dir, state_dir, TrainingState.load(state_dir, training_fingerprint(config)),
-                    starting_point(config, asked_embeddings))
+    fingerprint = training_fingerprint(config, derived)
+    return RunSetup(derived, fingerprint, role, output_dir, state_dir, TrainingState.load(state_dir, fingerprint),
+                    starting_point(config, derived))
 
 
 def fit_the_baseline(config: TrainConfig, splits: DataSplits, standardize, clock: Stopwatch):
@@ -4318,11 +4349,11 @@ def score_on_test(config: TrainConfig, classifier, baseline, blend: Blend | None
             config.arch: neural}
 
 
-def model_to_save(config: TrainConfig, started_from: dict, vectorizer, classifier, baseline, blend: Blend | None,
+def model_to_save(settings: dict, started_from: dict, vectorizer, classifier, baseline, blend: Blend | None,
                   class_names):
     """The one model from raw strings to class probabilities that is saved: the classifier behind its
-    tokenizer, or the blend with the baseline; the settings and the starting point inside."""
-    settings = {**dataclasses.asdict(config), "started_from": started_from}
+    tokenizer, or the blend with the baseline; the settings (run_settings) and the starting point inside."""
+    settings = {**settings, "started_from": started_from}
     model = build_predictor(vectorizer, classifier, class_names, settings)
     return model if blend is None else build_blend_predictor(model, baseline, blend.weight, class_names, settings)
 
@@ -4332,7 +4363,7 @@ def run_training(config: TrainConfig) -> TrainingResult:
     clock = Stopwatch()
     with contextlib.ExitStack() as cleanup:  # The output directory's lock, held to the end.
         setup = set_up_run(config, cleanup)
-        config = setup.config
+        derived = setup.derived
         with clock.timed("load_s"):
             data = load_dataset(config)
             splits = split_dataset(data, config)
@@ -4347,7 +4378,7 @@ def run_training(config: TrainConfig) -> TrainingResult:
             print(f"Unlabelled text: {semi.method} ({semi.reason})")
         strategy = set_up_tensorflow(config, setup.role)
         with clock.timed("preprocess_s"):
-            inputs = prepare_inputs(splits, config, strategy.num_replicas_in_sync, len(class_names),
+            inputs = prepare_inputs(splits, config, derived, strategy.num_replicas_in_sync, len(class_names),
                                     unlabelled.texts if semi.method != "none" and not semi.distils else None,
                                     cache_dir=setup.state_dir / INPUTS_CACHE)
         standardize = text_standardizer(inputs.vectorizer)  # the model's words, for the baseline too
@@ -4366,14 +4397,15 @@ def run_training(config: TrainConfig) -> TrainingResult:
         labelled_inputs = inputs  # what the labelled stage trains on
         if semi.distils:
             labelled_inputs = distillation_inputs(inputs, targets, config, strategy.num_replicas_in_sync)
-        classifier, optimizer = build_model_and_optimizer(config, labelled_inputs, len(class_names), strategy)
+        classifier, optimizer = build_model_and_optimizer(config, labelled_inputs, len(class_names), strategy,
+                                                          derived.embedding_dim)
         cache = {} if inputs.from_cache else cached_arrays(inputs)
         needed = (output_bytes_needed(classifier.count_params(), config.blend_weight is not None)
                   + sum(array.nbytes for array in cache.values()))
         check_free_space(setup.output_dir, needed)
         cleanup.enter_context(disk_full_advice(setup.output_dir, setup.state_dir, needed))
         if cache:
-            save_inputs_cache(setup.state_dir / INPUTS_CACHE, config, inputs, cache)
+            save_inputs_cache(setup.state_dir / INPUTS_CACHE, setup.fingerprint, inputs, cache)
             cache = None  # the arrays' memory back before training
         multi_worker, pretraining_dir = setup.role is not None, setup.state_dir / "pretraining"
         language_model_dir = setup.state_dir / "language_model"
@@ -4387,20 +4419,21 @@ def run_training(config: TrainConfig) -> TrainingResult:
         if semi.models_language:
             with clock.timed("language_model_s"):
                 pretraining.language_model = learn_language_model(
-                    classifier, strategy, inputs, config, language_model_dir, multi_worker,
+                    classifier, strategy, inputs, config, setup.fingerprint, language_model_dir, multi_worker,
                     log_dir / "language_model" if log_dir else None)
         if semi.teaches and not semi.distils:
             with clock.timed("pretrain_s"):
-                learn_from_teacher(classifier, strategy, inputs, targets, config, pretraining_dir, multi_worker,
-                                   log_dir / "pretraining" if log_dir else None, pretraining)
+                learn_from_teacher(classifier, strategy, inputs, targets, config, setup.fingerprint, pretraining_dir,
+                                   multi_worker, log_dir / "pretraining" if log_dir else None, pretraining)
         if pretraining.result is not None and pretraining.result.interrupted:
             training = pretraining.result  # Ctrl-C in the teacher stage: report the model as it is
         else:
             if pretraining.done:
                 optimizer = fine_tuning_optimizer(config, labelled_inputs.plan, classifier, strategy)
                 pretraining.fine_tuning_learning_rate = config.learning_rate * FINE_TUNING_LEARNING_RATE_SCALE
-            state = (restore_training_state(classifier, optimizer, setup.saved_state, config, setup.state_dir)
-                     if setup.saved_state is not None else fine_tuning_start(config, pretraining))
+            state = (restore_training_state(classifier, optimizer, setup.saved_state, setup.fingerprint,
+                                            setup.state_dir)
+                     if setup.saved_state is not None else fine_tuning_start(setup.fingerprint, pretraining))
             if multi_worker:
                 check_workers_agree(strategy, state.epoch)
             with clock.timed("train_s"):
@@ -4413,7 +4446,7 @@ def run_training(config: TrainConfig) -> TrainingResult:
             print("Training done; the chief writes the model and the reports.")
             return training
 
-        classifier = local_copy(classifier, config, len(inputs.vocabulary))
+        classifier = local_copy(classifier, config, len(inputs.vocabulary), derived.embedding_dim)
         if baseline is None:
             baseline, train_strings = fit_the_baseline(config, splits, standardize, clock)
         with clock.timed("validation_s"):
@@ -4423,12 +4456,13 @@ def run_training(config: TrainConfig) -> TrainingResult:
         probabilities = score_on_test(config, classifier, baseline, blend, inputs.test_ids, splits.test, standardize,
                                       clock)
         started_from = {**setup.started_from, **pretraining.started_from(config)}
-        model = model_to_save(config, started_from, inputs.vectorizer, classifier, baseline, blend, class_names)
+        settings = run_settings(config, derived)
+        model = model_to_save(settings, started_from, inputs.vectorizer, classifier, baseline, blend, class_names)
         with clock.timed("intervals_s"):
             evaluation = evaluate(splits.test, class_names, probabilities)
         notes = (inputs.notes + unlabelled_notes(config, counts["train"], pretraining, training, check)
                  + advice(check, config.arch, blend))
-        report = build_metrics(config, started_from, {**counts, **inputs.counts()}, training, evaluation,
+        report = build_metrics(settings, started_from, {**counts, **inputs.counts()}, training, evaluation,
                                blend, check, notes, strategy, setup.role,
                                pretraining.summary(tokens_per_second(inputs.train_ids, training)))
         print(f"\nTest set results:\n{evaluation.table}\n\n{evaluation.classification_report}")

@@ -73,7 +73,7 @@ def test_language_model_steps_count_real_next_words_and_score_them_exactly():
     sa.keras.utils.set_random_seed(0)
     config = sa.TrainConfig(embedding_dim=8, units=6, spatial_dropout=0.0)
     strategy = tf.distribute.get_strategy()
-    model = sa.LanguageModel(config, 40)
+    model = sa.LanguageModel(config, 40, 8)
     model(np.ones((1, 2), dtype=np.int32))
     optimizer = sa.build_optimizer(config, sa.TrainingPlan(4, 1, 1, 1, 0, "test"))
     optimizer.build(model.trainable_variables)
@@ -107,11 +107,14 @@ def test_the_classifier_starts_from_the_language_models_weights(tmp_path):
     loaded = sa.load_dataset(config)
     splits = sa.split_dataset(loaded, config)
     unlabelled = sa.gather_unlabelled(loaded, splits, config)
-    inputs = sa.prepare_inputs(splits, config, 1, 2, unlabelled.texts)
+    derived = sa.Derived.of(config)
+    fingerprint = sa.training_fingerprint(config, derived)
+    inputs = sa.prepare_inputs(splits, config, derived, 1, 2, unlabelled.texts)
     strategy = tf.distribute.get_strategy()
-    classifier, _ = sa.build_model_and_optimizer(config, inputs, 2, strategy)
+    classifier, _ = sa.build_model_and_optimizer(config, inputs, 2, strategy, derived.embedding_dim)
     fresh = {layer.name: [weight.copy() for weight in layer.get_weights()] for layer in classifier.layers}
-    stage = sa.learn_language_model(classifier, strategy, inputs, config, tmp_path / "state", False, None)
+    stage = sa.learn_language_model(classifier, strategy, inputs, config, fingerprint, tmp_path / "state", False,
+                                    None)
     assert stage.result.epochs_run == 1 and stage.texts == len(splits.train.texts) + 80
     assert stage.result.plan.steps_per_epoch >= stage.texts // 16
     assert set(stage.result.history) == {"loss", "val_loss", "val_accuracy"}
@@ -120,8 +123,8 @@ def test_the_classifier_starts_from_the_language_models_weights(tmp_path):
     for layer in shared:  # the pretrained weights, not the fresh ones
         assert any(not np.array_equal(before, after) for before, after in zip(fresh[layer.name], layer.get_weights()))
     # The classifier holds exactly the language model's kept weights (rebuilt from the saved best epoch).
-    saved = sa.TrainingState.load(tmp_path / "state", sa.training_fingerprint(config))
-    model = sa.LanguageModel(config, len(inputs.vocabulary))
+    saved = sa.TrainingState.load(tmp_path / "state", fingerprint)
+    model = sa.LanguageModel(config, len(inputs.vocabulary), 16)
     model(np.ones((1, 2), dtype=np.int32))
     model.set_weights(saved.best_weights)
     for from_layer, to_layer in zip(model.shared_layers(), shared, strict=True):
@@ -131,7 +134,7 @@ def test_the_classifier_starts_from_the_language_models_weights(tmp_path):
     for weight, new in zip(fresh[sa.OUTPUT_LAYER], output):
         np.testing.assert_array_equal(weight, new)
     # The labelled stage starts fresh: no epoch 0 to keep, the language model is no classifier.
-    start = sa.fine_tuning_start(config, sa.Pretraining("lm", "as given", 80, 0, language_model=stage))
+    start = sa.fine_tuning_start(fingerprint, sa.Pretraining("lm", "as given", 80, 0, language_model=stage))
     assert start.best_epoch is None and start.best_weights is None
 
 

@@ -114,17 +114,21 @@ def config_for(*flags):
     return sa.config_from_args(sa.build_train_parser().parse_args(list(flags)))
 
 
-def test_only_settings_that_shape_training_must_match_to_resume():
+def fingerprint_of(config):
     import sentiment_analysis as sa
 
-    base = sa.training_fingerprint(config_for())
+    return sa.training_fingerprint(config, sa.Derived.of(config))
+
+
+def test_only_settings_that_shape_training_must_match_to_resume():
+    base = fingerprint_of(config_for())
     for flags in (["--output-dir", "elsewhere"], ["--no-show"], ["--no-baseline"], ["--blend-weight", "0.3"],
                   ["--preset", "best", "--min-epochs", "4"], ["--baseline-ngrams", "3"], ["--fresh"]):
-        assert sa.training_fingerprint(config_for(*flags)) == base, flags
+        assert fingerprint_of(config_for(*flags)) == base, flags
     for flags in (["--epochs", "5"], ["--min-epochs", "6"], ["--patience", "2"], ["--embeddings", "random"],
                   ["--vocab-size", "100"], ["--seed", "1"], ["--batch-size", "64"], ["--arch", "gru"],
                   ["--max-rows", "100"], ["--learning-rate", "0.01"], ["--cpu-replicas", "2"]):
-        assert sa.training_fingerprint(config_for(*flags)) != base, flags
+        assert fingerprint_of(config_for(*flags)) != base, flags
 
 
 @pytest.mark.parametrize("damage", ["not json", '{"epoch": 1', '{"epoch": 1}', "missing arrays", "bad arrays"])
@@ -133,10 +137,10 @@ def test_a_damaged_training_state_is_one_line_suggesting_fresh(tmp_path, damage)
 
     state_dir = tmp_path / "training_state"
     config = sa.TrainConfig(data=str(TINY_CSV), output_dir=str(tmp_path))
-    state = sa.TrainingState(fingerprint=sa.training_fingerprint(config), epoch=1,
+    state = sa.TrainingState(fingerprint=fingerprint_of(config), epoch=1,
                              variable_values=[np.zeros(3)], best_weights=[np.ones(2)])
     state.save(state_dir)
-    loaded = sa.TrainingState.load(state_dir, sa.training_fingerprint(config))
+    loaded = sa.TrainingState.load(state_dir, fingerprint_of(config))
     assert loaded.epoch == 1 and loaded.variable_values[0].tolist() == [0, 0, 0]
     assert loaded.best_weights[0].tolist() == [1, 1]
     if damage == "missing arrays":
@@ -479,9 +483,10 @@ def prepared(config, cache_dir, capsys):
     import sentiment_analysis as sa
 
     data = sa.load_dataset(config)
-    inputs = sa.prepare_inputs(sa.split_dataset(data, config), config, 1, 2, cache_dir=cache_dir)
+    derived = sa.Derived.of(config)
+    inputs = sa.prepare_inputs(sa.split_dataset(data, config), config, derived, 1, 2, cache_dir=cache_dir)
     if not inputs.from_cache:  # as run_training does, once the free space is checked
-        sa.save_inputs_cache(cache_dir, config, inputs, sa.cached_arrays(inputs))
+        sa.save_inputs_cache(cache_dir, sa.training_fingerprint(config, derived), inputs, sa.cached_arrays(inputs))
     return inputs, capsys.readouterr().out
 
 
@@ -490,7 +495,7 @@ def test_the_token_ids_are_cached_reused_and_made_again_when_the_data_changes(tm
 
     data, cache_dir = tmp_path / "reviews.csv", tmp_path / "training_state" / sa.INPUTS_CACHE
     shutil.copy(TINY_CSV, data)
-    config = sa.resolve_embedding_dim(sa.TrainConfig(data=str(data), vocab_size=2000, max_length=80))
+    config = sa.TrainConfig(data=str(data), vocab_size=2000, max_length=80)
     first, out = prepared(config, cache_dir, capsys)
     assert "Training Word2Vec" in out and "Reusing" not in out and (cache_dir / "inputs.json").is_file()
     second, out = prepared(config, cache_dir, capsys)
@@ -524,14 +529,12 @@ def dataclasses_replace(config, **changes):
 
 
 def test_a_moved_data_file_still_resumes_and_a_changed_one_does_not(tmp_path):
-    import sentiment_analysis as sa
-
     moved = tmp_path / "moved.csv"
     shutil.copy(TINY_CSV, moved)
-    base = sa.training_fingerprint(config_for("--data", str(TINY_CSV)))
-    assert sa.training_fingerprint(config_for("--data", str(moved))) == base
+    base = fingerprint_of(config_for("--data", str(TINY_CSV)))
+    assert fingerprint_of(config_for("--data", str(moved))) == base
     moved.write_text(TINY_CSV.read_text(encoding="utf-8") + "one more review,positive\n", encoding="utf-8")
-    assert sa.training_fingerprint(config_for("--data", str(moved))) != base
+    assert fingerprint_of(config_for("--data", str(moved))) != base
 
 
 @pytest.mark.slow

@@ -180,24 +180,27 @@ def test_the_classifier_starts_from_the_weights_the_teacher_stage_ends_with(semi
     data = sa.load_dataset(config)
     splits = sa.split_dataset(data, config)
     unlabelled = sa.gather_unlabelled(data, splits, config)
-    inputs = sa.prepare_inputs(splits, config, 1, 2, unlabelled.texts)
+    derived = sa.Derived.of(config)
+    fingerprint = sa.training_fingerprint(config, derived)
+    inputs = sa.prepare_inputs(splits, config, derived, 1, 2, unlabelled.texts)
     assert inputs.unlabelled_ids.shape == (80, 80) and inputs.unlabelled_ids.any()
     standardize = sa.text_standardizer(inputs.vectorizer)
     baseline = sa.fit_baseline(sa.standardized_strings(splits.train.texts, standardize), splits.train.labels, config)
     targets = sa.soft_targets(sa.baseline_probabilities(baseline, unlabelled.texts, standardize))
     assert targets.shape == (80,) and 0 < targets.min() < targets.max() < 1  # probabilities, not labels
     strategy = sa.tf.distribute.get_strategy()
-    classifier, _ = sa.build_model_and_optimizer(config, inputs, 2, strategy)
+    classifier, _ = sa.build_model_and_optimizer(config, inputs, 2, strategy, derived.embedding_dim)
     fresh = [weight.copy() for weight in classifier.get_weights()]
     pretraining = sa.Pretraining("teacher", "as given", len(unlabelled.texts), 0)
-    sa.learn_from_teacher(classifier, strategy, inputs, targets, config, tmp_path / "state", False, None, pretraining)
+    sa.learn_from_teacher(classifier, strategy, inputs, targets, config, fingerprint, tmp_path / "state", False, None,
+                          pretraining)
     assert pretraining.result.epochs_run == 1 and pretraining.result.plan.steps_per_epoch >= 80 // 16
     pretrained = classifier.get_weights()
     for weight, kept in zip(pretrained, pretraining.best_weights):
         np.testing.assert_array_equal(weight, kept)
     assert any(not np.array_equal(before, after) for before, after in zip(fresh, pretrained))
     # The labelled stage starts from them: epoch 0, which early stopping keeps unless an epoch does better.
-    start = sa.fine_tuning_start(config, pretraining)
+    start = sa.fine_tuning_start(fingerprint, pretraining)
     assert start.epoch == 0 and start.best_epoch == 0 and start.best_loss == pretraining.best_loss
     for weight, kept in zip(pretrained, start.best_weights):
         np.testing.assert_array_equal(weight, kept)

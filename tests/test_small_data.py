@@ -16,7 +16,8 @@ def plan_for(rows, replicas=1, **settings):
     import sentiment_analysis as sa
 
     lengths = np.random.default_rng(rows).integers(20, 501, rows)
-    return sa.plan_training(sa.TrainConfig(**settings), lengths, replicas), lengths
+    config = sa.TrainConfig(**settings)
+    return sa.plan_training(config, lengths, replicas, config.max_length), lengths
 
 
 def batches(lengths, batch_size, max_length=500):

@@ -172,10 +172,10 @@ def test_exported_blend_scores_exactly_like_scikit_learn(tmp_path):
 
     rows = pd.read_csv(TINY_CSV)
     texts, labels = rows["reviews"].to_numpy(object), (rows["sentiment"] == "positive").to_numpy(int)
-    config = sa.resolve_embedding_dim(sa.TrainConfig(vocab_size=500, max_length=50, baseline_ngrams=3))
+    config = sa.TrainConfig(vocab_size=500, max_length=50, baseline_ngrams=3)
     baseline = sa.fit_baseline(sa.standardized_strings(texts[:150], sa.standardize_text), labels[:150], config)
     expected = baseline.predict_proba(sa.standardized_strings(texts[150:], sa.standardize_text))
-    vectorizer = sa.build_vectorizer(texts[:150], config)
+    vectorizer = sa.build_vectorizer(texts[:150], config, config.max_length)
     neural = sa.build_predictor(vectorizer, sa.build_classifier(config, len(vectorizer.get_vocabulary())),
                              sa.CLASS_NAMES)
     sa.save_model(sa.build_blend_predictor(neural, baseline, 0.0, sa.CLASS_NAMES), tmp_path / "blend.keras")
@@ -237,9 +237,9 @@ def test_every_arch_choice_has_a_builder_and_a_model_without_the_named_layers_is
     choices = sa.build_train_parser()._option_string_actions["--arch"].choices
     assert set(choices) == set(sa.ARCHITECTURES)
 
-    def unnamed(config, vocab_size, num_classes):  # a new model that forgot the layer names
+    def unnamed(config, vocab_size, num_classes, embedding_dim):  # a new model that forgot the layer names
         inputs = sa.keras.Input(shape=(None,), dtype="int32")
-        x = sa.layers.GlobalAveragePooling1D()(sa.layers.Embedding(vocab_size, 4)(inputs))
+        x = sa.layers.GlobalAveragePooling1D()(sa.layers.Embedding(vocab_size, embedding_dim)(inputs))
         return sa.keras.Model(inputs, sa.layers.Dense(1, activation="sigmoid")(x), name="mean_classifier")
 
     monkeypatch.setitem(sa.ARCHITECTURES, "lstm", unnamed)
