@@ -770,10 +770,10 @@ def file_digest(path: str, size: int, modified_ns: int) -> str:
     return digest.hexdigest()
 
 
-def data_digest(config: TrainConfig) -> str:
+def data_digest(data: str, unlabelled: str | None) -> str:
     """One SHA-1 of the bytes of every file of --data and of --unlabelled, in their order (each file hashed once
     per process): a moved or renamed file is the same data, an edited one is not."""
-    files = data_files(config.data) + ([Path(config.unlabelled)] if config.unlabelled else [])
+    files = data_files(data) + ([Path(unlabelled)] if unlabelled else [])
     digest = hashlib.sha1()
     for path in files:
         check_csv_file(path)
@@ -896,11 +896,12 @@ class UnlabelledTexts:
     counts: dict[str, int]
 
 
-def gather_unlabelled(data: LoadedData, splits: DataSplits, config: TrainConfig) -> UnlabelledTexts:
+def gather_unlabelled(data: LoadedData, splits: DataSplits, unlabelled: str | None,
+                      text_column: str | None) -> UnlabelledTexts:
     """The unlabelled rows of --data and the texts of --unlabelled, deduplicated. A text equal to a validation or
     test text is removed and counted, so that nothing the model is scored on is seen before scoring; one equal
     to a training text is a duplicate (its label is known)."""
-    from_file = (read_unlabelled_file(Path(config.unlabelled), config.text_column) if config.unlabelled
+    from_file = (read_unlabelled_file(Path(unlabelled), text_column) if unlabelled
                  else np.array([], dtype=object))
     texts = pd.Series(np.concatenate([data.unlabelled, from_file]), dtype=object)
     unique = texts[~texts.duplicated(keep="first")]
@@ -1293,22 +1294,22 @@ def load_bert_checkpoint(preset: str) -> BertCheckpoint:
     return checkpoint
 
 
-def fit_max_length_to_bert(config: TrainConfig) -> int:
+def fit_max_length_to_bert(bert_preset: str, max_length: int) -> int:
     """--max-length within the checkpoint's position table: BERT's default length is cut to the table, with a
     line that says so; a longer length given on purpose is a one-line error naming both numbers."""
-    checkpoint = load_bert_checkpoint(config.bert_preset)
-    print(f"BERT checkpoint {config.bert_preset} ({checkpoint.source}): {checkpoint.layers} layers, hidden size "
+    checkpoint = load_bert_checkpoint(bert_preset)
+    print(f"BERT checkpoint {bert_preset} ({checkpoint.source}): {checkpoint.layers} layers, hidden size "
           f"{checkpoint.hidden_size}, {checkpoint.parameters / 1e6:.1f}M parameters, {checkpoint.positions} "
           f"positions, a vocabulary of {len(checkpoint.vocabulary)} pieces"
           f"{', lowercased' if checkpoint.lowercase else ''}")
-    if config.max_length <= checkpoint.positions:
-        return config.max_length
-    if config.max_length == ARCH_DEFAULTS["bert"]["max_length"]:
+    if max_length <= checkpoint.positions:
+        return max_length
+    if max_length == ARCH_DEFAULTS["bert"]["max_length"]:
         print(f"Note: the checkpoint has {checkpoint.positions} positions, fewer than BERT's default --max-length "
-              f"{config.max_length}: texts are cut to {checkpoint.positions} tokens")
+              f"{max_length}: texts are cut to {checkpoint.positions} tokens")
         return checkpoint.positions
-    raise UserError(f"--max-length {config.max_length} is longer than the {checkpoint.positions} positions of the "
-                    f"BERT checkpoint {config.bert_preset}: give --max-length {checkpoint.positions} or less")
+    raise UserError(f"--max-length {max_length} is longer than the {checkpoint.positions} positions of the "
+                    f"BERT checkpoint {bert_preset}: give --max-length {checkpoint.positions} or less")
 
 
 def word_vectorizer(vocab_size: int, max_length: int):
@@ -1318,8 +1319,8 @@ def word_vectorizer(vocab_size: int, max_length: int):
 
 def build_vectorizer(texts, config: TrainConfig, max_length: int):
     """The tokenizer, learned on the training texts, as a layer from strings to token ids that pads or cuts
-    every review to max_length (the run's, Derived): a TextVectorization of the --vocab-size most frequent words, or with
-    --tokenizer wordpiece a WordPiece vocabulary of about --vocab-size subword pieces."""
+    every review to max_length (the run's, Derived): a TextVectorization of the --vocab-size most frequent
+    words, or with --tokenizer wordpiece a WordPiece vocabulary of about --vocab-size subword pieces."""
 
     if config.arch == "bert":
         checkpoint = load_bert_checkpoint(config.bert_preset)
@@ -1555,7 +1556,8 @@ class Derived:
     def of(cls, config: TrainConfig) -> "Derived":
         embeddings = fetch_word_vectors(config.embeddings)
         return cls(embeddings, resolve_embedding_dim(config.embedding_dim, embeddings),
-                   fit_max_length_to_bert(config) if config.arch == "bert" else config.max_length)
+                   fit_max_length_to_bert(config.bert_preset, config.max_length) if config.arch == "bert"
+                   else config.max_length)
 
 
 def run_settings(config: TrainConfig, derived: Derived) -> dict:
@@ -1568,7 +1570,7 @@ def training_fingerprint(config: TrainConfig, derived: Derived) -> dict:
     bytes, which a resumed run must share with the run that saved the state (and its cache of token ids)."""
     settings = run_settings(config, derived)
     return {**{spec.name: settings[spec.name] for spec in dataclasses.fields(config)
-               if spec.metadata["shapes_training"]}, "data_digest": data_digest(config)}
+               if spec.metadata["shapes_training"]}, "data_digest": data_digest(config.data, config.unlabelled)}
 
 
 def word2vec_matrix(token_ids, vocabulary: list[str], embedding_dim: int, seed: int, epochs: int = 5) -> np.ndarray:
@@ -2081,16 +2083,28 @@ def standardized_strings(texts, standardize) -> list[str]:
     return [value.decode("utf-8") for batch in text_dataset(texts) for value in standardize(batch).numpy()]
 
 
-def fit_baseline(train_texts, train_labels, config: TrainConfig):
+@dataclass(frozen=True)
+class BaselineRecipe:
+    """How every baseline of a run is fitted (the baseline itself, its learning curve, the teacher's folds)."""
+    ngrams: int = 2                  # --baseline-ngrams: the longest word n-gram
+    class_weight: str = "none"       # --class-weight
+    seed: int = 42                   # --seed
+
+    @classmethod
+    def of(cls, config: TrainConfig) -> "BaselineRecipe":
+        return cls(config.baseline_ngrams, config.class_weight, config.seed)
+
+
+def fit_baseline(train_texts, train_labels, recipe: BaselineRecipe):
     """TF-IDF of word unigrams and bigrams (sublinear term frequency) with logistic regression.
 
     Expects standardized text (see `standardized_strings`); words are split on white space exactly as the
     Keras TextVectorization layer splits them, so the fitted baseline can be exported into the model file."""
 
-    features = TfidfVectorizer(ngram_range=(1, config.baseline_ngrams), sublinear_tf=True, min_df=2, max_df=0.95,
+    features = TfidfVectorizer(ngram_range=(1, recipe.ngrams), sublinear_tf=True, min_df=2, max_df=0.95,
                                lowercase=False, tokenizer=str.split, token_pattern=None, dtype=np.float32)
-    classifier = LogisticRegression(C=8.0, max_iter=1000, random_state=config.seed,
-                                    class_weight="balanced" if config.class_weight == "balanced" else None)
+    classifier = LogisticRegression(C=8.0, max_iter=1000, random_state=recipe.seed,
+                                    class_weight="balanced" if recipe.class_weight == "balanced" else None)
     progress = StageProgress("baseline features: ", len(train_texts), "texts")
 
     def counted(texts):  # the vectorizer reads the texts once, as they come
@@ -2376,7 +2390,7 @@ def row_log_loss(labels: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
     return -np.log(np.clip(probabilities[np.arange(len(labels)), labels], 1e-7, 1.0))
 
 
-def choose_blend(config: TrainConfig, validation_labels: np.ndarray, neural: np.ndarray,
+def choose_blend(blend_weight: float | str, arch: str, validation_labels: np.ndarray, neural: np.ndarray,
                  baseline: np.ndarray) -> Blend:
     """--blend-weight W as given, or with auto the weight chosen on the validation split (never the test), from
     the two models' validation probabilities: the weight of the lowest log loss, if its log loss is lower than
@@ -2384,8 +2398,8 @@ def choose_blend(config: TrainConfig, validation_labels: np.ndarray, neural: np.
     zero), else EQUAL_BLEND_WEIGHT; then, if one part alone is more accurate than that blend beyond noise, that
     part gets all the weight (on small data an overconfident neural model can lower the log loss of a blend that
     gets more reviews wrong)."""
-    if config.blend_weight != "auto":
-        return Blend(config.blend_weight, None)
+    if blend_weight != "auto":
+        return Blend(blend_weight, None)
     labels = validation_labels
     weight, reason = choose_blend_weight(labels, neural, baseline), "the lowest validation log loss"
     if weight != EQUAL_BLEND_WEIGHT:
@@ -2396,14 +2410,14 @@ def choose_blend(config: TrainConfig, validation_labels: np.ndarray, neural: np.
                       f"{EQUAL_BLEND_WEIGHT:.2f} (log-loss difference {gain[0]:+.4f} to {gain[1]:+.4f})")
             weight = EQUAL_BLEND_WEIGHT
     blended = blend_probabilities(weight, neural, baseline)
-    better, part_weight, part = ((config.arch, 1.0, neural) if accuracy_of(labels, neural) > accuracy_of(labels, baseline)
+    better, part_weight, part = ((arch, 1.0, neural) if accuracy_of(labels, neural) > accuracy_of(labels, baseline)
                                  else ("baseline", 0.0, baseline))
     comparison = compare_models(labels, part, blended, (better, "blend"), "validation")
     if comparison.difference > 0 and not comparison.level:
         weight, blended = part_weight, part
         reason = f"all on the {better}: alone it is more accurate than the blend ({comparison.words()})"
     # Reported so that presets can be compared on validation data, never on the test set.
-    accuracy = {config.arch: accuracy_of(labels, neural), "baseline": accuracy_of(labels, baseline),
+    accuracy = {arch: accuracy_of(labels, neural), "baseline": accuracy_of(labels, baseline),
                 "blend": accuracy_of(labels, blended)}
     return Blend(weight, accuracy, reason)
 
@@ -2421,7 +2435,7 @@ def curve_point(share: float, rows: int, labels: np.ndarray, probabilities: np.n
 
 def baseline_learning_curve(whole_split_probabilities: np.ndarray, train_strings: list[str],
                             train_labels: np.ndarray, validation_strings: list[str], validation_labels: np.ndarray,
-                            config: TrainConfig) -> tuple[list[dict], np.ndarray | None]:
+                            recipe: BaselineRecipe) -> tuple[list[dict], np.ndarray | None]:
     """Validation accuracy (with its 95% interval) of the baseline fitted on a stratified share of the training
     split, for each share of BASELINE_CURVE_FRACTIONS, then of the baseline itself (fitted on the whole split,
     whose validation probabilities are given). A share too small to fit (a class or every word missing) is left
@@ -2433,8 +2447,8 @@ def baseline_learning_curve(whole_split_probabilities: np.ndarray, train_strings
         rows = round(fraction * len(train_labels))
         try:
             chosen, _ = train_test_split(np.arange(len(train_labels)), train_size=rows, stratify=train_labels,
-                                         random_state=config.seed)
-            model = fit_baseline([train_strings[i] for i in chosen], train_labels[chosen], config)
+                                         random_state=recipe.seed)
+            model = fit_baseline([train_strings[i] for i in chosen], train_labels[chosen], recipe)
         except ValueError:
             continue
         probabilities = model.predict_proba(validation_strings)
@@ -2461,7 +2475,7 @@ class ValidationCheck:
 
 
 def compare_on_validation(classifier, baseline, validation_ids: np.ndarray, splits: DataSplits,
-                          train_strings: list[str] | None, standardize, config: TrainConfig) -> ValidationCheck:
+                          train_strings: list[str] | None, standardize, recipe: BaselineRecipe) -> ValidationCheck:
     """Both models' validation probabilities, and the baseline's learning curve."""
     neural = predict_token_ids(classifier, validation_ids)
     if baseline is None:
@@ -2469,7 +2483,7 @@ def compare_on_validation(classifier, baseline, validation_ids: np.ndarray, spli
     validation_strings = standardized_strings(splits.validation.texts, standardize)
     probabilities = baseline.predict_proba(validation_strings)
     curve, half = baseline_learning_curve(probabilities, train_strings, splits.train.labels, validation_strings,
-                                          splits.validation.labels, config)
+                                          splits.validation.labels, recipe)
     return ValidationCheck(splits.validation.labels, neural, probabilities, curve, half)
 
 
@@ -2556,7 +2570,7 @@ def logical_cpus(count: int) -> list[str]:
     return [f"/cpu:{index}" for index in range(count)]
 
 
-def choose_strategy(config: TrainConfig, role: ClusterRole | None):
+def choose_strategy(cpu_replicas: int, role: ClusterRole | None):
     """TF_CONFIG set: MultiWorkerMirroredStrategy across the cluster's workers. Otherwise, with several GPUs
     (or --cpu-replicas N): MirroredStrategy on this machine. Otherwise TensorFlow's default strategy."""
 
@@ -2565,10 +2579,10 @@ def choose_strategy(config: TrainConfig, role: ClusterRole | None):
     gpus = tf.config.list_physical_devices("GPU")
     if len(gpus) > 1:
         return tf.distribute.MirroredStrategy()
-    if config.cpu_replicas > 1 and not gpus:
+    if cpu_replicas > 1 and not gpus:
         # Summed on one device rather than with collective ops, whose cached shapes would clash when a second
         # strategy is made in the same process (as the in-process tests do).
-        return tf.distribute.MirroredStrategy(logical_cpus(config.cpu_replicas),
+        return tf.distribute.MirroredStrategy(logical_cpus(cpu_replicas),
                                               cross_device_ops=tf.distribute.ReductionToOneDevice())
     return tf.distribute.get_strategy()
 
@@ -2581,7 +2595,7 @@ def strategy_name(strategy, role: ClusterRole | None) -> str:
 def set_up_tensorflow(config: TrainConfig, role: ClusterRole | None):
     """Choose the distribution strategy (first: a cluster's must exist before any other TensorFlow work), then
     seed everything and make ops deterministic, so the same seed gives the same run on the same machine."""
-    strategy = choose_strategy(config, role)
+    strategy = choose_strategy(config.cpu_replicas, role)
 
     keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()
@@ -3059,7 +3073,8 @@ def soft_targets(probabilities: np.ndarray) -> np.ndarray:
     return probabilities[:, 1] if is_binary(probabilities.shape[1]) else probabilities
 
 
-def out_of_fold_probabilities(train_strings, labels: np.ndarray, num_classes: int, config: TrainConfig) -> np.ndarray:
+def out_of_fold_probabilities(train_strings, labels: np.ndarray, num_classes: int,
+                              recipe: BaselineRecipe) -> np.ndarray:
     """The baseline's probabilities (texts, classes) for each training text from a baseline fitted on the other
     folds (TEACHER_FOLDS, stratified, seeded), so no text is graded by a baseline that has seen its label."""
     folds = min(TEACHER_FOLDS, int(np.bincount(labels, minlength=num_classes).min()))
@@ -3067,10 +3082,10 @@ def out_of_fold_probabilities(train_strings, labels: np.ndarray, num_classes: in
         raise UserError("the teacher needs at least two training rows of each class to grade the training "
                         "split out of fold; use --semi-supervised none")
     strings, probabilities = np.asarray(train_strings, dtype=object), np.zeros((len(labels), num_classes))
-    splitter = StratifiedKFold(folds, shuffle=True, random_state=config.seed)
+    splitter = StratifiedKFold(folds, shuffle=True, random_state=recipe.seed)
     for fold, (fitted_on, graded) in enumerate(splitter.split(strings, labels), start=1):
         print(f"Teacher: the baseline on fold {fold} of {folds} grades {len(graded)} training texts")
-        baseline = fit_baseline(strings[fitted_on], labels[fitted_on], config)
+        baseline = fit_baseline(strings[fitted_on], labels[fitted_on], recipe)
         probabilities[graded] = baseline.predict_proba(strings[graded])
     return probabilities
 
@@ -3083,10 +3098,10 @@ def distilled_targets(labels: np.ndarray, teacher: np.ndarray, num_classes: int)
     return soft_targets(DISTILLATION_LABEL_SHARE * one_hot + (1 - DISTILLATION_LABEL_SHARE) * teacher)
 
 
-def teach_beside_the_labels(train_strings, labels: np.ndarray, num_classes: int, config: TrainConfig):
+def teach_beside_the_labels(train_strings, labels: np.ndarray, num_classes: int, recipe: BaselineRecipe):
     """The distilled targets of the training split and their record for metrics.json (the seconds are the
     run's timing, teacher_s)."""
-    graded = out_of_fold_probabilities(train_strings, labels, num_classes, config)
+    graded = out_of_fold_probabilities(train_strings, labels, num_classes, recipe)
     record = {"label_share": DISTILLATION_LABEL_SHARE, "folds": TEACHER_FOLDS,
               "out_of_fold_accuracy": round(float(np.mean(graded.argmax(axis=1) == labels)), 4)}
     print(f"Teacher: out-of-fold accuracy {record['out_of_fold_accuracy']:.4f} on the training split; the targets "
@@ -3344,7 +3359,7 @@ class Pretraining:
     def done(self) -> bool:
         return self.result is not None or self.language_model is not None
 
-    def started_from(self, config: TrainConfig) -> dict:
+    def started_from(self, embeddings: str) -> dict:
         """What started_from adds: the pretraining stages, and Word2Vec's unlabelled text."""
         if self.method == "none":
             return {}
@@ -3360,7 +3375,7 @@ class Pretraining:
             start["taught"] = (f"labels beside the TF-IDF baseline's out-of-fold probabilities on the training "
                                f"split ({self.distillation['label_share']} label, "
                                f"{round(1 - self.distillation['label_share'], 2)} baseline)")
-        if config.embeddings == "word2vec" and self.texts:
+        if embeddings == "word2vec" and self.texts:
             start["vectors"] = f"Word2Vec trained on this run's training split and {self.texts} unlabelled texts"
         return start
 
@@ -3423,13 +3438,13 @@ def fine_tuning_start(fingerprint: dict, pretraining: Pretraining) -> TrainingSt
     return state
 
 
-def unlabelled_notes(config: TrainConfig, training_rows: int, pretraining: Pretraining, training: TrainingResult,
-                     check: ValidationCheck) -> list[str]:
+def unlabelled_notes(arch: str, baseline: bool, training_rows: int, pretraining: Pretraining,
+                     training: TrainingResult, check: ValidationCheck) -> list[str]:
     """What to say about unlabelled text: that it would likely help a small labelled split that has none, and,
     after a teacher stage, what the labels added on validation and whether the model reached its teacher."""
     if pretraining.method == "none":
         if (pretraining.reason.endswith("no unlabelled text") and training_rows < SMALL_TRAINING_ROWS
-                and config.arch != "bert" and config.baseline):
+                and arch != "bert" and baseline):
             return [f"Few labels ({training_rows} training rows): unlabelled text of the same kind would likely "
                     "help. Rows of --data with a text and an empty label, or --unlabelled FILE (a CSV or one text "
                     "per line), let the model learn the baseline's probabilities on them first (README: "
@@ -3441,12 +3456,12 @@ def unlabelled_notes(config: TrainConfig, training_rows: int, pretraining: Pretr
         notes.append("Fine-tuning on the labels did not lower the validation loss of the model the teacher stage "
                      "ended with; that model is kept.")
     accuracy = check.accuracy()
-    behind = (compare_models(check.labels, check.baseline, check.neural, ("baseline", config.arch), "validation")
+    behind = (compare_models(check.labels, check.baseline, check.neural, ("baseline", arch), "validation")
               if check.baseline is not None else None)
     if behind is not None and behind.difference > 0 and not behind.level:
         stage = ("Learning the baseline's probabilities beside the labels" if pretraining.distillation is not None
                  and pretraining.method == "teacher" else stages[pretraining.method])
-        notes.append(f"{stage} did not bring the {config.arch} up to the baseline on the "
+        notes.append(f"{stage} did not bring the {arch} up to the baseline on the "
                      "validation split "
                      f"({accuracy['neural']:.4f} against the baseline's {accuracy['baseline']:.4f}; the baseline is "
                      f"{behind.words()}).")
@@ -4315,7 +4330,7 @@ def fit_the_baseline(config: TrainConfig, splits: DataSplits, standardize, clock
     with clock.timed("baseline_s"):
         train_strings = standardized_strings(splits.train.texts, standardize)
         try:
-            return fit_baseline(train_strings, splits.train.labels, config), train_strings
+            return fit_baseline(train_strings, splits.train.labels, BaselineRecipe.of(config)), train_strings
         except ValueError as error:  # scikit-learn's "empty vocabulary": no word is in two training texts
             problem = f"the baseline cannot be fitted on these texts ({one_line(error, 100)})"
     if config.blend_weight is not None:
@@ -4324,29 +4339,29 @@ def fit_the_baseline(config: TrainConfig, splits: DataSplits, standardize, clock
     return None, None
 
 
-def blend_if_asked(config: TrainConfig, baseline, check: ValidationCheck) -> Blend | None:
+def blend_if_asked(blend_weight: float | str | None, arch: str, baseline, check: ValidationCheck) -> Blend | None:
     """The blend's weight, with --blend-weight (and a baseline), chosen on the validation split."""
-    if baseline is None or config.blend_weight is None:
+    if baseline is None or blend_weight is None:
         return None
-    blend = choose_blend(config, check.labels, check.neural, check.baseline)
-    print(f"Blend: {blend.weight:.2f} * {config.arch} + {1 - blend.weight:.2f} * baseline ({blend.reason})")
+    blend = choose_blend(blend_weight, arch, check.labels, check.neural, check.baseline)
+    print(f"Blend: {blend.weight:.2f} * {arch} + {1 - blend.weight:.2f} * baseline ({blend.reason})")
     return blend
 
 
-def score_on_test(config: TrainConfig, classifier, baseline, blend: Blend | None, test_ids: np.ndarray,
+def score_on_test(arch: str, classifier, baseline, blend: Blend | None, test_ids: np.ndarray,
                   test: LabelledTexts, standardize, clock: Stopwatch) -> dict[str, np.ndarray]:
     """Test-set probabilities of every model, the primary one (the blend, if any) first. Every choice (epochs,
     blend weight) was made on the validation split; the test split is only scored."""
     with clock.timed("evaluate_s"):
         neural = predict_token_ids(classifier, test_ids)
     if baseline is None:
-        return {config.arch: neural}
+        return {arch: neural}
     with clock.timed("baseline_s"):
         baseline_test = baseline_probabilities(baseline, test.texts, standardize)
     if blend is None:
-        return {config.arch: neural, "baseline": baseline_test}
+        return {arch: neural, "baseline": baseline_test}
     return {"blend": blend_probabilities(blend.weight, neural, baseline_test), "baseline": baseline_test,
-            config.arch: neural}
+            arch: neural}
 
 
 def model_to_save(settings: dict, started_from: dict, vectorizer, classifier, baseline, blend: Blend | None,
@@ -4367,7 +4382,7 @@ def run_training(config: TrainConfig) -> TrainingResult:
         with clock.timed("load_s"):
             data = load_dataset(config)
             splits = split_dataset(data, config)
-            unlabelled = gather_unlabelled(data, splits, config)
+            unlabelled = gather_unlabelled(data, splits, config.unlabelled, config.text_column)
         counts, class_names = data_summary(data, splits, unlabelled), data.classes.names
         print(f"Read {counts['rows_read']} rows from {config.data}; dropped {counts['dropped']}; "
               f"train {counts['train']}, validation {counts['validation']}, test {counts['test']}; "
@@ -4391,7 +4406,7 @@ def run_training(config: TrainConfig) -> TrainingResult:
             with clock.timed("teacher_s"):
                 if semi.distils:
                     targets, distillation = teach_beside_the_labels(train_strings, splits.train.labels,
-                                                                    len(class_names), config)
+                                                                    len(class_names), BaselineRecipe.of(config))
                 else:
                     targets = soft_targets(baseline_probabilities(baseline, unlabelled.texts, standardize))
         labelled_inputs = inputs  # what the labelled stage trains on
@@ -4451,16 +4466,17 @@ def run_training(config: TrainConfig) -> TrainingResult:
             baseline, train_strings = fit_the_baseline(config, splits, standardize, clock)
         with clock.timed("validation_s"):
             check = compare_on_validation(classifier, baseline, inputs.validation_ids, splits, train_strings,
-                                          standardize, config)
-        blend = blend_if_asked(config, baseline, check)
-        probabilities = score_on_test(config, classifier, baseline, blend, inputs.test_ids, splits.test, standardize,
-                                      clock)
-        started_from = {**setup.started_from, **pretraining.started_from(config)}
+                                          standardize, BaselineRecipe.of(config))
+        blend = blend_if_asked(config.blend_weight, config.arch, baseline, check)
+        probabilities = score_on_test(config.arch, classifier, baseline, blend, inputs.test_ids, splits.test,
+                                      standardize, clock)
+        started_from = {**setup.started_from, **pretraining.started_from(config.embeddings)}
         settings = run_settings(config, derived)
         model = model_to_save(settings, started_from, inputs.vectorizer, classifier, baseline, blend, class_names)
         with clock.timed("intervals_s"):
             evaluation = evaluate(splits.test, class_names, probabilities)
-        notes = (inputs.notes + unlabelled_notes(config, counts["train"], pretraining, training, check)
+        notes = (inputs.notes + unlabelled_notes(config.arch, config.baseline, counts["train"], pretraining,
+                                                        training, check)
                  + advice(check, config.arch, blend))
         report = build_metrics(settings, started_from, {**counts, **inputs.counts()}, training, evaluation,
                                blend, check, notes, strategy, setup.role,

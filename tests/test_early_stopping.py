@@ -106,7 +106,7 @@ def test_the_baseline_shows_how_many_texts_its_features_have_read(capsys, monkey
     texts = [f"word{index % 7} great film {index}" if index % 2 else f"word{index % 5} awful film {index}"
              for index in range(2500)]
     labels = np.arange(2500) % 2
-    baseline = sa.fit_baseline(texts, labels, sa.TrainConfig())
+    baseline = sa.fit_baseline(texts, labels, sa.BaselineRecipe())
     lines = [line for line in capsys.readouterr().out.splitlines() if "baseline features" in line]
     assert [line.split(",")[0] for line in lines] == ["  baseline features: 1000/2500 texts",
                                                       "  baseline features: 2000/2500 texts"]

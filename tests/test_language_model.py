@@ -106,7 +106,7 @@ def test_the_classifier_starts_from_the_language_models_weights(tmp_path):
                         embedding_dim=16)
     loaded = sa.load_dataset(config)
     splits = sa.split_dataset(loaded, config)
-    unlabelled = sa.gather_unlabelled(loaded, splits, config)
+    unlabelled = sa.gather_unlabelled(loaded, splits, config.unlabelled, config.text_column)
     derived = sa.Derived.of(config)
     fingerprint = sa.training_fingerprint(config, derived)
     inputs = sa.prepare_inputs(splits, config, derived, 1, 2, unlabelled.texts)

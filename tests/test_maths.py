@@ -56,7 +56,7 @@ def test_one_replica_and_two_replicas_compute_the_same_step(reviews):
     labels = (np.arange(reviews) % 2).astype(np.float32)
 
     one = one_step_each(tf.distribute.get_strategy(), initial, token_ids, labels, config)
-    mirrored = sa.choose_strategy(sa.TrainConfig(cpu_replicas=2), role=None)  # what --cpu-replicas 2 uses
+    mirrored = sa.choose_strategy(2, role=None)  # what --cpu-replicas 2 uses
     assert mirrored.num_replicas_in_sync == 2
     two = one_step_each(mirrored, initial, token_ids, labels, config)
 
@@ -201,7 +201,7 @@ def test_a_run_chooses_the_blend_weight_on_the_validation_split(tmp_path):
         # A blend less accurate than a part alone, beyond noise, gives that part all the weight.
         weight = 1.0 if part == "lstm" else 0.0
         accuracy["blend"] = accuracy[part]
-    assert metrics["blend_chosen"] == sa.choose_blend(sa.TrainConfig(blend_weight="auto"), validation.labels,
+    assert metrics["blend_chosen"] == sa.choose_blend("auto", "lstm", validation.labels,
                                                       neural, baseline).reason
     assert metrics["blend_weight"] == weight
     assert metrics["validation_accuracy"] == accuracy

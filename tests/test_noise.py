@@ -137,13 +137,13 @@ def test_an_auto_blend_falls_back_to_equal_weights_when_validation_cannot_tell_t
     right = lambda chance: two_columns(np.where(labels == 1, chance, 1 - chance))
     neural, baseline = right(np.array([0.97, 0.6] * 5)), right(np.array([0.6, 0.9] * 5))
     assert sa.choose_blend_weight(labels, neural, baseline) == 0.7
-    blend = sa.choose_blend(config, labels, neural, baseline)
+    blend = sa.choose_blend(config.blend_weight, config.arch, labels, neural, baseline)
     assert blend.weight == sa.EQUAL_BLEND_WEIGHT and blend.reason.startswith("equal weights")
     # 2,000 reviews, the neural model sure and right, the baseline a coin: the log-loss weight stands.
     labels = np.arange(2000) % 2
     neural = two_columns(np.where(labels == 1, 0.9, 0.1))
     noise = two_columns(generator.random(2000))
-    blend = sa.choose_blend(config, labels, neural, noise)
+    blend = sa.choose_blend(config.blend_weight, config.arch, labels, neural, noise)
     assert blend.weight == sa.choose_blend_weight(labels, neural, noise) == 1.0
     assert blend.reason == "the lowest validation log loss"
 

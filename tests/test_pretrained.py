@@ -339,7 +339,7 @@ def test_max_length_is_checked_against_the_position_table_before_any_data_is_rea
 
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        assert sa.fit_max_length_to_bert(config) == POSITIONS
+        assert sa.fit_max_length_to_bert(config.bert_preset, config.max_length) == POSITIONS
     assert f"texts are cut to {POSITIONS} tokens" in printed.getvalue()
 
 

@@ -42,7 +42,7 @@ def test_rows_without_a_label_are_unlabelled_text_not_dropped(semi_csv):
     assert len(data.labels) == LABELLED_ROWS and len(data.unlabelled) == 200 - LABELLED_ROWS
     assert data.dropped == {"missing_text": 0, "duplicate_text": 0}
     splits = sa.split_dataset(data, config)
-    unlabelled = sa.gather_unlabelled(data, splits, config)
+    unlabelled = sa.gather_unlabelled(data, splits, config.unlabelled, config.text_column)
     assert unlabelled.counts == {"from_data": 80, "from_file": 0, "duplicates": 0, "equal_to_validation_or_test": 0,
                                  "used": 80}
     summary = sa.data_summary(data, splits, unlabelled)
@@ -63,7 +63,7 @@ def test_unlabelled_file_is_deduplicated_and_never_holds_a_scored_text(semi_csv,
         path.write_text("\n".join([*texts[:2], "", *texts[2:]]) + "\n")
     else:
         pd.DataFrame({"text": texts}).to_csv(path, index=False, sep="\t" if kind == "tsv" else ",")
-    unlabelled = sa.gather_unlabelled(data, splits, config_for(semi_csv, unlabelled=str(path)))
+    unlabelled = sa.gather_unlabelled(data, splits, str(path), None)
     assert unlabelled.counts == {"from_data": 80, "from_file": len(texts), "duplicates": 3,
                                  "equal_to_validation_or_test": 2, "used": 82}
     used = set(unlabelled.texts)
@@ -118,11 +118,12 @@ def test_without_unlabelled_text_the_teacher_grades_the_training_split_out_of_fo
     texts = sa.standardized_strings(rows["reviews"].to_numpy(), sa.standardize_text)
     labels = (rows["sentiment"] == "positive").to_numpy().astype(np.int64)
     config = sa.TrainConfig(seed=3)
-    graded = sa.out_of_fold_probabilities(texts, labels, 2, config)
+    recipe = sa.BaselineRecipe.of(config)
+    graded = sa.out_of_fold_probabilities(texts, labels, 2, recipe)
     assert graded.shape == (200, 2) and np.allclose(graded.sum(axis=1), 1)
-    np.testing.assert_array_equal(graded, sa.out_of_fold_probabilities(texts, labels, 2, config))  # seeded
+    np.testing.assert_array_equal(graded, sa.out_of_fold_probabilities(texts, labels, 2, recipe))  # seeded
     # A baseline grading the texts it was fitted on is surer of their labels than one grading them out of fold.
-    in_sample = sa.fit_baseline(texts, labels, config).predict_proba(texts)
+    in_sample = sa.fit_baseline(texts, labels, recipe).predict_proba(texts)
     assert (np.abs(graded[:, 1] - labels).mean() > np.abs(in_sample[:, 1] - labels).mean() + 0.05)
 
 
@@ -179,13 +180,14 @@ def test_the_classifier_starts_from_the_weights_the_teacher_stage_ends_with(semi
                         embedding_dim=16)
     data = sa.load_dataset(config)
     splits = sa.split_dataset(data, config)
-    unlabelled = sa.gather_unlabelled(data, splits, config)
+    unlabelled = sa.gather_unlabelled(data, splits, config.unlabelled, config.text_column)
     derived = sa.Derived.of(config)
     fingerprint = sa.training_fingerprint(config, derived)
     inputs = sa.prepare_inputs(splits, config, derived, 1, 2, unlabelled.texts)
     assert inputs.unlabelled_ids.shape == (80, 80) and inputs.unlabelled_ids.any()
     standardize = sa.text_standardizer(inputs.vectorizer)
-    baseline = sa.fit_baseline(sa.standardized_strings(splits.train.texts, standardize), splits.train.labels, config)
+    baseline = sa.fit_baseline(sa.standardized_strings(splits.train.texts, standardize), splits.train.labels,
+                               sa.BaselineRecipe.of(config))
     targets = sa.soft_targets(sa.baseline_probabilities(baseline, unlabelled.texts, standardize))
     assert targets.shape == (80,) and 0 < targets.min() < targets.max() < 1  # probabilities, not labels
     strategy = sa.tf.distribute.get_strategy()

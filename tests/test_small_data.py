@@ -151,9 +151,10 @@ def test_the_baselines_learning_curve_refits_on_shares_of_the_training_split():
     splits = sa.split_dataset(sa.load_dataset(config), config)
     train = sa.standardized_strings(splits.train.texts, sa.standardize_text)
     validation = sa.standardized_strings(splits.validation.texts, sa.standardize_text)
-    baseline = sa.fit_baseline(train, splits.train.labels, config)
+    baseline = sa.fit_baseline(train, splits.train.labels, sa.BaselineRecipe.of(config))
     curve, half = sa.baseline_learning_curve(baseline.predict_proba(validation), train, splits.train.labels,
-                                             validation, splits.validation.labels, config)
+                                             validation, splits.validation.labels,
+                                             sa.BaselineRecipe.of(config))
     rows = len(splits.train.labels)
     assert [point["share"] for point in curve] == [0.1, 0.25, 0.5, 1.0]
     assert [point["training_rows"] for point in curve] == [round(0.1 * rows), round(0.25 * rows),
@@ -165,7 +166,7 @@ def test_the_baselines_learning_curve_refits_on_shares_of_the_training_split():
 
     chosen, _ = train_test_split(np.arange(rows), train_size=round(0.5 * rows), stratify=splits.train.labels,
                                  random_state=config.seed)
-    refit = sa.fit_baseline([train[i] for i in chosen], splits.train.labels[chosen], config)
+    refit = sa.fit_baseline([train[i] for i in chosen], splits.train.labels[chosen], sa.BaselineRecipe.of(config))
     accuracy = np.mean(sa.predicted_labels(refit.predict_proba(validation)) == splits.validation.labels)
     assert curve[2]["validation_accuracy"] == round(float(accuracy), 4)
     np.testing.assert_array_equal(half, refit.predict_proba(validation))  # what the advice compares with
@@ -298,9 +299,9 @@ def test_an_auto_blend_less_accurate_than_a_part_gives_that_part_all_the_weight(
     as_classes = lambda positive: np.stack([1 - positive, positive], axis=1)
     config = sa.TrainConfig(blend_weight="auto")
     monkeypatch.setattr(sa, "choose_blend_weight", lambda *arrays: 0.5)  # a log-loss choice that mixes the two
-    blend = sa.choose_blend(config, labels, as_classes(neural), as_classes(baseline))
+    blend = sa.choose_blend(config.blend_weight, config.arch, labels, as_classes(neural), as_classes(baseline))
     assert blend.weight == 0.0
     assert blend.validation_accuracy == {"lstm": 0.6, "baseline": 1.0, "blend": 1.0}
     # When the blend is at least as accurate as both parts, the log-loss weight stands.
-    blend = sa.choose_blend(config, labels, as_classes(baseline), as_classes(baseline))
+    blend = sa.choose_blend(config.blend_weight, config.arch, labels, as_classes(baseline), as_classes(baseline))
     assert blend.weight == 0.5 and blend.validation_accuracy["blend"] == 1.0

@@ -173,7 +173,8 @@ def test_exported_blend_scores_exactly_like_scikit_learn(tmp_path):
     rows = pd.read_csv(TINY_CSV)
     texts, labels = rows["reviews"].to_numpy(object), (rows["sentiment"] == "positive").to_numpy(int)
     config = sa.TrainConfig(vocab_size=500, max_length=50, baseline_ngrams=3)
-    baseline = sa.fit_baseline(sa.standardized_strings(texts[:150], sa.standardize_text), labels[:150], config)
+    baseline = sa.fit_baseline(sa.standardized_strings(texts[:150], sa.standardize_text), labels[:150],
+                               sa.BaselineRecipe.of(config))
     expected = baseline.predict_proba(sa.standardized_strings(texts[150:], sa.standardize_text))
     vectorizer = sa.build_vectorizer(texts[:150], config, config.max_length)
     neural = sa.build_predictor(vectorizer, sa.build_classifier(config, len(vectorizer.get_vocabulary())),
