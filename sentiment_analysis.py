@@ -2895,13 +2895,60 @@ def clear_old_curves(log_dir: Path | None, resuming: bool) -> None:
         shutil.rmtree(log_dir, ignore_errors=True)
 
 
+class Checkpoints:
+    """What the training loop leaves to others, as a context around it: saving the training state (after every
+    epoch, and part-way when SIGTERM asks), the SIGTERM handler, Ctrl-C (the loop stops, the run goes on with the
+    best weights so far: `interrupted`), and a lost cluster worker as one line.
+
+    SIGTERM only asks the loop to stop after its step, in one process: a cluster's workers must stop together,
+    so there the signal keeps its default and the last whole epoch's state is what a rerun resumes from."""
+
+    def __init__(self, state: TrainingState, state_dir: Path, variables: list, multi_worker: bool):
+        self.state, self.state_dir, self.variables, self.multi_worker = state, state_dir, variables, multi_worker
+        self.terminated, self.interrupted, self.previous_handler = threading.Event(), False, None
+
+    def __enter__(self) -> "Checkpoints":
+        if not self.multi_worker and threading.current_thread() is threading.main_thread():
+            self.previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: self.terminated.set())
+        return self
+
+    def save(self) -> None:
+        self.state.variable_values = [variable.numpy() for variable in self.variables]
+        self.state.save(self.state_dir)
+
+    def stop_part_way(self, done: EpochProgress, steps: int):
+        """After SIGTERM: the state as it is after this step, saved, then Terminated."""
+        self.state.epoch_progress = dataclasses.asdict(done)
+        self.save()
+        raise Terminated(f"Stopped by SIGTERM after batch {done.batches} of {steps} in epoch "
+                         f"{self.state.epoch + 1}; the training state is saved in {self.state_dir}: run the same "
+                         "command to continue from there.")
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if self.previous_handler is not None:
+            signal.signal(signal.SIGTERM, self.previous_handler)
+        if kind is not None and issubclass(kind, KeyboardInterrupt):
+            self.interrupted = True
+            print(f"\nInterrupted: evaluating the best weights so far. The training state stays in "
+                  f"{self.state_dir}: run the same command to continue.", file=sys.stderr)
+            return True
+        cluster_lost = (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.DeadlineExceededError)
+        if kind is not None and issubclass(kind, cluster_lost) and self.multi_worker:
+            # TensorFlow notices a crashed worker by its missing heartbeats and aborts the collective operations.
+            raise UserError(f"another worker of the cluster stopped during epoch {self.state.epoch + 1}; every "
+                            "worker's state after the last whole epoch is saved: start all workers again with "
+                            "the same command to resume") from None
+        return False
+
+
 def train(classifier, optimizer, strategy, inputs: PreparedInputs, state: TrainingState, state_dir: Path,
           multi_worker: bool, log_dir: Path | None = None, steps: Steps | None = None) -> TrainingResult:
-    """Train from `state` with early stopping on validation loss and keep the best weights; save the training
-    state after every epoch so that a crashed run continues; on Ctrl-C stop and keep the best weights so far; on SIGTERM
-    (a scheduler's notice before it kills) save the state after the current step and stop at once, with no
-    evaluation (raises Terminated). With `log_dir`, log the curves for TensorBoard there. `steps` are the
-    classifier's (build_step_functions) unless given: the language model's train through the same loop.
+    """Train from `state` with early stopping on validation loss and keep the best weights. Checkpoints saves
+    the state after every epoch (a crashed run continues from it); on Ctrl-C the loop stops and the best weights
+    so far are kept; on SIGTERM (a scheduler's notice before it kills) the state after the current step is saved
+    and Terminated raised, with no evaluation. With `log_dir`, the curves are logged for TensorBoard there.
+    `steps` are the classifier's (build_step_functions) unless given: the language model's train through the
+    same loop.
 
     One loop for every setup: the strategy runs each step on its replicas, whether that is this CPU, several
     GPUs or the workers of a cluster. Not Keras' fit(): in Keras 3.15 it fails under
@@ -2910,86 +2957,62 @@ def train(classifier, optimizer, strategy, inputs: PreparedInputs, state: Traini
     step_functions = steps or build_step_functions(classifier, optimizer, strategy, inputs.class_weights)
     names = step_functions.names
     validation_batches = strategy.experimental_distribute_dataset(inputs.validation_batches)
-    variables = classifier.variables + optimizer.variables
-    resumed_after_epoch, interrupted = state.epoch, False
+    resumed_after_epoch = state.epoch
     log = TrainingLog(log_dir)
     plan, steps = inputs.plan, inputs.plan.steps_per_epoch
-    # SIGTERM only asks the loop to stop after its step (one process: a cluster's workers must stop together,
-    # so there the signal keeps its default and the last whole epoch's state is what a rerun resumes from).
-    terminated = threading.Event()
-    previous_handler = None
-    if not multi_worker and threading.current_thread() is threading.main_thread():
-        previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: terminated.set())
+    checkpoints = Checkpoints(state, state_dir, classifier.variables + optimizer.variables, multi_worker)
     try:
-        while state.epoch < plan.epochs and state.wait < plan.patience:
-            resume = EpochProgress(**state.epoch_progress) if state.epoch_progress else EpochProgress()
-            print(f"Epoch {state.epoch + 1}/{plan.epochs}" +
-                  (f", from batch {resume.batches + 1}" if resume.batches else ""))
-            started = time.perf_counter()
-            bar = keras.utils.Progbar(steps, verbose=1 if sys.stdout.isatty() else 2, stateful_metrics=names)
-            # Each epoch's batches come in the order of its own seed, so a resumed epoch skips those it has done.
-            train_batches = strategy.experimental_distribute_dataset(
-                inputs.training_batches(state.epoch).skip(resume.batches))
-            first_step = state.epoch * steps
-            minutes = StageProgress("", steps, "batches", resume.batches, terminal=False, one="batch")
+        with checkpoints:
+            while state.epoch < plan.epochs and state.wait < plan.patience:
+                resume = EpochProgress(**state.epoch_progress) if state.epoch_progress else EpochProgress()
+                print(f"Epoch {state.epoch + 1}/{plan.epochs}" +
+                      (f", from batch {resume.batches + 1}" if resume.batches else ""))
+                started = time.perf_counter()
+                bar = keras.utils.Progbar(steps, verbose=1 if sys.stdout.isatty() else 2, stateful_metrics=names)
+                # Each epoch's batches come in the order of its own seed, so a resumed epoch skips those it has done.
+                train_batches = strategy.experimental_distribute_dataset(
+                    inputs.training_batches(state.epoch).skip(resume.batches))
+                first_step = state.epoch * steps
+                minutes = StageProgress("", steps, "batches", resume.batches, terminal=False, one="batch")
 
-            def on_batch(index, loss):
-                log.batch(first_step + index + 1, loss)
-                if not sys.stdout.isatty():  # a terminal has the progress bar
-                    minutes(index + 1)
+                def on_batch(index, loss):
+                    log.batch(first_step + index + 1, loss)
+                    if not sys.stdout.isatty():  # a terminal has the progress bar
+                        minutes(index + 1)
 
-            done = run_epoch(step_functions.train, train_batches, steps, bar, done=resume, stop=terminated.is_set,
-                             on_batch=on_batch, shown=names)
-            done.seconds = resume.seconds + time.perf_counter() - started
-            if terminated.is_set():
-                state.epoch_progress = dataclasses.asdict(done)
-                state.variable_values = [variable.numpy() for variable in variables]
-                state.save(state_dir)
-                raise Terminated(f"Stopped by SIGTERM after batch {done.batches} of {steps} in epoch "
-                                 f"{state.epoch + 1}; the training state is saved in {state_dir}: run the same "
-                                 "command to continue from there.")
-            validation = run_epoch(step_functions.validation, validation_batches, inputs.validation_steps).scores()
-            scores = {**done.scores(), **{f"val_{name}": value for name, value in validation.items()}}
-            scores = {name: scores[name] for name in names}
-            bar.update(steps, list(scores.items()), finalize=True)
-            state.epoch += 1
-            state.epoch_progress = None
-            log.epoch(state.epoch, scores, float(optimizer.learning_rate))
-            state.epoch_seconds.append(done.seconds)
-            for name in names:
-                state.history.setdefault(name, []).append(scores[name])
-            if scores["val_loss"] < state.best_loss:
-                state.best_loss, state.best_epoch, state.wait = scores["val_loss"], state.epoch, 0
-                state.best_weights = classifier.get_weights()
-            else:
-                state.wait += 1
-            state.variable_values = [variable.numpy() for variable in variables]
-            state.save(state_dir)
-        if state.wait >= plan.patience:
-            print(f"Early stopping: no lower validation loss in the last {state.wait} epoch(s)")
-    except KeyboardInterrupt:
-        interrupted = True
-        print(f"\nInterrupted: evaluating the best weights so far. The training state stays in {state_dir}: "
-              "run the same command to continue.", file=sys.stderr)
-    except (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.DeadlineExceededError):
-        if not multi_worker:
-            raise
-        # TensorFlow notices a crashed worker by its missing heartbeats and aborts the collective operations.
-        raise UserError(f"another worker of the cluster stopped during epoch {state.epoch + 1}; every "
-                        "worker's state after the last whole epoch is saved: start all workers again with the "
-                        "same command to resume") from None
+                done = run_epoch(step_functions.train, train_batches, steps, bar, done=resume,
+                                 stop=checkpoints.terminated.is_set, on_batch=on_batch, shown=names)
+                done.seconds = resume.seconds + time.perf_counter() - started
+                if checkpoints.terminated.is_set():
+                    checkpoints.stop_part_way(done, steps)
+                validation = run_epoch(step_functions.validation, validation_batches, inputs.validation_steps).scores()
+                scores = {**done.scores(), **{f"val_{name}": value for name, value in validation.items()}}
+                scores = {name: scores[name] for name in names}
+                bar.update(steps, list(scores.items()), finalize=True)
+                state.epoch += 1
+                state.epoch_progress = None
+                log.epoch(state.epoch, scores, float(optimizer.learning_rate))
+                state.epoch_seconds.append(done.seconds)
+                for name in names:
+                    state.history.setdefault(name, []).append(scores[name])
+                if scores["val_loss"] < state.best_loss:  # early stopping on the validation loss
+                    state.best_loss, state.best_epoch, state.wait = scores["val_loss"], state.epoch, 0
+                    state.best_weights = classifier.get_weights()
+                else:
+                    state.wait += 1
+                checkpoints.save()
+            if state.wait >= plan.patience:
+                print(f"Early stopping: no lower validation loss in the last {state.wait} epoch(s)")
     finally:
         log.close()
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
     if state.best_weights is not None and state.best_epoch == 0:
         print("Keeping the weights training started from: no epoch lowered their validation loss")
         classifier.set_weights(state.best_weights)
     elif state.best_weights is not None:
         print(f"Keeping the weights of epoch {state.best_epoch}, the lowest validation loss")
         classifier.set_weights(state.best_weights)
-    return TrainingResult(state.history, state.epoch_seconds, state.epoch, state.best_epoch, interrupted,
-                          resumed_after_epoch, plan)
+    return TrainingResult(state.history, state.epoch_seconds, state.epoch, state.best_epoch,
+                          checkpoints.interrupted, resumed_after_epoch, plan)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -4766,7 +4789,7 @@ def main(argv: list[str] | None = None) -> int:
         print(stop, file=sys.stderr)
         # 128 + the signal's number, what a shell reports for a process the signal ended.
         return 130 if isinstance(stop, Interrupted) else 143
-    except KeyboardInterrupt:  # Ctrl-C before training (in training, train() handles it and reports)
+    except KeyboardInterrupt:  # Ctrl-C before training (in training, Checkpoints handles it and train reports)
         if show_traceback:
             raise
         print("Interrupted before training: no outputs written; the same command starts again (reusing the "
