@@ -324,8 +324,10 @@ def one_line(text, width: int = 80) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Files: every output is written to a hidden temporary name in its directory, then renamed, so an interrupted
-# run never leaves half a file. Directories are checked for writing before any expensive work.
+# Operations, private helpers (_name) the pipeline calls: files, the output directory's lock, disk space and
+# this process's role in a cluster. Every output is written to a hidden temporary name in its directory, then
+# renamed, so an interrupted run never leaves half a file; directories are checked for writing, and TF_CONFIG
+# read, before any expensive work.
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -333,7 +335,7 @@ class DiskFull(UserError):
     """No space left where an output is written (a machine's fault, not a bug: one line, like a user's mistake)."""
 
 
-def is_disk_full(error: BaseException) -> bool:
+def _is_disk_full(error: BaseException) -> bool:
     """ENOSPC or a full quota, as an OSError or as TensorFlow's own error text (the SavedModel writer)."""
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
@@ -341,14 +343,14 @@ def is_disk_full(error: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path):
+def _atomic_path(path: Path):
     """Yield a temporary path next to `path` (same extension); rename it over `path` only on success."""
     temporary = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     try:
         yield temporary
         os.replace(temporary, path)
     except Exception as error:
-        if is_disk_full(error):
+        if _is_disk_full(error):
             raise DiskFull(f"no space left in {path.parent} while writing {path.name}") from None
         raise
     finally:
@@ -356,28 +358,28 @@ def atomic_path(path: Path):
             temporary.unlink()
 
 
-def write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as temporary:
+def _write_text(path: Path, text: str) -> None:
+    with _atomic_path(path) as temporary:
         temporary.write_text(text, encoding="utf-8")
 
 
-def write_csv(path: Path, frame: pd.DataFrame) -> None:
-    with atomic_path(path) as temporary:
+def _write_csv(path: Path, frame: pd.DataFrame) -> None:
+    with _atomic_path(path) as temporary:
         frame.to_csv(temporary, index=False)
 
 
-def save_figure(figure, path: Path) -> None:
-    with atomic_path(path) as temporary:
+def _save_figure(figure, path: Path) -> None:
+    with _atomic_path(path) as temporary:
         figure.savefig(temporary, dpi=120, format="png")
 
 
-def save_model(model, path: Path) -> None:
-    with atomic_path(path) as temporary:
+def _save_model(model, path: Path) -> None:
+    with _atomic_path(path) as temporary:
         model.save(temporary)
 
 
 @contextlib.contextmanager
-def atomic_directory(path: Path):
+def _atomic_directory(path: Path):
     """Yield a temporary directory next to `path`; on success it replaces `path` (and whatever was there)."""
     temporary = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     shutil.rmtree(temporary, ignore_errors=True)
@@ -390,14 +392,14 @@ def atomic_directory(path: Path):
         os.replace(temporary, path)
         shutil.rmtree(old, ignore_errors=True)
     except Exception as error:
-        if is_disk_full(error):
+        if _is_disk_full(error):
             raise DiskFull(f"no space left in {path.parent} while writing {path.name}/") from None
         raise
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
 
 
-def prepare_output_dir(path: Path) -> Path:
+def _prepare_output_dir(path: Path) -> Path:
     """Create the output directory and prove it is writable, before any expensive work."""
     if path.exists() and not path.is_dir():
         raise UserError(f"output directory is a file: {path}")
@@ -410,7 +412,7 @@ def prepare_output_dir(path: Path) -> Path:
     return path
 
 
-def process_running(pid: int) -> bool:
+def _process_running(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -421,7 +423,7 @@ def process_running(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def output_lock(output_dir: Path, name: str = "run"):
+def _output_lock(output_dir: Path, name: str = "run"):
     """Hold OUTPUT_DIR/.NAME.lock (this process's id, host and start time) while a run writes there, so that a
     second run into the same directory is refused at start-up instead of mixing its files with the first's. A
     lock left by a process that no longer runs on this host is taken over, with a note."""
@@ -436,7 +438,7 @@ def output_lock(output_dir: Path, name: str = "run"):
                 pid, host, started = int(holder["pid"]), str(holder["host"]), str(holder["started"])
             except (OSError, ValueError, KeyError, TypeError):
                 pid, host, started = -1, platform.node(), "an unknown time"  # unreadable: a half-written lock
-            if host != platform.node() or (pid > 0 and process_running(pid)):
+            if host != platform.node() or (pid > 0 and _process_running(pid)):
                 raise UserError(f"another run is writing to {output_dir}: process {pid} on {host}, started "
                                 f"{started} (wait for it to finish, or give another --output-dir; if it is gone, "
                                 f"delete {lock})") from None
@@ -455,11 +457,11 @@ def output_lock(output_dir: Path, name: str = "run"):
         lock.unlink(missing_ok=True)
 
 
-def megabytes(size: float) -> str:
+def _megabytes(size: float) -> str:
     return f"{size / 1e6:,.0f} MB"
 
 
-def output_bytes_needed(parameters: int, blend: bool) -> int:
+def _output_bytes_needed(parameters: int, blend: bool) -> int:
     """What a run writes, about: the weights in model.keras and twice in saved_model/ (its variables and its
     constants), the training state (the weights, two Adam moments and the best weights, held twice while a new
     state replaces the last), with a blend the baseline inside both model files, and 10 MB of reports."""
@@ -467,15 +469,15 @@ def output_bytes_needed(parameters: int, blend: bool) -> int:
     return weights * (3 + 2 * 4) + (60_000_000 if blend else 0) + 10_000_000
 
 
-def check_free_space(output_dir: Path, needed: int) -> None:
+def _check_free_space(output_dir: Path, needed: int) -> None:
     free = shutil.disk_usage(output_dir).free
     if free < needed:
-        raise UserError(f"not enough space in {output_dir}: this run's outputs need about {megabytes(needed)}, "
-                        f"{megabytes(free)} are free")
+        raise UserError(f"not enough space in {output_dir}: this run's outputs need about {_megabytes(needed)}, "
+                        f"{_megabytes(free)} are free")
 
 
 @contextlib.contextmanager
-def disk_full_advice(output_dir: Path, state_dir: Path, needed: int):
+def _disk_full_advice(output_dir: Path, state_dir: Path, needed: int):
     """Turn a full disk met while writing into one line: what was being written, how much a run needs, what
     is free, and whether the finished epochs' training state stays for the rerun."""
     try:
@@ -483,11 +485,11 @@ def disk_full_advice(output_dir: Path, state_dir: Path, needed: int):
     except DiskFull as error:
         free = shutil.disk_usage(output_dir).free
         resumes = " (it resumes after the last finished epoch)" if (state_dir / "state.json").exists() else ""
-        raise UserError(f"{error}: this run's outputs need about {megabytes(needed)}, {megabytes(free)} are free "
+        raise UserError(f"{error}: this run's outputs need about {_megabytes(needed)}, {_megabytes(free)} are free "
                         f"now; free some space and run the same command again{resumes}") from None
 
 
-def check_output_file(path: Path) -> None:
+def _check_output_file(path: Path) -> None:
     if path.is_dir():
         raise UserError(f"output path is a directory: {path}")
     if not path.parent.is_dir():
@@ -520,6 +522,39 @@ class Stopwatch:
         """Every stage and the total so far, rounded to hundredths of a second, for the report."""
         seconds = {**self.seconds, "total_s": time.perf_counter() - self.started}
         return {name: np.round(value, 2).tolist() for name, value in seconds.items()}
+
+
+@dataclass(frozen=True)
+class ClusterRole:
+    """This process's place in a cluster: the chief writes the model, figures and reports; the others train."""
+    chief: bool
+    name: str     # e.g. worker-1
+    workers: int  # in the whole cluster
+
+
+def _cluster_role() -> ClusterRole | None:
+    """This process's place in the cluster that TF_CONFIG describes, or None when TF_CONFIG is not set.
+
+    The chief is the task of type chief, or worker 0 when the cluster has no chief. Checked before any
+    expensive work."""
+    raw = os.environ.get("TF_CONFIG", "").strip()
+    if not raw:
+        return None
+    try:
+        description = json.loads(raw)
+        cluster, task = description["cluster"], description["task"]
+        task_type, index = task["type"], int(task["index"])
+        addresses = cluster[task_type]
+    except (ValueError, KeyError, TypeError) as error:
+        example = '{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": 0}}'
+        raise UserError(f"TF_CONFIG is not a cluster description like {example} "
+                        f"({type(error).__name__}: {error})") from None
+    if task_type not in ("chief", "worker") or set(cluster) - {"chief", "worker"}:
+        raise UserError(f"TF_CONFIG: only chief and worker tasks are supported (got {sorted(set(cluster))})")
+    if not 0 <= index < len(addresses):
+        raise UserError(f"TF_CONFIG: task index {index} is outside the {len(addresses)} {task_type} address(es)")
+    chief = task_type == "chief" or (index == 0 and "chief" not in cluster)
+    return ClusterRole(chief=chief, name=f"{task_type}-{index}", workers=sum(map(len, cluster.values())))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1848,7 +1883,7 @@ def save_inputs_cache(cache_dir: Path, fingerprint: dict, inputs: PreparedInputs
     record = {"key": inputs_cache_key(fingerprint, len(inputs.unlabelled_ids)),
               "vocabulary": [str(word) for word in inputs.vocabulary],
               "truncated_reviews": inputs.truncated_reviews, "embedding_coverage": inputs.embedding_coverage}
-    with atomic_directory(cache_dir) as temporary:
+    with _atomic_directory(cache_dir) as temporary:
         temporary.mkdir(parents=True)
         np.savez(temporary / "arrays.npz", **arrays)
         (temporary / "inputs.json").write_text(json.dumps(record), encoding="utf-8")
@@ -2068,7 +2103,7 @@ def write_saved_model(model, directory: Path, class_names) -> None:
     archive.track(model)
     archive.add_endpoint("serving_default", serve,
                          input_signature=[tf.TensorSpec(shape=(None,), dtype=tf.string, name="texts")])
-    with atomic_directory(directory) as temporary, contextlib.redirect_stdout(sys.stderr):
+    with _atomic_directory(directory) as temporary, contextlib.redirect_stdout(sys.stderr):
         archive.write_out(str(temporary), verbose=False)
 
 
@@ -2526,39 +2561,6 @@ def advice(check: ValidationCheck, arch: str, blend: Blend | None) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ClusterRole:
-    """This process's place in a cluster: the chief writes the model, figures and reports; the others train."""
-    chief: bool
-    name: str     # e.g. worker-1
-    workers: int  # in the whole cluster
-
-
-def cluster_role() -> ClusterRole | None:
-    """This process's place in the cluster that TF_CONFIG describes, or None when TF_CONFIG is not set.
-
-    The chief is the task of type chief, or worker 0 when the cluster has no chief. Checked before any
-    expensive work."""
-    raw = os.environ.get("TF_CONFIG", "").strip()
-    if not raw:
-        return None
-    try:
-        description = json.loads(raw)
-        cluster, task = description["cluster"], description["task"]
-        task_type, index = task["type"], int(task["index"])
-        addresses = cluster[task_type]
-    except (ValueError, KeyError, TypeError) as error:
-        example = '{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": 0}}'
-        raise UserError(f"TF_CONFIG is not a cluster description like {example} "
-                        f"({type(error).__name__}: {error})") from None
-    if task_type not in ("chief", "worker") or set(cluster) - {"chief", "worker"}:
-        raise UserError(f"TF_CONFIG: only chief and worker tasks are supported (got {sorted(set(cluster))})")
-    if not 0 <= index < len(addresses):
-        raise UserError(f"TF_CONFIG: task index {index} is outside the {len(addresses)} {task_type} address(es)")
-    chief = task_type == "chief" or (index == 0 and "chief" not in cluster)
-    return ClusterRole(chief=chief, name=f"{task_type}-{index}", workers=sum(map(len, cluster.values())))
-
-
 def logical_cpus(count: int) -> list[str]:
     """Split the CPU into `count` logical devices (once per process, before TensorFlow starts its runtime)."""
     cpu = tf.config.list_physical_devices("CPU")[0]
@@ -2811,11 +2813,11 @@ class TrainingState:
         arrays_name = f"epoch-{self.epoch}.npz"
         arrays = {f"variable_{i}": value for i, value in enumerate(self.variable_values or [])}
         arrays.update({f"best_{i}": weight for i, weight in enumerate(self.best_weights or [])})
-        with atomic_path(state_dir / arrays_name) as temporary:
+        with _atomic_path(state_dir / arrays_name) as temporary:
             np.savez(temporary, **arrays)
         record = {spec.name: getattr(self, spec.name) for spec in dataclasses.fields(self)
                   if spec.name not in self.ARRAY_FIELDS}
-        write_text(state_dir / "state.json", json.dumps({**record, "arrays": arrays_name}))
+        _write_text(state_dir / "state.json", json.dumps({**record, "arrays": arrays_name}))
         for path in state_dir.iterdir():
             if path.is_file() and path.name not in {"state.json", arrays_name}:  # a stage's own state: a directory
                 path.unlink()
@@ -3787,15 +3789,15 @@ def write_outputs(output_dir: Path, model, evaluation: Evaluation, history: dict
     if not show:
         matplotlib.use("Agg")
     primary = evaluation.primary
-    save_model(model, output_dir / "model.keras")
+    _save_model(model, output_dir / "model.keras")
     write_saved_model(model, output_dir / "saved_model" / "1", evaluation.class_names)
-    write_text(output_dir / "classification_report.txt",
+    _write_text(output_dir / "classification_report.txt",
                f"Test set, model: {primary}\n\n{evaluation.classification_report}\n{evaluation.table}\n")
     history_frame = pd.DataFrame(history)
     history_frame.insert(0, "epoch", np.arange(1, len(history_frame) + 1))
-    write_csv(output_dir / "history.csv", history_frame)
+    _write_csv(output_dir / "history.csv", history_frame)
     errors = confident_errors(test.texts, test.labels, evaluation.probabilities[primary], evaluation.class_names)
-    write_csv(output_dir / "errors.csv", errors)
+    _write_csv(output_dir / "errors.csv", errors)
     figures = {
         "confusion_matrix.png": plot_confusion_matrix(evaluation.scores[primary]["confusion_matrix"],
                                                       evaluation.class_names,
@@ -3808,7 +3810,7 @@ def write_outputs(output_dir: Path, model, evaluation: Evaluation, history: dict
     if learning_curve:
         figures[LEARNING_CURVE_FIGURE] = plot_learning_curve(learning_curve)
     for name, figure in figures.items():
-        save_figure(figure, output_dir / name)
+        _save_figure(figure, output_dir / name)
     return errors, {name: output_dir / name for name in figures}
 
 
@@ -4330,11 +4332,11 @@ def set_up_run(config: TrainConfig, cleanup: contextlib.ExitStack) -> RunSetup:
     (locked for this run until `cleanup` closes) and a saved training state."""
     validate_config(config)
     derived = Derived.of(config)
-    role = cluster_role()
+    role = _cluster_role()
     if role and config.cpu_replicas > 1:
         raise UserError("--cpu-replicas cannot be combined with TF_CONFIG: each worker uses its own devices")
-    output_dir = prepare_output_dir(Path(config.output_dir))
-    cleanup.enter_context(output_lock(output_dir, "run" if not role or role.chief else role.name))
+    output_dir = _prepare_output_dir(Path(config.output_dir))
+    cleanup.enter_context(_output_lock(output_dir, "run" if not role or role.chief else role.name))
     # Every worker of a cluster keeps its own training state; only the chief writes the outputs.
     state_dir = output_dir / ("training_state" if not role or role.chief else f"training_state-{role.name}")
     if config.fresh:
@@ -4438,10 +4440,10 @@ def run_training(config: TrainConfig) -> TrainingResult:
         classifier, optimizer = build_model_and_optimizer(config, labelled_inputs, len(class_names), strategy,
                                                           derived.embedding_dim)
         cache = {} if inputs.from_cache else cached_arrays(inputs)
-        needed = (output_bytes_needed(classifier.count_params(), config.blend_weight is not None)
+        needed = (_output_bytes_needed(classifier.count_params(), config.blend_weight is not None)
                   + sum(array.nbytes for array in cache.values()))
-        check_free_space(setup.output_dir, needed)
-        cleanup.enter_context(disk_full_advice(setup.output_dir, setup.state_dir, needed))
+        _check_free_space(setup.output_dir, needed)
+        cleanup.enter_context(_disk_full_advice(setup.output_dir, setup.state_dir, needed))
         if cache:
             save_inputs_cache(setup.state_dir / INPUTS_CACHE, setup.fingerprint, inputs, cache)
             cache = None  # the arrays' memory back before training
@@ -4514,9 +4516,9 @@ def run_training(config: TrainConfig) -> TrainingResult:
         with clock.timed("report_s"):
             mistakes = report_mistakes(model, errors, class_names)
             page = build_html_report(report, evaluation, training.history, figures, mistakes, clock.summary())
-            write_text(setup.output_dir / "report.html", page)
+            _write_text(setup.output_dir / "report.html", page)
         timing = clock.summary()
-        write_text(setup.output_dir / "metrics.json", json.dumps({**report, "timing": timing}, indent=2) + "\n")
+        _write_text(setup.output_dir / "metrics.json", json.dumps({**report, "timing": timing}, indent=2) + "\n")
         print(f"Outputs written to {setup.output_dir}/ (the overview: report.html; serving: saved_model/; curves: "
               f"tensorboard --logdir {setup.output_dir / 'tensorboard'}); the whole run took "
               f"{timing['total_s']:.0f} s")
@@ -4624,7 +4626,7 @@ def predict_csv_command(model_path: Path, input_path: Path, output_path: Path, t
     """Score a CSV in chunks (bounded memory); write every input column plus the prediction (with `explain`,
     also the strongest words each way), whole or not at all."""
     check_csv_file(input_path)
-    check_output_file(output_path)
+    _check_output_file(output_path)
     input_sep, output_sep = column_separator(input_path, sep), column_separator(output_path, sep)
     # Counting first gives the progress bar its total, and settles the encoding and finds a malformed row
     # before anything is written.
@@ -4639,7 +4641,7 @@ def predict_csv_command(model_path: Path, input_path: Path, output_path: Path, t
 
     progress = keras.utils.Progbar(total_rows, unit_name="review") if total_rows else None
     done = 0
-    with atomic_path(output_path) as temporary:
+    with _atomic_path(output_path) as temporary:
         for index, chunk in enumerate(read_csv_chunks(input_path, encoding, chunk_rows, sep=input_sep)):
             texts = chunk[column].fillna("").astype(str)
             present = (texts.str.strip() != "").to_numpy()

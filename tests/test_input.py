@@ -234,11 +234,11 @@ def test_preset_values_yield_to_explicit_flags():
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     target = tmp_path / "report.txt"
     with pytest.raises(RuntimeError):
-        with sa.atomic_path(target) as temporary:
+        with sa._atomic_path(target) as temporary:
             temporary.write_text("half")
             raise RuntimeError("interrupted")
     assert list(tmp_path.iterdir()) == []
-    sa.write_text(target, "whole")
+    sa._write_text(target, "whole")
     assert target.read_text() == "whole" and list(tmp_path.iterdir()) == [target]
 
 

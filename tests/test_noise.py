@@ -155,6 +155,6 @@ def test_the_learning_curve_figure_is_a_real_png(tmp_path):
     curve = [{"share": 0.1, "training_rows": 72, "validation_accuracy": 0.6, "interval": [0.45, 0.72]},
              {"share": 1.0, "training_rows": 720, "validation_accuracy": 0.8, "interval": [0.7, 0.9]}]
     path = tmp_path / sa.LEARNING_CURVE_FIGURE
-    sa.save_figure(sa.plot_learning_curve(curve), path)
+    sa._save_figure(sa.plot_learning_curve(curve), path)
     data = path.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5000

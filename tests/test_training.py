@@ -179,7 +179,7 @@ def test_exported_blend_scores_exactly_like_scikit_learn(tmp_path):
     vectorizer = sa.build_vectorizer(texts[:150], config, config.max_length)
     neural = sa.build_predictor(vectorizer, sa.build_classifier(config, len(vectorizer.get_vocabulary())),
                              sa.CLASS_NAMES)
-    sa.save_model(sa.build_blend_predictor(neural, baseline, 0.0, sa.CLASS_NAMES), tmp_path / "blend.keras")
+    sa._save_model(sa.build_blend_predictor(neural, baseline, 0.0, sa.CLASS_NAMES), tmp_path / "blend.keras")
     loaded = sa.load_model(tmp_path / "blend.keras")
     np.testing.assert_allclose(sa.predict_strings(loaded, list(texts[150:])), expected, atol=1e-5)
     assert sa.model_class_names(loaded) == sa.CLASS_NAMES
