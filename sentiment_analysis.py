@@ -2048,6 +2048,33 @@ def build_optimizer(config: TrainConfig, plan: TrainingPlan):
     return optimizer
 
 
+def bert_backbone(classifier):
+    """The KerasHub BertBackbone inside a classifier, or None."""
+    return next((layer for layer in classifier.layers if hasattr(layer, "transformer_layers")), None)
+
+
+def is_layer_chain(classifier) -> bool:
+    """Whether the classifier is its token embedding and then layers each taking only the output of the one
+    before (what the explanations replay after the embedding); a branched model (two Conv1D layers joined, say)
+    is not."""
+    chain = classifier.layers
+    names = {layer.name for layer in chain}
+    if len(chain) < 2 or chain[1].name != EMBEDDING_LAYER:
+        return False
+    for before, layer in zip(chain, chain[1:]):
+        nodes = layer._inbound_nodes  # Keras' record of what each call of the layer took
+        parents = [node.operation.name for node in nodes[0].parent_nodes] if len(nodes) == 1 else []
+        if [name for name in parents if name in names] != [before.name]:
+            return False
+    return True
+
+
+def is_explainable(classifier) -> bool:
+    """Whether predict --explain and the report can score the words of this classifier's texts: a BERT
+    backbone, or a chain of layers after the token embedding."""
+    return bert_backbone(classifier) is not None or is_layer_chain(classifier)
+
+
 def build_model_and_optimizer(config: TrainConfig, inputs: PreparedInputs, num_classes: int, strategy,
                               embedding_dim: int):
     """The classifier with its starting embedding, and its optimizer, with their variables on the strategy's
@@ -2059,6 +2086,9 @@ def build_model_and_optimizer(config: TrainConfig, inputs: PreparedInputs, num_c
         optimizer = build_optimizer(config, inputs.plan)
         optimizer.build(classifier.trainable_variables)
     classifier.summary(print_fn=print)
+    if not is_explainable(classifier):
+        print(f"Note: the {config.arch} model is not a chain of layers after its embedding, so its predictions "
+              "cannot be explained word by word (predict --explain, the report's mistakes)")
     return classifier, optimizer
 
 
@@ -3867,13 +3897,18 @@ def embedding_and_rest(classifier):
     """The classifier split in two for integrated gradients: its token embedding layer, and a function from the
     embedded tokens of texts (no padding) to the classifier's output, at inference (no dropout).
 
-    Recurrent models: every layer after the embedding, in order. BERT: the steps of KerasHub's BertBackbone
-    after its token embedding (add the position and segment embeddings, normalize, the transformer layers, the
-    pooled [CLS] output), then the classifier's head."""
+    Recurrent models: every layer after the embedding, in order (a model that is not such a chain cannot be
+    explained: a one-line error). BERT: the steps of KerasHub's BertBackbone after its token embedding (add the
+    position and segment embeddings, normalize, the transformer layers, the pooled [CLS] output), then the
+    classifier's head."""
 
     in_order = [layer for layer in classifier.layers if not isinstance(layer, keras.layers.InputLayer)]
-    backbone = next((layer for layer in in_order if hasattr(layer, "transformer_layers")), None)
+    backbone = bert_backbone(classifier)
     if backbone is None:
+        if not is_layer_chain(classifier):
+            raise UserError(f"the model {classifier.name!r} is not a chain of layers after its embedding, so its "
+                            "predictions cannot be explained word by word")
+
         def rest(vectors):
             mask = tf.ones(tf.shape(vectors)[:2], dtype=tf.bool)
             x = vectors

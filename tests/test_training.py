@@ -246,3 +246,34 @@ def test_every_arch_choice_has_a_builder_and_a_model_without_the_named_layers_is
     monkeypatch.setitem(sa.ARCHITECTURES, "lstm", unnamed)
     with pytest.raises(ValueError, match="needs a layer 'probability', a token embedding 'embedding'"):
         sa.build_classifier(sa.TrainConfig(embedding_dim=4), 20)
+
+
+def test_a_branched_model_says_before_training_that_it_cannot_be_explained(monkeypatch, capsys):
+    """The explanations replay the layers after the embedding as a chain; a model that is not one (two Conv1D
+    layers joined) is said so in one line before training, and --explain on it is a one-line error instead of
+    silently wrong word scores. The card's models are chains."""
+    from types import SimpleNamespace
+
+    import sentiment_analysis as sa
+
+    for flags in ([], ["--arch", "gru"], ["--arch", "bilstm"], ["--layers", "2"]):
+        config = sa.config_from_args(sa.build_train_parser().parse_args(flags))
+        assert sa.is_layer_chain(sa.build_classifier(config, 30)), flags
+
+    def branched(config, vocab_size, num_classes, embedding_dim):
+        ids = sa.keras.Input(shape=(None,), dtype="int32")
+        vectors = sa.layers.Embedding(vocab_size, embedding_dim, name=sa.EMBEDDING_LAYER)(ids)
+        joined = sa.layers.Concatenate()([sa.layers.Conv1D(4, 3, padding="same")(vectors),
+                                          sa.layers.Conv1D(4, 5, padding="same")(vectors)])
+        x = sa.layers.GlobalMaxPooling1D()(joined)
+        return sa.keras.Model(ids, sa.output_layer(num_classes)(x), name="cnn" + sa.CLASSIFIER_SUFFIX)
+
+    monkeypatch.setitem(sa.ARCHITECTURES, "lstm", branched)
+    inputs = SimpleNamespace(vocabulary=["", "[UNK]", "good", "bad"], embedding_matrix=None,
+                             plan=sa.TrainingPlan(4, 1, 1, 1, 0, "test"))
+    classifier, _ = sa.build_model_and_optimizer(sa.TrainConfig(), inputs, 2, sa.tf.distribute.get_strategy(), 8)
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Note:")]
+    assert len(notes) == 1 and "cannot be explained word by word" in notes[0]
+    assert not sa.is_layer_chain(classifier) and not sa.is_explainable(classifier)
+    with pytest.raises(sa.UserError, match="not a chain of layers"):
+        sa.embedding_and_rest(classifier)
