@@ -4438,7 +4438,7 @@ def run_training(config: TrainConfig) -> TrainingResult:
     clock = Stopwatch()
     with contextlib.ExitStack() as cleanup:  # The output directory's lock, held to the end.
         setup = set_up_run(config, cleanup)
-        derived = setup.derived
+        derived, recipe = setup.derived, BaselineRecipe.of(config)
         with clock.timed("load_s"):
             data = load_dataset(config)
             splits = split_dataset(data, config)
@@ -4466,7 +4466,7 @@ def run_training(config: TrainConfig) -> TrainingResult:
             with clock.timed("teacher_s"):
                 if semi.distils:
                     targets, distillation = teach_beside_the_labels(train_strings, splits.train.labels,
-                                                                    len(class_names), BaselineRecipe.of(config))
+                                                                    len(class_names), recipe)
                 else:
                     targets = soft_targets(baseline_probabilities(baseline, unlabelled.texts, standardize))
         labelled_inputs = inputs  # what the labelled stage trains on
@@ -4526,7 +4526,7 @@ def run_training(config: TrainConfig) -> TrainingResult:
             baseline, train_strings = fit_the_baseline(config, splits, standardize, clock)
         with clock.timed("validation_s"):
             check = compare_on_validation(classifier, baseline, inputs.validation_ids, splits, train_strings,
-                                          standardize, BaselineRecipe.of(config))
+                                          standardize, recipe)
         blend = blend_if_asked(config.blend_weight, config.arch, baseline, check)
         probabilities = score_on_test(config.arch, classifier, baseline, blend, inputs.test_ids, splits.test,
                                       standardize, clock)
