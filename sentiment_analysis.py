@@ -134,7 +134,8 @@ DECISION_THRESHOLD = 0.5
 
 def option(default, help_text, shapes_training=True, hidden=False, **argparse_kwargs):
     """A config field. `shapes_training=False` marks a setting that a crashed run may change when it resumes
-    (where outputs go, what is reported); `hidden` keeps the flag out of --help."""
+    (where outputs go, what is reported; the baseline's flags too, unless the baseline teaches: then the
+    fingerprint's TARGETS holds them); `hidden` keeps the flag out of --help."""
     metadata = {"help": help_text, "shapes_training": shapes_training, "hidden": hidden, **argparse_kwargs}
     return field(default=default, metadata=metadata)
 
@@ -2818,6 +2819,18 @@ def numbered_arrays(arrays, prefix: str) -> list[np.ndarray]:
     return [arrays[name] for name in names]
 
 
+TARGETS = "targets"  # the fingerprint's entry for what the run learns from (SemiSupervised.shaping)
+
+
+def same_training(saved: dict, fingerprint: dict) -> bool:
+    """Whether a saved state's fingerprint is this run's. Before the data is read, what the run learns from is
+    not known yet (auto chooses it from the data's sizes) and `fingerprint` has no TARGETS: the rest must match
+    then, and all of it once the run has chosen."""
+    if TARGETS not in fingerprint:
+        saved = {name: value for name, value in saved.items() if name != TARGETS}
+    return saved == json.loads(json.dumps(fingerprint))
+
+
 @dataclass
 class TrainingState:
     """Where training stands after its last whole epoch (or, stopped by SIGTERM, after its last step): saved
@@ -2869,7 +2882,7 @@ class TrainingState:
         except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError, zipfile.BadZipFile) as error:
             raise UserError(f"the training state in {state_dir} cannot be read ({type(error).__name__}); "
                             "add --fresh to start over") from None
-        if state.fingerprint != fingerprint:
+        if not same_training(state.fingerprint, fingerprint):
             raise UserError(f"the training state in {state_dir} was saved with other settings or other data; "
                             "run with the same flags to resume, or add --fresh to start over")
         return state
@@ -3083,11 +3096,22 @@ class SemiSupervised:
     def models_language(self) -> bool:
         return self.method in ("lm", "both")
 
+    def shaping(self, recipe: BaselineRecipe) -> dict:
+        """What the run learns from, for the resume check (the fingerprint's TARGETS): the method, and when the
+        baseline teaches, the baseline's recipe and how its probabilities become targets. A run that resumes
+        with --no-baseline or another --baseline-ngrams then learns from other targets, and is refused."""
+        record = {"method": self.method, "distils": self.distils}
+        if self.teaches:
+            record["baseline"] = dataclasses.asdict(recipe)
+        if self.distils:
+            record.update(label_share=DISTILLATION_LABEL_SHARE, most_folds=TEACHER_FOLDS)
+        return record
+
 
 # auto distils (the teacher beside the labels) from this many training rows on, where it measured better than
-# the plain run on validation (all of imdb.csv, seeds 42, 1 and 2; under --preset best's blend too, seed 42);
-# below it the plain run (not measured better).
-AUTO_DISTILLATION_ROWS = SMALL_TRAINING_ROWS
+# the plain run on validation (all of imdb.csv and about 10,000 training rows, seeds 42, 1 and 2; under
+# --preset best's blend too, seed 42); below it the plain run (at about 5,000 it was not ahead on every seed).
+AUTO_DISTILLATION_ROWS = 10_000
 
 
 def choose_semi_supervised(config: TrainConfig, training_rows: int, unlabelled_texts: int,
@@ -4335,14 +4359,13 @@ def open_report(path: Path) -> None:
 
 @dataclass
 class RunSetup:
-    """What is settled before any data is read: what the run derives from the flags, this process's role, where
-    it writes, and a saved state."""
+    """What is settled before any data is read: what the run derives from the flags, this process's role and
+    where it writes (a saved state there already checked against the flags)."""
     derived: Derived
-    fingerprint: dict             # training_fingerprint: what a saved state and the cache of token ids must match
+    fingerprint: dict             # training_fingerprint: what the cache of token ids and a saved state must match
     role: ClusterRole | None
     output_dir: Path
     state_dir: Path
-    saved_state: TrainingState | None
     started_from: dict            # the pretrained checkpoint or word vectors the model starts from
 
     @property
@@ -4377,8 +4400,8 @@ def set_up_run(config: TrainConfig, cleanup: contextlib.ExitStack) -> RunSetup:
     if config.fresh:
         shutil.rmtree(state_dir, ignore_errors=True)
     fingerprint = training_fingerprint(config, derived)
-    return RunSetup(derived, fingerprint, role, output_dir, state_dir, TrainingState.load(state_dir, fingerprint),
-                    starting_point(config, derived))
+    TrainingState.load(state_dir, fingerprint)  # refused now if saved with other flags; its targets once known
+    return RunSetup(derived, fingerprint, role, output_dir, state_dir, starting_point(config, derived))
 
 
 def fit_the_baseline(config: TrainConfig, splits: DataSplits, standardize, clock: Stopwatch):
@@ -4451,6 +4474,9 @@ def run_training(config: TrainConfig) -> TrainingResult:
                                       int(np.bincount(splits.train.labels, minlength=len(class_names)).min()))
         if unlabelled.counts["used"] or semi.method != "none":
             print(f"Unlabelled text: {semi.method} ({semi.reason})")
+        # Now that the run knows what it learns from, a saved state must have learned from the same.
+        fingerprint = {**setup.fingerprint, TARGETS: semi.shaping(recipe)}
+        saved_state = TrainingState.load(setup.state_dir, fingerprint)
         strategy = set_up_tensorflow(config, setup.role)
         with clock.timed("preprocess_s"):
             inputs = prepare_inputs(splits, config, derived, strategy.num_replicas_in_sync, len(class_names),
@@ -4485,7 +4511,7 @@ def run_training(config: TrainConfig) -> TrainingResult:
         multi_worker, pretraining_dir = setup.role is not None, setup.state_dir / "pretraining"
         language_model_dir = setup.state_dir / "language_model"
         log_dir = setup.output_dir / "tensorboard" if setup.writes_outputs else None
-        clear_old_curves(log_dir, resuming=setup.saved_state is not None or any(
+        clear_old_curves(log_dir, resuming=saved_state is not None or any(
             (stage_dir / "state.json").is_file() for stage_dir in (pretraining_dir, language_model_dir)))
         pretraining = Pretraining(semi.method, semi.reason, len(inputs.unlabelled_ids),
                                   int(review_lengths(inputs.unlabelled_ids).sum()))
@@ -4494,11 +4520,11 @@ def run_training(config: TrainConfig) -> TrainingResult:
         if semi.models_language:
             with clock.timed("language_model_s"):
                 pretraining.language_model = learn_language_model(
-                    classifier, strategy, inputs, config, setup.fingerprint, language_model_dir, multi_worker,
+                    classifier, strategy, inputs, config, fingerprint, language_model_dir, multi_worker,
                     log_dir / "language_model" if log_dir else None)
         if semi.teaches and not semi.distils:
             with clock.timed("pretrain_s"):
-                learn_from_teacher(classifier, strategy, inputs, targets, config, setup.fingerprint, pretraining_dir,
+                learn_from_teacher(classifier, strategy, inputs, targets, config, fingerprint, pretraining_dir,
                                    multi_worker, log_dir / "pretraining" if log_dir else None, pretraining)
         if pretraining.result is not None and pretraining.result.interrupted:
             training = pretraining.result  # Ctrl-C in the teacher stage: report the model as it is
@@ -4506,9 +4532,8 @@ def run_training(config: TrainConfig) -> TrainingResult:
             if pretraining.done:
                 optimizer = fine_tuning_optimizer(config, labelled_inputs.plan, classifier, strategy)
                 pretraining.fine_tuning_learning_rate = config.learning_rate * FINE_TUNING_LEARNING_RATE_SCALE
-            state = (restore_training_state(classifier, optimizer, setup.saved_state, setup.fingerprint,
-                                            setup.state_dir)
-                     if setup.saved_state is not None else fine_tuning_start(setup.fingerprint, pretraining))
+            state = (restore_training_state(classifier, optimizer, saved_state, fingerprint, setup.state_dir)
+                     if saved_state is not None else fine_tuning_start(fingerprint, pretraining))
             if multi_worker:
                 check_workers_agree(strategy, state.epoch)
             with clock.timed("train_s"):

@@ -21,10 +21,16 @@ from conftest import (SCRIPT, SMALL_BATCH_EPOCHS, SMALL_BATCH_FLAGS, SMALL_BATCH
 LONG_RUN = [*TINY_FLAGS, "--no-baseline", "--epochs", "8", "--patience", "8"]
 
 
-def start_training(output_dir, flags, env_extra=None, data=TINY_CSV):
+# The script with auto's size rule for distillation lowered to one training row, so that a tiny run distils as
+# a large one does by default.
+DISTILLING_SCRIPT = ["-c", "import sys, sentiment_analysis as sa; sa.AUTO_DISTILLATION_ROWS = 1; "
+                           "sys.exit(sa.main(sys.argv[1:]))"]
+
+
+def start_training(output_dir, flags, env_extra=None, data=TINY_CSV, script=(str(SCRIPT),)):
     env = {key: value for key, value in os.environ.items() if key not in ("DISPLAY", "TF_CONFIG")}
-    env.update(env_extra or {})
-    command = [sys.executable, str(SCRIPT), "--data", str(data), "--output-dir", str(output_dir), *flags]
+    env.update({"PYTHONPATH": str(SCRIPT.parent), **(env_extra or {})})
+    command = [sys.executable, *script, "--data", str(data), "--output-dir", str(output_dir), *flags]
     # A shell without job control starts background commands with SIGINT ignored, and the child would inherit
     # that (Python then never raises KeyboardInterrupt): give the run the default, as a terminal would.
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
@@ -108,6 +114,53 @@ def test_resume_with_other_settings_is_refused_and_fresh_starts_over(crashed):
     assert json.loads((crashed / "metrics.json").read_text())["training"]["resumed_after_epoch"] == 0
 
 
+def directory_listing(directory):
+    """Every file and its modification time, but the output lock (a killed run's stale one is taken over)."""
+    return {str(path.relative_to(directory)): path.stat().st_mtime_ns for path in directory.rglob("*")
+            if path.name != ".run.lock"}
+
+
+@pytest.mark.slow
+def test_a_run_that_learns_from_the_baseline_resumes_only_with_the_same_baseline(tmp_path, monkeypatch):
+    """The baseline is a distilled run's teacher: resumed without it, or with other n-grams, the run would go on
+    learning from other targets, so it is refused (one line, exit 2, nothing written); the same flags resume. A
+    plain --semi-supervised none run does not learn from the baseline and still resumes with --no-baseline."""
+    import sentiment_analysis as sa
+
+    flags = [*TINY_FLAGS, "--epochs", "8", "--patience", "8"]
+    distilled = tmp_path / "distilled"
+    process = start_training(distilled, flags, script=DISTILLING_SCRIPT)
+    wait_for_first_epoch(process, distilled)
+    process.kill()
+    process.wait()
+    saved = json.loads((distilled / "training_state" / "state.json").read_text())
+    assert saved["fingerprint"]["targets"]["distils"] and saved["epoch"] < 8
+
+    monkeypatch.setattr(sa, "AUTO_DISTILLATION_ROWS", 1)
+    before = directory_listing(distilled)
+    for changed in (["--no-baseline"], ["--baseline-ngrams", "3"]):
+        result = train_tiny_in_process(distilled, *flags[len(TINY_FLAGS):], *changed)
+        assert result.returncode == 2
+        assert_user_error(result, "other settings", "--fresh")
+        assert "Training Word2Vec" not in result.stdout and "Epoch" not in result.stdout  # refused before the work
+        assert directory_listing(distilled) == before
+    result = train_tiny_in_process(distilled, *flags[len(TINY_FLAGS):])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Resuming after epoch {saved['epoch']}" in result.stdout
+    assert json.loads((distilled / "metrics.json").read_text())["semi_supervised"]["distillation"]
+
+    plain = tmp_path / "plain"
+    process = start_training(plain, [*flags, "--semi-supervised", "none"])
+    wait_for_first_epoch(process, plain)
+    process.kill()
+    process.wait()
+    completed = json.loads((plain / "training_state" / "state.json").read_text())["epoch"]
+    result = train_tiny_in_process(plain, "--epochs", "8", "--patience", "8", "--semi-supervised", "none",
+                                   "--no-baseline")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Resuming after epoch {completed}" in result.stdout
+
+
 def config_for(*flags):
     import sentiment_analysis as sa
 
@@ -129,6 +182,24 @@ def test_only_settings_that_shape_training_must_match_to_resume():
                   ["--vocab-size", "100"], ["--seed", "1"], ["--batch-size", "64"], ["--arch", "gru"],
                   ["--max-rows", "100"], ["--learning-rate", "0.01"], ["--cpu-replicas", "2"]):
         assert fingerprint_of(config_for(*flags)) != base, flags
+
+
+def test_what_the_run_learns_from_is_part_of_the_resume_check():
+    import sentiment_analysis as sa
+
+    two, three = sa.BaselineRecipe(ngrams=2), sa.BaselineRecipe(ngrams=3)
+    distilled = sa.SemiSupervised("teacher", "auto", distils=True)
+    plain = sa.SemiSupervised("none", "auto: no unlabelled text")
+    assert distilled.shaping(two) != distilled.shaping(three)  # other n-grams: other targets
+    assert distilled.shaping(two) != plain.shaping(two)  # --no-baseline turns auto's distillation off
+    assert distilled.shaping(two)["label_share"] == sa.DISTILLATION_LABEL_SHARE
+    assert plain.shaping(two) == plain.shaping(three)  # the plain run does not learn from the baseline
+    settings = fingerprint_of(config_for())
+    with_targets = {**settings, sa.TARGETS: distilled.shaping(two)}
+    assert sa.same_training(with_targets, settings)  # before the data is read: the flags alone
+    assert sa.same_training(with_targets, with_targets)
+    assert not sa.same_training(with_targets, {**settings, sa.TARGETS: distilled.shaping(three)})
+    assert not sa.same_training(settings, with_targets)  # a state saved before targets were recorded
 
 
 @pytest.mark.parametrize("damage", ["not json", '{"epoch": 1', '{"epoch": 1}', "missing arrays", "bad arrays"])
