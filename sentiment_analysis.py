@@ -2558,13 +2558,14 @@ MIN_CURVE_GAIN = 0.01  # the least validation accuracy gained from half the labe
 
 def advice(check: ValidationCheck, arch: str, blend: Blend | None) -> list[str]:
     """What to trust, in plain words, from the validation split, each only when its difference is beyond noise
-    (the paired bootstrap interval excludes zero): whether the baseline beats the model this run saves (and what
-    to use instead), or that the two are level (then the cheaper baseline will do); and whether the baseline's
-    learning curve still rises."""
+    (Comparison.level: the paired bootstrap interval excludes zero and McNemar's p is below 0.05): whether the
+    baseline beats the model this run saves (the blend, with any --blend-weight; else the neural model) and what
+    to use instead, or that the two are level (then the cheaper baseline will do); and whether the baseline's
+    learning curve still rises. A blend of weight 0 is the baseline itself: nothing to compare."""
     notes = []
-    if check.baseline is not None and not (blend is not None and blend.validation_accuracy and blend.weight == 0.0):
+    if check.baseline is not None and not (blend is not None and blend.weight == 0.0):
         saved, name = check.neural, arch
-        if blend is not None and blend.validation_accuracy:
+        if blend is not None and blend.weight < 1.0:
             saved, name = blend_probabilities(blend.weight, check.neural, check.baseline), "blend"
         comparison = compare_models(check.labels, saved, check.baseline, (name, "baseline"), "validation")
         ours, theirs = accuracy_of(check.labels, saved), accuracy_of(check.labels, check.baseline)

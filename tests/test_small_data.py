@@ -102,6 +102,24 @@ def test_the_advice_says_plainly_when_the_baseline_is_better():
     assert "0.8700 against 0.6400 accuracy for the blend" in notes[0] and "--preset best" not in notes[0]
 
 
+def test_the_advice_judges_the_blend_that_is_saved_whatever_its_weight():
+    import sentiment_analysis as sa
+
+    # The baseline alone beats the lstm by 30 points; the blend of a fixed 0.9 (the weight given, not chosen)
+    # still follows the lstm on most rows: the note must be about that blend, which is what the run saves.
+    labels = np.arange(200) % 2
+    neural, baseline = as_probabilities(0.6, 200), as_probabilities(0.9, 200)
+    fixed = sa.Blend(0.9, None)
+    blended = sa.blend_probabilities(0.9, neural, baseline)
+    notes = sa.advice(sa.ValidationCheck(labels, neural, baseline, []), "lstm", fixed)
+    assert len(notes) == 1 and "for the blend on the validation split" in notes[0], notes
+    assert f"against {sa.accuracy_of(labels, blended):.4f} accuracy for the blend" in notes[0]
+    assert "the lstm" not in notes[0]
+    # A blend of weight 1 is the neural model itself, and is named so.
+    notes = sa.advice(sa.ValidationCheck(labels, neural, baseline, []), "lstm", sa.Blend(1.0, None))
+    assert "for the lstm" in notes[0]
+
+
 def test_the_advice_calls_models_level_when_the_difference_is_within_noise():
     import sentiment_analysis as sa
 

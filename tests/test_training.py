@@ -5,7 +5,7 @@ import json
 import pandas as pd
 import pytest
 
-from conftest import TINY_CSV, run_main, train_tiny, train_tiny_in_process
+from conftest import TINY_CSV, TINY_FLAGS, run_main, train_tiny, train_tiny_in_process
 
 EXPECTED_FILES = ["model.keras", "metrics.json", "classification_report.txt", "history.csv", "errors.csv",
                   "confusion_matrix.png", "roc_curve.png", "training_history.png", "report.html",
@@ -187,6 +187,25 @@ def test_exported_blend_scores_exactly_like_scikit_learn(tmp_path):
     neural_part = sa.predict_strings(neural, list(texts[150:]))
     np.testing.assert_allclose(sa.predict_strings(half, list(texts[150:])), 0.5 * neural_part + 0.5 * expected,
                                atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_fixed_blend_weight_gets_advice_about_the_blend(tmp_path):
+    """--blend-weight 0.9 saves the blend: the validation advice compares that blend with the baseline, by the
+    blend's own validation accuracy, and never the lstm alone."""
+    import sentiment_analysis as sa
+
+    result = run_main("--data", TINY_CSV, "--output-dir", tmp_path, *TINY_FLAGS, "--blend-weight", "0.9")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["model"] == "blend"
+    advice = [note for note in metrics["notes"] if "the baseline" in note and "validation split" in note]
+    assert advice and all("blend" in note and "lstm" not in note for note in advice), metrics["notes"]
+    config = sa.TrainConfig(data=str(TINY_CSV))
+    validation = sa.split_dataset(sa.load_dataset(config), config).validation
+    blended = sa.predict_strings(sa.load_model(tmp_path / "model.keras"), list(validation.texts))
+    assert f"{sa.accuracy_of(validation.labels, blended):.4f}" in advice[0]
+    assert f"Note: {advice[0]}" in result.stdout
 
 
 def test_blend_weight_is_chosen_on_validation_data():
