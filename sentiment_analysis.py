@@ -945,15 +945,15 @@ def gather_unlabelled(data: LoadedData, splits: DataSplits, unlabelled: str | No
     equal_to_scored = unique.isin(scored)
     equal_to_training = unique.isin(set(splits.train.texts))
     kept = unique[~(equal_to_scored | equal_to_training)].to_numpy(dtype=object)
-    counts = {"from_data": len(data.unlabelled), "from_file": len(from_file),
+    counts = {"from_data": len(data.unlabelled), "from_file": len(from_file), "read": len(texts),
               "duplicates": int(len(texts) - len(unique) + equal_to_training.sum()),
-              "equal_to_validation_or_test": int(equal_to_scored.sum()), "used": len(kept)}
+              "equal_to_validation_or_test": int(equal_to_scored.sum()), "kept": len(kept)}
     return UnlabelledTexts(kept, counts)
 
 
-def data_summary(data: LoadedData, splits: DataSplits, unlabelled: UnlabelledTexts) -> dict:
+def data_summary(data: LoadedData, splits: DataSplits, unlabelled: dict) -> dict:
     """The row counts of the run, for the report: read, dropped, labelled rows used, in each split and in each
-    class, and the unlabelled text."""
+    class, and the unlabelled text's counts (unlabelled_use)."""
     counts = np.bincount(data.labels, minlength=len(data.classes.names))
     binary = {"positive": int(counts[1]), "negative": int(counts[0])} if data.classes.binary else {}
     return {
@@ -961,17 +961,18 @@ def data_summary(data: LoadedData, splits: DataSplits, unlabelled: UnlabelledTex
         "train": len(splits.train.labels), "validation": len(splits.validation.labels),
         "test": len(splits.test.labels), **binary,
         "classes": {name: int(count) for name, count in zip(data.classes.names, counts)},
-        "unlabelled": unlabelled.counts,
+        "unlabelled": unlabelled,
     }
 
 
 def describe_unlabelled(counts: dict) -> str:
-    """The unlabelled text in a few words, for the run's summary line."""
-    if not counts["from_data"] + counts["from_file"]:
+    """The unlabelled text in a few words, for the run's summary line (the counts of unlabelled_use)."""
+    if not counts["read"]:
         return "no unlabelled text"
-    return (f"unlabelled texts: {counts['from_data']} rows without a label, {counts['from_file']} from --unlabelled; "
-            f"{counts['used']} used ({counts['duplicates']} duplicates, {counts['equal_to_validation_or_test']} "
-            f"equal to a validation or test text removed)")
+    used = f"{counts['used']} used" + (f", because {counts['not_used']}" if "not_used" in counts else "")
+    return (f"unlabelled texts: {counts['read']} read ({counts['from_data']} rows without a label, "
+            f"{counts['from_file']} from --unlabelled), {counts['duplicates']} duplicates and "
+            f"{counts['equal_to_validation_or_test']} equal to a validation or test text removed; {used}")
 
 
 def describe_classes(data: LoadedData) -> str:
@@ -3097,6 +3098,10 @@ class SemiSupervised:
     def models_language(self) -> bool:
         return self.method in ("lm", "both")
 
+    @property
+    def learns_from_unlabelled(self) -> bool:
+        return self.method != "none" and not self.distils
+
     def shaping(self, recipe: BaselineRecipe) -> dict:
         """What the run learns from, for the resume check (the fingerprint's TARGETS): the method, and when the
         baseline teaches, the baseline's recipe and how its probabilities become targets. A run that resumes
@@ -3145,6 +3150,17 @@ def choose_semi_supervised(config: TrainConfig, training_rows: int, unlabelled_t
                                          f"split are learned beside the labels ({training_rows} training rows)",
                               distils=True)
     return SemiSupervised("none", f"auto: {few}")
+
+
+def unlabelled_use(counts: dict, semi: SemiSupervised) -> dict:
+    """The unlabelled texts' counts (gather_unlabelled's) with how many the run learns from: all those kept, or
+    none when its method does not learn from unlabelled text, the reason then in words (`not_used`)."""
+    used = counts["kept"] if semi.learns_from_unlabelled else 0
+    record = {**counts, "used": used}
+    if counts["kept"] and not used:
+        record["not_used"] = (f"the baseline teaches beside the labels instead ({semi.reason})" if semi.distils
+                              else f"--semi-supervised none learns from none of them ({semi.reason})")
+    return record
 
 
 def soft_targets(probabilities: np.ndarray) -> np.ndarray:
@@ -4467,13 +4483,14 @@ def run_training(config: TrainConfig) -> TrainingResult:
             data = load_dataset(config)
             splits = split_dataset(data, config)
             unlabelled = gather_unlabelled(data, splits, config.unlabelled, config.text_column)
-        counts, class_names = data_summary(data, splits, unlabelled), data.classes.names
+        class_names = data.classes.names
+        semi = choose_semi_supervised(config, len(splits.train.labels), len(unlabelled.texts), config.baseline,
+                                      int(np.bincount(splits.train.labels, minlength=len(class_names)).min()))
+        counts = data_summary(data, splits, unlabelled_use(unlabelled.counts, semi))
         print(f"Read {counts['rows_read']} rows from {config.data}; dropped {counts['dropped']}; "
               f"train {counts['train']}, validation {counts['validation']}, test {counts['test']}; "
-              f"{describe_unlabelled(unlabelled.counts)}; {describe_classes(data)}")
-        semi = choose_semi_supervised(config, counts["train"], len(unlabelled.texts), config.baseline,
-                                      int(np.bincount(splits.train.labels, minlength=len(class_names)).min()))
-        if unlabelled.counts["used"] or semi.method != "none":
+              f"{describe_unlabelled(counts['unlabelled'])}; {describe_classes(data)}")
+        if counts["unlabelled"]["read"] or semi.method != "none":
             print(f"Unlabelled text: {semi.method} ({semi.reason})")
         # Now that the run knows what it learns from, a saved state must have learned from the same.
         fingerprint = {**setup.fingerprint, TARGETS: semi.shaping(recipe)}
@@ -4481,7 +4498,7 @@ def run_training(config: TrainConfig) -> TrainingResult:
         strategy = set_up_tensorflow(config, setup.role)
         with clock.timed("preprocess_s"):
             inputs = prepare_inputs(splits, config, derived, strategy.num_replicas_in_sync, len(class_names),
-                                    unlabelled.texts if semi.method != "none" and not semi.distils else None,
+                                    unlabelled.texts if semi.learns_from_unlabelled else None,
                                     cache_dir=setup.state_dir / INPUTS_CACHE)
         standardize = text_standardizer(inputs.vectorizer)  # the model's words, for the baseline too
         baseline = train_strings = targets = None

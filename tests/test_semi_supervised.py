@@ -43,11 +43,62 @@ def test_rows_without_a_label_are_unlabelled_text_not_dropped(semi_csv):
     assert data.dropped == {"missing_text": 0, "duplicate_text": 0}
     splits = sa.split_dataset(data, config)
     unlabelled = sa.gather_unlabelled(data, splits, config.unlabelled, config.text_column)
-    assert unlabelled.counts == {"from_data": 80, "from_file": 0, "duplicates": 0, "equal_to_validation_or_test": 0,
-                                 "used": 80}
-    summary = sa.data_summary(data, splits, unlabelled)
+    assert unlabelled.counts == {"from_data": 80, "from_file": 0, "read": 80, "duplicates": 0,
+                                 "equal_to_validation_or_test": 0, "kept": 80}
+    teacher = sa.SemiSupervised("teacher", "as given")
+    summary = sa.data_summary(data, splits, sa.unlabelled_use(unlabelled.counts, teacher))
     assert summary["rows_used"] == LABELLED_ROWS and summary["unlabelled"]["used"] == 80
-    assert "80 rows without a label" in sa.describe_unlabelled(unlabelled.counts)
+    assert "not_used" not in summary["unlabelled"]
+    assert "80 read (80 rows without a label" in sa.describe_unlabelled(summary["unlabelled"])
+    assert sa.describe_unlabelled(summary["unlabelled"]).endswith("; 80 used")
+
+
+def test_unlabelled_texts_a_method_does_not_learn_from_are_counted_as_not_used():
+    counts = {"from_data": 80, "from_file": 0, "read": 80, "duplicates": 2, "equal_to_validation_or_test": 1,
+              "kept": 77}
+    for semi, reason in ((sa.SemiSupervised("none", "as given"), "--semi-supervised none learns from none"),
+                         (sa.SemiSupervised("teacher", "auto: fewer unlabelled texts (77) than training rows",
+                                            distils=True), "the baseline teaches beside the labels instead")):
+        record = sa.unlabelled_use(counts, semi)
+        assert record["used"] == 0 and record["kept"] == 77 and reason in record["not_used"], record
+        assert f"0 used, because {record['not_used']}" in sa.describe_unlabelled(record)
+    for method in ("teacher", "lm", "both"):
+        assert sa.unlabelled_use(counts, sa.SemiSupervised(method, "as given"))["used"] == 77
+
+
+@pytest.mark.slow
+def test_no_scored_text_and_no_unused_unlabelled_text_reaches_the_vocabulary_or_word2vec(semi_csv, tmp_path,
+                                                                                           monkeypatch):
+    """--semi-supervised none with 80 unlabelled rows: the vocabulary (large enough for every training word) and
+    Word2Vec learn from the training split alone; a word found only in validation, test or the unused unlabelled
+    texts is not in the saved model's vocabulary, and metrics.json counts the unlabelled texts as not used."""
+    trained_on = []
+    word2vec = sa.word2vec_matrix
+    monkeypatch.setattr(sa, "word2vec_matrix", lambda ids, vocabulary, *rest: trained_on.append(
+        (ids, list(vocabulary))) or word2vec(ids, vocabulary, *rest))
+    result = run_main("--data", semi_csv, "--output-dir", tmp_path, *TINY_FLAGS, "--vocab-size", "100000",
+                      "--semi-supervised", "none")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["data"]["unlabelled"]["used"] == 0 and metrics["data"]["unlabelled"]["kept"] == 80
+    assert "--semi-supervised none learns from none of them" in metrics["data"]["unlabelled"]["not_used"]
+    assert "80 read" in result.stdout and "0 used, because" in result.stdout
+
+    config = config_for(semi_csv)
+    data = sa.load_dataset(config)
+    splits = sa.split_dataset(data, config)
+
+    def words(texts):
+        return {word for text in sa.standardized_strings(texts, sa.standardize_text) for word in text.split()}
+
+    training = words(splits.train.texts)
+    only_elsewhere = (words(splits.validation.texts) | words(splits.test.texts) | words(data.unlabelled)) - training
+    vocabulary = set(sa.model_layers(sa.load_model(tmp_path / "model.keras"))["vectorizer"].get_vocabulary())
+    assert len(only_elsewhere) > 50 and training <= vocabulary  # every training word, and none of the others
+    assert not only_elsewhere & vocabulary
+    (ids, word2vec_vocabulary), = trained_on
+    assert len(ids) == len(splits.train.texts)  # the training split's texts, no unlabelled one
+    assert {word2vec_vocabulary[i] for i in np.unique(ids) if i > 1} <= training
 
 
 @pytest.mark.parametrize("kind", ["txt", "csv", "tsv"])
@@ -64,8 +115,8 @@ def test_unlabelled_file_is_deduplicated_and_never_holds_a_scored_text(semi_csv,
     else:
         pd.DataFrame({"text": texts}).to_csv(path, index=False, sep="\t" if kind == "tsv" else ",")
     unlabelled = sa.gather_unlabelled(data, splits, str(path), None)
-    assert unlabelled.counts == {"from_data": 80, "from_file": len(texts), "duplicates": 3,
-                                 "equal_to_validation_or_test": 2, "used": 82}
+    assert unlabelled.counts == {"from_data": 80, "from_file": len(texts), "read": 80 + len(texts), "duplicates": 3,
+                                 "equal_to_validation_or_test": 2, "kept": 82}
     used = set(unlabelled.texts)
     assert set(own) <= used and test_text not in used and validation_text not in used and training_text not in used
 

@@ -52,8 +52,8 @@ def test_metrics_json_is_complete(trained_dir):
     data = metrics["data"]
     assert data["rows_read"] == len(rows)
     assert set(data["dropped"]) == {"missing_text", "duplicate_text"}
-    assert data["unlabelled"] == {"from_data": 0, "from_file": 0, "duplicates": 0, "equal_to_validation_or_test": 0,
-                                  "used": 0}
+    assert data["unlabelled"] == {"from_data": 0, "from_file": 0, "read": 0, "duplicates": 0,
+                                  "equal_to_validation_or_test": 0, "kept": 0, "used": 0}
     assert metrics["semi_supervised"] == {"method": "none", "chosen": "auto: no unlabelled text"}
     assert data["train"] + data["validation"] + data["test"] == data["rows_used"]
     assert data["test"] == test_rows == round(0.2 * data["rows_used"])
