@@ -2247,7 +2247,7 @@ BOOTSTRAP_RESAMPLES = 1000
 BOOTSTRAP_SEED = 0
 BOOTSTRAP_CELLS = 4_000_000  # draws x rows held in memory at once (about 100 MB of working arrays)
 INTERVAL_LEVEL = 0.95
-INTERVALS_METHOD = (f"95% percentile bootstrap over the {{rows}} test rows: {BOOTSTRAP_RESAMPLES} draws with seed "
+INTERVALS_METHOD = (f"{INTERVAL_LEVEL:.0%} percentile bootstrap over the {{rows}} test rows: {BOOTSTRAP_RESAMPLES} draws with seed "
                     f"{BOOTSTRAP_SEED}, the same draws for every model (comparisons are paired); McNemar's exact "
                     "test on the rows only one of two models gets right")
 
@@ -3169,11 +3169,17 @@ def soft_targets(probabilities: np.ndarray) -> np.ndarray:
     return probabilities[:, 1] if is_binary(probabilities.shape[1]) else probabilities
 
 
+def teacher_folds(labels: np.ndarray, num_classes: int) -> int:
+    """How many folds grade the training split: TEACHER_FOLDS, or fewer when a class has fewer rows (each fold
+    holds a row of every class)."""
+    return min(TEACHER_FOLDS, int(np.bincount(labels, minlength=num_classes).min()))
+
+
 def out_of_fold_probabilities(train_strings, labels: np.ndarray, num_classes: int,
                               recipe: BaselineRecipe) -> np.ndarray:
     """The baseline's probabilities (texts, classes) for each training text from a baseline fitted on the other
     folds (TEACHER_FOLDS, stratified, seeded), so no text is graded by a baseline that has seen its label."""
-    folds = min(TEACHER_FOLDS, int(np.bincount(labels, minlength=num_classes).min()))
+    folds = teacher_folds(labels, num_classes)
     if folds < 2:
         raise UserError("the teacher needs at least two training rows of each class to grade the training "
                         "split out of fold; use --semi-supervised none")
@@ -3198,7 +3204,7 @@ def teach_beside_the_labels(train_strings, labels: np.ndarray, num_classes: int,
     """The distilled targets of the training split and their record for metrics.json (the seconds are the
     run's timing, teacher_s)."""
     graded = out_of_fold_probabilities(train_strings, labels, num_classes, recipe)
-    record = {"label_share": DISTILLATION_LABEL_SHARE, "folds": TEACHER_FOLDS,
+    record = {"label_share": DISTILLATION_LABEL_SHARE, "folds": teacher_folds(labels, num_classes),
               "out_of_fold_accuracy": round(float(np.mean(graded.argmax(axis=1) == labels)), 4)}
     print(f"Teacher: out-of-fold accuracy {record['out_of_fold_accuracy']:.4f} on the training split; the targets "
           f"are {DISTILLATION_LABEL_SHARE} label, {1 - DISTILLATION_LABEL_SHARE:g} baseline")

@@ -105,6 +105,26 @@ def test_a_paired_comparison_counts_the_rows_only_one_model_gets_right():
     assert close.level
 
 
+def test_level_needs_both_the_interval_and_mcnemar_to_call_a_difference():
+    # 5 rows of 400 only the first model gets right: every bootstrap draw of so many rows almost surely holds one
+    # of them, so the interval leaves out zero, but McNemar's exact p = 2 / 2**5 = 0.0625: level by McNemar alone.
+    labels = np.arange(400) % 2
+    right = two_columns(labels * 0.8 + 0.1)
+    second = right.copy()
+    second[:5] = right[:5, ::-1]
+    by_mcnemar = sa.compare_models(labels, right, second, ("lstm", "baseline"), "validation")
+    assert (by_mcnemar.first_only, by_mcnemar.second_only) == (5, 0) and by_mcnemar.interval[0] > 0
+    assert by_mcnemar.p_value == pytest.approx(0.0625) and by_mcnemar.level
+    second[5] = right[5, ::-1]  # 6 rows: p = 0.031, and the interval still leaves out zero: ahead
+    assert not sa.compare_models(labels, right, second, ("lstm", "baseline"), "validation").level
+    # The reverse, an interval that holds zero beside p < 0.05 (the exact test is the stricter one on real rows,
+    # so it is written out): level by the interval alone.
+    by_interval = sa.Comparison("lstm", "baseline", "validation", 0.02, [-0.001, 0.04], 0.01, 12, 2)
+    assert by_interval.level and by_interval.words().startswith("level")
+    both = sa.Comparison("lstm", "baseline", "validation", 0.02, [0.001, 0.04], 0.01, 12, 2)
+    assert not both.level and both.words().startswith("ahead by 2.0 points")
+
+
 def test_the_table_and_the_evaluation_carry_intervals_and_comparisons():
     labels = np.arange(400) % 2
     generator = np.random.default_rng(5)

@@ -187,6 +187,38 @@ def test_without_unlabelled_text_the_teacher_grades_the_training_split_out_of_fo
     assert (np.abs(graded[:, 1] - labels).mean() > np.abs(in_sample[:, 1] - labels).mean() + 0.05)
 
 
+def test_the_folds_partition_the_training_split_and_no_text_is_graded_by_a_baseline_that_saw_it(monkeypatch):
+    rows = pd.read_csv(TINY_CSV)
+    texts = sa.standardized_strings(rows["reviews"].to_numpy(), sa.standardize_text)
+    labels = (rows["sentiment"] == "positive").to_numpy().astype(np.int64)
+    folds, fit = [], sa.fit_baseline
+
+    def recorded_fit(strings, fold_labels, recipe):
+        baseline, fold = fit(strings, fold_labels, recipe), {"fitted": set(strings), "graded": set()}
+        predict = baseline.predict_proba
+        baseline.predict_proba = lambda graded: fold["graded"].update(graded) or predict(graded)
+        folds.append(fold)
+        return baseline
+
+    monkeypatch.setattr(sa, "fit_baseline", recorded_fit)
+    sa.out_of_fold_probabilities(texts, labels, 2, sa.BaselineRecipe())
+    assert len(folds) == sa.TEACHER_FOLDS and len(set(texts)) == len(texts)
+    for fold in folds:
+        assert not fold["fitted"] & fold["graded"]  # no text graded by a baseline fitted on it
+        assert fold["fitted"] | fold["graded"] == set(texts)
+    graded = [fold["graded"] for fold in folds]
+    assert sum(map(len, graded)) == len(texts) and set().union(*graded) == set(texts)  # disjoint, covering all
+
+
+def test_the_distillation_record_gives_the_folds_it_used():
+    rows = pd.read_csv(TINY_CSV)
+    texts = sa.standardized_strings(rows["reviews"].to_numpy(), sa.standardize_text)
+    labels = (rows["sentiment"] == "positive").to_numpy().astype(np.int64)
+    labels[np.flatnonzero(labels == 1)[3:]] = 0  # 3 positive rows: three folds, each with a positive row
+    targets, record = sa.teach_beside_the_labels(texts, labels, 2, sa.BaselineRecipe())
+    assert record["folds"] == 3 and targets.shape == (200,)
+
+
 def test_distilled_targets_are_half_the_label_and_half_the_teacher():
     teacher = np.array([[0.9, 0.1], [0.2, 0.8], [0.4, 0.6]])
     np.testing.assert_allclose(sa.distilled_targets(np.array([1, 1, 0]), teacher, 2), [0.55, 0.9, 0.3])
@@ -211,13 +243,31 @@ def test_distilled_targets_get_half_as_many_epochs_and_patience_again_unless_giv
 
 
 @pytest.mark.slow
-def test_teacher_without_unlabelled_text_trains_on_distilled_targets(tmp_path):
+def test_teacher_without_unlabelled_text_trains_on_distilled_targets(tmp_path, monkeypatch):
+    trained_on, train = [], sa.train
+
+    def recorded_train(classifier, optimizer, strategy, inputs, *rest, **options):
+        trained_on.append(np.concatenate([batch[1].numpy() for batch in inputs.training_batches(0)]))
+        return train(classifier, optimizer, strategy, inputs, *rest, **options)
+
+    monkeypatch.setattr(sa, "train", recorded_train)
     result = run_main("--data", TINY_CSV, "--output-dir", tmp_path, *TINY_FLAGS, "--semi-supervised", "teacher")
     assert result.returncode == 0, result.stderr
-    assert "Teacher: the baseline on fold 5 of 5 grades" in result.stdout and "Teacher stage" not in result.stdout
+    assert "Teacher stage" not in result.stdout
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     distillation = metrics["semi_supervised"]["distillation"]
-    assert distillation["label_share"] == 0.5 and distillation["folds"] == 5
+    graded = [line for line in result.stdout.splitlines() if line.startswith("Teacher: the baseline on fold")]
+    assert len(graded) == distillation["folds"] and f"of {distillation['folds']} grades" in graded[-1]
+    assert distillation["label_share"] == sa.DISTILLATION_LABEL_SHARE
+    # What the labelled stage trained on is the distilled targets of the training split, worked out here again:
+    # half each text's label, half the baseline's out-of-fold probability of it.
+    config = sa.TrainConfig(data=str(TINY_CSV))
+    train_split = sa.split_dataset(sa.load_dataset(config), config).train
+    strings = sa.standardized_strings(train_split.texts, sa.standardize_text)
+    expected, _ = sa.teach_beside_the_labels(strings, train_split.labels, 2, sa.BaselineRecipe())
+    [targets] = trained_on
+    np.testing.assert_allclose(np.sort(targets), np.sort(expected), rtol=1e-6)
+    assert not np.isin(targets, [0.0, 1.0]).all()  # soft targets, not the labels
     assert 0.5 <= distillation["out_of_fold_accuracy"] <= 1
     assert "out-of-fold probabilities" in metrics["started_from"]["taught"]
     assert metrics["training"]["epochs_run"] == 1 and not (tmp_path / "pretraining_history.png").exists()
@@ -371,4 +421,9 @@ def test_fine_tuning_after_a_teacher_stage_starts_at_a_quarter_of_the_learning_r
     classifier = sa.build_classifier(dataclasses.replace(config, embedding_dim=8), 50)
     optimizer = sa.fine_tuning_optimizer(config, plan, classifier, strategy)
     assert float(optimizer.learning_rate) == pytest.approx(5e-4)
-    assert optimizer.learning_rate is not None and len(optimizer.variables) > 1  # built for the classifier
+    # Built for the classifier (its moments exist before the first step), and its schedule follows the plan: the
+    # cosine decay reaches zero at the plan's last step.
+    assert optimizer.built and len(optimizer.variables) > 2 * len(classifier.trainable_variables)  # + step count
+    assert float(optimizer.learning_rate) == pytest.approx(5e-4)
+    optimizer.iterations.assign(plan.planned_steps)
+    assert float(optimizer.learning_rate) == pytest.approx(0.0, abs=1e-12)
