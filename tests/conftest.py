@@ -112,8 +112,9 @@ def trained_dir(tmp_path_factory):
     return build_once(tmp_path_factory, "trained", trained)[0]
 
 
-# Three epochs of many small batches (about 20 an epoch): long enough to stop mid-epoch, short enough to run whole.
-SMALL_BATCH_EPOCHS = 3
+# Six epochs of many small batches (about 26 an epoch): a run stopped after its first epoch has several still to
+# run, so a test that stops it there does not race the run's end on a loaded machine; short enough to run whole.
+SMALL_BATCH_EPOCHS = 6
 SMALL_BATCH_TRAINING = ["--epochs", str(SMALL_BATCH_EPOCHS), "--patience", str(SMALL_BATCH_EPOCHS), "--batch-size", "8"]
 SMALL_BATCH_FLAGS = ["--no-baseline", *SMALL_BATCH_TRAINING]
 

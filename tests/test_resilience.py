@@ -327,10 +327,11 @@ def start_workers(output_dirs, flags, data=TINY_CSV):
     return workers
 
 
-def run_two_workers(output_dirs, flags, data=TINY_CSV, attempts=3):
+def run_two_workers(output_dirs, flags, data=TINY_CSV, attempts=3, reset=None):
     """Run the workers to the end: (exit status, stdout, stderr) of each. The free ports are closed before the
     workers bind them (TensorFlow's gRPC server will not share a port that a test holds), so another process may
-    take one in between: then the cluster is started again on new ports, with clean output directories."""
+    take one in between: then the cluster is started again on new ports, with clean output directories (or as
+    `reset()` makes them again)."""
     for _ in range(attempts):
         workers = start_workers(output_dirs, flags, data)
         try:
@@ -343,6 +344,8 @@ def run_two_workers(output_dirs, flags, data=TINY_CSV, attempts=3):
             return results
         for output_dir in output_dirs:
             shutil.rmtree(output_dir, ignore_errors=True)
+        if reset is not None:
+            reset()
     return results
 
 
@@ -373,20 +376,39 @@ def test_two_workers_train_together_and_only_the_chief_writes(tmp_path):
 def test_workers_that_saved_different_epochs_refuse_to_resume(crashed, tmp_path):
     # A state saved by a single run: worker 0 (the chief) finds it and would resume, worker 1 has none.
     chief, other = crashed, tmp_path / "worker-1"
-    for returncode, _, stderr in run_two_workers([chief, other], [*TINY_FLAGS, *SMALL_BATCH_FLAGS]):
+    saved = shutil.copytree(crashed, tmp_path / "saved")
+    for returncode, _, stderr in run_two_workers([chief, other], [*TINY_FLAGS, *SMALL_BATCH_FLAGS],
+                                                 reset=lambda: shutil.copytree(saved, chief)):
         assert_user_error(subprocess.CompletedProcess([], returncode, "", stderr), "different epochs", "--fresh")
+
+
+def start_workers_past_their_first_epoch(output_dirs, flags, attempts=3):
+    """Start the cluster and wait until the last worker has saved its first epoch: the workers, running. As in
+    run_two_workers, a port taken by another process between the test's check and the worker's bind starts the
+    cluster again on new ports, with clean output directories."""
+    state_file = output_dirs[-1] / f"training_state-worker-{len(output_dirs) - 1}" / "state.json"
+    for _ in range(attempts):
+        workers = start_workers(output_dirs, flags)
+        deadline = time.monotonic() + 240
+        while not state_file.exists() and all(worker.poll() is None for worker in workers):
+            assert time.monotonic() < deadline, "no epoch finished in time"
+            time.sleep(0.02)
+        if state_file.exists():
+            return workers
+        for worker in workers:
+            worker.kill()
+        errors = [worker.communicate()[1] for worker in workers]
+        assert any("Could not start gRPC server" in stderr for stderr in errors), errors[-1][-3000:]
+        for output_dir in output_dirs:
+            shutil.rmtree(output_dir, ignore_errors=True)
+    raise AssertionError(f"the cluster could not bind free ports in {attempts} attempts")
 
 
 @pytest.mark.slow
 def test_a_crashed_worker_stops_the_others_with_a_clear_error(tmp_path):
     chief, other = tmp_path / "worker-0", tmp_path / "worker-1"
-    workers = start_workers([chief, other], [*CLUSTER_RUN, "--epochs", "8", "--patience", "8"])
+    workers = start_workers_past_their_first_epoch([chief, other], [*CLUSTER_RUN, "--epochs", "8", "--patience", "8"])
     try:
-        state_file = other / "training_state-worker-1" / "state.json"
-        deadline = time.monotonic() + 240
-        while not state_file.exists():
-            assert workers[1].poll() is None and time.monotonic() < deadline, workers[1].communicate()[1][-3000:]
-            time.sleep(0.02)
         workers[1].kill()
         _, stderr = workers[0].communicate(timeout=240)
     finally:
