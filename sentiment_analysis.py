@@ -100,6 +100,7 @@ import matplotlib
 import matplotlib.pyplot as plt
 import seaborn as sns
 import gensim.downloader
+import joblib
 from gensim.models import KeyedVectors, Word2Vec
 from gensim.models.callbacks import CallbackAny2Vec
 from sklearn import metrics
@@ -2163,16 +2164,23 @@ class BaselineRecipe:
         return cls(config.baseline_ngrams, config.class_weight, config.seed)
 
 
-def fit_baseline(train_texts, train_labels, recipe: BaselineRecipe):
-    """TF-IDF of word unigrams and bigrams (sublinear term frequency) with logistic regression.
+def baseline_pipeline(recipe: BaselineRecipe):
+    """The baseline before fitting: TF-IDF of word unigrams and bigrams (sublinear term frequency) with logistic
+    regression.
 
     Expects standardized text (see `standardized_strings`); words are split on white space exactly as the
     Keras TextVectorization layer splits them, so the fitted baseline can be exported into the model file."""
-
     features = TfidfVectorizer(ngram_range=(1, recipe.ngrams), sublinear_tf=True, min_df=2, max_df=0.95,
                                lowercase=False, tokenizer=str.split, token_pattern=None, dtype=np.float32)
     classifier = LogisticRegression(C=8.0, max_iter=1000, random_state=recipe.seed,
                                     class_weight="balanced" if recipe.class_weight == "balanced" else None)
+    return make_pipeline(features, classifier)
+
+
+def fit_baseline(train_texts, train_labels, recipe: BaselineRecipe):
+    """The baseline (baseline_pipeline) fitted on standardized texts, with progress lines while it reads them."""
+    pipeline = baseline_pipeline(recipe)
+    (_, features), (_, classifier) = pipeline.steps
     progress = StageProgress("baseline features: ", len(train_texts), "texts")
 
     def counted(texts):  # the vectorizer reads the texts once, as they come
@@ -2184,7 +2192,19 @@ def fit_baseline(train_texts, train_labels, recipe: BaselineRecipe):
     matrix = features.fit_transform(counted(train_texts))
     progress.close()
     classifier.fit(matrix, train_labels)
-    return make_pipeline(features, classifier)  # both steps fitted
+    return pipeline  # both steps fitted
+
+
+def fit_baselines(parts: list[tuple[list[str], np.ndarray]], recipe: BaselineRecipe) -> list:
+    """Independent baselines, one per (texts, labels) part, fitted side by side on the available cores (each of
+    scikit-learn's fits runs on one core; joblib, scikit-learn's own, runs them in worker processes): the same
+    models as fit_baseline one after another (a test checks it), which is what happens on one core."""
+    workers = min(len(parts), joblib.cpu_count())
+    if workers <= 1:
+        return [fit_baseline(texts, labels, recipe) for texts, labels in parts]
+    print(f"Fitting {len(parts)} baselines, {workers} at a time ...")
+    return joblib.Parallel(n_jobs=workers)(joblib.delayed(baseline_pipeline(recipe).fit)(texts, labels)
+                                           for texts, labels in parts)
 
 
 def baseline_probabilities(baseline, texts, standardize) -> np.ndarray:
@@ -2510,14 +2530,27 @@ def baseline_learning_curve(whole_split_probabilities: np.ndarray, train_strings
     out. Also returns the validation probabilities of the baseline fitted on half the split (None if left out),
     which the advice compares with the whole split's."""
 
-    points, half = [], None
+    shares = []
     for fraction in BASELINE_CURVE_FRACTIONS:
         rows = round(fraction * len(train_labels))
         try:
             chosen, _ = train_test_split(np.arange(len(train_labels)), train_size=rows, stratify=train_labels,
                                          random_state=recipe.seed)
-            model = fit_baseline([train_strings[i] for i in chosen], train_labels[chosen], recipe)
         except ValueError:
+            continue
+        shares.append((fraction, rows, ([train_strings[i] for i in chosen], train_labels[chosen])))
+    try:
+        models = fit_baselines([part for _, _, part in shares], recipe)
+    except ValueError:  # a share that cannot be fitted (no word in two of its texts): the others, one by one
+        models = []
+        for _, _, (texts, labels) in shares:
+            try:
+                models.append(fit_baseline(texts, labels, recipe))
+            except ValueError:
+                models.append(None)
+    points, half = [], None
+    for (fraction, rows, _), model in zip(shares, models):
+        if model is None:
             continue
         probabilities = model.predict_proba(validation_strings)
         points.append(curve_point(fraction, rows, validation_labels, probabilities))
@@ -3185,11 +3218,11 @@ def out_of_fold_probabilities(train_strings, labels: np.ndarray, num_classes: in
         raise UserError("the teacher needs at least two training rows of each class to grade the training "
                         "split out of fold; use --semi-supervised none")
     strings, probabilities = np.asarray(train_strings, dtype=object), np.zeros((len(labels), num_classes))
-    splitter = StratifiedKFold(folds, shuffle=True, random_state=recipe.seed)
-    for fold, (fitted_on, graded) in enumerate(splitter.split(strings, labels), start=1):
-        print(f"Teacher: the baseline on fold {fold} of {folds} grades {len(graded)} training texts")
-        baseline = fit_baseline(strings[fitted_on], labels[fitted_on], recipe)
-        probabilities[graded] = baseline.predict_proba(strings[graded])
+    splits = list(StratifiedKFold(folds, shuffle=True, random_state=recipe.seed).split(strings, labels))
+    baselines = fit_baselines([(list(strings[fitted_on]), labels[fitted_on]) for fitted_on, _ in splits], recipe)
+    for fold, ((_, graded), baseline) in enumerate(zip(splits, baselines), start=1):
+        print(f"Teacher: the baseline of fold {fold} of {folds} grades its {len(graded)} training texts")
+        probabilities[graded] = baseline.predict_proba(list(strings[graded]))
     return probabilities
 
 

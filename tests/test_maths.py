@@ -167,6 +167,22 @@ def test_the_vectorizer_owns_the_cleaning_of_text_and_the_rest_reads_it_from_the
         sa.text_standardizer(foreign)
 
 
+def test_baselines_fitted_side_by_side_are_the_ones_fitted_in_turn(monkeypatch):
+    rows = pd.read_csv(TINY_CSV)
+    texts = sa.standardized_strings(rows["reviews"].to_numpy(), sa.standardize_text)
+    labels = (rows["sentiment"] == "positive").to_numpy().astype(np.int64)
+    parts = [(texts[:150], labels[:150]), (texts[50:], labels[50:]), (texts[::2], labels[::2])]
+    recipe = sa.BaselineRecipe(seed=3)
+    together = sa.fit_baselines(parts, recipe)
+    in_turn = [sa.fit_baseline(part_texts, part_labels, recipe) for part_texts, part_labels in parts]
+    for parallel, sequential in zip(together, in_turn):
+        np.testing.assert_array_equal(parallel.predict_proba(texts), sequential.predict_proba(texts))
+    # One core: fitted one after another in this process, the same models again.
+    monkeypatch.setattr(sa.joblib, "cpu_count", lambda: 1)
+    for one_core, sequential in zip(sa.fit_baselines(parts, recipe), in_turn):
+        np.testing.assert_array_equal(one_core.predict_proba(texts), sequential.predict_proba(texts))
+
+
 @pytest.mark.slow
 def test_a_run_chooses_the_blend_weight_on_the_validation_split(tmp_path):
     """Not only the helper: the weight a whole run records is the one that minimizes log loss on the validation

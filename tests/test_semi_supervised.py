@@ -191,16 +191,18 @@ def test_the_folds_partition_the_training_split_and_no_text_is_graded_by_a_basel
     rows = pd.read_csv(TINY_CSV)
     texts = sa.standardized_strings(rows["reviews"].to_numpy(), sa.standardize_text)
     labels = (rows["sentiment"] == "positive").to_numpy().astype(np.int64)
-    folds, fit = [], sa.fit_baseline
+    folds, fit = [], sa.fit_baselines
 
-    def recorded_fit(strings, fold_labels, recipe):
-        baseline, fold = fit(strings, fold_labels, recipe), {"fitted": set(strings), "graded": set()}
-        predict = baseline.predict_proba
-        baseline.predict_proba = lambda graded: fold["graded"].update(graded) or predict(graded)
-        folds.append(fold)
-        return baseline
+    def recorded_fits(parts, recipe):
+        baselines = fit(parts, recipe)
+        for (strings, _), baseline in zip(parts, baselines):
+            fold, predict = {"fitted": set(strings), "graded": set()}, baseline.predict_proba
+            baseline.predict_proba = lambda graded, fold=fold, predict=predict: (fold["graded"].update(graded)
+                                                                                 or predict(graded))
+            folds.append(fold)
+        return baselines
 
-    monkeypatch.setattr(sa, "fit_baseline", recorded_fit)
+    monkeypatch.setattr(sa, "fit_baselines", recorded_fits)
     sa.out_of_fold_probabilities(texts, labels, 2, sa.BaselineRecipe())
     assert len(folds) == sa.TEACHER_FOLDS and len(set(texts)) == len(texts)
     for fold in folds:
@@ -256,7 +258,7 @@ def test_teacher_without_unlabelled_text_trains_on_distilled_targets(tmp_path, m
     assert "Teacher stage" not in result.stdout
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     distillation = metrics["semi_supervised"]["distillation"]
-    graded = [line for line in result.stdout.splitlines() if line.startswith("Teacher: the baseline on fold")]
+    graded = [line for line in result.stdout.splitlines() if line.startswith("Teacher: the baseline of fold")]
     assert len(graded) == distillation["folds"] and f"of {distillation['folds']} grades" in graded[-1]
     assert distillation["label_share"] == sa.DISTILLATION_LABEL_SHARE
     # What the labelled stage trained on is the distilled targets of the training split, worked out here again:
