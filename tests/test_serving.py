@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import ROOT, TINY_CSV, build_once, read_scalars, run_main, trained
+from conftest import ROOT, SMALL_BATCH_EPOCHS, TINY_CSV, build_once, read_scalars, run_main, trained
 
 TEXTS = ["An absolute delight, the best film of the year!", "Dull, slow and badly acted. Avoid.", "It was fine.",
          ""]
@@ -102,15 +102,16 @@ def test_tensorboard_holds_each_epoch_of_the_history(small_batch_run):
     history = pd.read_csv(tmp_path / "history.csv")
     train, validation = (read_scalars(tmp_path / "tensorboard" / part) for part in ("train", "validation"))
     epochs = history["epoch"].tolist()
-    assert sorted(train["epoch_loss"]) == sorted(validation["epoch_loss"]) == epochs == [1, 2, 3]
+    assert sorted(train["epoch_loss"]) == sorted(validation["epoch_loss"]) == epochs == list(
+        range(1, SMALL_BATCH_EPOCHS + 1))
     for name, logged in [("loss", train["epoch_loss"]), ("accuracy", train["epoch_accuracy"]),
                          ("val_loss", validation["epoch_loss"]), ("val_accuracy", validation["epoch_accuracy"])]:
         np.testing.assert_allclose([logged[epoch] for epoch in epochs], history[name], rtol=1e-6)
     # The cosine schedule: from below 2e-3 after epoch 1 down to zero after the last.
     rates = [train["epoch_learning_rate"][epoch] for epoch in epochs]
     assert 0 < rates[0] < 2e-3 and rates == sorted(rates, reverse=True) and rates[-1] == pytest.approx(0, abs=1e-9)
-    # The loss of every 25th step of the whole run (its steps: 3 epochs of length-bucketed batches).
-    steps = 3 * int(re.search(r"Plan: 3 epochs of (\d+) batches", stdout)[1])
+    # The loss of every 25th step of the whole run (its steps: its epochs of length-bucketed batches).
+    steps = SMALL_BATCH_EPOCHS * int(re.search(rf"Plan: {SMALL_BATCH_EPOCHS} epochs of (\d+) batches", stdout)[1])
     assert sorted(train["batch_loss"]) == list(range(25, steps + 1, 25))
     assert all(0 < loss < 5 for loss in train["batch_loss"].values())
 
