@@ -170,7 +170,7 @@ class TrainConfig:
                                   "the unlabelled texts (lstm and gru); both runs lm, then teacher; none ignores "
                                   "unlabelled text; auto chooses teacher when there are unlabelled texts, at least "
                                   "as many as training rows, and a baseline, and else distils for the lstm from "
-                                  "20,000 training rows with a baseline (README: Unlabelled text)",
+                                  "10,000 training rows with a baseline (README: Unlabelled text)",
                                   choices=("auto", "none", "teacher", "lm", "both"))
     pretrain_epochs: int | None = option(None, "epochs of each pretraining stage (language model, teacher), "
                                          "early stopping aside (default: planned from the number of texts)")
