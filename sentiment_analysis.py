@@ -2277,9 +2277,9 @@ BOOTSTRAP_RESAMPLES = 1000
 BOOTSTRAP_SEED = 0
 BOOTSTRAP_CELLS = 4_000_000  # draws x rows held in memory at once (about 100 MB of working arrays)
 INTERVAL_LEVEL = 0.95
-INTERVALS_METHOD = (f"{INTERVAL_LEVEL:.0%} percentile bootstrap over the {{rows}} test rows: {BOOTSTRAP_RESAMPLES} draws with seed "
-                    f"{BOOTSTRAP_SEED}, the same draws for every model (comparisons are paired); McNemar's exact "
-                    "test on the rows only one of two models gets right")
+INTERVALS_METHOD = (f"{INTERVAL_LEVEL:.0%} percentile bootstrap over the {{rows}} test rows: {BOOTSTRAP_RESAMPLES} "
+                    f"draws with seed {BOOTSTRAP_SEED}, the same draws for every model (comparisons are paired); "
+                    "McNemar's exact test on the rows only one of two models gets right")
 
 
 def bootstrap_draws(rows: int, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED):
