@@ -2602,7 +2602,7 @@ MIN_CURVE_GAIN = 0.01  # the least validation accuracy gained from half the labe
 
 def advice(check: ValidationCheck, arch: str, blend: Blend | None) -> list[str]:
     """What to trust, in plain words, from the validation split, each only when its difference is beyond noise
-    (Comparison.level: the paired bootstrap interval excludes zero and McNemar's p is below 0.05): whether the
+    (not Comparison.level: the paired bootstrap interval excludes zero and McNemar's p is below 0.05): whether the
     baseline beats the model this run saves (the blend, with any --blend-weight; else the neural model) and what
     to use instead, or that the two are level (then the cheaper baseline will do); and whether the baseline's
     learning curve still rises. A blend of weight 0 is the baseline itself: nothing to compare."""
@@ -2721,8 +2721,8 @@ def on_all_replicas(strategy, batch_function):
 
     The batch is taken from the iterator here, outside the compiled step, which gets it as its argument (one
     trace per kind of iterator, of any batch shape: its element spec is the signature). With next() inside the
-    compiled step, as Keras' own fit does, the step waits on the input pipeline within the graph, and on 2
-    cores two epochs in three ran 1.35x slower than the kernel on the same batches (docs/RESULTS.md, "Speed")."""
+    compiled step, as Keras' own fit does, two passes in three over the same fixed batches ran about 1.4x slower
+    than the kernel alone on 2 cores; with the batch passed in, none of three did (docs/RESULTS.md, "Speed")."""
     compiled = {}
 
     def step(iterator):
