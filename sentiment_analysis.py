@@ -166,14 +166,11 @@ class TrainConfig:
                                   "baseline's probabilities for the unlabelled texts (its vocabulary and Word2Vec "
                                   "learned on them too), then on the labels (with no unlabelled text: the "
                                   "baseline's out-of-fold probabilities on the training split, beside the labels); "
-                                  "lm first trains the embedding and "
-                                  "the recurrent layer as a next-word language model on the training split and "
-                                  "the unlabelled texts (lstm and gru); both runs lm, then teacher; none ignores "
-                                  "unlabelled text; auto chooses teacher when there are unlabelled texts, at least "
+                                  "none ignores unlabelled text; auto chooses teacher when there are unlabelled texts, at least "
                                   "as many as training rows, and a baseline, and else distils for the lstm from "
                                   "10,000 training rows with a baseline (README: Unlabelled text)",
-                                  choices=("auto", "none", "teacher", "lm", "both"))
-    pretrain_epochs: int | None = option(None, "epochs of each pretraining stage (language model, teacher), "
+                                  choices=("auto", "none", "teacher"))
+    pretrain_epochs: int | None = option(None, "epochs of the teacher stage, "
                                          "early stopping aside (default: planned from the number of texts)")
     seed: int = option(42, "seed for the split, the weights and the data order")
     test_fraction: float = option(0.2, "share of the rows held out for the final test")
@@ -249,11 +246,6 @@ ARCH_DEFAULTS = {
 }
 
 
-# The --arch choices that --semi-supervised lm can pretrain: one direction (a backward layer would see the word it
-# is to predict).
-LM_ARCHITECTURES = ("lstm", "gru")
-
-
 class UserError(Exception):
     """A mistake in the user's input or flags: reported as one line on stderr, never as a traceback."""
 
@@ -305,12 +297,8 @@ def validate_config(config: TrainConfig) -> None:
         ("cpu_replicas", config.cpu_replicas >= 1, "must be at least 1"),
         ("pretrain_epochs", config.pretrain_epochs is None or config.pretrain_epochs >= 1, "must be at least 1"),
         ("unlabelled", config.unlabelled is None or Path(config.unlabelled).is_file(), "must be an existing file"),
-        ("semi_supervised", config.semi_supervised not in ("teacher", "both") or config.baseline,
+        ("semi_supervised", config.semi_supervised != "teacher" or config.baseline,
          f"{config.semi_supervised} needs the baseline, which is the teacher (drop --no-baseline)"),
-        ("semi_supervised", config.semi_supervised not in ("lm", "both") or config.arch in LM_ARCHITECTURES,
-         f"{config.semi_supervised} pretrains a one-direction recurrent layer as a language model: use --arch "
-         f"lstm or gru (--arch {config.arch} cannot: "
-         f"{'BERT brings its own pretraining' if config.arch == 'bert' else 'its backward layer sees the next word'})"),
         ("bert_preset", config.arch != "bert" or "://" in config.bert_preset or os.sep not in config.bert_preset
          or Path(config.bert_preset).is_dir(), "must be a KerasHub preset name or an existing directory"),
         ("embeddings", config.arch != "bert" or config.embeddings == "random",
@@ -2707,12 +2695,9 @@ HISTORY_NAMES = ("loss", "accuracy", "val_loss", "val_accuracy")  # a classifier
 @dataclass(frozen=True)
 class Steps:
     """What the training loop runs: a training step and a validation step (each a distributed step over the
-    next batch of an iterator, returning the summed loss, right answers and count), and the figures it keeps
-    per epoch (the training pass of a language model has no accuracy: its sampled softmax scores no full
-    prediction)."""
+    next batch of an iterator, returning the summed loss, right answers and count)."""
     train: object
     validation: object
-    names: tuple[str, ...] = HISTORY_NAMES
 
 
 def on_all_replicas(strategy, batch_function):
@@ -3045,20 +3030,18 @@ class Checkpoints:
 
 
 def train(classifier, optimizer, strategy, inputs: PreparedInputs, state: TrainingState, state_dir: Path,
-          multi_worker: bool, log_dir: Path | None = None, steps: Steps | None = None) -> TrainingResult:
+          multi_worker: bool, log_dir: Path | None = None) -> TrainingResult:
     """Train from `state` with early stopping on validation loss and keep the best weights. Checkpoints saves
     the state after every epoch (a crashed run continues from it); on Ctrl-C the loop stops and the best weights
     so far are kept; on SIGTERM (a scheduler's notice before it kills) the state after the current step is saved
     and Terminated raised, with no evaluation. With `log_dir`, the curves are logged for TensorBoard there.
-    `steps` are the classifier's (build_step_functions) unless given: the language model's train through the
-    same loop.
 
     One loop for every setup: the strategy runs each step on its replicas, whether that is this CPU, several
     GPUs or the workers of a cluster. Not Keras' fit(): in Keras 3.15 it fails under
     MultiWorkerMirroredStrategy (keras-team/keras#20585)."""
 
-    step_functions = steps or build_step_functions(classifier, optimizer, strategy, inputs.class_weights)
-    names = step_functions.names
+    step_functions = build_step_functions(classifier, optimizer, strategy, inputs.class_weights)
+    names = HISTORY_NAMES
     validation_batches = strategy.experimental_distribute_dataset(inputs.validation_batches)
     resumed_after_epoch = state.epoch
     log = TrainingLog(log_dir)
@@ -3119,9 +3102,8 @@ def train(classifier, optimizer, strategy, inputs: PreparedInputs, state: Traini
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Learning from unlabelled text: before the labels, the model learns from the texts without them, as a
-# next-word language model (lm), from the baseline's probabilities (teacher), or both in that order; then the
-# labels fine-tune it. Every stage runs through the one training loop above, each with its own saved state.
+# Learning from unlabelled text: before the labels, the model learns the baseline's probabilities on the texts
+# without them (teacher); then the labels fine-tune it. Every stage runs through the one training loop above, each with its own saved state.
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -3142,17 +3124,13 @@ DISTILLATION_EPOCH_SCALE = 1.5
 
 @dataclass(frozen=True)
 class SemiSupervised:
-    method: str  # none, teacher, lm or both
+    method: str  # none or teacher
     reason: str  # why, in words (auto's choice, or as given)
     distils: bool = False  # teacher with no unlabelled text: the baseline's probabilities beside the labels
 
     @property
     def teaches(self) -> bool:
-        return self.method in ("teacher", "both")
-
-    @property
-    def models_language(self) -> bool:
-        return self.method in ("lm", "both")
+        return self.method == "teacher"
 
     @property
     def learns_from_unlabelled(self) -> bool:
@@ -3184,14 +3162,12 @@ def choose_semi_supervised(config: TrainConfig, training_rows: int, unlabelled_t
     and a baseline to teach; without that much unlabelled text, for the card's lstm on a large training split
     (AUTO_DISTILLATION_ROWS) with a baseline, the teacher beside the labels (distillation; --preset best too);
     else none, the plain run."""
-    if config.semi_supervised in ("teacher", "both"):
+    if config.semi_supervised == "teacher":
         if not unlabelled_texts:
-            return SemiSupervised(config.semi_supervised, "as given; no unlabelled text, so the baseline's "
+            return SemiSupervised("teacher", "as given; no unlabelled text, so the baseline's "
                                   "out-of-fold probabilities on the training split are learned beside the labels",
                                   distils=True)
-        return SemiSupervised(config.semi_supervised, "as given")
-    if config.semi_supervised == "lm":  # the training split is text for a language model too
-        return SemiSupervised("lm", "as given")
+        return SemiSupervised("teacher", "as given")
     if config.semi_supervised == "none":
         return SemiSupervised("none", "as given" if unlabelled_texts else "no unlabelled text")
     if not has_baseline:
@@ -3298,7 +3274,7 @@ def teacher_inputs(inputs: PreparedInputs, targets: np.ndarray, config: TrainCon
     return dataclasses.replace(inputs, plan=plan, training_batches=training_batches, class_weights=None)
 
 def train_stage(model, optimizer, strategy, stage: PreparedInputs, fingerprint: dict, state_dir: Path,
-                multi_worker: bool, log_dir: Path | None, steps: Steps | None = None):
+                multi_worker: bool, log_dir: Path | None):
     """A pretraining stage through the training loop, from its state saved in `state_dir` if any (the same
     command resumes it; `fingerprint` is the run's): (its TrainingResult, its seconds, its final TrainingState)."""
     saved = TrainingState.load(state_dir, fingerprint)
@@ -3306,202 +3282,14 @@ def train_stage(model, optimizer, strategy, stage: PreparedInputs, fingerprint: 
     if multi_worker:
         check_workers_agree(strategy, state.epoch)
     started = time.perf_counter()
-    result = train(model, optimizer, strategy, stage, state, state_dir, multi_worker, log_dir, steps)
+    result = train(model, optimizer, strategy, stage, state, state_dir, multi_worker, log_dir)
     return result, time.perf_counter() - started, state
-
-
-# The language-model stage (--semi-supervised lm, and the first stage of both): the classifier's Embedding and
-# recurrent layers learn to predict each next word of the training split and the unlabelled texts (never of the
-# validation or test texts), through a sampled softmax (Jean et al. 2015; tf.nn.sampled_softmax_loss): each
-# step scores the true next word against LM_SAMPLED_WORDS words drawn by frequency, instead of all 30,000, which
-# would cost about 20 times the LSTM's own work per token. The held-out perplexity is exact (a full softmax)
-# on the first LM_HELD_OUT_TOKENS tokens of the validation split. The output layer is then dropped.
-LM_SAMPLED_WORDS = 512
-LM_HELD_OUT_TOKENS = 50_000
-LM_HELD_OUT_BATCH = 8  # texts per replica in a held-out batch: a full softmax of each token over the vocabulary
-LM_MIN_EPOCHS = 2
-
-
-class LanguageModel(keras.Model):
-    """The classifier's Embedding, SpatialDropout1D and recurrent layers, each recurrent layer returning every
-    step's state, and a next-word output layer (a weight and a bias per word) under them. Called on token ids,
-    it returns the states; the loss steps apply the output layer (sampled or full)."""
-
-    def __init__(self, config: TrainConfig, vocab_size: int, embedding_dim: int):
-        super().__init__(name="language_model")
-        recurrent = layers.GRU if config.arch == "gru" else layers.LSTM
-        self.vocab_size = vocab_size
-        self.embedding = layers.Embedding(vocab_size, embedding_dim, mask_zero=True)
-        self.dropout = layers.SpatialDropout1D(config.spatial_dropout)
-        self.recurrent = [recurrent(config.units, return_sequences=True) for _ in range(config.layers)]
-        self.next_word_kernel = self.add_weight(shape=(vocab_size, config.units), initializer="glorot_uniform",
-                                                name="next_word_kernel")
-        self.next_word_bias = self.add_weight(shape=(vocab_size,), initializer="zeros", name="next_word_bias")
-
-    def call(self, token_ids, training=False):
-        mask = keras.ops.not_equal(token_ids, 0)
-        states = self.dropout(self.embedding(token_ids), training=training)
-        for layer in self.recurrent:
-            states = layer(states, mask=mask, training=training)
-        return states
-
-    def shared_layers(self) -> list:
-        return [self.embedding, *self.recurrent]
-
-
-def classifier_shared_layers(classifier) -> list:
-    """The classifier's layers that the language model trains: its embedding and its recurrent layers, in order."""
-    return [classifier.get_layer(EMBEDDING_LAYER),
-            *(layer for layer in classifier.layers if isinstance(layer, (layers.LSTM, layers.GRU)))]
-
-
-def copy_shared_weights(source: list, target: list) -> None:
-    for from_layer, to_layer in zip(source, target, strict=True):
-        to_layer.set_weights(from_layer.get_weights())
-
-
-def sample_words(true_words, vocab_size: int, count: int, seed):
-    """`count` word ids drawn for a sampled softmax, and the expected counts of the true and the drawn words:
-    by Zipf's law (log-uniform), as TensorFlow's default sampler draws, which suits a vocabulary sorted by
-    frequency. Drawn from `seed` (the run's seed, the step and the replica) with a stateless generator, so a
-    resumed run draws the same words as one that was never stopped."""
-    log_range = math.log(vocab_size + 1)
-    uniform = tf.random.stateless_uniform([count], seed=seed, dtype=tf.float64)
-    sampled = tf.clip_by_value(tf.cast(tf.floor(tf.exp(uniform * log_range)), tf.int64) - 1, 0, vocab_size - 1)
-
-    def expected(words):
-        words = tf.cast(words, tf.float64)
-        return tf.cast(count * (tf.math.log(words + 2.0) - tf.math.log(words + 1.0)) / log_range, tf.float32)
-
-    return sampled, expected(true_words), expected(sampled)
-
-
-def language_model_steps(model: LanguageModel, optimizer, strategy, seed: int) -> Steps:
-    """The language model's steps for the training loop: each text predicts its own next words. Training: the
-    sampled softmax loss summed over the batch's real tokens (padding, and the weight-0 copies that fill a batch
-    for several replicas, not counted); validation: the exact cross-entropy and next-word accuracy. The loss is
-    the mean per token, so the held-out perplexity is exp(val_loss)."""
-    sampled = min(LM_SAMPLED_WORDS, model.vocab_size - 1)
-
-    def next_words(token_ids, weights, training):
-        """The states that predict a real next word, those words, and how many there are."""
-        states = model(token_ids[:, :-1], training=training)
-        targets = token_ids[:, 1:]
-        real = keras.ops.logical_and(keras.ops.not_equal(targets, 0), weights[:, None] > 0)
-        return tf.cast(tf.boolean_mask(states, real), tf.float32), tf.boolean_mask(targets, real)
-
-    def train_batch(token_ids, labels, weights):
-        real = tf.cast(keras.ops.not_equal(token_ids[:, 1:], 0), tf.float32) * weights[:, None]
-        real_tokens = tf.distribute.get_replica_context().all_reduce("SUM", tf.reduce_sum(real))
-        replica = tf.distribute.get_replica_context().replica_id_in_sync_group
-        step_seed = tf.stack([tf.constant(seed, tf.int64),
-                              tf.cast(optimizer.iterations, tf.int64) * 1024 + tf.cast(replica, tf.int64)])
-        with tf.GradientTape() as tape:
-            states, targets = next_words(token_ids, weights, training=True)
-            true_words = tf.cast(targets[:, None], tf.int64)
-            losses = tf.nn.sampled_softmax_loss(
-                model.next_word_kernel, model.next_word_bias, true_words, states, sampled, model.vocab_size,
-                sampled_values=sample_words(true_words, model.vocab_size, sampled, step_seed))
-            total = tf.reduce_sum(losses)
-            loss = optimizer.scale_loss(total / real_tokens)
-        gradients = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply(gradients, model.trainable_variables)
-        count = tf.cast(tf.shape(targets)[0], tf.float32)
-        return [total, tf.constant(0.0), count]  # no accuracy: Steps.names leaves it out
-
-    def validation_batch(token_ids, labels, weights):
-        states, targets = next_words(token_ids, weights, training=False)
-        logits = tf.matmul(states, model.next_word_kernel, transpose_b=True) + model.next_word_bias
-        losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)
-        correct = tf.cast(tf.equal(tf.argmax(logits, axis=1, output_type=targets.dtype), targets), tf.float32)
-        return [tf.reduce_sum(losses), tf.reduce_sum(correct), tf.cast(tf.shape(targets)[0], tf.float32)]
-
-    return Steps(on_all_replicas(strategy, train_batch), on_all_replicas(strategy, validation_batch),
-                 names=("loss", "val_loss", "val_accuracy"))
-
-
-def held_out_ids(validation_ids: np.ndarray, limit: int = LM_HELD_OUT_TOKENS) -> np.ndarray:
-    """The first validation texts, up to about `limit` tokens in all (at least one text): the language model's
-    held-out text."""
-    tokens = np.cumsum(review_lengths(validation_ids))
-    return validation_ids[: max(1, int(np.searchsorted(tokens, limit, side="right")))]
-
-
-@dataclass
-class LanguageModelStage:
-    """What the language-model stage did, for metrics.json and the report."""
-    texts: int
-    tokens: int  # of one epoch's texts (the training split and the unlabelled texts)
-    held_out_tokens: int
-    result: TrainingResult | None = None
-    seconds: float = 0.0
-
-    def summary(self) -> dict:
-        """The stage's plan and history, its held-out perplexity per epoch, and its tokens per second."""
-        history = self.result.history
-        epoch_seconds = np.mean(self.result.epoch_seconds) if self.result.epoch_seconds else math.nan
-        best = (self.result.best_epoch or self.result.epochs_run) - 1
-        return {"texts": self.texts, "tokens": self.tokens, "held_out_tokens": self.held_out_tokens,
-                "sampled_words": LM_SAMPLED_WORDS, **self.result.summary(), "seconds": round(self.seconds, 2),
-                "history": history,
-                "held_out_perplexity": [round(math.exp(loss), 2) for loss in history.get("val_loss", [])],
-                "best_perplexity": round(math.exp(history["val_loss"][best]), 2) if history.get("val_loss") else None,
-                "tokens_per_second": round(self.tokens / epoch_seconds) if self.result.epoch_seconds else None}
-
-
-def language_model_inputs(inputs: PreparedInputs, config: TrainConfig,
-                          replicas: int) -> tuple[PreparedInputs, LanguageModelStage]:
-    """The language-model stage's inputs: the training split's texts and the unlabelled texts, planned like a
-    training split of that size (at least LM_MIN_EPOCHS epochs, or --pretrain-epochs), and the held-out
-    validation texts; and the stage's record of their sizes."""
-    texts = np.concatenate([inputs.train_ids, inputs.unlabelled_ids])
-    no_labels = np.zeros(len(texts), dtype=np.float32)
-    stage_config = dataclasses.replace(config, epochs=config.pretrain_epochs, min_epochs=LM_MIN_EPOCHS,
-                                       patience=None, embeddings="random")
-    lengths, max_length = review_lengths(texts), inputs.train_ids.shape[1]
-    plan = plan_training(stage_config, lengths, replicas, max_length)
-    held_out = held_out_ids(inputs.validation_ids)
-    record = LanguageModelStage(len(texts), int(lengths.sum()), int(review_lengths(held_out).sum()))
-    validation_batches = build_training_dataset(held_out, np.zeros(len(held_out), dtype=np.float32),
-                                                LM_HELD_OUT_BATCH * replicas, max_length, None, replicas > 1)
-
-    training_batches = epoch_batches(texts, no_labels, plan.batch_size * replicas, config.seed, replicas > 1)
-    stage = dataclasses.replace(inputs, plan=plan, training_batches=training_batches, class_weights=None,
-                                validation_batches=validation_batches,
-                                validation_steps=int(validation_batches.cardinality()))
-    return stage, record
-
-
-def learn_language_model(classifier, strategy, inputs: PreparedInputs, config: TrainConfig, fingerprint: dict,
-                         state_dir: Path, multi_worker: bool, log_dir: Path | None) -> LanguageModelStage:
-    """The language-model stage: a LanguageModel starting from the classifier's embedding and recurrent weights
-    trains through the training loop (its own saved state in `state_dir`, so the same command resumes it); its
-    best weights (the lowest held-out perplexity) go back into the classifier, whose output layer stays new."""
-    stage, record = language_model_inputs(inputs, config, strategy.num_replicas_in_sync)
-    plan = stage.plan
-    print(f"Language-model stage: {plan.epochs} epochs of {plan.steps_per_epoch} batches of {plan.batch_size} "
-          f"on {record.texts} texts ({record.tokens} tokens), sampled softmax of {LM_SAMPLED_WORDS} words, held-out "
-          f"perplexity on {record.held_out_tokens} validation tokens, patience {plan.patience}")
-    with strategy.scope():
-        model = LanguageModel(config, len(inputs.vocabulary), classifier.get_layer(EMBEDDING_LAYER).output_dim)
-        model(np.ones((1, 2), dtype=np.int32))  # builds the weights
-        copy_shared_weights(classifier_shared_layers(classifier), model.shared_layers())
-        optimizer = build_optimizer(config, plan)
-        optimizer.build(model.trainable_variables)
-    steps = language_model_steps(model, optimizer, strategy, config.seed)
-    record.result, record.seconds, _ = train_stage(model, optimizer, strategy, stage, fingerprint, state_dir,
-                                                   multi_worker, log_dir, steps)
-    copy_shared_weights(model.shared_layers(), classifier_shared_layers(classifier))
-    if record.result.interrupted:
-        raise Interrupted(f"Interrupted in the language-model stage, before the classifier was trained: nothing to "
-                         f"evaluate. The state stays in {state_dir}: run the same command to continue.")
-    return record
 
 
 @dataclass
 class Pretraining:
-    """What the pretraining stages did (the language model's, the teacher's), for metrics.json, the report and
-    the labelled stage."""
+    """What the teacher did (its stage on unlabelled text, or its grades beside the labels), for metrics.json,
+    the report and the labelled stage."""
     method: str
     reason: str
     texts: int   # unlabelled texts used
@@ -3511,25 +3299,19 @@ class Pretraining:
     best_loss: float = math.inf                     # the validation loss of the weights the teacher stage ended with
     best_weights: list[np.ndarray] | None = field(default=None, repr=False)
     fine_tuning_learning_rate: float | None = None  # the labelled stage's starting learning rate
-    language_model: LanguageModelStage | None = None
     distillation: dict | None = None  # with no unlabelled text: how the teacher graded the training split
 
     @property
     def done(self) -> bool:
-        return self.result is not None or self.language_model is not None
+        return self.result is not None
 
     def started_from(self, embeddings: str) -> dict:
-        """What started_from adds: the pretraining stages, and Word2Vec's unlabelled text."""
+        """What started_from adds: the teacher stage, and Word2Vec's unlabelled text."""
         if self.method == "none":
             return {}
-        stages = []
-        if self.language_model is not None:
-            model = self.language_model
-            stages.append(f"a next-word language model on {model.texts} texts (the training split and {self.texts} "
-                          f"unlabelled texts), held-out perplexity {model.summary()['best_perplexity']}")
+        start = {}
         if self.result is not None:
-            stages.append(f"taught by the TF-IDF baseline's probabilities on {self.texts} unlabelled texts")
-        start = {"pretrained": ", then ".join(stages)} if stages else {}
+            start["pretrained"] = f"taught by the TF-IDF baseline's probabilities on {self.texts} unlabelled texts"
         if self.distillation is not None:
             start["taught"] = (f"labels beside the TF-IDF baseline's out-of-fold probabilities on the training "
                                f"split ({self.distillation['label_share']} label, "
@@ -3538,15 +3320,11 @@ class Pretraining:
             start["vectors"] = f"Word2Vec trained on this run's training split and {self.texts} unlabelled texts"
         return start
 
-    def summary(self, classifier_tokens_per_second: int | None = None) -> dict:
-        """The method and each stage's record; the language model's speed beside the labelled stage's
-        (`classifier_tokens_per_second`, its training split's tokens over its mean epoch)."""
+    def summary(self) -> dict:
+        """The method and each stage's record."""
         summary = {"method": self.method, "chosen": self.reason}
         if self.done:
             summary["fine_tuning_learning_rate"] = self.fine_tuning_learning_rate
-        if self.language_model is not None:
-            summary["language_model"] = {**self.language_model.summary(),
-                                         "classifier_tokens_per_second": classifier_tokens_per_second}
         if self.distillation is not None:
             summary["distillation"] = self.distillation
         if self.result is None:
@@ -3609,8 +3387,7 @@ def unlabelled_notes(arch: str, baseline: bool, training_rows: int, pretraining:
                     "per line), let the model learn the baseline's probabilities on them first (README: "
                     "Unlabelled text)."]
         return []
-    notes, stages = [], {"teacher": "The teacher stage", "lm": "Pretraining as a language model",
-                         "both": "Pretraining as a language model and the teacher stage"}
+    notes = []
     if training.best_epoch == 0:
         notes.append("Fine-tuning on the labels did not lower the validation loss of the model the teacher stage "
                      "ended with; that model is kept.")
@@ -3619,7 +3396,7 @@ def unlabelled_notes(arch: str, baseline: bool, training_rows: int, pretraining:
               if check.baseline is not None else None)
     if behind is not None and behind.difference > 0 and not behind.level:
         stage = ("Learning the baseline's probabilities beside the labels" if pretraining.distillation is not None
-                 and pretraining.method == "teacher" else stages[pretraining.method])
+                 else "The teacher stage")
         notes.append(f"{stage} did not bring the {arch} up to the baseline on the "
                      "validation split "
                      f"({accuracy['neural']:.4f} against the baseline's {accuracy['baseline']:.4f}; the baseline is "
@@ -3760,13 +3537,6 @@ def confident_errors(texts, labels, probabilities, class_names, limit: int = 100
     })
 
 
-def tokens_per_second(token_ids: np.ndarray, training: TrainingResult) -> int | None:
-    """The labelled stage's speed: its training split's tokens over its mean epoch."""
-    if not training.epoch_seconds:
-        return None
-    return round(int(review_lengths(token_ids).sum()) / float(np.mean(training.epoch_seconds)))
-
-
 def build_metrics(settings: dict, started_from: dict, data: dict, training: TrainingResult,
                  evaluation: Evaluation, blend: Blend | None, check: ValidationCheck, notes: list[str], strategy,
                  role: ClusterRole | None, pretraining: dict) -> dict:
@@ -3860,26 +3630,9 @@ def plot_history(history: dict, stage: str = "", row=None):
 
 
 def plot_pretraining(pretraining: Pretraining):
-    """A row per pretraining stage: the language model's loss (sampled in training, exact on the held-out
-    text) and held-out perplexity; the teacher stage's loss and accuracy."""
-    rows = [stage for stage in (pretraining.language_model, pretraining.result) if stage is not None]
-    figure, axes = plt.subplots(len(rows), 2, figsize=(10, 4 * len(rows)), squeeze=False)
-    row = 0
-    if pretraining.language_model is not None:
-        history = pretraining.language_model.result.history
-        epochs = np.arange(1, len(history.get("loss", [])) + 1)
-        loss_axes, perplexity_axes = axes[row]
-        loss_axes.plot(epochs, history.get("loss", []), marker="o", label="training (sampled softmax)")
-        loss_axes.plot(epochs, history.get("val_loss", []), marker="o", label="held-out (full softmax)")
-        loss_axes.set(xlabel="epoch", ylabel="loss per token", title="Language model: loss per epoch")
-        perplexity_axes.plot(epochs, np.exp(history.get("val_loss", [])), marker="o", color="C1")
-        perplexity_axes.set(xlabel="epoch", ylabel="perplexity", title="Language model: held-out perplexity")
-        for each in (loss_axes, perplexity_axes):
-            each.set_xticks(epochs)
-        loss_axes.legend()
-        row += 1
-    if pretraining.result is not None:
-        plot_history(pretraining.result.history, "teacher stage: ", axes[row])
+    """The teacher stage's loss and accuracy per epoch."""
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4), squeeze=False)
+    plot_history(pretraining.result.history, "teacher stage: ", axes[0])
     figure.tight_layout()
     return figure
 
@@ -4358,25 +4111,13 @@ def build_html_report(report: dict, evaluation: Evaluation, history: dict, figur
         sections.append("<h2>Training</h2>")
         sections.append(html_table(["", "value"], [[name, value] for name, value in report["training"].items()]))
     semi = report.get("semi_supervised", {})
-    language_model = semi.get("language_model")
-    if language_model:
-        sections.append("<h2>Unlabelled text: the language-model stage</h2>")
-        sections.append('<p class="small">Before the labels, the embedding and the recurrent layer learned to predict '
-                        "the next word of the training split's texts and the unlabelled texts (a sampled softmax in "
-                        "training; the held-out loss and perplexity are exact, on the first validation texts; "
-                        "accuracy: the next word predicted right).</p>")
-        sections.append(html_table(["", "value"], [[name, value] for name, value in language_model.items()
-                                                   if name not in ("history", "held_out_perplexity")]))
-        stage = {**language_model["history"], "val_perplexity": language_model["held_out_perplexity"]}
-        sections.append(html_table(["epoch", *stage], [[epoch + 1, *(values[epoch] for values in stage.values())]
-                                                       for epoch in range(len(stage.get("loss", [])))]))
     if semi.get("history"):
         sections.append("<h2>Unlabelled text: the teacher stage</h2>")
         sections.append('<p class="small">Before the labels, the model learned the baseline\'s probabilities on the '
                         "unlabelled texts (accuracy here: agreement with the baseline; validation: the true labels "
                         "of the validation split).</p>")
         sections.append(html_table(["", "value"], [[name, value] for name, value in semi.items()
-                                                   if name not in ("history", "language_model")]))
+                                                   if name != "history"]))
         stage = semi["history"]
         sections.append(html_table(["epoch", *stage], [[epoch + 1, *(values[epoch] for values in stage.values())]
                                                        for epoch in range(len(stage.get("loss", [])))]))
@@ -4386,7 +4127,7 @@ def build_html_report(report: dict, evaluation: Evaluation, history: dict, figur
                         "with the baseline's probability for it, graded by a baseline fitted on the other folds "
                         "(knowledge distillation).</p>")
         sections.append(html_table(["", "value"], list(semi["distillation"].items())))
-    if semi and not language_model and not semi.get("history"):
+    if semi and not semi.get("history"):
         sections.append(f'<p class="small">Unlabelled text: {html.escape(semi["method"])} '
                         f'({html.escape(semi["chosen"])})</p>')
     sections.append("<h2>Time</h2>")
@@ -4569,7 +4310,7 @@ def run_training(config: TrainConfig) -> TrainingResult:
             baseline, train_strings = fit_the_baseline(config, splits, standardize, clock)
             if baseline is None:
                 raise UserError(f"the baseline, which is the teacher of --semi-supervised {semi.method}, cannot be "
-                                "fitted on these texts; use --semi-supervised none or lm")
+                                "fitted on these texts; use --semi-supervised none")
             with clock.timed("teacher_s"):
                 if semi.distils:
                     targets, distillation = teach_beside_the_labels(train_strings, splits.train.labels,
@@ -4590,19 +4331,12 @@ def run_training(config: TrainConfig) -> TrainingResult:
             save_inputs_cache(setup.state_dir / INPUTS_CACHE, setup.fingerprint, inputs, cache)
             cache = None  # the arrays' memory back before training
         multi_worker, pretraining_dir = setup.role is not None, setup.state_dir / "pretraining"
-        language_model_dir = setup.state_dir / "language_model"
         log_dir = setup.output_dir / "tensorboard" if setup.writes_outputs else None
-        clear_old_curves(log_dir, resuming=saved_state is not None or any(
-            (stage_dir / "state.json").is_file() for stage_dir in (pretraining_dir, language_model_dir)))
+        clear_old_curves(log_dir, resuming=saved_state is not None or (pretraining_dir / "state.json").is_file())
         pretraining = Pretraining(semi.method, semi.reason, len(inputs.unlabelled_ids),
                                   int(review_lengths(inputs.unlabelled_ids).sum()))
         if semi.distils:
             pretraining.distillation = distillation
-        if semi.models_language:
-            with clock.timed("language_model_s"):
-                pretraining.language_model = learn_language_model(
-                    classifier, strategy, inputs, config, fingerprint, language_model_dir, multi_worker,
-                    log_dir / "language_model" if log_dir else None)
         if semi.teaches and not semi.distils:
             with clock.timed("pretrain_s"):
                 learn_from_teacher(classifier, strategy, inputs, targets, config, fingerprint, pretraining_dir,
@@ -4646,7 +4380,7 @@ def run_training(config: TrainConfig) -> TrainingResult:
                  + advice(check, config.arch, blend))
         report = build_metrics(settings, started_from, {**counts, **inputs.counts()}, training, evaluation,
                                blend, check, notes, strategy, setup.role,
-                               pretraining.summary(tokens_per_second(inputs.train_ids, training)))
+                               pretraining.summary())
         print(f"\nTest set results:\n{evaluation.table}\n\n{evaluation.classification_report}")
         for note in notes:
             print(f"Note: {note}")
