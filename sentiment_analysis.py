@@ -3030,17 +3030,18 @@ class Checkpoints:
 
 
 def train(classifier, optimizer, strategy, inputs: PreparedInputs, state: TrainingState, state_dir: Path,
-          multi_worker: bool, log_dir: Path | None = None) -> TrainingResult:
+          multi_worker: bool, log_dir: Path | None = None, steps: Steps | None = None) -> TrainingResult:
     """Train from `state` with early stopping on validation loss and keep the best weights. Checkpoints saves
     the state after every epoch (a crashed run continues from it); on Ctrl-C the loop stops and the best weights
     so far are kept; on SIGTERM (a scheduler's notice before it kills) the state after the current step is saved
     and Terminated raised, with no evaluation. With `log_dir`, the curves are logged for TensorBoard there.
+    `steps` are the classifier's (build_step_functions) unless given (a test's stand-ins).
 
     One loop for every setup: the strategy runs each step on its replicas, whether that is this CPU, several
     GPUs or the workers of a cluster. Not Keras' fit(): in Keras 3.15 it fails under
     MultiWorkerMirroredStrategy (keras-team/keras#20585)."""
 
-    step_functions = build_step_functions(classifier, optimizer, strategy, inputs.class_weights)
+    step_functions = steps or build_step_functions(classifier, optimizer, strategy, inputs.class_weights)
     names = HISTORY_NAMES
     validation_batches = strategy.experimental_distribute_dataset(inputs.validation_batches)
     resumed_after_epoch = state.epoch
@@ -3273,89 +3274,6 @@ def teacher_inputs(inputs: PreparedInputs, targets: np.ndarray, config: TrainCon
                                      replicas > 1)
     return dataclasses.replace(inputs, plan=plan, training_batches=training_batches, class_weights=None)
 
-def train_stage(model, optimizer, strategy, stage: PreparedInputs, fingerprint: dict, state_dir: Path,
-                multi_worker: bool, log_dir: Path | None):
-    """A pretraining stage through the training loop, from its state saved in `state_dir` if any (the same
-    command resumes it; `fingerprint` is the run's): (its TrainingResult, its seconds, its final TrainingState)."""
-    saved = TrainingState.load(state_dir, fingerprint)
-    state = restore_training_state(model, optimizer, saved, fingerprint, state_dir)
-    if multi_worker:
-        check_workers_agree(strategy, state.epoch)
-    started = time.perf_counter()
-    result = train(model, optimizer, strategy, stage, state, state_dir, multi_worker, log_dir)
-    return result, time.perf_counter() - started, state
-
-
-@dataclass
-class Pretraining:
-    """What the teacher did (its stage on unlabelled text, or its grades beside the labels), for metrics.json,
-    the report and the labelled stage."""
-    method: str
-    reason: str
-    texts: int   # unlabelled texts used
-    tokens: int  # their tokens
-    result: TrainingResult | None = None            # the teacher stage's
-    seconds: float = 0.0
-    best_loss: float = math.inf                     # the validation loss of the weights the teacher stage ended with
-    best_weights: list[np.ndarray] | None = field(default=None, repr=False)
-    fine_tuning_learning_rate: float | None = None  # the labelled stage's starting learning rate
-    distillation: dict | None = None  # with no unlabelled text: how the teacher graded the training split
-
-    @property
-    def done(self) -> bool:
-        return self.result is not None
-
-    def started_from(self, embeddings: str) -> dict:
-        """What started_from adds: the teacher stage, and Word2Vec's unlabelled text."""
-        if self.method == "none":
-            return {}
-        start = {}
-        if self.result is not None:
-            start["pretrained"] = f"taught by the TF-IDF baseline's probabilities on {self.texts} unlabelled texts"
-        if self.distillation is not None:
-            start["taught"] = (f"labels beside the TF-IDF baseline's out-of-fold probabilities on the training "
-                               f"split ({self.distillation['label_share']} label, "
-                               f"{round(1 - self.distillation['label_share'], 2)} baseline)")
-        if embeddings == "word2vec" and self.texts:
-            start["vectors"] = f"Word2Vec trained on this run's training split and {self.texts} unlabelled texts"
-        return start
-
-    def summary(self) -> dict:
-        """The method and each stage's record."""
-        summary = {"method": self.method, "chosen": self.reason}
-        if self.done:
-            summary["fine_tuning_learning_rate"] = self.fine_tuning_learning_rate
-        if self.distillation is not None:
-            summary["distillation"] = self.distillation
-        if self.result is None:
-            return summary
-        history = self.result.history
-        best = (self.result.best_epoch or self.result.epochs_run) - 1
-        return {**summary, "teacher": "the TF-IDF baseline (its probabilities on the unlabelled texts)",
-                "texts": self.texts, "tokens": self.tokens, **self.result.summary(), "seconds": round(self.seconds, 2),
-                "history": history,
-                "validation_accuracy": history["val_accuracy"][best] if history.get("val_accuracy") else None}
-
-
-def learn_from_teacher(classifier, strategy, inputs: PreparedInputs, targets: np.ndarray, config: TrainConfig,
-                       fingerprint: dict, state_dir: Path, multi_worker: bool, log_dir: Path | None,
-                       pretraining: Pretraining) -> None:
-    """The teacher stage: train the classifier on the unlabelled texts with the teacher's probabilities as
-    targets, through the training loop, with a fresh optimizer and its own training state in `state_dir` (the
-    same command resumes it). Leaves the best weights in the classifier and records them in `pretraining`."""
-    stage = teacher_inputs(inputs, targets, config, strategy.num_replicas_in_sync)
-    plan = stage.plan
-    print(f"Teacher stage: {plan.epochs} epochs of {plan.steps_per_epoch} batches of {plan.batch_size} on "
-          f"{pretraining.texts} unlabelled texts with the baseline's probabilities, patience {plan.patience}")
-    with strategy.scope():
-        optimizer = build_optimizer(config, plan)
-        optimizer.build(classifier.trainable_variables)
-    pretraining.result, pretraining.seconds, state = train_stage(classifier, optimizer, strategy, stage, fingerprint,
-                                                                 state_dir, multi_worker, log_dir)
-    pretraining.best_loss, pretraining.best_weights = state.best_loss, state.best_weights
-
-
-
 def fine_tuning_optimizer(config: TrainConfig, plan: TrainingPlan, classifier, strategy):
     """The labelled stage's optimizer after a teacher stage: the same schedule over the labelled plan, from
     FINE_TUNING_LEARNING_RATE_SCALE times --learning-rate, so the labels adjust the taught weights gently."""
@@ -3364,44 +3282,6 @@ def fine_tuning_optimizer(config: TrainConfig, plan: TrainingPlan, classifier, s
         optimizer = build_optimizer(scaled, plan)
         optimizer.build(classifier.trainable_variables)
     return optimizer
-
-
-def fine_tuning_start(fingerprint: dict, pretraining: Pretraining) -> TrainingState:
-    """The labelled stage's first state after a teacher stage: the pretrained weights count as epoch 0, so early
-    stopping keeps them if no epoch on the labels lowers their validation loss."""
-    state = TrainingState(fingerprint=fingerprint)
-    if pretraining.best_weights is not None:
-        state.best_loss, state.best_epoch, state.best_weights = pretraining.best_loss, 0, pretraining.best_weights
-    return state
-
-
-def unlabelled_notes(arch: str, baseline: bool, training_rows: int, pretraining: Pretraining,
-                     training: TrainingResult, check: ValidationCheck) -> list[str]:
-    """What to say about unlabelled text: that it would likely help a small labelled split that has none, and,
-    after a teacher stage, what the labels added on validation and whether the model reached its teacher."""
-    if pretraining.method == "none":
-        if (pretraining.reason.endswith("no unlabelled text") and training_rows < SMALL_TRAINING_ROWS
-                and arch != "bert" and baseline):
-            return [f"Few labels ({training_rows} training rows): unlabelled text of the same kind would likely "
-                    "help. Rows of --data with a text and an empty label, or --unlabelled FILE (a CSV or one text "
-                    "per line), let the model learn the baseline's probabilities on them first (README: "
-                    "Unlabelled text)."]
-        return []
-    notes = []
-    if training.best_epoch == 0:
-        notes.append("Fine-tuning on the labels did not lower the validation loss of the model the teacher stage "
-                     "ended with; that model is kept.")
-    accuracy = check.accuracy()
-    behind = (compare_models(check.labels, check.baseline, check.neural, ("baseline", arch), "validation")
-              if check.baseline is not None else None)
-    if behind is not None and behind.difference > 0 and not behind.level:
-        stage = ("Learning the baseline's probabilities beside the labels" if pretraining.distillation is not None
-                 else "The teacher stage")
-        notes.append(f"{stage} did not bring the {arch} up to the baseline on the "
-                     "validation split "
-                     f"({accuracy['neural']:.4f} against the baseline's {accuracy['baseline']:.4f}; the baseline is "
-                     f"{behind.words()}).")
-    return notes
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -3539,7 +3419,7 @@ def confident_errors(texts, labels, probabilities, class_names, limit: int = 100
 
 def build_metrics(settings: dict, started_from: dict, data: dict, training: TrainingResult,
                  evaluation: Evaluation, blend: Blend | None, check: ValidationCheck, notes: list[str], strategy,
-                 role: ClusterRole | None, pretraining: dict) -> dict:
+                 role: ClusterRole | None, semi_supervised: dict) -> dict:
     """The run's metrics.json: the primary model's test results first, then each other model's; the data,
     settings, training, timing (filled in last) and environment."""
 
@@ -3564,7 +3444,7 @@ def build_metrics(settings: dict, started_from: dict, data: dict, training: Trai
         "config": settings,
         "started_from": started_from,
         "training": training.summary(),
-        "semi_supervised": pretraining,
+        "semi_supervised": semi_supervised,
         "environment": {"python": platform.python_version(), "tensorflow": tf.__version__,
                         "machine": platform.platform(), "cpus": os.cpu_count(),
                         "strategy": strategy_name(strategy, role), "replicas": strategy.num_replicas_in_sync},
@@ -3629,14 +3509,6 @@ def plot_history(history: dict, stage: str = "", row=None):
     return figure
 
 
-def plot_pretraining(pretraining: Pretraining):
-    """The teacher stage's loss and accuracy per epoch."""
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4), squeeze=False)
-    plot_history(pretraining.result.history, "teacher stage: ", axes[0])
-    figure.tight_layout()
-    return figure
-
-
 LEARNING_CURVE_FIGURE = "learning_curve.png"
 
 
@@ -3667,11 +3539,11 @@ def show_figures(show: bool) -> None:
 
 
 def write_outputs(output_dir: Path, model, evaluation: Evaluation, history: dict, test: LabelledTexts,
-                  show: bool, pretraining: Pretraining | None = None,
+                  show: bool, stage_figures: dict | None = None,
                   learning_curve: list[dict] | None = None) -> tuple[pd.DataFrame, dict[str, Path]]:
-    """Save the model (model.keras and saved_model/1/), the reports and the figures (with pretraining stages,
-    their curves too; with a baseline, its learning curve), each file whole (report.html and metrics.json come
-    after, last). Returns the confident errors and the figures' paths."""
+    """Save the model (model.keras and saved_model/1/), the reports and the figures (`stage_figures`: a name
+    and a function drawing it for each figure of a stage; with a baseline, its learning curve), each file whole
+    (report.html and metrics.json come after, last). Returns the confident errors and the figures' paths."""
 
     if not show:
         matplotlib.use("Agg")
@@ -3692,8 +3564,7 @@ def write_outputs(output_dir: Path, model, evaluation: Evaluation, history: dict
         "roc_curve.png": plot_roc_curves(test.labels, evaluation.probabilities, evaluation.class_names),
         "training_history.png": plot_history(history),
     }
-    if pretraining is not None and pretraining.done:
-        figures["pretraining_history.png"] = plot_pretraining(pretraining)
+    figures.update({name: draw() for name, draw in (stage_figures or {}).items()})
     if learning_curve:
         figures[LEARNING_CURVE_FIGURE] = plot_learning_curve(learning_curve)
     for name, figure in figures.items():
@@ -4042,11 +3913,17 @@ def metric_rows(scores: dict[str, dict], class_names) -> list[list]:
                      for model_scores in scores.values())] for name in figure_names(class_names)]
 
 
+def epoch_table(history: dict) -> str:
+    """A row per epoch, a column per figure of `history`."""
+    return html_table(["epoch", *history], [[epoch + 1, *(values[epoch] for values in history.values())]
+                                            for epoch in range(len(history.get("loss", [])))])
+
+
 def build_html_report(report: dict, evaluation: Evaluation, history: dict, figures: dict[str, Path],
-                      mistakes: list[tuple[dict, Explanation]], timing: dict) -> str:
+                      mistakes: list[tuple[dict, Explanation]], timing: dict, stage_sections: list[str]) -> str:
     """The page: settings, metrics side by side, per-class figures, the figures, the learning curves, the
-    most confident mistakes with each word coloured by its push (see Explanation) and the time of each stage
-    so far (`timing`)."""
+    most confident mistakes with each word coloured by its push (see Explanation), the stages' own sections
+    and the time of each stage so far (`timing`)."""
     primary = evaluation.primary
     title = f"{report['model']} on {Path(report['config']['data']).name}"
     blend = f"; blend weight {report['blend_weight']:.2f} on the neural model" if "blend_weight" in report else ""
@@ -4089,10 +3966,7 @@ def build_html_report(report: dict, evaluation: Evaluation, history: dict, figur
                                [[name, *values.values()] for name, values in per_class.items()]))
     sections.append("<h2>Figures</h2>" + "".join(embedded_image(path, name, wide="history" in name)
                                                  for name, path in figures.items() if name != LEARNING_CURVE_FIGURE))
-    epochs = len(history.get("loss", []))
-    sections.append("<h2>Learning curves</h2>")
-    sections.append(html_table(["epoch", *history], [[epoch + 1, *(values[epoch] for values in history.values())]
-                                                     for epoch in range(epochs)]))
+    sections.append("<h2>Learning curves</h2>" + epoch_table(history))
     sections.append(f"<h2>The {len(mistakes)} most confident mistakes ({html.escape(primary)})</h2>")
     if mistakes:
         sections.append('<p class="small">Green words pushed towards the class named in each box, red words '
@@ -4110,26 +3984,7 @@ def build_html_report(report: dict, evaluation: Evaluation, history: dict, figur
     if report.get("training"):
         sections.append("<h2>Training</h2>")
         sections.append(html_table(["", "value"], [[name, value] for name, value in report["training"].items()]))
-    semi = report.get("semi_supervised", {})
-    if semi.get("history"):
-        sections.append("<h2>Unlabelled text: the teacher stage</h2>")
-        sections.append('<p class="small">Before the labels, the model learned the baseline\'s probabilities on the '
-                        "unlabelled texts (accuracy here: agreement with the baseline; validation: the true labels "
-                        "of the validation split).</p>")
-        sections.append(html_table(["", "value"], [[name, value] for name, value in semi.items()
-                                                   if name != "history"]))
-        stage = semi["history"]
-        sections.append(html_table(["epoch", *stage], [[epoch + 1, *(values[epoch] for values in stage.values())]
-                                                       for epoch in range(len(stage.get("loss", [])))]))
-    if semi.get("distillation"):
-        sections.append("<h2>The teacher beside the labels</h2>")
-        sections.append('<p class="small">With no unlabelled text, each training text\'s target was its label mixed '
-                        "with the baseline's probability for it, graded by a baseline fitted on the other folds "
-                        "(knowledge distillation).</p>")
-        sections.append(html_table(["", "value"], list(semi["distillation"].items())))
-    if semi and not semi.get("history"):
-        sections.append(f'<p class="small">Unlabelled text: {html.escape(semi["method"])} '
-                        f'({html.escape(semi["chosen"])})</p>')
+    sections.extend(stage_sections)
     sections.append("<h2>Time</h2>")
     sections.append(html_table(["stage", "seconds"],
                                [[name, value] for name, value in timing.items() if not isinstance(value, list)]))
@@ -4174,7 +4029,7 @@ def open_report(path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The training run: the checks that need no data, then the story of a run, stage by stage
+# Before a run: the checks that need no data, the baseline's fit, scoring and the model to save
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -4277,129 +4132,415 @@ def model_to_save(settings: dict, started_from: dict, vectorizer, classifier, ba
     return model if blend is None else build_blend_predictor(model, baseline, blend.weight, class_names, settings)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The stages of a run: each trains the model once through the one training loop, from its own resumable state,
+# and says what it did (its record in metrics.json, its notes, its report section, its figure). A run is a short
+# list of them chosen once from the flags and the data's sizes (choose_stages), the labelled stage last: a new way
+# to learn is a new stage class and an entry there.
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """What the stages of a run share: the flags, the data, what was prepared from it, and the baseline, fitted
+    once when it is first needed (by a teacher, or to score beside the model)."""
+    config: TrainConfig
+    setup: RunSetup
+    clock: Stopwatch
+    data: LoadedData
+    splits: DataSplits
+    unlabelled: UnlabelledTexts
+    semi: SemiSupervised
+    counts: dict                       # data_summary's
+    fingerprint: dict                  # the setup's, with the TARGETS the run learns from
+    saved_state: TrainingState | None  # the labelled stage's, when the run resumes
+    strategy: object = None
+    inputs: PreparedInputs | None = None  # the prepared token ids, before any stage shapes its own
+    standardize: object = None         # the model's text cleaning, for the baseline too
+    fitted: tuple | None = field(default=None, repr=False)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.data.classes.names
+
+    @property
+    def replicas(self) -> int:
+        return self.strategy.num_replicas_in_sync
+
+    def log_dir(self, stage: str = "") -> Path | None:
+        """Where TensorBoard's curves go (a stage's under its own name); None on a worker that is not the chief."""
+        if not self.setup.writes_outputs:
+            return None
+        return self.setup.output_dir / "tensorboard" / stage if stage else self.setup.output_dir / "tensorboard"
+
+    def baseline(self):
+        """The fitted baseline and the training texts it was fitted on (fit_the_baseline), fitted on first use."""
+        if self.fitted is None:
+            self.fitted = fit_the_baseline(self.config, self.splits, self.standardize, self.clock)
+        return self.fitted
+
+    def teacher(self):
+        """The baseline as a teacher, which must be there: (baseline, its training texts)."""
+        baseline, train_strings = self.baseline()
+        if baseline is None:
+            raise UserError(f"the baseline, which is the teacher of --semi-supervised {self.semi.method}, cannot be "
+                            "fitted on these texts; use --semi-supervised none")
+        return baseline, train_strings
+
+
+def taught_notes(stage: str, run: Run, check: ValidationCheck) -> list[str]:
+    """After a teacher: whether the model reached its teacher on validation (`stage` says how it was taught)."""
+    arch = run.config.arch
+    if check.baseline is None:
+        return []
+    behind = compare_models(check.labels, check.baseline, check.neural, ("baseline", arch), "validation")
+    if behind.difference <= 0 or behind.level:
+        return []
+    accuracy = check.accuracy()
+    return [f"{stage} did not bring the {arch} up to the baseline on the validation split ({accuracy['neural']:.4f} "
+            f"against the baseline's {accuracy['baseline']:.4f}; the baseline is {behind.words()})."]
+
+
+class Stage:
+    """One stage of a run. `prepare` makes what it needs before the model is built; `train` trains the model
+    (after `before`, the stage that ran first, if any); `hand_over` is the state the next stage starts from;
+    the rest say what it did: its part of metrics.json's semi_supervised, of started_from, its notes, its
+    report section (from its record) and its figures (a name and a function that draws it)."""
+    state_name = ""  # its state directory under the run's ("": the run's own)
+    result: TrainingResult | None = None
+
+    def state_dir(self, run: Run) -> Path:
+        return run.setup.state_dir / self.state_name if self.state_name else run.setup.state_dir
+
+    def train_from(self, run: Run, classifier, optimizer, state: TrainingState) -> TrainingResult:
+        """Its inputs through the training loop from `state`, saved in its state directory after every epoch
+        (the same command resumes it), its curves under its name in TensorBoard's directory."""
+        if run.setup.role is not None:
+            check_workers_agree(run.strategy, state.epoch)
+        return train(classifier, optimizer, run.strategy, self.inputs, state, self.state_dir(run),
+                     multi_worker=run.setup.role is not None, log_dir=run.log_dir(self.state_name))
+
+    def prepare(self, run: Run) -> None:
+        pass
+
+    def train(self, run: Run, classifier, optimizer, before: Stage | None) -> TrainingResult:
+        raise NotImplementedError
+
+    def hand_over(self, fingerprint: dict) -> TrainingState:
+        return TrainingState(fingerprint=fingerprint)
+
+    def record(self) -> dict:
+        return {}
+
+    def started_from(self, run: Run) -> dict:
+        return {}
+
+    def notes(self, run: Run, check: ValidationCheck, training: TrainingResult) -> list[str]:
+        return []
+
+    def report_section(self, record: dict) -> list[str]:
+        return []
+
+    def figures(self) -> dict:
+        return {}
+
+
+class TeacherStage(Stage):
+    """Before the labels: the model learns the baseline's probabilities on the unlabelled texts (teacher_inputs),
+    with a fresh optimizer and its own state; the labelled stage starts from the weights it ends with, which
+    count as its epoch 0 (early stopping keeps them unless an epoch on the labels lowers their validation loss)."""
+    state_name = "pretraining"
+
+    def prepare(self, run: Run) -> None:
+        baseline, _ = run.teacher()
+        with run.clock.timed("teacher_s"):
+            targets = soft_targets(baseline_probabilities(baseline, run.unlabelled.texts, run.standardize))
+        self.inputs = teacher_inputs(run.inputs, targets, run.config, run.replicas)
+        self.texts = len(run.inputs.unlabelled_ids)
+        self.tokens = int(review_lengths(run.inputs.unlabelled_ids).sum())
+
+    def train(self, run: Run, classifier, optimizer, before: Stage | None) -> TrainingResult:
+        plan, state_dir = self.inputs.plan, self.state_dir(run)
+        print(f"Teacher stage: {plan.epochs} epochs of {plan.steps_per_epoch} batches of {plan.batch_size} on "
+              f"{self.texts} unlabelled texts with the baseline's probabilities, patience {plan.patience}")
+        with run.strategy.scope():
+            optimizer = build_optimizer(run.config, plan)
+            optimizer.build(classifier.trainable_variables)
+        saved = TrainingState.load(state_dir, run.fingerprint)
+        self.state = restore_training_state(classifier, optimizer, saved, run.fingerprint, state_dir)
+        started = time.perf_counter()
+        with run.clock.timed("pretrain_s"):
+            self.result = self.train_from(run, classifier, optimizer, self.state)
+        self.seconds = time.perf_counter() - started
+        return self.result
+
+    def hand_over(self, fingerprint: dict) -> TrainingState:
+        state = TrainingState(fingerprint=fingerprint)
+        if self.state.best_weights is not None:
+            state.best_loss, state.best_epoch, state.best_weights = (self.state.best_loss, 0,
+                                                                     self.state.best_weights)
+        return state
+
+    def record(self) -> dict:
+        history = self.result.history
+        best = (self.result.best_epoch or self.result.epochs_run) - 1
+        return {"teacher": "the TF-IDF baseline (its probabilities on the unlabelled texts)", "texts": self.texts,
+                "tokens": self.tokens, **self.result.summary(), "seconds": round(self.seconds, 2), "history": history,
+                "validation_accuracy": history["val_accuracy"][best] if history.get("val_accuracy") else None}
+
+    def started_from(self, run: Run) -> dict:
+        start = {"pretrained": f"taught by the TF-IDF baseline's probabilities on {self.texts} unlabelled texts"}
+        if run.config.embeddings == "word2vec":
+            start["vectors"] = f"Word2Vec trained on this run's training split and {self.texts} unlabelled texts"
+        return start
+
+    def notes(self, run: Run, check: ValidationCheck, training: TrainingResult) -> list[str]:
+        kept = (["Fine-tuning on the labels did not lower the validation loss of the model the teacher stage ended "
+                 "with; that model is kept."] if training.best_epoch == 0 else [])
+        return kept + taught_notes("The teacher stage", run, check)
+
+    def report_section(self, record: dict) -> list[str]:
+        if not record.get("history"):
+            return []
+        return ["<h2>Unlabelled text: the teacher stage</h2>",
+                '<p class="small">Before the labels, the model learned the baseline\'s probabilities on the '
+                "unlabelled texts (accuracy here: agreement with the baseline; validation: the true labels of the "
+                "validation split).</p>",
+                html_table(["", "value"], [[name, value] for name, value in record.items() if name != "history"]),
+                epoch_table(record["history"])]
+
+    def figures(self) -> dict:
+        return {"pretraining_history.png": lambda: plot_history(self.result.history, "teacher stage: ")}
+
+
+class LabelledStage(Stage):
+    """The labels: the stage every run ends with, into the run's own state directory. After a teacher stage
+    it starts from what that stage hands over, at FINE_TUNING_LEARNING_RATE_SCALE times --learning-rate."""
+    fine_tuning_learning_rate: float | None = None
+
+    def prepare(self, run: Run) -> None:
+        self.inputs = run.inputs
+
+    def train(self, run: Run, classifier, optimizer, before: Stage | None) -> TrainingResult:
+        if before is not None:
+            optimizer = fine_tuning_optimizer(run.config, self.inputs.plan, classifier, run.strategy)
+            self.fine_tuning_learning_rate = run.config.learning_rate * FINE_TUNING_LEARNING_RATE_SCALE
+        if run.saved_state is not None:
+            state = restore_training_state(classifier, optimizer, run.saved_state, run.fingerprint,
+                                           run.setup.state_dir)
+        else:
+            state = (before or self).hand_over(run.fingerprint)
+        with run.clock.timed("train_s"):
+            self.result = self.train_from(run, classifier, optimizer, state)
+        return self.result
+
+    def record(self) -> dict:
+        rate = self.fine_tuning_learning_rate
+        return {} if rate is None else {"fine_tuning_learning_rate": rate}
+
+    def notes(self, run: Run, check: ValidationCheck, training: TrainingResult) -> list[str]:
+        rows, config = run.counts["train"], run.config
+        if (run.semi.method != "none" or not run.semi.reason.endswith("no unlabelled text")
+                or rows >= SMALL_TRAINING_ROWS or config.arch == "bert" or not config.baseline):
+            return []
+        return [f"Few labels ({rows} training rows): unlabelled text of the same kind would likely help. Rows of "
+                "--data with a text and an empty label, or --unlabelled FILE (a CSV or one text per line), let the "
+                "model learn the baseline's probabilities on them first (README: Unlabelled text)."]
+
+    def report_section(self, record: dict) -> list[str]:
+        if record.get("history"):  # a teacher stage's section says it
+            return []
+        return [f'<p class="small">Unlabelled text: {html.escape(record["method"])} '
+                f'({html.escape(record["chosen"])})</p>']
+
+
+class DistilledStage(LabelledStage):
+    """The labelled stage with the teacher beside the labels: each training text's target mixes its label
+    with the baseline's out-of-fold probability for it (teach_beside_the_labels), over a longer plan for soft
+    targets (distillation_inputs)."""
+
+    def prepare(self, run: Run) -> None:
+        _, train_strings = run.teacher()
+        with run.clock.timed("teacher_s"):
+            targets, self.distillation = teach_beside_the_labels(train_strings, run.splits.train.labels,
+                                                                 len(run.class_names), BaselineRecipe.of(run.config))
+        self.inputs = distillation_inputs(run.inputs, targets, run.config, run.replicas)
+
+    def record(self) -> dict:
+        return {**super().record(), "distillation": self.distillation}
+
+    def started_from(self, run: Run) -> dict:
+        share = self.distillation["label_share"]
+        return {"taught": f"labels beside the TF-IDF baseline's out-of-fold probabilities on the training split "
+                          f"({share} label, {round(1 - share, 2)} baseline)"}
+
+    def notes(self, run: Run, check: ValidationCheck, training: TrainingResult) -> list[str]:
+        return taught_notes("Learning the baseline's probabilities beside the labels", run, check)
+
+    def report_section(self, record: dict) -> list[str]:
+        return ["<h2>The teacher beside the labels</h2>",
+                '<p class="small">With no unlabelled text, each training text\'s target was its label mixed with the '
+                "baseline's probability for it, graded by a baseline fitted on the other folds (knowledge "
+                "distillation).</p>",
+                html_table(["", "value"], list(record["distillation"].items())), *super().report_section(record)]
+
+
+def choose_stages(semi: SemiSupervised) -> list[Stage]:
+    """The run's stages in order, from how it learns from unlabelled text (choose_semi_supervised)."""
+    if semi.distils:
+        return [DistilledStage()]
+    if semi.teaches:
+        return [TeacherStage(), LabelledStage()]
+    return [LabelledStage()]
+
+
+def train_stages(run: Run, stages: list[Stage], classifier, optimizer) -> TrainingResult:
+    """Each stage in turn, each after the one before; the labelled stage's result, or an earlier stage's if
+    Ctrl-C stopped it (the model as it is is then reported). A finished run leaves no state to resume."""
+    resuming = any((stage.state_dir(run) / "state.json").is_file() for stage in stages)
+    clear_old_curves(run.log_dir(), resuming=resuming)
+    before = None
+    for stage in stages:
+        training = stage.train(run, classifier, optimizer, before)
+        if training.interrupted:
+            break
+        before = stage
+    else:
+        shutil.rmtree(run.setup.state_dir, ignore_errors=True)
+    run.clock.record("epoch_s", training.epoch_seconds)
+    return training
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The training run: the story of a run, stage by stage
+# ----------------------------------------------------------------------------------------------------------
+
+
+def read_the_data(config: TrainConfig, setup: RunSetup, clock: Stopwatch) -> Run:
+    """Load and split the data, gather the unlabelled texts and choose how they are used (auto's choice needs
+    the sizes), say so; then a saved state must have learned from the same."""
+    with clock.timed("load_s"):
+        data = load_dataset(config)
+        splits = split_dataset(data, config)
+        unlabelled = gather_unlabelled(data, splits, config.unlabelled, config.text_column)
+    semi = choose_semi_supervised(config, len(splits.train.labels), len(unlabelled.texts), config.baseline,
+                                  int(np.bincount(splits.train.labels, minlength=len(data.classes.names)).min()))
+    counts = data_summary(data, splits, unlabelled_use(unlabelled.counts, semi))
+    print(f"Read {counts['rows_read']} rows from {config.data}; dropped {counts['dropped']}; "
+          f"train {counts['train']}, validation {counts['validation']}, test {counts['test']}; "
+          f"{describe_unlabelled(counts['unlabelled'])}; {describe_classes(data)}")
+    if counts["unlabelled"]["read"] or semi.method != "none":
+        print(f"Unlabelled text: {semi.method} ({semi.reason})")
+    fingerprint = {**setup.fingerprint, TARGETS: semi.shaping(BaselineRecipe.of(config))}
+    return Run(config, setup, clock, data, splits, unlabelled, semi, counts, fingerprint,
+               TrainingState.load(setup.state_dir, fingerprint))
+
+
+def prepare_run_inputs(run: Run) -> None:
+    """The devices, then the token ids, the vocabulary and the starting embedding (from the cache, if the run
+    resumes); unlabelled texts only when a stage learns from them."""
+    run.strategy = set_up_tensorflow(run.config, run.setup.role)
+    with run.clock.timed("preprocess_s"):
+        run.inputs = prepare_inputs(run.splits, run.config, run.setup.derived, run.replicas, len(run.class_names),
+                                    run.unlabelled.texts if run.semi.learns_from_unlabelled else None,
+                                    cache_dir=run.setup.state_dir / INPUTS_CACHE)
+    run.standardize = text_standardizer(run.inputs.vectorizer)
+
+
+def reserve_disk(run: Run, classifier, cleanup: contextlib.ExitStack) -> None:
+    """Refuse before training if the outputs and the cache of token ids would not fit; advise on a full disk
+    from here on; write the cache (unless the run read it)."""
+    inputs, setup = run.inputs, run.setup
+    cache = {} if inputs.from_cache else cached_arrays(inputs)
+    needed = (_output_bytes_needed(classifier.count_params(), run.config.blend_weight is not None)
+              + sum(array.nbytes for array in cache.values()))
+    _check_free_space(setup.output_dir, needed)
+    cleanup.enter_context(_disk_full_advice(setup.output_dir, setup.state_dir, needed))
+    if cache:
+        save_inputs_cache(setup.state_dir / INPUTS_CACHE, setup.fingerprint, inputs, cache)
+
+
+@dataclass
+class Scored:
+    """What the run found: the saved model, its test evaluation, the validation check, and metrics.json."""
+    model: object
+    evaluation: Evaluation
+    check: ValidationCheck
+    report: dict
+
+
+def score_the_run(run: Run, stages: list[Stage], classifier, training: TrainingResult) -> Scored:
+    """Validation (the blend's weight chosen there), then the test split scored once; the model to save, its
+    notes and metrics.json's record."""
+    config, setup, clock = run.config, run.setup, run.clock
+    baseline, train_strings = run.baseline()
+    with clock.timed("validation_s"):
+        check = compare_on_validation(classifier, baseline, run.inputs.validation_ids, run.splits, train_strings,
+                                      run.standardize, BaselineRecipe.of(config))
+    blend = blend_if_asked(config.blend_weight, config.arch, baseline, check)
+    probabilities = score_on_test(config.arch, classifier, baseline, blend, run.inputs.test_ids, run.splits.test,
+                                  run.standardize, clock)
+    started_from = {**setup.started_from, **{name: value for stage in stages
+                                            for name, value in stage.started_from(run).items()}}
+    settings = run_settings(config, setup.derived)
+    model = model_to_save(settings, started_from, run.inputs.vectorizer, classifier, baseline, blend, run.class_names)
+    with clock.timed("intervals_s"):
+        evaluation = evaluate(run.splits.test, run.class_names, probabilities)
+    notes = (run.inputs.notes + [note for stage in stages for note in stage.notes(run, check, training)]
+             + advice(check, config.arch, blend))
+    semi = {"method": run.semi.method, "chosen": run.semi.reason}
+    for stage in stages:
+        semi.update(stage.record() if stage.result is not None else {})
+    report = build_metrics(settings, started_from, {**run.counts, **run.inputs.counts()}, training, evaluation,
+                           blend, check, notes, run.strategy, setup.role, semi)
+    return Scored(model, evaluation, check, report)
+
+
+def write_the_run(run: Run, stages: list[Stage], scored: Scored, training: TrainingResult) -> None:
+    """Print the test results and notes; write the model, the figures, report.html and metrics.json (last)."""
+    setup, clock, evaluation, report = run.setup, run.clock, scored.evaluation, scored.report
+    print(f"\nTest set results:\n{evaluation.table}\n\n{evaluation.classification_report}")
+    for note in report["notes"]:
+        print(f"Note: {note}")
+    show = run.config.show and display_available()
+    stage_figures = {name: draw for stage in stages if stage.result is not None
+                     for name, draw in stage.figures().items()}
+    with clock.timed("write_s"):
+        errors, figures = write_outputs(setup.output_dir, scored.model, evaluation, training.history,
+                                        run.splits.test, show, stage_figures, scored.check.baseline_curve)
+    with clock.timed("report_s"):
+        mistakes = report_mistakes(scored.model, errors, run.class_names)
+        sections = [part for stage in stages for part in stage.report_section(report["semi_supervised"])]
+        page = build_html_report(report, evaluation, training.history, figures, mistakes, clock.summary(), sections)
+        _write_text(setup.output_dir / "report.html", page)
+    timing = clock.summary()
+    _write_text(setup.output_dir / "metrics.json", json.dumps({**report, "timing": timing}, indent=2) + "\n")
+    print(f"Outputs written to {setup.output_dir}/ (the overview: report.html; serving: saved_model/; curves: "
+          f"tensorboard --logdir {setup.output_dir / 'tensorboard'}); the whole run took {timing['total_s']:.0f} s")
+    if show:
+        open_report(setup.output_dir / "report.html")
+    show_figures(show)
+
+
 def run_training(config: TrainConfig) -> TrainingResult:
-    """The whole run: check, load, split, prepare, train, score, report, write."""
+    """The whole run: check, load, split, prepare, the stages, score, report, write."""
     clock = Stopwatch()
     with contextlib.ExitStack() as cleanup:  # The output directory's lock, held to the end.
         setup = set_up_run(config, cleanup)
-        derived, recipe = setup.derived, BaselineRecipe.of(config)
-        with clock.timed("load_s"):
-            data = load_dataset(config)
-            splits = split_dataset(data, config)
-            unlabelled = gather_unlabelled(data, splits, config.unlabelled, config.text_column)
-        class_names = data.classes.names
-        semi = choose_semi_supervised(config, len(splits.train.labels), len(unlabelled.texts), config.baseline,
-                                      int(np.bincount(splits.train.labels, minlength=len(class_names)).min()))
-        counts = data_summary(data, splits, unlabelled_use(unlabelled.counts, semi))
-        print(f"Read {counts['rows_read']} rows from {config.data}; dropped {counts['dropped']}; "
-              f"train {counts['train']}, validation {counts['validation']}, test {counts['test']}; "
-              f"{describe_unlabelled(counts['unlabelled'])}; {describe_classes(data)}")
-        if counts["unlabelled"]["read"] or semi.method != "none":
-            print(f"Unlabelled text: {semi.method} ({semi.reason})")
-        # Now that the run knows what it learns from, a saved state must have learned from the same.
-        fingerprint = {**setup.fingerprint, TARGETS: semi.shaping(recipe)}
-        saved_state = TrainingState.load(setup.state_dir, fingerprint)
-        strategy = set_up_tensorflow(config, setup.role)
-        with clock.timed("preprocess_s"):
-            inputs = prepare_inputs(splits, config, derived, strategy.num_replicas_in_sync, len(class_names),
-                                    unlabelled.texts if semi.learns_from_unlabelled else None,
-                                    cache_dir=setup.state_dir / INPUTS_CACHE)
-        standardize = text_standardizer(inputs.vectorizer)  # the model's words, for the baseline too
-        baseline = train_strings = targets = None
-        if semi.teaches:  # the teacher is needed before training
-            baseline, train_strings = fit_the_baseline(config, splits, standardize, clock)
-            if baseline is None:
-                raise UserError(f"the baseline, which is the teacher of --semi-supervised {semi.method}, cannot be "
-                                "fitted on these texts; use --semi-supervised none")
-            with clock.timed("teacher_s"):
-                if semi.distils:
-                    targets, distillation = teach_beside_the_labels(train_strings, splits.train.labels,
-                                                                    len(class_names), recipe)
-                else:
-                    targets = soft_targets(baseline_probabilities(baseline, unlabelled.texts, standardize))
-        labelled_inputs = inputs  # what the labelled stage trains on
-        if semi.distils:
-            labelled_inputs = distillation_inputs(inputs, targets, config, strategy.num_replicas_in_sync)
-        classifier, optimizer = build_model_and_optimizer(config, labelled_inputs, len(class_names), strategy,
-                                                          derived.embedding_dim)
-        cache = {} if inputs.from_cache else cached_arrays(inputs)
-        needed = (_output_bytes_needed(classifier.count_params(), config.blend_weight is not None)
-                  + sum(array.nbytes for array in cache.values()))
-        _check_free_space(setup.output_dir, needed)
-        cleanup.enter_context(_disk_full_advice(setup.output_dir, setup.state_dir, needed))
-        if cache:
-            save_inputs_cache(setup.state_dir / INPUTS_CACHE, setup.fingerprint, inputs, cache)
-            cache = None  # the arrays' memory back before training
-        multi_worker, pretraining_dir = setup.role is not None, setup.state_dir / "pretraining"
-        log_dir = setup.output_dir / "tensorboard" if setup.writes_outputs else None
-        clear_old_curves(log_dir, resuming=saved_state is not None or (pretraining_dir / "state.json").is_file())
-        pretraining = Pretraining(semi.method, semi.reason, len(inputs.unlabelled_ids),
-                                  int(review_lengths(inputs.unlabelled_ids).sum()))
-        if semi.distils:
-            pretraining.distillation = distillation
-        if semi.teaches and not semi.distils:
-            with clock.timed("pretrain_s"):
-                learn_from_teacher(classifier, strategy, inputs, targets, config, fingerprint, pretraining_dir,
-                                   multi_worker, log_dir / "pretraining" if log_dir else None, pretraining)
-        if pretraining.result is not None and pretraining.result.interrupted:
-            training = pretraining.result  # Ctrl-C in the teacher stage: report the model as it is
-        else:
-            if pretraining.done:
-                optimizer = fine_tuning_optimizer(config, labelled_inputs.plan, classifier, strategy)
-                pretraining.fine_tuning_learning_rate = config.learning_rate * FINE_TUNING_LEARNING_RATE_SCALE
-            state = (restore_training_state(classifier, optimizer, saved_state, fingerprint, setup.state_dir)
-                     if saved_state is not None else fine_tuning_start(fingerprint, pretraining))
-            if multi_worker:
-                check_workers_agree(strategy, state.epoch)
-            with clock.timed("train_s"):
-                training = train(classifier, optimizer, strategy, labelled_inputs, state, setup.state_dir,
-                                 multi_worker=multi_worker, log_dir=log_dir)
-        if not training.interrupted:
-            shutil.rmtree(setup.state_dir, ignore_errors=True)  # finished: nothing to resume
-        clock.record("epoch_s", training.epoch_seconds)
+        run = read_the_data(config, setup, clock)
+        stages = choose_stages(run.semi)
+        prepare_run_inputs(run)
+        for stage in stages:
+            stage.prepare(run)
+        classifier, optimizer = build_model_and_optimizer(config, stages[-1].inputs, len(run.class_names),
+                                                          run.strategy, setup.derived.embedding_dim)
+        reserve_disk(run, classifier, cleanup)
+        training = train_stages(run, stages, classifier, optimizer)
         if not setup.writes_outputs:
             print("Training done; the chief writes the model and the reports.")
             return training
-
-        classifier = local_copy(classifier, config, len(inputs.vocabulary), derived.embedding_dim)
-        if baseline is None:
-            baseline, train_strings = fit_the_baseline(config, splits, standardize, clock)
-        with clock.timed("validation_s"):
-            check = compare_on_validation(classifier, baseline, inputs.validation_ids, splits, train_strings,
-                                          standardize, recipe)
-        blend = blend_if_asked(config.blend_weight, config.arch, baseline, check)
-        probabilities = score_on_test(config.arch, classifier, baseline, blend, inputs.test_ids, splits.test,
-                                      standardize, clock)
-        started_from = {**setup.started_from, **pretraining.started_from(config.embeddings)}
-        settings = run_settings(config, derived)
-        model = model_to_save(settings, started_from, inputs.vectorizer, classifier, baseline, blend, class_names)
-        with clock.timed("intervals_s"):
-            evaluation = evaluate(splits.test, class_names, probabilities)
-        notes = (inputs.notes + unlabelled_notes(config.arch, config.baseline, counts["train"], pretraining,
-                                                        training, check)
-                 + advice(check, config.arch, blend))
-        report = build_metrics(settings, started_from, {**counts, **inputs.counts()}, training, evaluation,
-                               blend, check, notes, strategy, setup.role,
-                               pretraining.summary())
-        print(f"\nTest set results:\n{evaluation.table}\n\n{evaluation.classification_report}")
-        for note in notes:
-            print(f"Note: {note}")
-        show = config.show and display_available()
-        with clock.timed("write_s"):
-            errors, figures = write_outputs(setup.output_dir, model, evaluation, training.history, splits.test, show,
-                                            pretraining, check.baseline_curve)
-        with clock.timed("report_s"):
-            mistakes = report_mistakes(model, errors, class_names)
-            page = build_html_report(report, evaluation, training.history, figures, mistakes, clock.summary())
-            _write_text(setup.output_dir / "report.html", page)
-        timing = clock.summary()
-        _write_text(setup.output_dir / "metrics.json", json.dumps({**report, "timing": timing}, indent=2) + "\n")
-        print(f"Outputs written to {setup.output_dir}/ (the overview: report.html; serving: saved_model/; curves: "
-              f"tensorboard --logdir {setup.output_dir / 'tensorboard'}); the whole run took "
-              f"{timing['total_s']:.0f} s")
-        if show:
-            open_report(setup.output_dir / "report.html")
-        show_figures(show)
+        classifier = local_copy(classifier, config, len(run.inputs.vocabulary), setup.derived.embedding_dim)
+        write_the_run(run, stages, score_the_run(run, stages, classifier, training), training)
         return training
 
 

@@ -1,6 +1,7 @@
 """Unlabelled text: counted, deduplicated and kept away from the scored splits; the teacher stage (the baseline's
 probabilities on the unlabelled texts, learned before the labels) through the one training loop, resumable."""
 
+import contextlib
 import dataclasses
 import json
 import signal
@@ -286,35 +287,33 @@ def test_a_file_with_no_labelled_row_is_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_the_classifier_starts_from_the_weights_the_teacher_stage_ends_with(semi_csv, tmp_path):
-    sa.keras.utils.set_random_seed(42)
     config = config_for(semi_csv, batch_size=16, pretrain_epochs=1, embeddings="random", semi_supervised="teacher",
-                        embedding_dim=16)
-    data = sa.load_dataset(config)
-    splits = sa.split_dataset(data, config)
-    unlabelled = sa.gather_unlabelled(data, splits, config.unlabelled, config.text_column)
-    derived = sa.Derived.of(config)
-    fingerprint = sa.training_fingerprint(config, derived)
-    inputs = sa.prepare_inputs(splits, config, derived, 1, 2, unlabelled.texts)
-    assert inputs.unlabelled_ids.shape == (80, 80) and inputs.unlabelled_ids.any()
-    standardize = sa.text_standardizer(inputs.vectorizer)
-    baseline = sa.fit_baseline(sa.standardized_strings(splits.train.texts, standardize), splits.train.labels,
-                               sa.BaselineRecipe.of(config))
-    targets = sa.soft_targets(sa.baseline_probabilities(baseline, unlabelled.texts, standardize))
-    assert targets.shape == (80,) and 0 < targets.min() < targets.max() < 1  # probabilities, not labels
-    strategy = sa.tf.distribute.get_strategy()
-    classifier, _ = sa.build_model_and_optimizer(config, inputs, 2, strategy, derived.embedding_dim)
-    fresh = [weight.copy() for weight in classifier.get_weights()]
-    pretraining = sa.Pretraining("teacher", "as given", len(unlabelled.texts), 0)
-    sa.learn_from_teacher(classifier, strategy, inputs, targets, config, fingerprint, tmp_path / "state", False, None,
-                          pretraining)
-    assert pretraining.result.epochs_run == 1 and pretraining.result.plan.steps_per_epoch >= 80 // 16
+                        embedding_dim=16, output_dir=str(tmp_path / "out"))
+    with contextlib.ExitStack() as cleanup:
+        setup = sa.set_up_run(config, cleanup)
+        run = sa.read_the_data(config, setup, sa.Stopwatch())
+        assert [type(stage) for stage in sa.choose_stages(run.semi)] == [sa.TeacherStage, sa.LabelledStage]
+        sa.prepare_run_inputs(run)
+        assert run.inputs.unlabelled_ids.shape == (80, 80) and run.inputs.unlabelled_ids.any()
+        teacher = sa.TeacherStage()
+        teacher.prepare(run)
+        baseline, _ = run.baseline()
+        targets = sa.soft_targets(sa.baseline_probabilities(baseline, run.unlabelled.texts, run.standardize))
+        assert targets.shape == (80,) and 0 < targets.min() < targets.max() < 1  # probabilities, not labels
+        batches = list(teacher.inputs.training_batches(0))  # the stage learns them, not the labels
+        assert sorted(np.concatenate([labels for _, labels, _ in batches]).round(6)) == sorted(targets.round(6))
+        classifier, optimizer = sa.build_model_and_optimizer(config, run.inputs, 2, run.strategy,
+                                                             setup.derived.embedding_dim)
+        fresh = [weight.copy() for weight in classifier.get_weights()]
+        result = teacher.train(run, classifier, optimizer, None)
+    assert result.epochs_run == 1 and result.plan.steps_per_epoch >= 80 // 16
     pretrained = classifier.get_weights()
-    for weight, kept in zip(pretrained, pretraining.best_weights):
+    for weight, kept in zip(pretrained, teacher.state.best_weights):
         np.testing.assert_array_equal(weight, kept)
     assert any(not np.array_equal(before, after) for before, after in zip(fresh, pretrained))
     # The labelled stage starts from them: epoch 0, which early stopping keeps unless an epoch does better.
-    start = sa.fine_tuning_start(fingerprint, pretraining)
-    assert start.epoch == 0 and start.best_epoch == 0 and start.best_loss == pretraining.best_loss
+    start = teacher.hand_over(run.fingerprint)
+    assert start.epoch == 0 and start.best_epoch == 0 and start.best_loss == teacher.state.best_loss
     for weight, kept in zip(pretrained, start.best_weights):
         np.testing.assert_array_equal(weight, kept)
 
