@@ -27,10 +27,12 @@ into the same directory is refused; SIGTERM saves the training state after the c
 the same command resumes.
 
 How to read this file: it runs from the bottom up. Each section defines what the sections below it use, in
-the order a run needs it: configuration -> files -> data -> the functions and layers saved in the model file ->
-tokens and word vectors -> the training plan -> model -> baseline and blend -> devices -> training loop ->
-evaluation -> figures -> explanations -> the HTML report -> the training run (`run_training`, the story of a
-run, stage by stage) -> prediction -> command line (`main`).
+the order a run needs it (a test checks it). The sections, in order: configuration -> operations (private
+helpers) -> data -> functions inside the model file -> the script's Keras layers -> text to tokens -> the
+training plan -> model -> baseline and blend -> noise -> devices -> the training loop -> learning from unlabelled
+text -> evaluation -> figures -> explanations -> the HTML report -> before a run -> the stages of a run (Run,
+TeacherStage, LabelledStage, DistilledStage, choose_stages) -> the training run (`run_training`, the story of a
+run) -> prediction -> command line (`main`).
 """
 
 from __future__ import annotations
