@@ -1837,8 +1837,7 @@ def small_data_notes(arch: str, embeddings: str, training_rows: int, unlabelled_
             "--embeddings FILE with a GloVe, word2vec or fastText file."]
 
 
-# An interrupted run's token ids, vocabulary and starting embedding, kept in its training state directory (and
-# removed with it when the run ends), so the same command resumes without tokenizing or Word2Vec again.
+# The directory of the InputsCache under the run's training state directory, and the arrays it keeps.
 INPUTS_CACHE = "inputs_cache"
 CACHED_IDS = ("train_ids", "validation_ids", "test_ids", "unlabelled_ids")
 
@@ -1856,86 +1855,108 @@ def padded_ids(tokens: np.ndarray, lengths: np.ndarray, max_length: int) -> np.n
     return ids
 
 
-def inputs_cache_key(fingerprint: dict, unlabelled_texts: int) -> dict:
-    return {**fingerprint, "unlabelled_texts": unlabelled_texts}
+@dataclass(frozen=True)
+class InputsCache:
+    """An interrupted run's token ids, vocabulary and starting embedding, in `directory` under its state
+    directory, so the same command resumes without tokenizing or Word2Vec again: keyed on the run's
+    training_fingerprint and the number of unlabelled texts, written whole or not at all, its bytes counted by
+    the free-space check (`arrays`), removed with the state when the run ends."""
+    directory: Path
+    key: dict
 
+    @classmethod
+    def of(cls, directory: Path, fingerprint: dict, unlabelled_texts: int) -> InputsCache:
+        return cls(directory, {**fingerprint, "unlabelled_texts": unlabelled_texts})
 
-def cached_arrays(inputs: PreparedInputs) -> dict[str, np.ndarray]:
-    """What the cache stores of the inputs: each split's token ids without their right padding, and the
-    embedding's starting weights."""
-    arrays = {}
-    for name in CACHED_IDS:
-        ids = getattr(inputs, name)
-        lengths = ids_lengths(ids)
-        arrays[f"{name}_tokens"], arrays[f"{name}_lengths"] = ids[np.arange(ids.shape[1]) < lengths[:, None]], lengths
-    if inputs.embedding_matrix is not None:
-        arrays["embedding_matrix"] = inputs.embedding_matrix
-    return arrays
+    @staticmethod
+    def arrays(inputs: PreparedInputs) -> dict[str, np.ndarray]:
+        """What it stores of the inputs: each split's token ids without their right padding, and the
+        embedding's starting weights (their nbytes are the bytes it needs)."""
+        arrays = {}
+        for name in CACHED_IDS:
+            ids = getattr(inputs, name)
+            lengths = ids_lengths(ids)
+            arrays[f"{name}_tokens"] = ids[np.arange(ids.shape[1]) < lengths[:, None]]
+            arrays[f"{name}_lengths"] = lengths
+        if inputs.embedding_matrix is not None:
+            arrays["embedding_matrix"] = inputs.embedding_matrix
+        return arrays
 
+    def save(self, inputs: PreparedInputs, arrays: dict[str, np.ndarray]) -> None:
+        record = {"key": self.key, "vocabulary": [str(word) for word in inputs.vocabulary],
+                  "truncated_reviews": inputs.truncated_reviews, "embedding_coverage": inputs.embedding_coverage}
+        with _atomic_directory(self.directory) as temporary:
+            temporary.mkdir(parents=True)
+            np.savez(temporary / "arrays.npz", **arrays)
+            (temporary / "inputs.json").write_text(json.dumps(record), encoding="utf-8")
 
-def save_inputs_cache(cache_dir: Path, fingerprint: dict, inputs: PreparedInputs, arrays: dict) -> None:
-    """The cache, written whole or not at all, keyed on the run's training_fingerprint."""
-    record = {"key": inputs_cache_key(fingerprint, len(inputs.unlabelled_ids)),
-              "vocabulary": [str(word) for word in inputs.vocabulary],
-              "truncated_reviews": inputs.truncated_reviews, "embedding_coverage": inputs.embedding_coverage}
-    with _atomic_directory(cache_dir) as temporary:
-        temporary.mkdir(parents=True)
-        np.savez(temporary / "arrays.npz", **arrays)
-        (temporary / "inputs.json").write_text(json.dumps(record), encoding="utf-8")
-
-
-def load_inputs_cache(cache_dir: Path, key: dict, max_length: int) -> dict | None:
-    """The cached inputs of an interrupted run with the same data and settings, else None (a cache of other data
-    or settings, or one that cannot be read, is made again)."""
-    if not (cache_dir / "inputs.json").is_file():
-        return None
-    try:
-        record = json.loads((cache_dir / "inputs.json").read_text(encoding="utf-8"))
-        if record["key"] != json.loads(json.dumps(key)):
-            print("The cached token ids were made from other data or settings: preparing them again")
+    def load(self, max_length: int) -> dict | None:
+        """The cached inputs, else None (a cache of other data or settings, or one that cannot be read, is made
+        again)."""
+        if not (self.directory / "inputs.json").is_file():
             return None
-        with np.load(cache_dir / "arrays.npz") as arrays:
-            cached = {name: padded_ids(arrays[f"{name}_tokens"], arrays[f"{name}_lengths"], max_length)
-                      for name in CACHED_IDS}
-            cached["embedding_matrix"] = arrays["embedding_matrix"] if "embedding_matrix" in arrays.files else None
-    except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as error:
-        print(f"The cached token ids in {cache_dir} cannot be read ({type(error).__name__}): preparing them again")
-        return None
-    print(f"Reusing the token ids, vocabulary and starting embedding cached in {cache_dir} by the interrupted run")
-    return {**cached, "vocabulary": record["vocabulary"], "truncated_reviews": record["truncated_reviews"],
-            "embedding_coverage": record["embedding_coverage"]}
+        try:
+            record = json.loads((self.directory / "inputs.json").read_text(encoding="utf-8"))
+            if record["key"] != json.loads(json.dumps(self.key)):
+                print("The cached token ids were made from other data or settings: preparing them again")
+                return None
+            with np.load(self.directory / "arrays.npz") as arrays:
+                cached = {name: padded_ids(arrays[f"{name}_tokens"], arrays[f"{name}_lengths"], max_length)
+                          for name in CACHED_IDS}
+                cached["embedding_matrix"] = (arrays["embedding_matrix"] if "embedding_matrix" in arrays.files
+                                              else None)
+        except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as error:
+            print(f"The cached token ids in {self.directory} cannot be read ({type(error).__name__}): preparing "
+                  "them again")
+            return None
+        print(f"Reusing the token ids, vocabulary and starting embedding cached in {self.directory} by the "
+              "interrupted run")
+        return {**cached, "vocabulary": record["vocabulary"], "truncated_reviews": record["truncated_reviews"],
+                "embedding_coverage": record["embedding_coverage"]}
+
+
+def tokenized_texts(splits: DataSplits, config: TrainConfig, max_length: int, unlabelled_texts: np.ndarray):
+    """The tokenizer, learned on the training split and the unlabelled texts (never on validation or test
+    texts), its vocabulary, and the token ids of each split and of the unlabelled texts (CACHED_IDS' order)."""
+    vectorizer = build_vectorizer(np.concatenate([splits.train.texts, unlabelled_texts]), config, max_length)
+    ids = [vectorize(vectorizer, part.texts) for part in (splits.train, splits.validation, splits.test)]
+    ids.append(vectorize(vectorizer, unlabelled_texts) if len(unlabelled_texts)
+               else np.zeros((0, max_length), dtype=np.int32))
+    return vectorizer, vectorizer.get_vocabulary(), ids
+
+
+def say_inputs(vocabulary, truncated: int, plan: TrainingPlan, config: TrainConfig, max_length: int,
+               notes: list[str]) -> None:
+    unit = "words" if config.tokenizer == "word" and config.arch != "bert" else "pieces"
+    print(f"Vocabulary {len(vocabulary)} {unit}; {truncated} reviews longer than {max_length} tokens are cut")
+    print(f"Plan: {plan.epochs} epochs of {plan.steps_per_epoch} batches of {plan.batch_size} ({plan.planned_steps} "
+          f"steps), patience {plan.patience} ({plan.reason})")
+    for note in notes:
+        print(f"Note: {note}")
 
 
 def prepare_inputs(splits: DataSplits, config: TrainConfig, derived: Derived, replicas: int, num_classes: int,
-                   unlabelled_texts: np.ndarray | None = None, cache_dir: Path | None = None) -> PreparedInputs:
-    """Everything training needs from the text: the tokenizer (learned on the training split and the unlabelled
-    texts given, never on validation or test texts) and the token ids of each split and of the unlabelled
-    texts, the plan and the batches, the embedding's start, the class weights, and what to say about the data.
-    With `cache_dir`, the tokenizer, token ids and embedding's start that an interrupted run cached there
-    (save_inputs_cache) are reused when the data and settings are the same."""
+                   unlabelled_texts: np.ndarray | None = None, cache: InputsCache | None = None) -> PreparedInputs:
+    """Everything training needs from the text: the tokenizer and token ids (tokenized_texts), the plan and
+    the batches, the embedding's start, the class weights, and what to say about the data. With `cache`, what
+    an interrupted run cached there is reused when the data and settings are the same."""
     if unlabelled_texts is None:
         unlabelled_texts = np.array([], dtype=object)
     max_length = derived.max_length
-    key = inputs_cache_key(training_fingerprint(config, derived), len(unlabelled_texts))
-    cached = load_inputs_cache(cache_dir, key, max_length) if cache_dir else None
+    cached = cache.load(max_length) if cache else None
     if cached:
         vocabulary = cached["vocabulary"]
         vectorizer = vectorizer_of(vocabulary, config, max_length)
         train_ids, validation_ids, test_ids, unlabelled_ids = (cached[name] for name in CACHED_IDS)
     else:
-        vectorizer = build_vectorizer(np.concatenate([splits.train.texts, unlabelled_texts]), config, max_length)
-        vocabulary = vectorizer.get_vocabulary()
-        train_ids, validation_ids, test_ids = (vectorize(vectorizer, part.texts)
-                                               for part in (splits.train, splits.validation, splits.test))
-        unlabelled_ids = (vectorize(vectorizer, unlabelled_texts) if len(unlabelled_texts)
-                          else np.zeros((0, max_length), dtype=np.int32))
+        vectorizer, vocabulary, (train_ids, validation_ids, test_ids, unlabelled_ids) = tokenized_texts(
+            splits, config, max_length, unlabelled_texts)
     check_texts_split(train_ids, config.tokenizer)
     plan = plan_training(config, review_lengths(train_ids), replicas, max_length,
                          int(review_lengths(unlabelled_ids).sum()))
     global_batch_size, several = plan.batch_size * replicas, replicas > 1
     validation_batches = build_training_dataset(validation_ids, splits.validation.labels, global_batch_size,
                                                 max_length, None, pad_to_full_batches=several)
-
     training_batches = epoch_batches(train_ids, splits.train.labels, global_batch_size, config.seed, several)
     if cached:
         embedding_matrix, coverage = cached["embedding_matrix"], cached["embedding_coverage"]
@@ -1947,13 +1968,8 @@ def prepare_inputs(splits: DataSplits, config: TrainConfig, derived: Derived, re
                         for part in (splits.train, splits.validation, splits.test))
     class_weights = (balanced_class_weights(splits.train.labels, num_classes)
                      if config.class_weight == "balanced" else None)
-    unit = "words" if config.tokenizer == "word" and config.arch != "bert" else "pieces"
-    print(f"Vocabulary {len(vocabulary)} {unit}; {truncated} reviews longer than {max_length} tokens are cut")
-    print(f"Plan: {plan.epochs} epochs of {plan.steps_per_epoch} batches of {plan.batch_size} ({plan.planned_steps} "
-          f"steps), patience {plan.patience} ({plan.reason})")
     notes = small_data_notes(config.arch, derived.embeddings, len(train_ids), len(unlabelled_ids))
-    for note in notes:
-        print(f"Note: {note}")
+    say_inputs(vocabulary, truncated, plan, config, max_length, notes)
     return PreparedInputs(vectorizer, vocabulary, train_ids, validation_ids, test_ids, unlabelled_ids, plan,
                           training_batches, validation_batches, int(validation_batches.cardinality()),
                           embedding_matrix, class_weights, coverage, truncated, notes, from_cache=bool(cached))
@@ -4158,6 +4174,7 @@ class Run:
     saved_state: TrainingState | None  # the labelled stage's, when the run resumes
     strategy: object = None
     inputs: PreparedInputs | None = None  # the prepared token ids, before any stage shapes its own
+    cache: InputsCache | None = None
     standardize: object = None         # the model's text cleaning, for the baseline too
     fitted: tuple | None = field(default=None, repr=False)
 
@@ -4442,10 +4459,12 @@ def prepare_run_inputs(run: Run) -> None:
     """The devices, then the token ids, the vocabulary and the starting embedding (from the cache, if the run
     resumes); unlabelled texts only when a stage learns from them."""
     run.strategy = set_up_tensorflow(run.config, run.setup.role)
+    unlabelled = run.unlabelled.texts if run.semi.learns_from_unlabelled else None
+    run.cache = InputsCache.of(run.setup.state_dir / INPUTS_CACHE, run.setup.fingerprint,
+                               0 if unlabelled is None else len(unlabelled))
     with run.clock.timed("preprocess_s"):
         run.inputs = prepare_inputs(run.splits, run.config, run.setup.derived, run.replicas, len(run.class_names),
-                                    run.unlabelled.texts if run.semi.learns_from_unlabelled else None,
-                                    cache_dir=run.setup.state_dir / INPUTS_CACHE)
+                                    unlabelled, run.cache)
     run.standardize = text_standardizer(run.inputs.vectorizer)
 
 
@@ -4453,13 +4472,13 @@ def reserve_disk(run: Run, classifier, cleanup: contextlib.ExitStack) -> None:
     """Refuse before training if the outputs and the cache of token ids would not fit; advise on a full disk
     from here on; write the cache (unless the run read it)."""
     inputs, setup = run.inputs, run.setup
-    cache = {} if inputs.from_cache else cached_arrays(inputs)
+    arrays = {} if inputs.from_cache else InputsCache.arrays(inputs)
     needed = (_output_bytes_needed(classifier.count_params(), run.config.blend_weight is not None)
-              + sum(array.nbytes for array in cache.values()))
+              + sum(array.nbytes for array in arrays.values()))
     _check_free_space(setup.output_dir, needed)
     cleanup.enter_context(_disk_full_advice(setup.output_dir, setup.state_dir, needed))
-    if cache:
-        save_inputs_cache(setup.state_dir / INPUTS_CACHE, setup.fingerprint, inputs, cache)
+    if arrays:
+        run.cache.save(inputs, arrays)
 
 
 @dataclass

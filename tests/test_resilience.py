@@ -577,9 +577,10 @@ def prepared(config, cache_dir, capsys):
 
     data = sa.load_dataset(config)
     derived = sa.Derived.of(config)
-    inputs = sa.prepare_inputs(sa.split_dataset(data, config), config, derived, 1, 2, cache_dir=cache_dir)
+    cache = sa.InputsCache.of(cache_dir, sa.training_fingerprint(config, derived), 0)
+    inputs = sa.prepare_inputs(sa.split_dataset(data, config), config, derived, 1, 2, cache=cache)
     if not inputs.from_cache:  # as run_training does, once the free space is checked
-        sa.save_inputs_cache(cache_dir, sa.training_fingerprint(config, derived), inputs, sa.cached_arrays(inputs))
+        cache.save(inputs, sa.InputsCache.arrays(inputs))
     return inputs, capsys.readouterr().out
 
 
