@@ -1711,36 +1711,51 @@ class TrainingPlan:
                 "word2vec_epochs": self.word2vec_epochs, "plan": self.reason}
 
 
-def plan_training(config: TrainConfig, lengths: np.ndarray, replicas: int, max_length: int,
+@dataclass(frozen=True)
+class PlanAsked:
+    """What the flags fix of a plan (None: planned by the rule above), and whether Word2Vec runs."""
+    batch_size: int | None
+    epochs: int | None
+    min_epochs: int
+    patience: int | None
+    word2vec: bool
+
+    @classmethod
+    def of(cls, config: TrainConfig) -> PlanAsked:
+        return cls(config.batch_size, config.epochs, config.min_epochs, config.patience,
+                   config.embeddings == "word2vec")
+
+
+def plan_training(asked: PlanAsked, lengths: np.ndarray, replicas: int, max_length: int,
                   other_tokens: int = 0) -> TrainingPlan:
     """The batch size, epochs, patience and Word2Vec passes of a run on training reviews of these token counts
     (padded or cut to max_length; and `other_tokens` of unlabelled text that Word2Vec also learns from): the values
     given as flags, and for the rest the rule above. (Several replicas take --batch-size each.)"""
     rows, notes = len(lengths), []
-    batch_size = config.batch_size
+    batch_size = asked.batch_size
     if batch_size is None:
         batch_size = SMALL_BATCH_SIZE if rows < SMALL_TRAINING_ROWS else BATCH_SIZE
         if batch_size != BATCH_SIZE:
             notes.append(f"batches of {batch_size} for {rows} training reviews (fewer than {SMALL_TRAINING_ROWS})")
     global_batch = batch_size * replicas
     steps = count_batches(lengths, global_batch, bucket_boundaries(max_length, rows, global_batch))
-    epochs = config.epochs
+    epochs = asked.epochs
     if epochs is None:
-        epochs = min(MAX_PLANNED_EPOCHS, max(config.min_epochs, math.ceil(MIN_STEPS / steps)))
+        epochs = min(MAX_PLANNED_EPOCHS, max(asked.min_epochs, math.ceil(MIN_STEPS / steps)))
         if epochs == MAX_PLANNED_EPOCHS:
             notes.append(f"{epochs} epochs, the most planned")
-        elif epochs > config.min_epochs:
+        elif epochs > asked.min_epochs:
             notes.append(f"{epochs} epochs to reach about {MIN_STEPS} optimizer steps")
     else:
         notes.append(f"{epochs} epochs as given")
-    patience = config.patience
+    patience = asked.patience
     if patience is None:
         patience = min(epochs, max(1, math.ceil(PATIENCE_STEPS / steps)))
         if patience > 1:
             notes.append(f"patience {patience} epochs (about {PATIENCE_STEPS} steps)")
     tokens = int(lengths.sum()) + other_tokens
     word2vec_epochs = 0  # no Word2Vec in this run
-    if config.embeddings == "word2vec":
+    if asked.word2vec:
         word2vec_epochs = min(MAX_WORD2VEC_EPOCHS, max(WORD2VEC_EPOCHS, math.ceil(WORD2VEC_TOKENS / max(1, tokens))))
     if word2vec_epochs > WORD2VEC_EPOCHS:
         notes.append(f"Word2Vec {word2vec_epochs} passes over {tokens} tokens")
@@ -1952,7 +1967,7 @@ def prepare_inputs(splits: DataSplits, config: TrainConfig, derived: Derived, re
         vectorizer, vocabulary, (train_ids, validation_ids, test_ids, unlabelled_ids) = tokenized_texts(
             splits, config, max_length, unlabelled_texts)
     check_texts_split(train_ids, config.tokenizer)
-    plan = plan_training(config, review_lengths(train_ids), replicas, max_length,
+    plan = plan_training(PlanAsked.of(config), review_lengths(train_ids), replicas, max_length,
                          int(review_lengths(unlabelled_ids).sum()))
     global_batch_size, several = plan.batch_size * replicas, replicas > 1
     validation_batches = build_training_dataset(validation_ids, splits.validation.labels, global_batch_size,
@@ -2044,11 +2059,13 @@ def build_classifier(config: TrainConfig, vocab_size: int, num_classes: int = 2,
     return classifier
 
 
-def build_optimizer(config: TrainConfig, plan: TrainingPlan):
-    learning_rate = config.learning_rate
+def build_optimizer(config: TrainConfig, plan: TrainingPlan, learning_rate: float | None = None):
+    """Adam (AdamW with --weight-decay) from `learning_rate` (--learning-rate unless given), on --lr-schedule
+    over the plan's steps."""
+    learning_rate = config.learning_rate if learning_rate is None else learning_rate
     if config.lr_schedule == "cosine":
         learning_rate = keras.optimizers.schedules.CosineDecay(
-            config.learning_rate, decay_steps=max(1, plan.planned_steps), alpha=0.0)
+            learning_rate, decay_steps=max(1, plan.planned_steps), alpha=0.0)
     if config.weight_decay > 0:
         optimizer = keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=config.weight_decay)
     else:
@@ -3285,9 +3302,8 @@ def teacher_inputs(inputs: PreparedInputs, targets: np.ndarray, config: TrainCon
     """The teacher stage's inputs: the unlabelled texts with the teacher's probabilities as their labels, planned
     like a training split of that size (at least TEACHER_MIN_EPOCHS epochs, or --pretrain-epochs), with the same
     validation split (true labels) for early stopping, and no class weights."""
-    stage_config = dataclasses.replace(config, epochs=config.pretrain_epochs, min_epochs=TEACHER_MIN_EPOCHS,
-                                       patience=None, embeddings="random")
-    plan = plan_training(stage_config, review_lengths(inputs.unlabelled_ids), replicas, inputs.train_ids.shape[1])
+    asked = PlanAsked(config.batch_size, config.pretrain_epochs, TEACHER_MIN_EPOCHS, None, word2vec=False)
+    plan = plan_training(asked, review_lengths(inputs.unlabelled_ids), replicas, inputs.train_ids.shape[1])
     training_batches = epoch_batches(inputs.unlabelled_ids, targets, plan.batch_size * replicas, config.seed,
                                      replicas > 1)
     return dataclasses.replace(inputs, plan=plan, training_batches=training_batches, class_weights=None)
@@ -3295,9 +3311,8 @@ def teacher_inputs(inputs: PreparedInputs, targets: np.ndarray, config: TrainCon
 def fine_tuning_optimizer(config: TrainConfig, plan: TrainingPlan, classifier, strategy):
     """The labelled stage's optimizer after a teacher stage: the same schedule over the labelled plan, from
     FINE_TUNING_LEARNING_RATE_SCALE times --learning-rate, so the labels adjust the taught weights gently."""
-    scaled = dataclasses.replace(config, learning_rate=config.learning_rate * FINE_TUNING_LEARNING_RATE_SCALE)
     with strategy.scope():
-        optimizer = build_optimizer(scaled, plan)
+        optimizer = build_optimizer(config, plan, config.learning_rate * FINE_TUNING_LEARNING_RATE_SCALE)
         optimizer.build(classifier.trainable_variables)
     return optimizer
 
@@ -3937,23 +3952,30 @@ def epoch_table(history: dict) -> str:
                                             for epoch in range(len(history.get("loss", [])))])
 
 
-def build_html_report(report: dict, evaluation: Evaluation, history: dict, figures: dict[str, Path],
-                      mistakes: list[tuple[dict, Explanation]], timing: dict, stage_sections: list[str]) -> str:
-    """The page: settings, metrics side by side, per-class figures, the figures, the learning curves, the
-    most confident mistakes with each word coloured by its push (see Explanation), the stages' own sections
-    and the time of each stage so far (`timing`)."""
-    primary = evaluation.primary
+def value_table(record: dict, header: str = "") -> str:
+    """A two-column table of a record's names and values."""
+    return html_table([header, "value"], [[name, value] for name, value in record.items()])
+
+
+def title_section(report: dict, evaluation: Evaluation) -> list[str]:
     title = f"{report['model']} on {Path(report['config']['data']).name}"
     blend = f"; blend weight {report['blend_weight']:.2f} on the neural model" if "blend_weight" in report else ""
-    sections = [f"<h1>Sentiment model report: {html.escape(title)}</h1>",
-                f'<p class="small">Written {time.strftime("%Y-%m-%d %H:%M")}; classes: '
-                f"{html.escape(', '.join(evaluation.class_names))}{html.escape(blend)}</p>"]
-    if report["notes"]:
-        sections.append("<h2>What to trust</h2>" + "".join(f'<p class="note">{html.escape(note)}</p>'
-                                                          for note in report["notes"]))
-    sections.append("<h2>Test-set metrics</h2>")
-    sections.append(html_table(["metric", *evaluation.scores], metric_rows(evaluation.scores, evaluation.class_names)))
-    sections.append(f'<p class="small">In brackets: {html.escape(report["intervals"])}.</p>')
+    return [f"<h1>Sentiment model report: {html.escape(title)}</h1>",
+            f'<p class="small">Written {time.strftime("%Y-%m-%d %H:%M")}; classes: '
+            f"{html.escape(', '.join(evaluation.class_names))}{html.escape(blend)}</p>"]
+
+
+def notes_section(report: dict) -> list[str]:
+    if not report["notes"]:
+        return []
+    return ["<h2>What to trust</h2>" + "".join(f'<p class="note">{html.escape(note)}</p>' for note in report["notes"])]
+
+
+def metrics_section(report: dict, evaluation: Evaluation) -> list[str]:
+    """The test-set figures side by side, the paired comparisons, and the validation accuracy."""
+    sections = ["<h2>Test-set metrics</h2>",
+                html_table(["metric", *evaluation.scores], metric_rows(evaluation.scores, evaluation.class_names)),
+                f'<p class="small">In brackets: {html.escape(report["intervals"])}.</p>']
     if evaluation.comparisons:
         sections.append("<h2>Paired comparisons (test split)</h2>")
         sections.append(html_table(["models", "accuracy difference", "95% interval", "McNemar p", "verdict"],
@@ -3966,26 +3988,36 @@ def build_html_report(report: dict, evaluation: Evaluation, history: dict, figur
     sections.append('<p class="small">Validation accuracy: ' + html.escape(", ".join(
         f"{'the ' + report['config']['arch'] if name == 'neural' else 'the ' + name} {value:.4f}"
         for name, value in accuracy.items())) + "</p>")
-    curve = report["validation"]["baseline_learning_curve"]
-    if curve:
-        sections.append("<h2>The baseline's learning curve</h2>")
-        sections.append('<p class="small">The baseline fitted again on a share of the training split and scored '
-                        "on the validation split: a curve still rising at the right means more labelled data would "
-                        "help.</p>")
-        table = html_table(["share of the training split", "training rows", "validation accuracy (95% interval)"],
-                           [[f"{point['share']:.0%}", point["training_rows"],
-                             with_interval(point["validation_accuracy"], point.get("interval"))] for point in curve])
-        picture = (embedded_image(figures[LEARNING_CURVE_FIGURE], LEARNING_CURVE_FIGURE)
-                   if LEARNING_CURVE_FIGURE in figures else "")
-        sections.append(f'<div class="side">{table}{picture}</div>')
-    per_class = evaluation.scores[primary]["per_class"]
-    sections.append(f"<h2>Per class ({html.escape(primary)})</h2>")
-    sections.append(html_table(["class", "precision", "recall", "f1", "support"],
-                               [[name, *values.values()] for name, values in per_class.items()]))
-    sections.append("<h2>Figures</h2>" + "".join(embedded_image(path, name, wide="history" in name)
-                                                 for name, path in figures.items() if name != LEARNING_CURVE_FIGURE))
-    sections.append("<h2>Learning curves</h2>" + epoch_table(history))
-    sections.append(f"<h2>The {len(mistakes)} most confident mistakes ({html.escape(primary)})</h2>")
+    return sections
+
+
+def learning_curve_section(curve: list[dict], figures: dict[str, Path]) -> list[str]:
+    if not curve:
+        return []
+    table = html_table(["share of the training split", "training rows", "validation accuracy (95% interval)"],
+                       [[f"{point['share']:.0%}", point["training_rows"],
+                         with_interval(point["validation_accuracy"], point.get("interval"))] for point in curve])
+    picture = (embedded_image(figures[LEARNING_CURVE_FIGURE], LEARNING_CURVE_FIGURE)
+               if LEARNING_CURVE_FIGURE in figures else "")
+    return ["<h2>The baseline's learning curve</h2>",
+            '<p class="small">The baseline fitted again on a share of the training split and scored on the '
+            "validation split: a curve still rising at the right means more labelled data would help.</p>",
+            f'<div class="side">{table}{picture}</div>']
+
+
+def figures_section(evaluation: Evaluation, figures: dict[str, Path], history: dict) -> list[str]:
+    """The primary model's per-class figures, the figures, and the labelled stage's epochs."""
+    per_class = evaluation.scores[evaluation.primary]["per_class"]
+    return [f"<h2>Per class ({html.escape(evaluation.primary)})</h2>",
+            html_table(["class", "precision", "recall", "f1", "support"],
+                       [[name, *values.values()] for name, values in per_class.items()]),
+            "<h2>Figures</h2>" + "".join(embedded_image(path, name, wide="history" in name)
+                                         for name, path in figures.items() if name != LEARNING_CURVE_FIGURE),
+            "<h2>Learning curves</h2>" + epoch_table(history)]
+
+
+def mistakes_section(mistakes: list[tuple[dict, Explanation]], primary: str) -> list[str]:
+    sections = [f"<h2>The {len(mistakes)} most confident mistakes ({html.escape(primary)})</h2>"]
     if mistakes:
         sections.append('<p class="small">Green words pushed towards the class named in each box, red words '
                         "away from it; stronger colour, stronger push.</p>")
@@ -3995,19 +4027,35 @@ def build_html_report(report: dict, evaluation: Evaluation, history: dict, figur
             f'<b>{html.escape(row["predicted_label"])}</b>, {html.escape(row["probability_name"])} '
             f'{row["probability"]:.4f}; colours: towards <b>{html.escape(explanation.towards)}</b></div>'
             f'<div class="text">{highlighted_html(explanation)}</div></div>')
-    sections.append("<h2>Data</h2>")
-    sections.append(html_table(["", "value"], [[name, value] for name, value in report["data"].items()]))
-    sections.append("<h2>Settings</h2>")
-    sections.append(html_table(["setting", "value"], [[name, value] for name, value in report["config"].items()]))
+    return sections
+
+
+def run_section(report: dict) -> list[str]:
+    """The data's counts, the settings and the training's record."""
+    sections = ["<h2>Data</h2>", value_table(report["data"]), "<h2>Settings</h2>",
+                value_table(report["config"], "setting")]
     if report.get("training"):
-        sections.append("<h2>Training</h2>")
-        sections.append(html_table(["", "value"], [[name, value] for name, value in report["training"].items()]))
-    sections.extend(stage_sections)
-    sections.append("<h2>Time</h2>")
-    sections.append(html_table(["stage", "seconds"],
-                               [[name, value] for name, value in timing.items() if not isinstance(value, list)]))
-    sections.append("<h2>Environment</h2>")
-    sections.append(html_table(["", "value"], [[name, value] for name, value in report["environment"].items()]))
+        sections += ["<h2>Training</h2>", value_table(report["training"])]
+    return sections
+
+
+def time_section(report: dict, timing: dict) -> list[str]:
+    """Each stage's seconds so far, and the environment."""
+    return ["<h2>Time</h2>", html_table(["stage", "seconds"], [[name, value] for name, value in timing.items()
+                                                               if not isinstance(value, list)]),
+            "<h2>Environment</h2>", value_table(report["environment"])]
+
+
+def build_html_report(report: dict, evaluation: Evaluation, history: dict, figures: dict[str, Path],
+                      mistakes: list[tuple[dict, Explanation]], timing: dict, stage_sections: list[str]) -> str:
+    """The page, section by section: what to trust, metrics side by side, the baseline's learning curve, the
+    per-class figures and figures, the most confident mistakes with each word coloured by its push (see
+    Explanation), the data and settings, the stages' own sections and the time of each stage so far."""
+    title = f"{report['model']} on {Path(report['config']['data']).name}"
+    sections = [*title_section(report, evaluation), *notes_section(report), *metrics_section(report, evaluation),
+                *learning_curve_section(report["validation"]["baseline_learning_curve"], figures),
+                *figures_section(evaluation, figures, history), *mistakes_section(mistakes, evaluation.primary),
+                *run_section(report), *stage_sections, *time_section(report, timing)]
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{REPORT_STYLE}</style></head><body>{''.join(sections)}</body></html>\n")
 
@@ -4325,7 +4373,7 @@ class TeacherStage(Stage):
                 '<p class="small">Before the labels, the model learned the baseline\'s probabilities on the '
                 "unlabelled texts (accuracy here: agreement with the baseline; validation: the true labels of the "
                 "validation split).</p>",
-                html_table(["", "value"], [[name, value] for name, value in record.items() if name != "history"]),
+                value_table({name: value for name, value in record.items() if name != "history"}),
                 epoch_table(record["history"])]
 
     def figures(self) -> dict:
@@ -4401,7 +4449,7 @@ class DistilledStage(LabelledStage):
                 '<p class="small">With no unlabelled text, each training text\'s target was its label mixed with the '
                 "baseline's probability for it, graded by a baseline fitted on the other folds (knowledge "
                 "distillation).</p>",
-                html_table(["", "value"], list(record["distillation"].items())), *super().report_section(record)]
+                value_table(record["distillation"]), *super().report_section(record)]
 
 
 def choose_stages(semi: SemiSupervised) -> list[Stage]:

@@ -17,7 +17,7 @@ def plan_for(rows, replicas=1, **settings):
 
     lengths = np.random.default_rng(rows).integers(20, 501, rows)
     config = sa.TrainConfig(**settings)
-    return sa.plan_training(config, lengths, replicas, config.max_length), lengths
+    return sa.plan_training(sa.PlanAsked.of(config), lengths, replicas, config.max_length), lengths
 
 
 def batches(lengths, batch_size, max_length=500):
