@@ -2758,6 +2758,22 @@ def on_all_replicas(strategy, batch_function):
     return step
 
 
+def losses_and_answers(labels, outputs, binary: bool):
+    """Each review's loss, its predicted class and its true class (as floats), from the model's own output:
+    Keras then computes the loss from the sigmoid's or softmax's input, which is exact for confident
+    predictions, where clipped probabilities would cap the loss. The labels may be a teacher's probabilities:
+    the positive class's for two classes (hard labels, 0 or 1, stay as they are), a row for more."""
+    if binary:
+        losses = keras.losses.binary_crossentropy(labels[:, None], outputs)
+        return (losses, tf.cast(outputs[:, 0] >= DECISION_THRESHOLD, tf.float32),
+                tf.cast(labels >= DECISION_THRESHOLD, tf.float32))
+    predicted = tf.cast(tf.argmax(outputs, axis=1), tf.float32)
+    if labels.shape.rank == 2:  # a teacher's class probabilities
+        return (keras.losses.categorical_crossentropy(labels, outputs), predicted,
+                tf.cast(tf.argmax(labels, axis=1), tf.float32))
+    return keras.losses.sparse_categorical_crossentropy(labels, outputs), predicted, labels
+
+
 def build_step_functions(classifier, optimizer, strategy, class_weights: np.ndarray | None = None) -> Steps:
     """One training step and one validation step over a batch split across the strategy's replicas.
 
@@ -2773,20 +2789,7 @@ def build_step_functions(classifier, optimizer, strategy, class_weights: np.ndar
     binary = is_binary(count_classes(classifier))
 
     def sums(labels, weights, outputs, class_weighted=False):
-        # The model's own output: Keras then computes the loss from the sigmoid's or softmax's input, which is
-        # exact for confident predictions, where clipped probabilities would cap the loss.
-        if binary:
-            losses = keras.losses.binary_crossentropy(labels[:, None], outputs)
-            predicted = tf.cast(outputs[:, 0] >= DECISION_THRESHOLD, tf.float32)
-            truth = tf.cast(labels >= DECISION_THRESHOLD, tf.float32)  # hard labels (0 or 1) stay as they are
-        elif labels.shape.rank == 2:  # a teacher's class probabilities
-            losses = keras.losses.categorical_crossentropy(labels, outputs)
-            predicted = tf.cast(tf.argmax(outputs, axis=1), tf.float32)
-            truth = tf.cast(tf.argmax(labels, axis=1), tf.float32)
-        else:
-            losses = keras.losses.sparse_categorical_crossentropy(labels, outputs)
-            predicted = tf.cast(tf.argmax(outputs, axis=1), tf.float32)
-            truth = labels
+        losses, predicted, truth = losses_and_answers(labels, outputs, binary)
         loss_weights = weights
         if class_weighted and class_weights is not None:
             # A soft target (a teacher's) weighs as the class it leans to.
@@ -3064,6 +3067,44 @@ class Checkpoints:
         return False
 
 
+def batch_reporter(log: TrainingLog, first_step: int, steps: int, done_batches: int):
+    """What each training batch reports: its loss to TensorBoard, and in a log (not a terminal, which has the
+    progress bar) a line of progress every minute."""
+    minutes = StageProgress("", steps, "batches", done_batches, terminal=False, one="batch")
+
+    def on_batch(index, loss):
+        log.batch(first_step + index + 1, loss)
+        if not sys.stdout.isatty():
+            minutes(index + 1)
+    return on_batch
+
+
+def end_epoch(state: TrainingState, scores: dict, seconds: float, classifier) -> None:
+    """An epoch done: its figures and seconds into the state, and early stopping's count on the validation loss
+    (a lower one keeps the weights as the best so far)."""
+    state.epoch += 1
+    state.epoch_progress = None
+    state.epoch_seconds.append(seconds)
+    for name, value in scores.items():
+        state.history.setdefault(name, []).append(value)
+    if scores["val_loss"] < state.best_loss:
+        state.best_loss, state.best_epoch, state.wait = scores["val_loss"], state.epoch, 0
+        state.best_weights = classifier.get_weights()
+    else:
+        state.wait += 1
+
+
+def keep_best_weights(classifier, state: TrainingState) -> None:
+    """The best weights back into the classifier at the end (those it started from if no epoch beat them)."""
+    if state.best_weights is None:
+        return
+    if state.best_epoch == 0:
+        print("Keeping the weights training started from: no epoch lowered their validation loss")
+    else:
+        print(f"Keeping the weights of epoch {state.best_epoch}, the lowest validation loss")
+    classifier.set_weights(state.best_weights)
+
+
 def train(classifier, optimizer, strategy, inputs: PreparedInputs, state: TrainingState, state_dir: Path,
           multi_worker: bool, log_dir: Path | None = None, steps: Steps | None = None) -> TrainingResult:
     """Train from `state` with early stopping on validation loss and keep the best weights. Checkpoints saves
@@ -3094,16 +3135,9 @@ def train(classifier, optimizer, strategy, inputs: PreparedInputs, state: Traini
                 # Each epoch's batches come in the order of its own seed, so a resumed epoch skips those it has done.
                 train_batches = strategy.experimental_distribute_dataset(
                     inputs.training_batches(state.epoch).skip(resume.batches))
-                first_step = state.epoch * steps
-                minutes = StageProgress("", steps, "batches", resume.batches, terminal=False, one="batch")
-
-                def on_batch(index, loss):
-                    log.batch(first_step + index + 1, loss)
-                    if not sys.stdout.isatty():  # a terminal has the progress bar
-                        minutes(index + 1)
-
                 done = run_epoch(step_functions.train, train_batches, steps, bar, done=resume,
-                                 stop=checkpoints.terminated.is_set, on_batch=on_batch, shown=names)
+                                 stop=checkpoints.terminated.is_set, shown=names,
+                                 on_batch=batch_reporter(log, state.epoch * steps, steps, resume.batches))
                 done.seconds = resume.seconds + time.perf_counter() - started
                 if checkpoints.terminated.is_set():
                     checkpoints.stop_part_way(done, steps)
@@ -3111,28 +3145,14 @@ def train(classifier, optimizer, strategy, inputs: PreparedInputs, state: Traini
                 scores = {**done.scores(), **{f"val_{name}": value for name, value in validation.items()}}
                 scores = {name: scores[name] for name in names}
                 bar.update(steps, list(scores.items()), finalize=True)
-                state.epoch += 1
-                state.epoch_progress = None
+                end_epoch(state, scores, done.seconds, classifier)
                 log.epoch(state.epoch, scores, float(optimizer.learning_rate))
-                state.epoch_seconds.append(done.seconds)
-                for name in names:
-                    state.history.setdefault(name, []).append(scores[name])
-                if scores["val_loss"] < state.best_loss:  # early stopping on the validation loss
-                    state.best_loss, state.best_epoch, state.wait = scores["val_loss"], state.epoch, 0
-                    state.best_weights = classifier.get_weights()
-                else:
-                    state.wait += 1
                 checkpoints.save()
             if state.wait >= plan.patience:
                 print(f"Early stopping: no lower validation loss in the last {state.wait} epoch(s)")
     finally:
         log.close()
-    if state.best_weights is not None and state.best_epoch == 0:
-        print("Keeping the weights training started from: no epoch lowered their validation loss")
-        classifier.set_weights(state.best_weights)
-    elif state.best_weights is not None:
-        print(f"Keeping the weights of epoch {state.best_epoch}, the lowest validation loss")
-        classifier.set_weights(state.best_weights)
+    keep_best_weights(classifier, state)
     return TrainingResult(state.history, state.epoch_seconds, state.epoch, state.best_epoch,
                           checkpoints.interrupted, resumed_after_epoch, plan)
 
