@@ -2038,11 +2038,63 @@ def build_bert_classifier(config: TrainConfig, vocab_size: int, num_classes: int
     return keras.Model(token_ids, output_layer(num_classes)(x), name="bert" + CLASSIFIER_SUFFIX)
 
 
-# Every --arch choice and the function that builds it. A new model is one such function (config, vocabulary
-# size, classes, embedding size -> a model from token ids to the output layer, its token embedding named
-# EMBEDDING_LAYER) and its name here and in TrainConfig.arch.
-ARCHITECTURES = {"lstm": build_recurrent_classifier, "bilstm": build_recurrent_classifier,
-                 "gru": build_recurrent_classifier, "bert": build_bert_classifier}
+def bert_backbone(classifier):
+    """The KerasHub BertBackbone inside a classifier, or None."""
+    return next((layer for layer in classifier.layers if hasattr(layer, "transformer_layers")), None)
+
+
+def chain_explanation(classifier):
+    """A classifier that is its token embedding and then layers each taking the output of the one before (every
+    recurrent --arch), split for integrated gradients: the embedding, and a function from embedded tokens (no
+    padding) to the output that replays the layers after it in order, at inference (no dropout)."""
+    in_order = [layer for layer in classifier.layers if not isinstance(layer, keras.layers.InputLayer)]
+
+    def rest(vectors):
+        mask = tf.ones(tf.shape(vectors)[:2], dtype=tf.bool)
+        x = vectors
+        for layer in in_order[1:]:  # after the embedding
+            recurrent = isinstance(layer, (keras.layers.RNN, keras.layers.Bidirectional))
+            x = layer(x, mask=mask, training=False) if recurrent else layer(x, training=False)
+        return x
+
+    return classifier.get_layer(EMBEDDING_LAYER), rest
+
+
+def bert_explanation(classifier):
+    """BERT split for integrated gradients: KerasHub's BertBackbone's token embedding, then its steps after it
+    (add the position and segment embeddings, normalize, the transformer layers, the pooled [CLS] output) and
+    the classifier's head."""
+    backbone = bert_backbone(classifier)
+
+    def rest(vectors):
+        shape = tf.shape(vectors)[:2]
+        x = backbone.embeddings_add((vectors, backbone.position_embedding(vectors),
+                                     backbone.segment_embedding(tf.zeros(shape, tf.int32))))
+        x = backbone.embeddings_layer_norm(x)
+        for layer in backbone.transformer_layers:
+            x = layer(x, padding_mask=tf.ones(shape, tf.int32), training=False)
+        x = backbone.pooled_dense(x[:, 0, :])
+        return classifier.get_layer(OUTPUT_LAYER)(x)
+
+    return backbone.token_embedding, rest
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One --arch choice: `build` (config, vocabulary size, classes, embedding size -> a model from token ids to
+    the output layer, its token embedding named EMBEDDING_LAYER, its name ending in CLASSIFIER_SUFFIX), and
+    `explain` (the built classifier -> its token embedding layer and a function from embedded tokens to the
+    output, for predict --explain and the report), or None: its predictions cannot be explained word by word."""
+    build: object
+    explain: object = None
+
+
+# Every --arch choice. A new model is one Architecture here and its name in TrainConfig.arch; a model that is not
+# a chain after its embedding (two branches joined, say) brings its own explain function, or None.
+ARCHITECTURES = {"lstm": Architecture(build_recurrent_classifier, chain_explanation),
+                 "bilstm": Architecture(build_recurrent_classifier, chain_explanation),
+                 "gru": Architecture(build_recurrent_classifier, chain_explanation),
+                 "bert": Architecture(build_bert_classifier, bert_explanation)}
 
 
 def build_classifier(config: TrainConfig, vocab_size: int, num_classes: int = 2, embedding_dim: int | None = None):
@@ -2050,7 +2102,7 @@ def build_classifier(config: TrainConfig, vocab_size: int, num_classes: int = 2,
     embedding's size is the run's (Derived), by default --embedding-dim or a word-vector file's own."""
     if embedding_dim is None:
         embedding_dim = resolve_embedding_dim(config.embedding_dim, config.embeddings)
-    classifier = ARCHITECTURES[config.arch](config, vocab_size, num_classes, embedding_dim)
+    classifier = ARCHITECTURES[config.arch].build(config, vocab_size, num_classes, embedding_dim)
     names = {layer.name for layer in classifier.layers}
     has_embedding = EMBEDDING_LAYER in names or any(hasattr(layer, "token_embedding") for layer in classifier.layers)
     if OUTPUT_LAYER not in names or not has_embedding or not classifier.name.endswith(CLASSIFIER_SUFFIX):
@@ -2076,33 +2128,6 @@ def build_optimizer(config: TrainConfig, plan: TrainingPlan, learning_rate: floa
     return optimizer
 
 
-def bert_backbone(classifier):
-    """The KerasHub BertBackbone inside a classifier, or None."""
-    return next((layer for layer in classifier.layers if hasattr(layer, "transformer_layers")), None)
-
-
-def is_layer_chain(classifier) -> bool:
-    """Whether the classifier is its token embedding and then layers each taking only the output of the one
-    before (what the explanations replay after the embedding); a branched model (two Conv1D layers joined, say)
-    is not."""
-    chain = classifier.layers
-    names = {layer.name for layer in chain}
-    if len(chain) < 2 or chain[1].name != EMBEDDING_LAYER:
-        return False
-    for before, layer in zip(chain, chain[1:]):
-        nodes = layer._inbound_nodes  # Keras' record of what each call of the layer took
-        parents = [node.operation.name for node in nodes[0].parent_nodes] if len(nodes) == 1 else []
-        if [name for name in parents if name in names] != [before.name]:
-            return False
-    return True
-
-
-def is_explainable(classifier) -> bool:
-    """Whether predict --explain and the report can score the words of this classifier's texts: a BERT
-    backbone, or a chain of layers after the token embedding."""
-    return bert_backbone(classifier) is not None or is_layer_chain(classifier)
-
-
 def build_model_and_optimizer(config: TrainConfig, inputs: PreparedInputs, num_classes: int, strategy,
                               embedding_dim: int):
     """The classifier with its starting embedding, and its optimizer, with their variables on the strategy's
@@ -2114,8 +2139,8 @@ def build_model_and_optimizer(config: TrainConfig, inputs: PreparedInputs, num_c
         optimizer = build_optimizer(config, inputs.plan)
         optimizer.build(classifier.trainable_variables)
     classifier.summary(print_fn=print)
-    if not is_explainable(classifier):
-        print(f"Note: the {config.arch} model is not a chain of layers after its embedding, so its predictions "
+    if ARCHITECTURES[config.arch].explain is None:
+        print(f"Note: the {config.arch} model has no explain function (see ARCHITECTURES), so its predictions "
               "cannot be explained word by word (predict --explain, the report's mistakes)")
     return classifier, optimizer
 
@@ -3674,45 +3699,6 @@ def model_layers(model) -> dict:
     return found
 
 
-def embedding_and_rest(classifier):
-    """The classifier split in two for integrated gradients: its token embedding layer, and a function from the
-    embedded tokens of texts (no padding) to the classifier's output, at inference (no dropout).
-
-    Recurrent models: every layer after the embedding, in order (a model that is not such a chain cannot be
-    explained: a one-line error). BERT: the steps of KerasHub's BertBackbone after its token embedding (add the
-    position and segment embeddings, normalize, the transformer layers, the pooled [CLS] output), then the
-    classifier's head."""
-
-    in_order = [layer for layer in classifier.layers if not isinstance(layer, keras.layers.InputLayer)]
-    backbone = bert_backbone(classifier)
-    if backbone is None:
-        if not is_layer_chain(classifier):
-            raise UserError(f"the model {classifier.name!r} is not a chain of layers after its embedding, so its "
-                            "predictions cannot be explained word by word")
-
-        def rest(vectors):
-            mask = tf.ones(tf.shape(vectors)[:2], dtype=tf.bool)
-            x = vectors
-            for layer in in_order[1:]:  # after the embedding
-                recurrent = isinstance(layer, (keras.layers.RNN, keras.layers.Bidirectional))
-                x = layer(x, mask=mask, training=False) if recurrent else layer(x, training=False)
-            return x
-
-        return classifier.get_layer(EMBEDDING_LAYER), rest
-
-    def rest(vectors):
-        shape = tf.shape(vectors)[:2]
-        x = backbone.embeddings_add((vectors, backbone.position_embedding(vectors),
-                                     backbone.segment_embedding(tf.zeros(shape, tf.int32))))
-        x = backbone.embeddings_layer_norm(x)
-        for layer in backbone.transformer_layers:
-            x = layer(x, padding_mask=tf.ones(shape, tf.int32), training=False)
-        x = backbone.pooled_dense(x[:, 0, :])
-        return classifier.get_layer(OUTPUT_LAYER)(x)
-
-    return backbone.token_embedding, rest
-
-
 def integrated_gradients_function(probabilities_from_vectors):
     """A compiled function: integrated gradients of the classifier's probability of one class with respect to
     the embedding vectors of one text, from all-zero vectors (Sundararajan et al., 2017; the method of
@@ -3732,6 +3718,18 @@ def integrated_gradients_function(probabilities_from_vectors):
     return attributions
 
 
+def explanation_split(model, classifier):
+    """The classifier's token embedding and the rest as a function, from its architecture's explain (the
+    architecture is the one the saved model's settings name)."""
+    settings = next((layer.settings for layer in model_layers(model).values() if isinstance(layer, ClassNames)
+                     and layer.settings), None) or {}
+    architecture = ARCHITECTURES.get(settings.get("arch"))
+    if architecture is None or architecture.explain is None:
+        raise UserError(f"the model {classifier.name!r} (--arch {settings.get('arch', 'unknown')}) has no explain "
+                        "function, so its predictions cannot be explained word by word")
+    return architecture.explain(classifier)
+
+
 def build_explainer(model, class_names) -> Explainer:
     """Find the neural model and, in a blend, the baseline's n-grams, weights and blend weight."""
     layers_by_name = model_layers(model)
@@ -3740,7 +3738,7 @@ def build_explainer(model, class_names) -> Explainer:
     if classifier is None or "vectorizer" not in layers_by_name:
         raise UserError("--explain needs a model saved by this script (its neural part was not found)")
     vectorizer = layers_by_name["vectorizer"]
-    embedding, rest = embedding_and_rest(classifier)
+    embedding, rest = explanation_split(model, classifier)
     explainer = Explainer(vectorizer, embedding, tuple(class_names), integrated_gradients_function(rest),
                           standardize=text_standardizer(vectorizer))
     if hasattr(vectorizer, "token_counts"):  # the WordPiece vectorizer (words or BERT)

@@ -265,37 +265,56 @@ def test_every_arch_choice_has_a_builder_and_a_model_without_the_named_layers_is
         x = sa.layers.GlobalAveragePooling1D()(sa.layers.Embedding(vocab_size, embedding_dim)(inputs))
         return sa.keras.Model(inputs, sa.layers.Dense(1, activation="sigmoid")(x), name="mean_classifier")
 
-    monkeypatch.setitem(sa.ARCHITECTURES, "lstm", unnamed)
+    monkeypatch.setitem(sa.ARCHITECTURES, "lstm", sa.Architecture(unnamed))
     with pytest.raises(ValueError, match="needs a layer 'probability', a token embedding 'embedding'"):
         sa.build_classifier(sa.TrainConfig(embedding_dim=4), 20)
 
 
-def test_a_branched_model_says_before_training_that_it_cannot_be_explained(monkeypatch, capsys):
-    """The explanations replay the layers after the embedding as a chain; a model that is not one (two Conv1D
-    layers joined) is said so in one line before training, and --explain on it is a one-line error instead of
-    silently wrong word scores. The card's models are chains."""
+def test_each_architecture_explains_itself_and_a_branched_one_brings_its_own_split(monkeypatch, capsys):
+    """Explanations come from each architecture's own split (the embedding, then a function of the embedded
+    tokens): for the card's models it replays the chain and gives the classifier's own output. A branched model
+    (two Conv1D layers joined) without an explain function is said so in one line before training and
+    --explain on it is a one-line error; with its own function its words are scored."""
     from types import SimpleNamespace
+
+    import numpy as np
 
     import sentiment_analysis as sa
 
+    ids = np.array([[2, 3, 4, 5, 6]], dtype=np.int32)  # no padding
     for flags in ([], ["--arch", "gru"], ["--arch", "bilstm"], ["--layers", "2"]):
         config = sa.config_from_args(sa.build_train_parser().parse_args(flags))
-        assert sa.is_layer_chain(sa.build_classifier(config, 30)), flags
+        classifier = sa.build_classifier(config, 30)
+        embedding, rest = sa.ARCHITECTURES[config.arch].explain(classifier)
+        np.testing.assert_allclose(rest(embedding(ids)), classifier(ids, training=False), rtol=1e-5, atol=1e-6)
 
     def branched(config, vocab_size, num_classes, embedding_dim):
-        ids = sa.keras.Input(shape=(None,), dtype="int32")
-        vectors = sa.layers.Embedding(vocab_size, embedding_dim, name=sa.EMBEDDING_LAYER)(ids)
-        joined = sa.layers.Concatenate()([sa.layers.Conv1D(4, 3, padding="same")(vectors),
-                                          sa.layers.Conv1D(4, 5, padding="same")(vectors)])
-        x = sa.layers.GlobalMaxPooling1D()(joined)
-        return sa.keras.Model(ids, sa.output_layer(num_classes)(x), name="cnn" + sa.CLASSIFIER_SUFFIX)
+        token_ids = sa.keras.Input(shape=(None,), dtype="int32")
+        short, long, pool = (sa.layers.Conv1D(4, 3, padding="same"), sa.layers.Conv1D(4, 5, padding="same"),
+                             sa.layers.GlobalMaxPooling1D())
+        output = sa.output_layer(num_classes)
+        heads.append(lambda vectors: output(pool(sa.layers.Concatenate()([short(vectors), long(vectors)]))))
+        vectors = sa.layers.Embedding(vocab_size, embedding_dim, name=sa.EMBEDDING_LAYER)(token_ids)
+        return sa.keras.Model(token_ids, heads[-1](vectors), name="cnn" + sa.CLASSIFIER_SUFFIX)
 
-    monkeypatch.setitem(sa.ARCHITECTURES, "lstm", branched)
-    inputs = SimpleNamespace(vocabulary=["", "[UNK]", "good", "bad"], embedding_matrix=None,
+    heads = []
+    vectorizer = sa.word_vectorizer(10, 8)
+    vectorizer.set_vocabulary(["good", "bad", "film"])
+    inputs = SimpleNamespace(vocabulary=vectorizer.get_vocabulary(), embedding_matrix=None,
                              plan=sa.TrainingPlan(4, 1, 1, 1, 0, "test"))
-    classifier, _ = sa.build_model_and_optimizer(sa.TrainConfig(), inputs, 2, sa.tf.distribute.get_strategy(), 8)
+    strategy = sa.tf.distribute.get_strategy()
+    monkeypatch.setitem(sa.ARCHITECTURES, "lstm", sa.Architecture(branched))
+    classifier, _ = sa.build_model_and_optimizer(sa.TrainConfig(), inputs, 2, strategy, 8)
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Note:")]
     assert len(notes) == 1 and "cannot be explained word by word" in notes[0]
-    assert not sa.is_layer_chain(classifier) and not sa.is_explainable(classifier)
-    with pytest.raises(sa.UserError, match="not a chain of layers"):
-        sa.embedding_and_rest(classifier)
+    model = sa.build_predictor(vectorizer, classifier, ("negative", "positive"), {"arch": "lstm"})
+    with pytest.raises(sa.UserError, match="no explain function"):
+        sa.build_explainer(model, ("negative", "positive"))
+
+    own = sa.Architecture(branched, explain=lambda built: (built.get_layer(sa.EMBEDDING_LAYER), heads[-1]))
+    monkeypatch.setitem(sa.ARCHITECTURES, "lstm", own)
+    classifier, _ = sa.build_model_and_optimizer(sa.TrainConfig(), inputs, 2, strategy, 8)
+    assert not [line for line in capsys.readouterr().out.splitlines() if line.startswith("Note:")]
+    model = sa.build_predictor(vectorizer, classifier, ("negative", "positive"), {"arch": "lstm"})
+    explanation = sa.explain_text(sa.build_explainer(model, ("negative", "positive")), "good film", 1)
+    assert explanation.words == ["good", "film"] and np.abs(explanation.scores).sum() > 0
