@@ -1940,9 +1940,7 @@ def tokenized_texts(splits: DataSplits, config: TrainConfig, max_length: int, un
     return vectorizer, vectorizer.get_vocabulary(), ids
 
 
-def say_inputs(vocabulary, truncated: int, plan: TrainingPlan, config: TrainConfig, max_length: int,
-               notes: list[str]) -> None:
-    unit = "words" if config.tokenizer == "word" and config.arch != "bert" else "pieces"
+def say_inputs(vocabulary, unit: str, truncated: int, plan: TrainingPlan, max_length: int, notes: list[str]) -> None:
     print(f"Vocabulary {len(vocabulary)} {unit}; {truncated} reviews longer than {max_length} tokens are cut")
     print(f"Plan: {plan.epochs} epochs of {plan.steps_per_epoch} batches of {plan.batch_size} ({plan.planned_steps} "
           f"steps), patience {plan.patience} ({plan.reason})")
@@ -1984,7 +1982,8 @@ def prepare_inputs(splits: DataSplits, config: TrainConfig, derived: Derived, re
     class_weights = (balanced_class_weights(splits.train.labels, num_classes)
                      if config.class_weight == "balanced" else None)
     notes = small_data_notes(config.arch, derived.embeddings, len(train_ids), len(unlabelled_ids))
-    say_inputs(vocabulary, truncated, plan, config, max_length, notes)
+    unit = "words" if config.tokenizer == "word" and config.arch != "bert" else "pieces"
+    say_inputs(vocabulary, unit, truncated, plan, max_length, notes)
     return PreparedInputs(vectorizer, vocabulary, train_ids, validation_ids, test_ids, unlabelled_ids, plan,
                           training_batches, validation_batches, int(validation_batches.cardinality()),
                           embedding_matrix, class_weights, coverage, truncated, notes, from_cache=bool(cached))
@@ -2718,14 +2717,14 @@ def strategy_name(strategy, role: ClusterRole | None) -> str:
     return "MultiWorkerMirroredStrategy" if role else type(strategy).__name__
 
 
-def set_up_tensorflow(config: TrainConfig, role: ClusterRole | None):
+def set_up_tensorflow(cpu_replicas: int, seed: int, mixed_precision: bool, role: ClusterRole | None):
     """Choose the distribution strategy (first: a cluster's must exist before any other TensorFlow work), then
     seed everything and make ops deterministic, so the same seed gives the same run on the same machine."""
-    strategy = choose_strategy(config.cpu_replicas, role)
+    strategy = choose_strategy(cpu_replicas, role)
 
-    keras.utils.set_random_seed(config.seed)
+    keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
-    if config.mixed_precision:
+    if mixed_precision:
         if tf.config.list_physical_devices("GPU"):
             keras.mixed_precision.set_global_policy("mixed_float16")
         else:
@@ -3343,15 +3342,15 @@ def distillation_inputs(inputs: PreparedInputs, targets: np.ndarray, config: Tra
         inputs.train_ids, targets, global_batch_size, config.seed, replicas > 1))
 
 
-def teacher_inputs(inputs: PreparedInputs, targets: np.ndarray, config: TrainConfig, replicas: int) -> PreparedInputs:
+def teacher_inputs(inputs: PreparedInputs, targets: np.ndarray, asked: PlanAsked, seed: int,
+                   replicas: int) -> PreparedInputs:
     """The teacher stage's inputs: the unlabelled texts with the teacher's probabilities as their labels, planned
-    like a training split of that size (at least TEACHER_MIN_EPOCHS epochs, or --pretrain-epochs), with the same
-    validation split (true labels) for early stopping, and no class weights."""
-    asked = PlanAsked(config.batch_size, config.pretrain_epochs, TEACHER_MIN_EPOCHS, None, word2vec=False)
+    like a training split of that size (`asked`: at least TEACHER_MIN_EPOCHS epochs, or --pretrain-epochs), with
+    the same validation split (true labels) for early stopping, and no class weights."""
     plan = plan_training(asked, review_lengths(inputs.unlabelled_ids), replicas, inputs.train_ids.shape[1])
-    training_batches = epoch_batches(inputs.unlabelled_ids, targets, plan.batch_size * replicas, config.seed,
-                                     replicas > 1)
+    training_batches = epoch_batches(inputs.unlabelled_ids, targets, plan.batch_size * replicas, seed, replicas > 1)
     return dataclasses.replace(inputs, plan=plan, training_batches=training_batches, class_weights=None)
+
 
 def fine_tuning_optimizer(config: TrainConfig, plan: TrainingPlan, classifier, strategy):
     """The labelled stage's optimizer after a teacher stage: the same schedule over the labelled plan, from
@@ -4164,19 +4163,20 @@ def set_up_run(config: TrainConfig, cleanup: contextlib.ExitStack) -> RunSetup:
     return RunSetup(derived, fingerprint, role, output_dir, state_dir, starting_point(config, derived))
 
 
-def fit_the_baseline(config: TrainConfig, splits: DataSplits, standardize, clock: Stopwatch):
-    """The fitted baseline and the training texts it was fitted on, cleaned by the model's `standardize`
-    (None, None without it)."""
-    if not config.baseline:
+def fit_the_baseline(recipe: BaselineRecipe | None, blends: bool, splits: DataSplits, standardize,
+                     clock: Stopwatch):
+    """The baseline of `recipe` fitted, and the training texts it was fitted on, cleaned by the model's
+    `standardize` (None, None without a recipe: --no-baseline). `blends`: --blend-weight needs it."""
+    if recipe is None:
         return None, None
     print("Fitting the TF-IDF + logistic-regression baseline ...")
     with clock.timed("baseline_s"):
         train_strings = standardized_strings(splits.train.texts, standardize)
         try:
-            return fit_baseline(train_strings, splits.train.labels, BaselineRecipe.of(config)), train_strings
+            return fit_baseline(train_strings, splits.train.labels, recipe), train_strings
         except ValueError as error:  # scikit-learn's "empty vocabulary": no word is in two training texts
             problem = f"the baseline cannot be fitted on these texts ({one_line(error, 100)})"
-    if config.blend_weight is not None:
+    if blends:
         raise UserError(f"{problem}, so there is nothing to blend with: drop --blend-weight (or --preset best)")
     print(f"warning: {problem}; going on without it", file=sys.stderr)
     return None, None
@@ -4261,7 +4261,9 @@ class Run:
     def baseline(self):
         """The fitted baseline and the training texts it was fitted on (fit_the_baseline), fitted on first use."""
         if self.fitted is None:
-            self.fitted = fit_the_baseline(self.config, self.splits, self.standardize, self.clock)
+            config = self.config
+            self.fitted = fit_the_baseline(BaselineRecipe.of(config) if config.baseline else None,
+                                           config.blend_weight is not None, self.splits, self.standardize, self.clock)
         return self.fitted
 
     def teacher(self):
@@ -4340,7 +4342,9 @@ class TeacherStage(Stage):
         baseline, _ = run.teacher()
         with run.clock.timed("teacher_s"):
             targets = soft_targets(baseline_probabilities(baseline, run.unlabelled.texts, run.standardize))
-        self.inputs = teacher_inputs(run.inputs, targets, run.config, run.replicas)
+        config = run.config
+        asked = PlanAsked(config.batch_size, config.pretrain_epochs, TEACHER_MIN_EPOCHS, None, word2vec=False)
+        self.inputs = teacher_inputs(run.inputs, targets, asked, config.seed, run.replicas)
         self.texts = len(run.inputs.unlabelled_ids)
         self.tokens = int(review_lengths(run.inputs.unlabelled_ids).sum())
 
@@ -4524,7 +4528,8 @@ def read_the_data(config: TrainConfig, setup: RunSetup, clock: Stopwatch) -> Run
 def prepare_run_inputs(run: Run) -> None:
     """The devices, then the token ids, the vocabulary and the starting embedding (from the cache, if the run
     resumes); unlabelled texts only when a stage learns from them."""
-    run.strategy = set_up_tensorflow(run.config, run.setup.role)
+    config = run.config
+    run.strategy = set_up_tensorflow(config.cpu_replicas, config.seed, config.mixed_precision, run.setup.role)
     unlabelled = run.unlabelled.texts if run.semi.learns_from_unlabelled else None
     run.cache = InputsCache.of(run.setup.state_dir / INPUTS_CACHE, run.setup.fingerprint,
                                0 if unlabelled is None else len(unlabelled))
