@@ -168,9 +168,9 @@ class TrainConfig:
                                   "baseline's probabilities for the unlabelled texts (its vocabulary and Word2Vec "
                                   "learned on them too), then on the labels (with no unlabelled text: the "
                                   "baseline's out-of-fold probabilities on the training split, beside the labels); "
-                                  "none ignores unlabelled text; auto chooses teacher when there are unlabelled texts, at least "
-                                  "as many as training rows, and a baseline, and else distils for the lstm from "
-                                  "10,000 training rows with a baseline (README: Unlabelled text)",
+                                  "none ignores unlabelled text; auto chooses teacher when there are unlabelled "
+                                  "texts, at least as many as training rows, and a baseline, and else distils for "
+                                  "the lstm from 10,000 training rows with a baseline (README: Unlabelled text)",
                                   choices=("auto", "none", "teacher"))
     pretrain_epochs: int | None = option(None, "epochs of the teacher stage, "
                                          "early stopping aside (default: planned from the number of texts)")
@@ -1763,6 +1763,37 @@ def plan_training(asked: PlanAsked, lengths: np.ndarray, replicas: int, max_leng
     return TrainingPlan(batch_size, steps, epochs, patience, word2vec_epochs, reason)
 
 
+class Background:
+    """A function run on a thread of its own while the run goes on (Word2Vec, in C, beside the baseline's fits
+    in other processes); `result` waits for it and gives its value, or raises its error. A daemon thread, so
+    Ctrl-C is not held up by it. `Background.done(value)` is one already finished."""
+
+    def __init__(self, function=None, *args):
+        self.value, self.error = None, None
+        self.thread = threading.Thread(target=self.run, args=(function, args), daemon=True) if function else None
+        if self.thread:
+            self.thread.start()
+
+    @classmethod
+    def done(cls, value) -> Background:
+        finished = cls()
+        finished.value = value
+        return finished
+
+    def run(self, function, args) -> None:
+        try:
+            self.value = function(*args)
+        except BaseException as error:  # handed to the caller of result()
+            self.error = error
+
+    def result(self):
+        if self.thread:
+            self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
 @dataclass
 class PreparedInputs:
     """What the training loop and the scoring need from the text, made once from the splits."""
@@ -1776,12 +1807,21 @@ class PreparedInputs:
     training_batches: object    # epoch -> that epoch's training batches (a tf.data.Dataset), in its own order
     validation_batches: object  # a tf.data.Dataset, the same every epoch
     validation_steps: int
-    embedding_matrix: np.ndarray | None  # the embedding's starting weights (None: random)
+    embedding_start: Background          # gives the embedding's starting weights and a file's coverage
     class_weights: np.ndarray | None     # loss weight of each class (None: all 1)
-    embedding_coverage: dict | None      # with a word-vector file: how much of the text it covered
     truncated_reviews: int               # reviews longer than --max-length tokens, in all splits
     notes: list[str]                     # advice about the data, for the run's output and the report
     from_cache: bool = False             # made by an interrupted run with the same data and settings
+
+    @property
+    def embedding_matrix(self) -> np.ndarray | None:
+        """The embedding's starting weights (None: random), once made (Word2Vec trains in the background)."""
+        return self.embedding_start.result()[0]
+
+    @property
+    def embedding_coverage(self) -> dict | None:
+        """With a word-vector file: how much of the text it covered."""
+        return self.embedding_start.result()[1]
 
     def counts(self) -> dict:
         """What the report adds to the data's counts: reviews cut, and a word-vector file's coverage."""
@@ -1972,11 +2012,11 @@ def prepare_inputs(splits: DataSplits, config: TrainConfig, derived: Derived, re
                                                 max_length, None, pad_to_full_batches=several)
     training_batches = epoch_batches(train_ids, splits.train.labels, global_batch_size, config.seed, several)
     if cached:
-        embedding_matrix, coverage = cached["embedding_matrix"], cached["embedding_coverage"]
+        embedding_start = Background.done((cached["embedding_matrix"], cached["embedding_coverage"]))
         truncated = cached["truncated_reviews"]
-    else:
-        embedding_matrix, coverage = starting_embedding(derived, config.seed, train_ids, unlabelled_ids, vocabulary,
-                                                        plan)
+    else:  # Word2Vec trains on its own thread while the rest is prepared (the baseline's fits among it)
+        embedding_start = Background(starting_embedding, derived, config.seed, train_ids, unlabelled_ids,
+                                     vocabulary, plan)
         truncated = sum(count_truncated(vectorizer, part.texts, max_length)
                         for part in (splits.train, splits.validation, splits.test))
     class_weights = (balanced_class_weights(splits.train.labels, num_classes)
@@ -1986,7 +2026,7 @@ def prepare_inputs(splits: DataSplits, config: TrainConfig, derived: Derived, re
     say_inputs(vocabulary, unit, truncated, plan, max_length, notes)
     return PreparedInputs(vectorizer, vocabulary, train_ids, validation_ids, test_ids, unlabelled_ids, plan,
                           training_batches, validation_batches, int(validation_batches.cardinality()),
-                          embedding_matrix, class_weights, coverage, truncated, notes, from_cache=bool(cached))
+                          embedding_start, class_weights, truncated, notes, from_cache=bool(cached))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -3183,7 +3223,8 @@ def train(classifier, optimizer, strategy, inputs: PreparedInputs, state: Traini
 
 # ----------------------------------------------------------------------------------------------------------
 # Learning from unlabelled text: before the labels, the model learns the baseline's probabilities on the texts
-# without them (teacher); then the labels fine-tune it. Every stage runs through the one training loop above, each with its own saved state.
+# without them (teacher); then the labels fine-tune it. Every stage runs through the one training loop above,
+# each with its own saved state.
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -4624,6 +4665,8 @@ def run_training(config: TrainConfig) -> TrainingResult:
         prepare_run_inputs(run)
         for stage in stages:
             stage.prepare(run)
+        with clock.timed("preprocess_s"):  # what is left of Word2Vec, trained beside the stages' preparing
+            run.inputs.embedding_start.result()
         classifier, optimizer = build_model_and_optimizer(config, stages[-1].inputs, len(run.class_names),
                                                           run.strategy, setup.derived.embedding_dim)
         reserve_disk(run, classifier, cleanup)

@@ -231,7 +231,8 @@ def test_distilled_targets_are_half_the_label_and_half_the_teacher():
 def test_distilled_targets_get_half_as_many_epochs_and_patience_again_unless_given():
     ids = np.ones((4, 5), dtype=np.int32)
     plan = sa.TrainingPlan(32, 3, 4, 1, 0, "4 epochs to reach about 1000 optimizer steps")
-    inputs = sa.PreparedInputs(None, [], ids, ids, ids, ids[:0], plan, None, None, 1, None, None, None, 0, [])
+    inputs = sa.PreparedInputs(None, [], ids, ids, ids, ids[:0], plan, None, None, 1, sa.Background.done((None, None)),
+                               None, 0, [])
     targets = np.array([0.2, 0.9, 0.6, 0.1])
     planned = sa.distillation_inputs(inputs, targets, sa.TrainConfig(), 1)
     assert planned.plan.epochs == 6 and planned.plan.patience == 2 and planned.plan.batch_size == 32
