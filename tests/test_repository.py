@@ -57,5 +57,6 @@ def test_the_stages_hand_each_other_typed_objects():
     import sentiment_analysis as sa
 
     for name in ("LabelledTexts", "LoadedData", "DataSplits", "PreparedInputs", "TrainingState", "TrainingResult",
-                 "ClusterRole", "RunSetup", "Evaluation", "Blend"):
+                 "ClusterRole", "RunSetup", "Evaluation", "Blend", "Run", "Scored", "InputsCache", "PlanAsked",
+                 "Architecture"):
         assert dataclasses.is_dataclass(getattr(sa, name)), name
