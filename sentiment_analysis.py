@@ -242,10 +242,8 @@ PRESETS = {
 # 5e-5, 3e-5 or 2e-5; 16 or 32; 2 to 4 epochs) and the learning rate of KerasHub's classification guide;
 # 256 tokens, half of BERT's 512, which covers the median IMDB review whole at a quarter of the attention
 # cost. The embedding and the tokenizer are the preset's. Flags given on the command line override these.
-ARCH_DEFAULTS = {
-    "bert": dict(learning_rate=5e-5, batch_size=32, epochs=3, max_length=256, embeddings="random",
-                 tokenizer="wordpiece"),
-}
+BERT_DEFAULTS = dict(learning_rate=5e-5, batch_size=32, epochs=3, max_length=256, embeddings="random",
+                     tokenizer="wordpiece")
 
 
 class UserError(Exception):
@@ -270,8 +268,10 @@ def is_downloader_name(value: str) -> bool:
     return re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)+", value) is not None
 
 
-def validate_config(config: TrainConfig) -> None:
-    """Refuse nonsensical flag values before any work. Each rule names the field it checks."""
+def validate_config(config: TrainConfig, architecture) -> None:
+    """Refuse nonsensical flag values before any work (`architecture`: the --arch record, ARCHITECTURES). Each
+    rule names the field it checks."""
+    checkpoint = architecture.checkpoint is not None  # it starts from pretrained weights, not word vectors
     rules = [
         ("epochs", config.epochs is None or config.epochs >= 1, "must be at least 1"),
         ("min_epochs", config.min_epochs >= 1, "must be at least 1"),
@@ -301,10 +301,10 @@ def validate_config(config: TrainConfig) -> None:
         ("unlabelled", config.unlabelled is None or Path(config.unlabelled).is_file(), "must be an existing file"),
         ("semi_supervised", config.semi_supervised != "teacher" or config.baseline,
          f"{config.semi_supervised} needs the baseline, which is the teacher (drop --no-baseline)"),
-        ("bert_preset", config.arch != "bert" or "://" in config.bert_preset or os.sep not in config.bert_preset
+        ("bert_preset", not checkpoint or "://" in config.bert_preset or os.sep not in config.bert_preset
          or Path(config.bert_preset).is_dir(), "must be a KerasHub preset name or an existing directory"),
-        ("embeddings", config.arch != "bert" or config.embeddings == "random",
-         "does not apply to --arch bert, which starts from its preset's weights"),
+        ("embeddings", not checkpoint or config.embeddings == "random",
+         f"does not apply to --arch {config.arch}, which starts from its preset's weights"),
     ]
     for name, ok, requirement in rules:
         if not ok:
@@ -1324,9 +1324,10 @@ def load_bert_checkpoint(preset: str) -> BertCheckpoint:
     return checkpoint
 
 
-def fit_max_length_to_bert(bert_preset: str, max_length: int) -> int:
+def fit_max_length_to_bert(config: TrainConfig) -> int:
     """--max-length within the checkpoint's position table: BERT's default length is cut to the table, with a
     line that says so; a longer length given on purpose is a one-line error naming both numbers."""
+    bert_preset, max_length = config.bert_preset, config.max_length
     checkpoint = load_bert_checkpoint(bert_preset)
     print(f"BERT checkpoint {bert_preset} ({checkpoint.source}): {checkpoint.layers} layers, hidden size "
           f"{checkpoint.hidden_size}, {checkpoint.parameters / 1e6:.1f}M parameters, {checkpoint.positions} "
@@ -1334,7 +1335,7 @@ def fit_max_length_to_bert(bert_preset: str, max_length: int) -> int:
           f"{', lowercased' if checkpoint.lowercase else ''}")
     if max_length <= checkpoint.positions:
         return max_length
-    if max_length == ARCH_DEFAULTS["bert"]["max_length"]:
+    if max_length == BERT_DEFAULTS["max_length"]:
         print(f"Note: the checkpoint has {checkpoint.positions} positions, fewer than BERT's default --max-length "
               f"{max_length}: texts are cut to {checkpoint.positions} tokens")
         return checkpoint.positions
@@ -1347,35 +1348,36 @@ def word_vectorizer(vocab_size: int, max_length: int):
                                     output_sequence_length=max_length, name="vectorizer")
 
 
-def build_vectorizer(texts, config: TrainConfig, max_length: int):
-    """The tokenizer, learned on the training texts, as a layer from strings to token ids that pads or cuts
-    every review to max_length (the run's, Derived): a TextVectorization of the --vocab-size most frequent
-    words, or with --tokenizer wordpiece a WordPiece vocabulary of about --vocab-size subword pieces."""
-
-    if config.arch == "bert":
-        checkpoint = load_bert_checkpoint(config.bert_preset)
-        return BertVectorizer(checkpoint.vocabulary, max_length, checkpoint.lowercase,
-                              checkpoint.strip_accents, name="vectorizer")
+def learned_vectorizer(texts, config: TrainConfig, max_length: int, vocabulary: list[str] | None = None):
+    """The recurrent models' tokenizer, learned on the training texts (or made again from the `vocabulary` it
+    learned, for the cache of token ids), as a layer from strings to token ids that pads or cuts every review to
+    max_length (the run's, Derived): a TextVectorization of the --vocab-size most frequent words, or with
+    --tokenizer wordpiece a WordPiece vocabulary of about --vocab-size subword pieces."""
     if config.tokenizer == "word":
         vectorizer = word_vectorizer(config.vocab_size, max_length)
-        vectorizer.adapt(text_dataset(texts))
+        if vocabulary is None:
+            vectorizer.adapt(text_dataset(texts))
+        else:
+            vectorizer.set_vocabulary(vocabulary)
         return vectorizer
-    print("Learning a WordPiece vocabulary on the training split ...")
-    vocabulary = keras_hub.tokenizers.compute_word_piece_vocabulary(
-        text_dataset(texts).unbatch().map(WordPieceVectorizer.standardize), config.vocab_size, lowercase=False,
-        strip_accents=False, reserved_tokens=["[PAD]", "[UNK]"])
+    if vocabulary is None:
+        print("Learning a WordPiece vocabulary on the training split ...")
+        vocabulary = keras_hub.tokenizers.compute_word_piece_vocabulary(
+            text_dataset(texts).unbatch().map(WordPieceVectorizer.standardize), config.vocab_size,
+            lowercase=False, strip_accents=False, reserved_tokens=["[PAD]", "[UNK]"])
     return WordPieceVectorizer(vocabulary, max_length, name="vectorizer")
 
 
-def vectorizer_of(vocabulary: list[str], config: TrainConfig, max_length: int):
-    """The vectorizer build_vectorizer learned, made again from its vocabulary (for the cache of token ids)."""
-    if config.arch == "bert":
-        return build_vectorizer([], config, max_length)
-    if config.tokenizer == "word":
-        vectorizer = word_vectorizer(config.vocab_size, max_length)
-        vectorizer.set_vocabulary(vocabulary)
-        return vectorizer
-    return WordPieceVectorizer(vocabulary, max_length, name="vectorizer")
+def checkpoint_vectorizer(texts, config: TrainConfig, max_length: int, vocabulary: list[str] | None = None):
+    """BERT's tokenizer: the checkpoint's own WordPiece vocabulary and rules (nothing is learned from texts)."""
+    checkpoint = load_bert_checkpoint(config.bert_preset)
+    return BertVectorizer(checkpoint.vocabulary, max_length, checkpoint.lowercase, checkpoint.strip_accents,
+                          name="vectorizer")
+
+
+def checkpoint_start(config: TrainConfig) -> dict:
+    """What a BERT model starts from, for metrics.json and the saved model."""
+    return load_bert_checkpoint(config.bert_preset).description()
 
 
 def vectorize(vectorizer, texts) -> np.ndarray:
@@ -1583,11 +1585,10 @@ class Derived:
     max_length: int     # the length texts are padded or cut to: --max-length, within a BERT checkpoint's positions
 
     @classmethod
-    def of(cls, config: TrainConfig) -> "Derived":
+    def of(cls, config: TrainConfig, architecture) -> "Derived":
+        """`architecture`: the --arch record (ARCHITECTURES), which fits the length to its inputs."""
         embeddings = fetch_word_vectors(config.embeddings)
-        return cls(embeddings, resolve_embedding_dim(config.embedding_dim, embeddings),
-                   fit_max_length_to_bert(config.bert_preset, config.max_length) if config.arch == "bert"
-                   else config.max_length)
+        return cls(embeddings, resolve_embedding_dim(config.embedding_dim, embeddings), architecture.max_length(config))
 
 
 def run_settings(config: TrainConfig, derived: Derived) -> dict:
@@ -1879,11 +1880,11 @@ def balanced_class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return weights
 
 
-def small_data_notes(arch: str, embeddings: str, training_rows: int, unlabelled_texts: int = 0) -> list[str]:
+def small_data_notes(pretrained: bool, embeddings: str, training_rows: int, unlabelled_texts: int = 0) -> list[str]:
     """Advice for a small training split whose embedding starts from nothing pretrained (Word2Vec learns from the
     unlabelled texts too, so they count for it)."""
     texts = training_rows + (unlabelled_texts if embeddings == "word2vec" else 0)
-    if embeddings not in EMBEDDING_METHODS or texts >= SMALL_TRAINING_ROWS or arch == "bert":
+    if embeddings not in EMBEDDING_METHODS or texts >= SMALL_TRAINING_ROWS or pretrained:
         return []
     start = "Word2Vec vectors learned on" if embeddings == "word2vec" else "random vectors, with"
     what = f"{texts} texts" if texts > training_rows else f"{training_rows} training texts"
@@ -1970,10 +1971,11 @@ class InputsCache:
                 "embedding_coverage": record["embedding_coverage"]}
 
 
-def tokenized_texts(splits: DataSplits, config: TrainConfig, max_length: int, unlabelled_texts: np.ndarray):
+def tokenized_texts(splits: DataSplits, config: TrainConfig, architecture, max_length: int,
+                    unlabelled_texts: np.ndarray):
     """The tokenizer, learned on the training split and the unlabelled texts (never on validation or test
     texts), its vocabulary, and the token ids of each split and of the unlabelled texts (CACHED_IDS' order)."""
-    vectorizer = build_vectorizer(np.concatenate([splits.train.texts, unlabelled_texts]), config, max_length)
+    vectorizer = architecture.vectorizer(np.concatenate([splits.train.texts, unlabelled_texts]), config, max_length)
     ids = [vectorize(vectorizer, part.texts) for part in (splits.train, splits.validation, splits.test)]
     ids.append(vectorize(vectorizer, unlabelled_texts) if len(unlabelled_texts)
                else np.zeros((0, max_length), dtype=np.int32))
@@ -1988,22 +1990,23 @@ def say_inputs(vocabulary, unit: str, truncated: int, plan: TrainingPlan, max_le
         print(f"Note: {note}")
 
 
-def prepare_inputs(splits: DataSplits, config: TrainConfig, derived: Derived, replicas: int, num_classes: int,
-                   unlabelled_texts: np.ndarray | None = None, cache: InputsCache | None = None) -> PreparedInputs:
-    """Everything training needs from the text: the tokenizer and token ids (tokenized_texts), the plan and
-    the batches, the embedding's start, the class weights, and what to say about the data. With `cache`, what
-    an interrupted run cached there is reused when the data and settings are the same."""
+def prepare_inputs(splits: DataSplits, config: TrainConfig, architecture, derived: Derived, replicas: int,
+                   num_classes: int, unlabelled_texts: np.ndarray | None = None,
+                   cache: InputsCache | None = None) -> PreparedInputs:
+    """Everything training needs from the text: the --arch record's tokenizer and the token ids
+    (tokenized_texts), the plan and the batches, the embedding's start, the class weights, and what to say about
+    the data. With `cache`, what an interrupted run cached there is reused when the data and settings are the same."""
     if unlabelled_texts is None:
         unlabelled_texts = np.array([], dtype=object)
     max_length = derived.max_length
     cached = cache.load(max_length) if cache else None
     if cached:
         vocabulary = cached["vocabulary"]
-        vectorizer = vectorizer_of(vocabulary, config, max_length)
+        vectorizer = architecture.vectorizer([], config, max_length, vocabulary)
         train_ids, validation_ids, test_ids, unlabelled_ids = (cached[name] for name in CACHED_IDS)
     else:
         vectorizer, vocabulary, (train_ids, validation_ids, test_ids, unlabelled_ids) = tokenized_texts(
-            splits, config, max_length, unlabelled_texts)
+            splits, config, architecture, max_length, unlabelled_texts)
     check_texts_split(train_ids, config.tokenizer)
     plan = plan_training(PlanAsked.of(config), review_lengths(train_ids), replicas, max_length,
                          int(review_lengths(unlabelled_ids).sum()))
@@ -2021,8 +2024,9 @@ def prepare_inputs(splits: DataSplits, config: TrainConfig, derived: Derived, re
                         for part in (splits.train, splits.validation, splits.test))
     class_weights = (balanced_class_weights(splits.train.labels, num_classes)
                      if config.class_weight == "balanced" else None)
-    notes = small_data_notes(config.arch, derived.embeddings, len(train_ids), len(unlabelled_ids))
-    unit = "words" if config.tokenizer == "word" and config.arch != "bert" else "pieces"
+    notes = small_data_notes(architecture.checkpoint is not None, derived.embeddings, len(train_ids),
+                             len(unlabelled_ids))
+    unit = "pieces" if isinstance(vectorizer, SubwordVectorizer) else "words"
     say_inputs(vocabulary, unit, truncated, plan, max_length, notes)
     return PreparedInputs(vectorizer, vocabulary, train_ids, validation_ids, test_ids, unlabelled_ids, plan,
                           training_batches, validation_batches, int(validation_batches.cardinality()),
@@ -2118,14 +2122,29 @@ def bert_explanation(classifier):
     return backbone.token_embedding, rest
 
 
+def given_max_length(config: TrainConfig) -> int:
+    return config.max_length
+
+
 @dataclass(frozen=True)
 class Architecture:
-    """One --arch choice: `build` (config, vocabulary size, classes, embedding size -> a model from token ids to
-    the output layer, its token embedding named EMBEDDING_LAYER, its name ending in CLASSIFIER_SUFFIX), and
-    `explain` (the built classifier -> its token embedding layer and a function from embedded tokens to the
-    output, for predict --explain and the report), or None: its predictions cannot be explained word by word."""
+    """One --arch choice, everything the rest of the file knows of it:
+    - `build`: (config, vocabulary size, classes, embedding size) -> a model from token ids to the output layer,
+      its token embedding named EMBEDDING_LAYER, its name ending in CLASSIFIER_SUFFIX;
+    - `explain`: the built classifier -> its token embedding layer and a function from embedded tokens to the
+      output (predict --explain, the report), or None: its predictions cannot be explained word by word;
+    - `vectorizer`: (training texts, config, max_length, a vocabulary to make it again from or None) -> its
+      tokenizer layer from strings to token ids;
+    - `max_length`: config -> the longest input, the length texts are padded or cut to;
+    - `checkpoint`: config -> a description of the pretrained weights it starts from, or None: its embedding
+      starts from word vectors (--embeddings) and small data gets advice;
+    - `defaults`: its own defaults for flags the user did not give (config_from_args)."""
     build: object
     explain: object = None
+    vectorizer: object = learned_vectorizer
+    max_length: object = given_max_length
+    checkpoint: object = None
+    defaults: dict = field(default_factory=dict)
 
 
 # Every --arch choice. A new model is one Architecture here and its name in TrainConfig.arch; a model that is not
@@ -2133,7 +2152,8 @@ class Architecture:
 ARCHITECTURES = {"lstm": Architecture(build_recurrent_classifier, chain_explanation),
                  "bilstm": Architecture(build_recurrent_classifier, chain_explanation),
                  "gru": Architecture(build_recurrent_classifier, chain_explanation),
-                 "bert": Architecture(build_bert_classifier, bert_explanation)}
+                 "bert": Architecture(build_bert_classifier, bert_explanation, checkpoint_vectorizer,
+                                      fit_max_length_to_bert, checkpoint_start, BERT_DEFAULTS)}
 
 
 def build_classifier(config: TrainConfig, vocab_size: int, num_classes: int = 2, embedding_dim: int | None = None):
@@ -4167,16 +4187,17 @@ class RunSetup:
     output_dir: Path
     state_dir: Path
     started_from: dict            # the pretrained checkpoint or word vectors the model starts from
+    architecture: Architecture    # the --arch record
 
     @property
     def writes_outputs(self) -> bool:
         return self.role is None or self.role.chief
 
 
-def starting_point(config: TrainConfig, derived: Derived) -> dict:
+def starting_point(config: TrainConfig, derived: Derived, architecture: Architecture) -> dict:
     """Which pretrained weights or word vectors the model starts from (metrics.json and the saved model)."""
-    if config.arch == "bert":
-        return load_bert_checkpoint(config.bert_preset).description()
+    if architecture.checkpoint is not None:
+        return architecture.checkpoint(config)
     if config.embeddings in EMBEDDING_METHODS:
         return {"embeddings": config.embeddings, "vectors": "Word2Vec trained on this run's training split"
                 if config.embeddings == "word2vec" else "random"}
@@ -4188,8 +4209,9 @@ def starting_point(config: TrainConfig, derived: Derived) -> dict:
 def set_up_run(config: TrainConfig, cleanup: contextlib.ExitStack) -> RunSetup:
     """Every check that needs no data, so a mistake costs seconds: the flags, TF_CONFIG, the output directory
     (locked for this run until `cleanup` closes) and a saved training state."""
-    validate_config(config)
-    derived = Derived.of(config)
+    architecture = ARCHITECTURES[config.arch]
+    validate_config(config, architecture)
+    derived = Derived.of(config, architecture)
     role = _cluster_role()
     if role and config.cpu_replicas > 1:
         raise UserError("--cpu-replicas cannot be combined with TF_CONFIG: each worker uses its own devices")
@@ -4201,7 +4223,8 @@ def set_up_run(config: TrainConfig, cleanup: contextlib.ExitStack) -> RunSetup:
         shutil.rmtree(state_dir, ignore_errors=True)
     fingerprint = training_fingerprint(config, derived)
     TrainingState.load(state_dir, fingerprint)  # refused now if saved with other flags; its targets once known
-    return RunSetup(derived, fingerprint, role, output_dir, state_dir, starting_point(config, derived))
+    return RunSetup(derived, fingerprint, role, output_dir, state_dir, starting_point(config, derived, architecture),
+                    architecture)
 
 
 def fit_the_baseline(recipe: BaselineRecipe | None, blends: bool, splits: DataSplits, standardize,
@@ -4471,7 +4494,7 @@ class LabelledStage(Stage):
     def notes(self, run: Run, check: ValidationCheck, training: TrainingResult) -> list[str]:
         rows, config = run.counts["train"], run.config
         if (run.semi.method != "none" or not run.semi.reason.endswith("no unlabelled text")
-                or rows >= SMALL_TRAINING_ROWS or config.arch == "bert" or not config.baseline):
+                or rows >= SMALL_TRAINING_ROWS or run.setup.architecture.checkpoint or not config.baseline):
             return []
         return [f"Few labels ({rows} training rows): unlabelled text of the same kind would likely help. Rows of "
                 "--data with a text and an empty label, or --unlabelled FILE (a CSV or one text per line), let the "
@@ -4575,8 +4598,8 @@ def prepare_run_inputs(run: Run) -> None:
     run.cache = InputsCache.of(run.setup.state_dir / INPUTS_CACHE, run.setup.fingerprint,
                                0 if unlabelled is None else len(unlabelled))
     with run.clock.timed("preprocess_s"):
-        run.inputs = prepare_inputs(run.splits, run.config, run.setup.derived, run.replicas, len(run.class_names),
-                                    unlabelled, run.cache)
+        run.inputs = prepare_inputs(run.splits, config, run.setup.architecture, run.setup.derived, run.replicas,
+                                    len(run.class_names), unlabelled, run.cache)
     run.standardize = text_standardizer(run.inputs.vectorizer)
 
 
@@ -4914,11 +4937,11 @@ def build_predict_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Defaults, then those of the architecture (ARCH_DEFAULTS), the preset's values, the flags the user gave."""
+    """Defaults, then those of the architecture (its record's), the preset's values, the flags the user gave."""
     given = vars(args)
     preset = PRESETS.get(given.pop("preset", None), {})
     arch = given.get("arch", preset.get("arch", "lstm"))
-    return TrainConfig(**{**ARCH_DEFAULTS.get(arch, {}), **preset, **given})
+    return TrainConfig(**{**ARCHITECTURES[arch].defaults, **preset, **given})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -111,7 +111,8 @@ def test_balanced_class_weights_weight_the_training_loss():
     splits = sa.DataSplits(*(sa.LabelledTexts(texts, labels) for _ in range(3)))
     config = sa.TrainConfig(vocab_size=100, max_length=30, embedding_dim=4, units=3, embeddings="random",
                             class_weight="balanced", spatial_dropout=0.0)
-    inputs = sa.prepare_inputs(splits, config, sa.Derived.of(config), replicas=1, num_classes=2)
+    lstm = sa.ARCHITECTURES[config.arch]
+    inputs = sa.prepare_inputs(splits, config, lstm, sa.Derived.of(config, lstm), replicas=1, num_classes=2)
     np.testing.assert_allclose(inputs.class_weights, [8 / (2 * 6), 8 / (2 * 2)])
 
     keras.utils.set_random_seed(0)

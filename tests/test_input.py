@@ -61,7 +61,8 @@ def test_bad_input_in_a_subprocess_is_one_line_and_nothing_else_unless_a_traceba
     data = write_csv(tmp_path / "labels.csv", BAD_FILES["one_label"][0])
     result = run_script("--data", data, "--output-dir", tmp_path / "out")
     assert_user_error(result, "only one label")
-    assert result.stderr.strip().splitlines() == [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.stderr.strip().splitlines() == errors
     full = run_script("--data", data, "--output-dir", tmp_path / "out", env_extra={"SENTIMENT_TRACEBACK": "1"})
     assert full.returncode != 0
     assert "Traceback (most recent call last)" in full.stderr and "UserError" in full.stderr

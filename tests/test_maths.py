@@ -75,7 +75,7 @@ def test_length_sorted_scoring_matches_the_saved_model_row_by_row():
     texts, _ = tiny_texts()
     config = sa.TrainConfig(vocab_size=300, max_length=40, embedding_dim=8, units=6)
     keras.utils.set_random_seed(2)
-    vectorizer = sa.build_vectorizer(texts, config, config.max_length)
+    vectorizer = sa.learned_vectorizer(texts, config, config.max_length)
     classifier = sa.build_classifier(config, len(vectorizer.get_vocabulary()))
     by_ids = sa.predict_token_ids(classifier, sa.vectorize(vectorizer, texts), batch_size=7)
     by_text = sa.predict_strings(sa.build_predictor(vectorizer, classifier, sa.CLASS_NAMES), list(texts))
@@ -121,7 +121,7 @@ def test_flags_build_the_layers_they_name(flags, expected):
     from test_training import recurrent_layers
 
     config = sa.config_from_args(sa.build_train_parser().parse_args(flags))
-    classifier = sa.build_classifier(config, 100, 2, sa.Derived.of(config).embedding_dim)
+    classifier = sa.build_classifier(config, 100, 2, sa.Derived.of(config, sa.ARCHITECTURES[config.arch]).embedding_dim)
     assert recurrent_layers(classifier) == expected
     stacked = [layer for layer in classifier.layers if hasattr(layer, "return_sequences")]
     assert [layer.return_sequences for layer in stacked] == [True] * (len(expected) - 1) + [False]

@@ -44,10 +44,11 @@ def test_each_file_format_starts_the_embedding_from_its_vectors(name, tmp_path):
     table = vectors()
     FORMATS[name](tmp_path / name, table)
     config = sa.TrainConfig(data=str(TINY_CSV), embeddings=str(tmp_path / name), vocab_size=2000, max_length=80)
-    derived = sa.Derived.of(config)
+    derived = sa.Derived.of(config, sa.ARCHITECTURES[config.arch])
     assert derived.embedding_dim == 6
     data = sa.load_dataset(config)
-    inputs = sa.prepare_inputs(sa.split_dataset(data, config), config, derived, replicas=1, num_classes=2)
+    inputs = sa.prepare_inputs(sa.split_dataset(data, config), config, sa.ARCHITECTURES[config.arch], derived,
+                               replicas=1, num_classes=2)
     vocabulary = inputs.vocabulary
     in_file = [word for word in WORDS if word in vocabulary]
     assert len(in_file) == len(WORDS) - 1  # all but "notaword"
@@ -339,7 +340,7 @@ def test_max_length_is_checked_against_the_position_table_before_any_data_is_rea
 
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        assert sa.fit_max_length_to_bert(config.bert_preset, config.max_length) == POSITIONS
+        assert sa.fit_max_length_to_bert(config) == POSITIONS
     assert f"texts are cut to {POSITIONS} tokens" in printed.getvalue()
 
 

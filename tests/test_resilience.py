@@ -170,7 +170,7 @@ def config_for(*flags):
 def fingerprint_of(config):
     import sentiment_analysis as sa
 
-    return sa.training_fingerprint(config, sa.Derived.of(config))
+    return sa.training_fingerprint(config, sa.Derived.of(config, sa.ARCHITECTURES[config.arch]))
 
 
 def test_only_settings_that_shape_training_must_match_to_resume():
@@ -576,9 +576,10 @@ def prepared(config, cache_dir, capsys):
     import sentiment_analysis as sa
 
     data = sa.load_dataset(config)
-    derived = sa.Derived.of(config)
+    derived = sa.Derived.of(config, sa.ARCHITECTURES[config.arch])
     cache = sa.InputsCache.of(cache_dir, sa.training_fingerprint(config, derived), 0)
-    inputs = sa.prepare_inputs(sa.split_dataset(data, config), config, derived, 1, 2, cache=cache)
+    inputs = sa.prepare_inputs(sa.split_dataset(data, config), config, sa.ARCHITECTURES[config.arch], derived, 1, 2,
+                               cache=cache)
     if not inputs.from_cache:  # as run_training does, once the free space is checked
         cache.save(inputs, sa.InputsCache.arrays(inputs))
     return inputs, capsys.readouterr().out

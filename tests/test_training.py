@@ -179,7 +179,7 @@ def test_exported_blend_scores_exactly_like_scikit_learn(tmp_path):
     baseline = sa.fit_baseline(sa.standardized_strings(texts[:150], sa.standardize_text), labels[:150],
                                sa.BaselineRecipe.of(config))
     expected = baseline.predict_proba(sa.standardized_strings(texts[150:], sa.standardize_text))
-    vectorizer = sa.build_vectorizer(texts[:150], config, config.max_length)
+    vectorizer = sa.learned_vectorizer(texts[:150], config, config.max_length)
     neural = sa.build_predictor(vectorizer, sa.build_classifier(config, len(vectorizer.get_vocabulary())),
                              sa.CLASS_NAMES)
     sa._save_model(sa.build_blend_predictor(neural, baseline, 0.0, sa.CLASS_NAMES), tmp_path / "blend.keras")
