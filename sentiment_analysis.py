@@ -674,25 +674,205 @@ def find_column(columns, candidates, override: str | None, kind: str, flag: str)
     raise UserError(f"no {kind} column {expected} in the CSV (columns found: {found}); use {flag}")
 
 
-def is_binary(num_classes: int) -> bool:
-    """Two classes or more: the one place that decides. Two get a sigmoid whose output is the positive class's
-    probability, decided at DECISION_THRESHOLD; more get a softmax, decided by the most probable class. Every
-    probability the script handles is (reviews, classes) (class_columns makes the sigmoid's two columns), so the
-    question is asked only where the two differ: the positive label, the output layer and its loss, the
-    baseline's coefficients, the decision, the figures and metrics, and predict's columns."""
-    return num_classes == 2
+# The figures of each model, by name, in the order the report shows them: two classes (precision, recall and F1
+# of the positive class), or more (macro and weighted averages; ROC AUC one-vs-rest, macro). The terminal's
+# table shows the first list, or the short list for several classes.
+BINARY_FIGURES = ("accuracy", "precision", "recall", "f1", "roc_auc")
+MULTICLASS_FIGURES = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "precision_weighted",
+                      "recall_weighted", "f1_weighted", "roc_auc")
+MULTICLASS_TABLE = ("accuracy", "f1_macro", "f1_weighted", "roc_auc")
 
 
 @dataclass(frozen=True)
 class LabelSet:
-    """The classes of a run, in the model's order. With two, the second is the positive class: the one the
-    sigmoid's probability, precision, recall, F1 and the ROC curve are about."""
+    """The classes of a run, in the model's order, and everything their number changes: the output layer and
+    the training targets, the decision, the shown probability, the figures, the ROC curves, what an explanation
+    is about, and predict's columns. This class is three or more (a softmax, the most probable class wins);
+    TwoClasses is two (a sigmoid: the positive class's probability, decided at --threshold). label_set chooses:
+    the one place the number of classes decides. Every probability the script handles is (reviews, classes)
+    (class_columns makes the sigmoid's two columns)."""
     names: tuple[str, ...]
     chosen_by: str = ""  # how the positive class of two was chosen, for the log
+    binary = False
+    figures, table, interval_figures = MULTICLASS_FIGURES, MULTICLASS_TABLE, ("accuracy", "f1_macro", "roc_auc")
+    shown_column = "probability_predicted"
+    decision_record = {}  # what compute_metrics adds after the confusion matrix
 
     @property
-    def binary(self) -> bool:
-        return is_binary(len(self.names))
+    def output(self) -> tuple[int, str]:
+        """The output layer's units and activation."""
+        return len(self.names), "softmax"
+
+    def targets(self, probabilities: np.ndarray) -> np.ndarray:
+        """Class probabilities (texts, classes) as the training loop's labels: whole rows."""
+        return probabilities
+
+    def threshold(self, threshold: float | None) -> float:
+        """predict --threshold: only for two classes."""
+        if threshold is not None:
+            raise UserError(f"--threshold applies to two-class models; this one has {len(self.names)} classes")
+        return DECISION_THRESHOLD
+
+    def decide(self, probabilities: np.ndarray, threshold: float = DECISION_THRESHOLD) -> np.ndarray:
+        """Class indices: the most probable class."""
+        return np.argmax(probabilities, axis=1)
+
+    def decide_tensor(self, probabilities):
+        return tf.argmax(probabilities, axis=1, output_type=tf.int32)
+
+    def shown(self, probabilities: np.ndarray) -> np.ndarray:
+        """The probability shown beside a prediction (column shown_column): the predicted class's."""
+        return probabilities.max(axis=1)
+
+    def confidence(self, shown: np.ndarray) -> np.ndarray:
+        """How sure a shown probability is, for ordering the mistakes."""
+        return shown
+
+    def explained(self, probabilities: np.ndarray) -> int:
+        """The class an explanation of a text (its row of probabilities) is about: the predicted class."""
+        return int(np.argmax(probabilities))
+
+    def explained_named(self, predicted_name: str) -> int:
+        return self.names.index(predicted_name)
+
+    @property
+    def auc_classes(self) -> range:
+        """The classes whose one-vs-rest ROC AUC is averaged into roc_auc."""
+        return range(len(self.names))
+
+    def log_loss_input(self, probabilities: np.ndarray) -> np.ndarray:
+        """Probabilities as scikit-learn's log_loss takes them: rows that sum to one exactly."""
+        probabilities = np.clip(probabilities, 1e-7, 1)
+        return probabilities / probabilities.sum(axis=1, keepdims=True)
+
+    def headline_counts(self, counts: np.ndarray) -> dict:
+        return {}
+
+    def positive_note(self) -> str:
+        return ""
+
+    def headline_scores(self, labels, predicted, probabilities) -> dict:
+        """The figures of self.figures (but the confusion matrix) from the predictions."""
+        classes = list(range(len(self.names)))
+        scores = {"accuracy": float(metrics.accuracy_score(labels, predicted))}
+        for average in ("macro", "weighted"):
+            precision, recall, f1, _ = metrics.precision_recall_fscore_support(
+                labels, predicted, labels=classes, average=average, zero_division=0)
+            scores.update({f"precision_{average}": float(precision), f"recall_{average}": float(recall),
+                           f"f1_{average}": float(f1)})
+        scores["roc_auc"] = float(metrics.roc_auc_score(labels, probabilities, multi_class="ovr", average="macro",
+                                                        labels=classes))
+        return scores
+
+    def roc_curves(self, labels, probabilities: dict[str, np.ndarray]) -> tuple[dict, str]:
+        """One curve per class, one-vs-rest, for the primary (first) model: {name: (is the class, scores)}."""
+        primary, values = next(iter(probabilities.items()))
+        return ({name: (labels == index, values[:, index]) for index, name in enumerate(self.names)},
+                f"ROC curves one-vs-rest ({primary}, test set)")
+
+    def prediction_columns(self, probabilities: np.ndarray) -> tuple[str, dict]:
+        """predict's columns for a CSV: the predicted class's (predicted_label), and probability_NAME per class."""
+        return "predicted_label", {f"probability_{name}": np.round(probabilities[:, index], 4)
+                                   for index, name in enumerate(self.names)}
+
+    def losses_and_answers(self, labels, outputs):
+        """Each review's loss, its predicted class and its true class (as floats), from the softmax's output
+        (labels: class indices, or a teacher's rows of class probabilities)."""
+        predicted = tf.cast(tf.argmax(outputs, axis=1), tf.float32)
+        if labels.shape.rank == 2:  # a teacher's class probabilities
+            return (keras.losses.categorical_crossentropy(labels, outputs), predicted,
+                    tf.cast(tf.argmax(labels, axis=1), tf.float32))
+        return keras.losses.sparse_categorical_crossentropy(labels, outputs), predicted, labels
+
+    def leaning(self, labels):
+        """The class each training label leans to (a teacher's row: its most probable class), for class weights."""
+        return tf.argmax(labels, axis=1) if labels.shape.rank == 2 else labels
+
+
+class TwoClasses(LabelSet):
+    """Two classes: the second is the positive class, the one the sigmoid's probability, precision, recall, F1
+    and the ROC curve are about; a text gets it when its probability is at least the threshold."""
+    binary = True
+    figures = table = BINARY_FIGURES
+    interval_figures = ("accuracy", "f1", "roc_auc")
+    shown_column = "probability_positive"
+    decision_record = {"threshold": DECISION_THRESHOLD}
+
+    @property
+    def output(self) -> tuple[int, str]:
+        return 1, "sigmoid"
+
+    def targets(self, probabilities: np.ndarray) -> np.ndarray:
+        return probabilities[:, 1]  # what the sigmoid learns
+
+    def threshold(self, threshold: float | None) -> float:
+        return DECISION_THRESHOLD if threshold is None else threshold
+
+    def decide(self, probabilities: np.ndarray, threshold: float = DECISION_THRESHOLD) -> np.ndarray:
+        return (probabilities[:, 1] >= threshold).astype(int)
+
+    def decide_tensor(self, probabilities):
+        return tf.cast(probabilities[:, 1] >= DECISION_THRESHOLD, tf.int32)
+
+    def shown(self, probabilities: np.ndarray) -> np.ndarray:
+        return probabilities[:, 1]  # so that it reads the same way for every review
+
+    def confidence(self, shown: np.ndarray) -> np.ndarray:
+        return np.abs(shown - DECISION_THRESHOLD)
+
+    def explained(self, probabilities: np.ndarray) -> int:
+        return 1  # the positive class, so that scores read the same way for every text
+
+    def explained_named(self, predicted_name: str) -> int:
+        return 1
+
+    @property
+    def auc_classes(self) -> range:
+        return range(1, 2)
+
+    def log_loss_input(self, probabilities: np.ndarray) -> np.ndarray:
+        return np.clip(probabilities[:, 1], 1e-7, 1 - 1e-7)  # the positive column, as log_loss takes it
+
+    def headline_counts(self, counts: np.ndarray) -> dict:
+        return {"positive": int(counts[1]), "negative": int(counts[0])}
+
+    def positive_note(self) -> str:
+        return f"; positive class {self.names[1]!r} ({self.chosen_by})"
+
+    def headline_scores(self, labels, predicted, probabilities) -> dict:
+        return {"accuracy": float(metrics.accuracy_score(labels, predicted)),
+                "precision": float(metrics.precision_score(labels, predicted, zero_division=0)),
+                "recall": float(metrics.recall_score(labels, predicted, zero_division=0)),
+                "f1": float(metrics.f1_score(labels, predicted, zero_division=0)),
+                "roc_auc": float(metrics.roc_auc_score(labels, probabilities[:, 1]))}
+
+    def roc_curves(self, labels, probabilities: dict[str, np.ndarray]) -> tuple[dict, str]:
+        """One curve per model, for the positive class."""
+        return ({name: (labels == 1, values[:, 1]) for name, values in probabilities.items()},
+                f"ROC curve (test set, positive class {self.names[1]!r})")
+
+    def prediction_columns(self, probabilities: np.ndarray) -> tuple[str, dict]:
+        """predicted_sentiment and probability_positive, as always."""
+        return "predicted_sentiment", {"probability_positive": np.round(probabilities[:, 1], 4)}
+
+    def losses_and_answers(self, labels, outputs):
+        """From the sigmoid's output (labels: 0 or 1, or a teacher's probability of the positive class)."""
+        losses = keras.losses.binary_crossentropy(labels[:, None], outputs)
+        return (losses, tf.cast(outputs[:, 0] >= DECISION_THRESHOLD, tf.float32),
+                tf.cast(labels >= DECISION_THRESHOLD, tf.float32))
+
+    def leaning(self, labels):
+        return tf.round(labels)
+
+
+def label_set(names, chosen_by: str = "") -> LabelSet:
+    """The classes of these names: the one place the number of classes decides."""
+    return (TwoClasses if len(names) == 2 else LabelSet)(tuple(names), chosen_by)
+
+
+def counted_classes(count: int) -> LabelSet:
+    """The rules of `count` classes, where their names do not matter."""
+    return label_set(tuple(str(index) for index in range(count)))
 
 
 def class_order(values: list[str]) -> list[str]:
@@ -728,21 +908,22 @@ def encode_labels(labels: pd.Series, positive_label: str | None = None) -> tuple
         if known and wanted.lower() in POSITIVE_LABELS | NEGATIVE_LABELS:
             wanted = "positive" if wanted.lower() in POSITIVE_LABELS else "negative"
         matches = [value for value in values if value == wanted]
-        if not is_binary(len(values)):
+        if len(values) != 2:
             raise UserError(f"--positive-label needs two classes, but the labels have {len(values)}")
         if not matches:
             raise UserError(f"--positive-label {positive_label!r} is not one of the labels "
                             f"({', '.join(map(repr, values))})")
         positive, chosen_by = matches[0], "--positive-label"
-    elif is_binary(len(values)) and chosen_by != "positive/negative labels":
+    elif chosen_by != "positive/negative labels":
         counts = stripped.value_counts()
         positive = min(values, key=lambda value: (counts[value], -values.index(value)))
     else:
         positive = values[-1]
-    if is_binary(len(values)):
-        values = [value for value in values if value != positive] + [positive]
-    index = {value: position for position, value in enumerate(values)}
-    return stripped.map(index).to_numpy(dtype=np.int32), LabelSet(tuple(values), chosen_by)
+    classes = label_set(values, chosen_by)
+    if classes.binary:  # the positive class second
+        classes = label_set([value for value in values if value != positive] + [positive], chosen_by)
+    index = {value: position for position, value in enumerate(classes.names)}
+    return stripped.map(index).to_numpy(dtype=np.int32), classes
 
 
 @dataclass
@@ -755,7 +936,7 @@ class LabelledTexts:
 class LoadedData(LabelledTexts):
     """The usable rows of the CSV, their classes, and how many rows were read and dropped for each reason; the
     rows with a text and an empty label are unlabelled text (each text once), kept apart."""
-    classes: LabelSet = LabelSet(CLASS_NAMES)
+    classes: LabelSet = label_set(CLASS_NAMES)
     rows_read: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     unlabelled: np.ndarray = field(default_factory=lambda: np.array([], dtype=object))
@@ -948,11 +1129,10 @@ def data_summary(data: LoadedData, splits: DataSplits, unlabelled: dict) -> dict
     """The row counts of the run, for the report: read, dropped, labelled rows used, in each split and in each
     class, and the unlabelled text's counts (unlabelled_use)."""
     counts = np.bincount(data.labels, minlength=len(data.classes.names))
-    binary = {"positive": int(counts[1]), "negative": int(counts[0])} if data.classes.binary else {}
     return {
         "rows_read": data.rows_read, "dropped": data.dropped, "rows_used": len(data.labels),
         "train": len(splits.train.labels), "validation": len(splits.validation.labels),
-        "test": len(splits.test.labels), **binary,
+        "test": len(splits.test.labels), **data.classes.headline_counts(counts),
         "classes": {name: int(count) for name, count in zip(data.classes.names, counts)},
         "unlabelled": unlabelled,
     }
@@ -971,9 +1151,7 @@ def describe_unlabelled(counts: dict) -> str:
 def describe_classes(data: LoadedData) -> str:
     """One line for the log: the classes, which one is positive and why, and a warning about a small class."""
     names, counts = data.classes.names, np.bincount(data.labels, minlength=len(data.classes.names))
-    text = f"{len(names)} classes: {class_counts_text(names, counts)}"
-    if data.classes.binary:
-        text += f"; positive class {names[1]!r} ({data.classes.chosen_by})"
+    text = f"{len(names)} classes: {class_counts_text(names, counts)}{data.classes.positive_note()}"
     smallest = int(np.argmin(counts))
     if counts[smallest] < SMALL_CLASS_SHARE * len(data.labels):
         text += (f"\nnote: the smallest class, {names[smallest]!r}, is {counts[smallest] / len(data.labels):.1%} "
@@ -2046,9 +2224,8 @@ EMBEDDING_LAYER, OUTPUT_LAYER, CLASSIFIER_SUFFIX = "embedding", "probability", "
 def output_layer(num_classes: int):
     """The output layer of every model: Dense(1, sigmoid), the positive class's probability, for two classes;
     Dense(classes, softmax) for more. It stays float32 under mixed precision, for a sound sigmoid and loss."""
-    if is_binary(num_classes):
-        return layers.Dense(1, activation="sigmoid", dtype="float32", name=OUTPUT_LAYER)
-    return layers.Dense(num_classes, activation="softmax", dtype="float32", name=OUTPUT_LAYER)
+    units, activation = counted_classes(num_classes).output
+    return layers.Dense(units, activation=activation, dtype="float32", name=OUTPUT_LAYER)
 
 
 def build_recurrent_classifier(config: TrainConfig, vocab_size: int, num_classes: int, embedding_dim: int):
@@ -2235,10 +2412,7 @@ def write_saved_model(model, directory: Path, class_names) -> None:
 
     def serve(texts):
         probabilities = class_columns(model(tf.reshape(texts, (-1, 1)), training=False))
-        if is_binary(len(class_names)):
-            predicted = tf.cast(probabilities[:, 1] >= DECISION_THRESHOLD, tf.int32)
-        else:
-            predicted = tf.argmax(probabilities, axis=1, output_type=tf.int32)
+        predicted = label_set(class_names).decide_tensor(probabilities)
         return {"probabilities": probabilities, "label": tf.gather(names, predicted)}
 
     archive = keras.export.ExportArchive()
@@ -2336,7 +2510,7 @@ def build_blend_predictor(neural_model, baseline, weight: float, class_names, se
                                          ngrams=tuple(range(1, features.ngram_range[1] + 1)),
                                          output_mode="int",
                                          vocabulary=vocabulary, name="ngram_ids")
-    binary = is_binary(len(classifier.classes_))  # scikit-learn then keeps one row of coefficients
+    binary = len(classifier.classes_) == 2  # scikit-learn then keeps one row of coefficients
     scorer = TfidfLogistic(len(vocabulary) + 2, 1 if binary else len(classifier.classes_), name="tfidf_logistic")
     # Ids 0 (padding) and 1 (out of vocabulary) get zero weight, as unseen n-grams do in scikit-learn.
     scorer.build(None)
@@ -2354,17 +2528,14 @@ def build_blend_predictor(neural_model, baseline, weight: float, class_names, se
 def predicted_labels(probabilities: np.ndarray, threshold: float = DECISION_THRESHOLD) -> np.ndarray:
     """Class indices from (reviews, classes) probabilities: for two classes positive when its probability is
     at least `threshold`, for more the most probable class."""
-    if is_binary(probabilities.shape[1]):
-        return (probabilities[:, 1] >= threshold).astype(int)
-    return np.argmax(probabilities, axis=1)
+    return counted_classes(probabilities.shape[1]).decide(probabilities, threshold)
 
 
 def shown_probability(probabilities: np.ndarray) -> tuple[np.ndarray, str]:
     """The probability shown beside a prediction, and its column name: the positive class's for two classes
     (so that it reads the same way for every review), the predicted class's for more."""
-    if is_binary(probabilities.shape[1]):
-        return probabilities[:, 1], "probability_positive"
-    return probabilities.max(axis=1), "probability_predicted"
+    classes = counted_classes(probabilities.shape[1])
+    return classes.shown(probabilities), classes.shown_column
 
 
 def accuracy_of(labels: np.ndarray, probabilities: np.ndarray) -> float:
@@ -2433,7 +2604,7 @@ def drawn_auc(counts: np.ndarray, truth: np.ndarray, scores: np.ndarray) -> np.n
 
 def interval_figures(class_names) -> tuple[str, ...]:
     """The headline figures that carry an interval: accuracy, F1 (macro for several classes) and ROC AUC."""
-    return ("accuracy", "f1", "roc_auc") if is_binary(len(class_names)) else ("accuracy", "f1_macro", "roc_auc")
+    return label_set(class_names).interval_figures
 
 
 def bootstrap_figures(labels: np.ndarray, probabilities: dict[str, np.ndarray], class_names,
@@ -2441,8 +2612,7 @@ def bootstrap_figures(labels: np.ndarray, probabilities: dict[str, np.ndarray], 
     """Each model's figures (accuracy, F1 or macro F1, ROC AUC; or those named) on each bootstrap draw of the rows,
     the same draws for every model: model -> figure -> (draws,) values."""
     figures = figures or interval_figures(class_names)
-    classes = range(len(class_names))
-    binary = is_binary(len(class_names))
+    classes, auc_classes = range(len(class_names)), label_set(class_names).auc_classes
     values = {name: {figure: [] for figure in figures} for name in probabilities}
     for counts in bootstrap_draws(len(labels)):
         for name, model in probabilities.items():
@@ -2454,10 +2624,8 @@ def bootstrap_figures(labels: np.ndarray, probabilities: dict[str, np.ndarray], 
                     value = drawn_f1(counts, labels == 1, predicted == 1)
                 elif figure == "f1_macro":
                     value = np.mean([drawn_f1(counts, labels == c, predicted == c) for c in classes], axis=0)
-                elif binary:  # roc_auc of the positive class
-                    value = drawn_auc(counts, labels == 1, model[:, 1])
-                else:  # roc_auc one-vs-rest, macro
-                    value = np.mean([drawn_auc(counts, labels == c, model[:, c]) for c in classes], axis=0)
+                else:  # roc_auc: of the positive class of two, else one-vs-rest, macro
+                    value = np.mean([drawn_auc(counts, labels == c, model[:, c]) for c in auc_classes], axis=0)
                 values[name][figure].append(value)
     return {name: {figure: np.concatenate(parts) for figure, parts in figures_of.items()}
             for name, figures_of in values.items()}
@@ -2566,13 +2734,7 @@ def choose_blend_weight(labels, neural, baseline) -> float:
 
     Log loss, a proper scoring rule, varies smoothly with the weight; validation accuracy moves in steps of
     single reviews and would make the choice noisy."""
-    def clipped(probabilities):
-        # Two classes: the positive column, as log_loss takes it. More: rows that sum to one exactly.
-        if is_binary(probabilities.shape[1]):
-            return np.clip(probabilities[:, 1], 1e-7, 1 - 1e-7)
-        probabilities = np.clip(probabilities, 1e-7, 1)
-        return probabilities / probabilities.sum(axis=1, keepdims=True)
-
+    clipped = counted_classes(neural.shape[1]).log_loss_input
     weights = np.round(np.arange(0, 1.0001, 0.05), 2)
     classes = list(range(neural.shape[1]))
     losses = [log_loss(labels, clipped(blend_probabilities(w, neural, baseline)), labels=classes) for w in weights]
@@ -2842,22 +3004,6 @@ def on_all_replicas(strategy, batch_function):
     return step
 
 
-def losses_and_answers(labels, outputs, binary: bool):
-    """Each review's loss, its predicted class and its true class (as floats), from the model's own output:
-    Keras then computes the loss from the sigmoid's or softmax's input, which is exact for confident
-    predictions, where clipped probabilities would cap the loss. The labels may be a teacher's probabilities:
-    the positive class's for two classes (hard labels, 0 or 1, stay as they are), a row for more."""
-    if binary:
-        losses = keras.losses.binary_crossentropy(labels[:, None], outputs)
-        return (losses, tf.cast(outputs[:, 0] >= DECISION_THRESHOLD, tf.float32),
-                tf.cast(labels >= DECISION_THRESHOLD, tf.float32))
-    predicted = tf.cast(tf.argmax(outputs, axis=1), tf.float32)
-    if labels.shape.rank == 2:  # a teacher's class probabilities
-        return (keras.losses.categorical_crossentropy(labels, outputs), predicted,
-                tf.cast(tf.argmax(labels, axis=1), tf.float32))
-    return keras.losses.sparse_categorical_crossentropy(labels, outputs), predicted, labels
-
-
 def build_step_functions(classifier, optimizer, strategy, class_weights: np.ndarray | None = None) -> Steps:
     """One training step and one validation step over a batch split across the strategy's replicas.
 
@@ -2870,16 +3016,17 @@ def build_step_functions(classifier, optimizer, strategy, class_weights: np.ndar
     classes, a row of class probabilities for more. The loss is then the cross-entropy against them, and a
     prediction counts as right when it is the teacher's most probable class."""
 
-    binary = is_binary(count_classes(classifier))
+    rules = counted_classes(count_classes(classifier))
 
     def sums(labels, weights, outputs, class_weighted=False):
-        losses, predicted, truth = losses_and_answers(labels, outputs, binary)
+        # Keras computes the loss from the sigmoid's or softmax's input, which is exact for confident
+        # predictions, where clipped probabilities would cap the loss.
+        losses, predicted, truth = rules.losses_and_answers(labels, outputs)
         loss_weights = weights
         if class_weighted and class_weights is not None:
             # A soft target (a teacher's) weighs as the class it leans to.
-            classes = (tf.argmax(labels, axis=1) if labels.shape.rank == 2
-                       else tf.round(labels) if binary else labels)
-            loss_weights = weights * tf.gather(tf.constant(class_weights), tf.cast(classes, tf.int32))
+            leaning = tf.cast(rules.leaning(labels), tf.int32)
+            loss_weights = weights * tf.gather(tf.constant(class_weights), leaning)
         correct = tf.cast(predicted == truth, tf.float32)
         return losses, [tf.reduce_sum(losses * loss_weights), tf.reduce_sum(correct * weights),
                         tf.reduce_sum(weights)]
@@ -3340,7 +3487,7 @@ def unlabelled_use(counts: dict, semi: SemiSupervised) -> dict:
 def soft_targets(probabilities: np.ndarray) -> np.ndarray:
     """A teacher's (texts, classes) probabilities as the labels of the training loop: for two classes the
     positive class's probability (what the sigmoid learns), for more the whole row."""
-    return probabilities[:, 1] if is_binary(probabilities.shape[1]) else probabilities
+    return counted_classes(probabilities.shape[1]).targets(probabilities)
 
 
 def teacher_folds(labels: np.ndarray, num_classes: int) -> int:
@@ -3427,17 +3574,8 @@ def fine_tuning_optimizer(config: TrainConfig, plan: TrainingPlan, classifier, s
 # ----------------------------------------------------------------------------------------------------------
 
 
-# The figures of each model, by name, in the order the report shows them: two classes (precision, recall and F1
-# of the positive class), or more (macro and weighted averages; ROC AUC one-vs-rest, macro). The terminal's
-# table shows the first list, or the short list for several classes.
-BINARY_FIGURES = ("accuracy", "precision", "recall", "f1", "roc_auc")
-MULTICLASS_FIGURES = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "precision_weighted",
-                      "recall_weighted", "f1_weighted", "roc_auc")
-MULTICLASS_TABLE = ("accuracy", "f1_macro", "f1_weighted", "roc_auc")
-
-
 def figure_names(class_names) -> tuple[str, ...]:
-    return BINARY_FIGURES if is_binary(len(class_names)) else MULTICLASS_FIGURES
+    return label_set(class_names).figures
 
 
 def compute_metrics(labels, probabilities, class_names) -> dict:
@@ -3445,28 +3583,10 @@ def compute_metrics(labels, probabilities, class_names) -> dict:
     every model the confusion matrix and each class's precision, recall, F1 and support (two classes: also the
     decision threshold)."""
 
-    predicted, classes = predicted_labels(probabilities), list(range(len(class_names)))
-    if is_binary(len(classes)):
-        positive = probabilities[:, 1]
-        scores = {
-            "accuracy": float(metrics.accuracy_score(labels, predicted)),
-            "precision": float(metrics.precision_score(labels, predicted, zero_division=0)),
-            "recall": float(metrics.recall_score(labels, predicted, zero_division=0)),
-            "f1": float(metrics.f1_score(labels, predicted, zero_division=0)),
-            "roc_auc": float(metrics.roc_auc_score(labels, positive)),
-            "confusion_matrix": metrics.confusion_matrix(labels, predicted, labels=classes).tolist(),
-            "threshold": DECISION_THRESHOLD,
-        }
-    else:
-        scores = {"accuracy": float(metrics.accuracy_score(labels, predicted))}
-        for average in ("macro", "weighted"):
-            precision, recall, f1, _ = metrics.precision_recall_fscore_support(
-                labels, predicted, labels=classes, average=average, zero_division=0)
-            scores.update({f"precision_{average}": float(precision), f"recall_{average}": float(recall),
-                           f"f1_{average}": float(f1)})
-        scores["roc_auc"] = float(metrics.roc_auc_score(labels, probabilities, multi_class="ovr", average="macro",
-                                                        labels=classes))
-        scores["confusion_matrix"] = metrics.confusion_matrix(labels, predicted, labels=classes).tolist()
+    predicted, classes, rules = predicted_labels(probabilities), list(range(len(class_names))), label_set(class_names)
+    scores = {**rules.headline_scores(labels, predicted, probabilities),
+              "confusion_matrix": metrics.confusion_matrix(labels, predicted, labels=classes).tolist(),
+              **rules.decision_record}
     precision, recall, f1, support = metrics.precision_recall_fscore_support(labels, predicted, labels=classes,
                                                                              zero_division=0)
     scores["per_class"] = {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
@@ -3482,7 +3602,7 @@ def classification_report(labels, probabilities, class_names) -> str:
 def summary_table(scores: dict[str, dict], class_names) -> str:
     """One line per model: the figures of two classes, or accuracy and the averages of more; those with a 95%
     interval (accuracy, F1, ROC AUC) show it beside them."""
-    names = BINARY_FIGURES if is_binary(len(class_names)) else MULTICLASS_TABLE
+    names = label_set(class_names).table
     widths = {name: 24 if f"{name}_interval" in next(iter(scores.values())) else 12 for name in names}
     lines = [f"{'model':<12}" + "".join(f"{name:>{widths[name]}}" for name in names)]
     for model_name, model_scores in scores.items():
@@ -3544,7 +3664,7 @@ def confident_errors(texts, labels, probabilities, class_names, limit: int = 100
     predicted = predicted_labels(probabilities)
     wrong = np.flatnonzero(predicted != labels)
     shown, name = shown_probability(probabilities[wrong])
-    confidence = np.abs(shown - DECISION_THRESHOLD) if is_binary(len(class_names)) else shown
+    confidence = label_set(class_names).confidence(shown)
     order = np.argsort(-confidence, kind="stable")[:limit]
     chosen = wrong[order]
     return pd.DataFrame({
@@ -3613,13 +3733,7 @@ def plot_confusion_matrix(matrix, class_names, title: str):
 def plot_roc_curves(labels, probabilities: dict[str, np.ndarray], class_names):
     """Two classes: one ROC curve per model, for the positive class. More: one curve per class, one-vs-rest, for
     the primary (first) model."""
-    if is_binary(len(class_names)):
-        curves = {name: (labels == 1, values[:, 1]) for name, values in probabilities.items()}
-        title = f"ROC curve (test set, positive class {class_names[1]!r})"
-    else:
-        primary, values = next(iter(probabilities.items()))
-        curves = {name: (labels == index, values[:, index]) for index, name in enumerate(class_names)}
-        title = f"ROC curves one-vs-rest ({primary}, test set)"
+    curves, title = label_set(class_names).roc_curves(labels, probabilities)
     figure, axes = plt.subplots(figsize=(5.5, 5) if len(curves) <= 4 else (7, 6))
     for name, (is_class, scores) in curves.items():
         false_positive, true_positive, _ = roc_curve(is_class, scores)
@@ -3886,7 +4000,7 @@ def baseline_word_scores(explainer: Explainer, words: list[str], target: int) ->
 def explained_class(probabilities: np.ndarray) -> int:
     """The class an explanation is about, from a text's row of probabilities: the positive class of two (so
     that scores read the same way for every text), else the predicted class."""
-    return 1 if is_binary(len(probabilities)) else int(np.argmax(probabilities))
+    return counted_classes(len(probabilities)).explained(probabilities)
 
 
 def word_places(words: list[str], other_words: list[str]) -> np.ndarray:
@@ -4155,7 +4269,7 @@ def report_mistakes(model, errors: pd.DataFrame, class_names) -> list[tuple[dict
     probability_name = next(column for column in errors.columns if column.startswith("probability"))
     mistakes = []
     for _, row in errors.head(REPORT_MISTAKES).iterrows():
-        target = 1 if is_binary(len(class_names)) else list(class_names).index(row["predicted_label"])
+        target = label_set(class_names).explained_named(row["predicted_label"])
         mistakes.append(({"true_label": row["true_label"], "predicted_label": row["predicted_label"],
                           "probability_name": probability_name.replace("_", " "),
                           "probability": float(row[probability_name])},
@@ -4775,23 +4889,14 @@ def prediction_columns(probabilities: np.ndarray, present: np.ndarray, class_nam
         column[present] = values
         return column
 
-    names = predicted_names(probabilities, class_names, threshold)
-    if is_binary(len(class_names)):
-        return {"predicted_sentiment": spread(names, ""),
-                "probability_positive": spread(np.round(probabilities[:, 1], 4), np.nan).astype(float)}
-    columns = {"predicted_label": spread(names, "")}
-    for index, name in enumerate(class_names):
-        columns[f"probability_{name}"] = spread(np.round(probabilities[:, index], 4), np.nan).astype(float)
-    return columns
+    label_column, probability_columns = label_set(class_names).prediction_columns(probabilities)
+    return {label_column: spread(predicted_names(probabilities, class_names, threshold), ""),
+            **{name: spread(values, np.nan).astype(float) for name, values in probability_columns.items()}}
 
 
 def checked_threshold(threshold: float | None, class_names) -> float:
     """--threshold for a two-class model (default DECISION_THRESHOLD); a model of more classes takes none."""
-    if threshold is None:
-        return DECISION_THRESHOLD
-    if len(class_names) != 2:
-        raise UserError(f"--threshold applies to two-class models; this one has {len(class_names)} classes")
-    return threshold
+    return label_set(class_names).threshold(threshold)
 
 
 def predict_csv_command(model_path: Path, input_path: Path, output_path: Path, text_column: str | None,
