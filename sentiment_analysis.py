@@ -1064,9 +1064,9 @@ def class_counts_text(names, counts) -> str:
     return ", ".join(f"{name!r} ({count} rows)" for name, count in zip(names, counts))
 
 
-def split_dataset(data: LoadedData, config: TrainConfig) -> DataSplits:
-    """Stratified train/validation/test split; the test part is never used to choose anything. Every class
-    must have rows in every part."""
+def split_dataset(data: LoadedData, test_fraction: float, validation_fraction: float, seed: int) -> DataSplits:
+    """Stratified train/validation/test split (--test-fraction, then --validation-fraction of the rest, --seed);
+    the test part is never used to choose anything. Every class must have rows in every part."""
 
     labels, names = data.labels, data.classes.names
     counts = np.bincount(labels, minlength=len(names))
@@ -1077,11 +1077,11 @@ def split_dataset(data: LoadedData, config: TrainConfig) -> DataSplits:
                         "add rows or drop the class")
     indices = np.arange(len(labels))
     try:
-        train_and_validation, test_indices = train_test_split(indices, test_size=config.test_fraction,
-                                                              stratify=labels, random_state=config.seed)
+        train_and_validation, test_indices = train_test_split(indices, test_size=test_fraction,
+                                                              stratify=labels, random_state=seed)
         train_indices, validation_indices = train_test_split(
-            train_and_validation, test_size=config.validation_fraction, stratify=labels[train_and_validation],
-            random_state=config.seed)
+            train_and_validation, test_size=validation_fraction, stratify=labels[train_and_validation],
+            random_state=seed)
     except ValueError as error:
         raise UserError(f"too few rows to split into train, validation and test ({len(labels)} rows: "
                         f"{class_counts_text(names, counts)}): {error}") from None
@@ -1502,10 +1502,28 @@ def load_bert_checkpoint(preset: str) -> BertCheckpoint:
     return checkpoint
 
 
-def fit_max_length_to_bert(config: TrainConfig) -> int:
+@dataclass(frozen=True)
+class ModelRecipe:
+    """The flags an --arch record builds its model and tokenizer from (ARCHITECTURES)."""
+    arch: str
+    units: int
+    layers: int
+    spatial_dropout: float
+    tokenizer: str
+    vocab_size: int
+    max_length: int
+    bert_preset: str
+
+    @classmethod
+    def of(cls, config: TrainConfig) -> "ModelRecipe":
+        return cls(config.arch, config.units, config.layers, config.spatial_dropout, config.tokenizer,
+                   config.vocab_size, config.max_length, config.bert_preset)
+
+
+def fit_max_length_to_bert(recipe: ModelRecipe) -> int:
     """--max-length within the checkpoint's position table: BERT's default length is cut to the table, with a
     line that says so; a longer length given on purpose is a one-line error naming both numbers."""
-    bert_preset, max_length = config.bert_preset, config.max_length
+    bert_preset, max_length = recipe.bert_preset, recipe.max_length
     checkpoint = load_bert_checkpoint(bert_preset)
     print(f"BERT checkpoint {bert_preset} ({checkpoint.source}): {checkpoint.layers} layers, hidden size "
           f"{checkpoint.hidden_size}, {checkpoint.parameters / 1e6:.1f}M parameters, {checkpoint.positions} "
@@ -1526,13 +1544,13 @@ def word_vectorizer(vocab_size: int, max_length: int):
                                     output_sequence_length=max_length, name="vectorizer")
 
 
-def learned_vectorizer(texts, config: TrainConfig, max_length: int, vocabulary: list[str] | None = None):
+def learned_vectorizer(texts, recipe: ModelRecipe, max_length: int, vocabulary: list[str] | None = None):
     """The recurrent models' tokenizer, learned on the training texts (or made again from the `vocabulary` it
     learned, for the cache of token ids), as a layer from strings to token ids that pads or cuts every review to
     max_length (the run's, Derived): a TextVectorization of the --vocab-size most frequent words, or with
     --tokenizer wordpiece a WordPiece vocabulary of about --vocab-size subword pieces."""
-    if config.tokenizer == "word":
-        vectorizer = word_vectorizer(config.vocab_size, max_length)
+    if recipe.tokenizer == "word":
+        vectorizer = word_vectorizer(recipe.vocab_size, max_length)
         if vocabulary is None:
             vectorizer.adapt(text_dataset(texts))
         else:
@@ -1541,21 +1559,21 @@ def learned_vectorizer(texts, config: TrainConfig, max_length: int, vocabulary: 
     if vocabulary is None:
         print("Learning a WordPiece vocabulary on the training split ...")
         vocabulary = keras_hub.tokenizers.compute_word_piece_vocabulary(
-            text_dataset(texts).unbatch().map(WordPieceVectorizer.standardize), config.vocab_size,
+            text_dataset(texts).unbatch().map(WordPieceVectorizer.standardize), recipe.vocab_size,
             lowercase=False, strip_accents=False, reserved_tokens=["[PAD]", "[UNK]"])
     return WordPieceVectorizer(vocabulary, max_length, name="vectorizer")
 
 
-def checkpoint_vectorizer(texts, config: TrainConfig, max_length: int, vocabulary: list[str] | None = None):
+def checkpoint_vectorizer(texts, recipe: ModelRecipe, max_length: int, vocabulary: list[str] | None = None):
     """BERT's tokenizer: the checkpoint's own WordPiece vocabulary and rules (nothing is learned from texts)."""
-    checkpoint = load_bert_checkpoint(config.bert_preset)
+    checkpoint = load_bert_checkpoint(recipe.bert_preset)
     return BertVectorizer(checkpoint.vocabulary, max_length, checkpoint.lowercase, checkpoint.strip_accents,
                           name="vectorizer")
 
 
-def checkpoint_start(config: TrainConfig) -> dict:
+def checkpoint_start(recipe: ModelRecipe) -> dict:
     """What a BERT model starts from, for metrics.json and the saved model."""
-    return load_bert_checkpoint(config.bert_preset).description()
+    return load_bert_checkpoint(recipe.bert_preset).description()
 
 
 def vectorize(vectorizer, texts) -> np.ndarray:
@@ -1766,7 +1784,8 @@ class Derived:
     def of(cls, config: TrainConfig, architecture) -> "Derived":
         """`architecture`: the --arch record (ARCHITECTURES), which fits the length to its inputs."""
         embeddings = fetch_word_vectors(config.embeddings)
-        return cls(embeddings, resolve_embedding_dim(config.embedding_dim, embeddings), architecture.max_length(config))
+        return cls(embeddings, resolve_embedding_dim(config.embedding_dim, embeddings),
+                   architecture.max_length(ModelRecipe.of(config)))
 
 
 def run_settings(config: TrainConfig, derived: Derived) -> dict:
@@ -2149,11 +2168,11 @@ class InputsCache:
                 "embedding_coverage": record["embedding_coverage"]}
 
 
-def tokenized_texts(splits: DataSplits, config: TrainConfig, architecture, max_length: int,
+def tokenized_texts(splits: DataSplits, recipe: ModelRecipe, architecture, max_length: int,
                     unlabelled_texts: np.ndarray):
     """The tokenizer, learned on the training split and the unlabelled texts (never on validation or test
     texts), its vocabulary, and the token ids of each split and of the unlabelled texts (CACHED_IDS' order)."""
-    vectorizer = architecture.vectorizer(np.concatenate([splits.train.texts, unlabelled_texts]), config, max_length)
+    vectorizer = architecture.vectorizer(np.concatenate([splits.train.texts, unlabelled_texts]), recipe, max_length)
     ids = [vectorize(vectorizer, part.texts) for part in (splits.train, splits.validation, splits.test)]
     ids.append(vectorize(vectorizer, unlabelled_texts) if len(unlabelled_texts)
                else np.zeros((0, max_length), dtype=np.int32))
@@ -2180,11 +2199,11 @@ def prepare_inputs(splits: DataSplits, config: TrainConfig, architecture, derive
     cached = cache.load(max_length) if cache else None
     if cached:
         vocabulary = cached["vocabulary"]
-        vectorizer = architecture.vectorizer([], config, max_length, vocabulary)
+        vectorizer = architecture.vectorizer([], ModelRecipe.of(config), max_length, vocabulary)
         train_ids, validation_ids, test_ids, unlabelled_ids = (cached[name] for name in CACHED_IDS)
     else:
         vectorizer, vocabulary, (train_ids, validation_ids, test_ids, unlabelled_ids) = tokenized_texts(
-            splits, config, architecture, max_length, unlabelled_texts)
+            splits, ModelRecipe.of(config), architecture, max_length, unlabelled_texts)
     check_texts_split(train_ids, config.tokenizer)
     plan = plan_training(PlanAsked.of(config), review_lengths(train_ids), replicas, max_length,
                          int(review_lengths(unlabelled_ids).sum()))
@@ -2228,28 +2247,28 @@ def output_layer(num_classes: int):
     return layers.Dense(units, activation=activation, dtype="float32", name=OUTPUT_LAYER)
 
 
-def build_recurrent_classifier(config: TrainConfig, vocab_size: int, num_classes: int, embedding_dim: int):
+def build_recurrent_classifier(recipe: ModelRecipe, vocab_size: int, num_classes: int, embedding_dim: int):
     """Embedding -> SpatialDropout1D -> recurrent layer(s) (LSTM, Bidirectional LSTM or GRU) -> the output
     layer, on token ids (0 is padding)."""
-    recurrent = layers.GRU if config.arch == "gru" else layers.LSTM
+    recurrent = layers.GRU if recipe.arch == "gru" else layers.LSTM
     inputs = keras.Input(shape=(None,), dtype="int32", name="token_ids")
     # mask_zero lets the recurrent layer skip the right padding (and keeps cuDNN usable on a GPU).
     x = layers.Embedding(vocab_size, embedding_dim, mask_zero=True, name=EMBEDDING_LAYER)(inputs)
-    x = layers.SpatialDropout1D(config.spatial_dropout)(x)
-    for index in range(config.layers):
-        layer = recurrent(config.units, return_sequences=index < config.layers - 1)
-        x = layers.Bidirectional(layer)(x) if config.arch == "bilstm" else layer(x)
-    return keras.Model(inputs, output_layer(num_classes)(x), name=config.arch + CLASSIFIER_SUFFIX)
+    x = layers.SpatialDropout1D(recipe.spatial_dropout)(x)
+    for index in range(recipe.layers):
+        layer = recurrent(recipe.units, return_sequences=index < recipe.layers - 1)
+        x = layers.Bidirectional(layer)(x) if recipe.arch == "bilstm" else layer(x)
+    return keras.Model(inputs, output_layer(num_classes)(x), name=recipe.arch + CLASSIFIER_SUFFIX)
 
 
-def build_bert_classifier(config: TrainConfig, vocab_size: int, num_classes: int, embedding_dim: int):
+def build_bert_classifier(recipe: ModelRecipe, vocab_size: int, num_classes: int, embedding_dim: int):
     """A pretrained BERT backbone on token ids ([CLS] ... [SEP], then 0 padding), its pooled [CLS] output ->
     Dropout(0.1) -> the output layer (KerasHub's BertTextClassifier's head). The vocabulary and the embedding's
     size are the checkpoint's."""
     try:
-        backbone = keras_hub.models.BertBackbone.from_preset(config.bert_preset, name="bert_backbone")
+        backbone = keras_hub.models.BertBackbone.from_preset(recipe.bert_preset, name="bert_backbone")
     except Exception as error:  # e.g. a weights file that does not match its config
-        raise UserError(f"cannot load the weights of the BERT preset {config.bert_preset!r}: "
+        raise UserError(f"cannot load the weights of the BERT preset {recipe.bert_preset!r}: "
                         f"{one_line(error, 200)}") from None
     token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
     features = backbone({"token_ids": token_ids, "segment_ids": keras.ops.zeros_like(token_ids),
@@ -2299,21 +2318,21 @@ def bert_explanation(classifier):
     return backbone.token_embedding, rest
 
 
-def given_max_length(config: TrainConfig) -> int:
-    return config.max_length
+def given_max_length(recipe: ModelRecipe) -> int:
+    return recipe.max_length
 
 
 @dataclass(frozen=True)
 class Architecture:
     """One --arch choice, everything the rest of the file knows of it:
-    - `build`: (config, vocabulary size, classes, embedding size) -> a model from token ids to the output layer,
+    - `build`: (ModelRecipe, vocabulary size, classes, embedding size) -> a model from token ids to the output layer,
       its token embedding named EMBEDDING_LAYER, its name ending in CLASSIFIER_SUFFIX;
     - `explain`: the built classifier -> its token embedding layer and a function from embedded tokens to the
       output (predict --explain, the report), or None: its predictions cannot be explained word by word;
-    - `vectorizer`: (training texts, config, max_length, a vocabulary to make it again from or None) -> its
-      tokenizer layer from strings to token ids;
-    - `max_length`: config -> the longest input, the length texts are padded or cut to;
-    - `checkpoint`: config -> a description of the pretrained weights it starts from, or None: its embedding
+    - `vectorizer`: (training texts, ModelRecipe, max_length, a vocabulary to make it again from or None) ->
+      its tokenizer layer from strings to token ids;
+    - `max_length`: ModelRecipe -> the longest input, the length texts are padded or cut to;
+    - `checkpoint`: ModelRecipe -> a description of the pretrained weights it starts from, or None: its embedding
       starts from word vectors (--embeddings) and small data gets advice;
     - `defaults`: its own defaults for flags the user did not give (config_from_args)."""
     build: object
@@ -2338,7 +2357,7 @@ def build_classifier(config: TrainConfig, vocab_size: int, num_classes: int = 2,
     embedding's size is the run's (Derived), by default --embedding-dim or a word-vector file's own."""
     if embedding_dim is None:
         embedding_dim = resolve_embedding_dim(config.embedding_dim, config.embeddings)
-    classifier = ARCHITECTURES[config.arch].build(config, vocab_size, num_classes, embedding_dim)
+    classifier = ARCHITECTURES[config.arch].build(ModelRecipe.of(config), vocab_size, num_classes, embedding_dim)
     names = {layer.name for layer in classifier.layers}
     has_embedding = EMBEDDING_LAYER in names or any(hasattr(layer, "token_embedding") for layer in classifier.layers)
     if OUTPUT_LAYER not in names or not has_embedding or not classifier.name.endswith(CLASSIFIER_SUFFIX):
@@ -2347,15 +2366,26 @@ def build_classifier(config: TrainConfig, vocab_size: int, num_classes: int = 2,
     return classifier
 
 
-def build_optimizer(config: TrainConfig, plan: TrainingPlan, learning_rate: float | None = None):
-    """Adam (AdamW with --weight-decay) from `learning_rate` (--learning-rate unless given), on --lr-schedule
-    over the plan's steps."""
-    learning_rate = config.learning_rate if learning_rate is None else learning_rate
-    if config.lr_schedule == "cosine":
+@dataclass(frozen=True)
+class OptimizerRecipe:
+    learning_rate: float  # --learning-rate
+    lr_schedule: str      # --lr-schedule
+    weight_decay: float   # --weight-decay
+
+    @classmethod
+    def of(cls, config: TrainConfig) -> "OptimizerRecipe":
+        return cls(config.learning_rate, config.lr_schedule, config.weight_decay)
+
+
+def build_optimizer(recipe: OptimizerRecipe, plan: TrainingPlan):
+    """Adam (AdamW with --weight-decay) from the recipe's learning rate, on --lr-schedule over the plan's
+    steps."""
+    learning_rate = recipe.learning_rate
+    if recipe.lr_schedule == "cosine":
         learning_rate = keras.optimizers.schedules.CosineDecay(
             learning_rate, decay_steps=max(1, plan.planned_steps), alpha=0.0)
-    if config.weight_decay > 0:
-        optimizer = keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=config.weight_decay)
+    if recipe.weight_decay > 0:
+        optimizer = keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=recipe.weight_decay)
     else:
         optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
     if keras.mixed_precision.global_policy().name == "mixed_float16":
@@ -2372,7 +2402,7 @@ def build_model_and_optimizer(config: TrainConfig, inputs: PreparedInputs, num_c
         classifier = build_classifier(config, len(inputs.vocabulary), num_classes, embedding_dim)
         if inputs.embedding_matrix is not None:
             classifier.get_layer(EMBEDDING_LAYER).set_weights([inputs.embedding_matrix])
-        optimizer = build_optimizer(config, inputs.plan)
+        optimizer = build_optimizer(OptimizerRecipe.of(config), inputs.plan)
         optimizer.build(classifier.trainable_variables)
     classifier.summary(print_fn=print)
     if ARCHITECTURES[config.arch].explain is None:
@@ -2386,10 +2416,10 @@ def count_classes(classifier) -> int:
     return max(2, classifier.get_layer(OUTPUT_LAYER).units)
 
 
-def local_copy(classifier, config: TrainConfig, vocab_size: int, embedding_dim: int):
+def local_copy(classifier):
     """The trained classifier with plain variables on this machine, outside any distribution strategy: for
     scoring and saving, on the chief alone."""
-    copy = build_classifier(config, vocab_size, count_classes(classifier), embedding_dim)
+    copy = keras.models.clone_model(classifier)
     copy.set_weights(classifier.get_weights())
     return copy
 
@@ -3443,20 +3473,20 @@ class SemiSupervised:
 AUTO_DISTILLATION_ROWS = 10_000
 
 
-def choose_semi_supervised(config: TrainConfig, training_rows: int, unlabelled_texts: int,
+def choose_semi_supervised(method: str, arch: str, training_rows: int, unlabelled_texts: int,
                            has_baseline: bool, smallest_class: int = TEACHER_FOLDS) -> SemiSupervised:
     """--semi-supervised as given, or auto's choice from the sizes (measured on IMDB subsets, see
     docs/RESULTS.md): the teacher when there is unlabelled text, at least as much as labelled training text,
     and a baseline to teach; without that much unlabelled text, for the card's lstm on a large training split
     (AUTO_DISTILLATION_ROWS) with a baseline, the teacher beside the labels (distillation; --preset best too);
     else none, the plain run."""
-    if config.semi_supervised == "teacher":
+    if method == "teacher":
         if not unlabelled_texts:
             return SemiSupervised("teacher", "as given; no unlabelled text, so the baseline's "
                                   "out-of-fold probabilities on the training split are learned beside the labels",
                                   distils=True)
         return SemiSupervised("teacher", "as given")
-    if config.semi_supervised == "none":
+    if method == "none":
         return SemiSupervised("none", "as given" if unlabelled_texts else "no unlabelled text")
     if not has_baseline:
         return SemiSupervised("none", "auto: no baseline to teach (--no-baseline)" if unlabelled_texts
@@ -3466,7 +3496,7 @@ def choose_semi_supervised(config: TrainConfig, training_rows: int, unlabelled_t
                                          "rows")
     few = (f"fewer unlabelled texts ({unlabelled_texts}) than training rows ({training_rows})" if unlabelled_texts
            else "no unlabelled text")
-    if config.arch == "lstm" and training_rows >= AUTO_DISTILLATION_ROWS and smallest_class >= TEACHER_FOLDS:
+    if arch == "lstm" and training_rows >= AUTO_DISTILLATION_ROWS and smallest_class >= TEACHER_FOLDS:
         return SemiSupervised("teacher", f"auto: {few}, so the baseline's out-of-fold probabilities on the training "
                                          f"split are learned beside the labels ({training_rows} training rows)",
                               distils=True)
@@ -3532,14 +3562,14 @@ def teach_beside_the_labels(train_strings, labels: np.ndarray, num_classes: int,
     return distilled_targets(labels, graded, num_classes), record
 
 
-def distillation_inputs(inputs: PreparedInputs, targets: np.ndarray, config: TrainConfig,
+def distillation_inputs(inputs: PreparedInputs, targets: np.ndarray, asked: PlanAsked, seed: int,
                         replicas: int) -> PreparedInputs:
     """The labelled stage's inputs with the distilled targets in place of the labels: the same batches and
     validation split (true labels), and DISTILLATION_EPOCH_SCALE times the planned epochs and patience unless
     --epochs and --patience are given."""
     global_batch_size, plan = inputs.plan.batch_size * replicas, inputs.plan
     scaled = {name: math.ceil(getattr(plan, name) * DISTILLATION_EPOCH_SCALE) for name, given in
-              (("epochs", config.epochs), ("patience", config.patience)) if given is None}
+              (("epochs", asked.epochs), ("patience", asked.patience)) if given is None}
     if scaled:
         said = " and ".join(f"{value} {name}" for name, value in scaled.items())
         plan = dataclasses.replace(plan, **scaled, reason=f"{plan.reason}; {said} for soft targets "
@@ -3547,7 +3577,7 @@ def distillation_inputs(inputs: PreparedInputs, targets: np.ndarray, config: Tra
         print(f"Plan for the distilled targets: {said} ({DISTILLATION_EPOCH_SCALE:g}x the planned "
               + " and ".join(f"{getattr(inputs.plan, name)}" for name in scaled) + ")")
     return dataclasses.replace(inputs, plan=plan, training_batches=epoch_batches(
-        inputs.train_ids, targets, global_batch_size, config.seed, replicas > 1))
+        inputs.train_ids, targets, global_batch_size, seed, replicas > 1))
 
 
 def teacher_inputs(inputs: PreparedInputs, targets: np.ndarray, asked: PlanAsked, seed: int,
@@ -3560,11 +3590,12 @@ def teacher_inputs(inputs: PreparedInputs, targets: np.ndarray, asked: PlanAsked
     return dataclasses.replace(inputs, plan=plan, training_batches=training_batches, class_weights=None)
 
 
-def fine_tuning_optimizer(config: TrainConfig, plan: TrainingPlan, classifier, strategy):
+def fine_tuning_optimizer(recipe: OptimizerRecipe, plan: TrainingPlan, classifier, strategy):
     """The labelled stage's optimizer after a teacher stage: the same schedule over the labelled plan, from
     FINE_TUNING_LEARNING_RATE_SCALE times --learning-rate, so the labels adjust the taught weights gently."""
+    gentle = dataclasses.replace(recipe, learning_rate=recipe.learning_rate * FINE_TUNING_LEARNING_RATE_SCALE)
     with strategy.scope():
-        optimizer = build_optimizer(config, plan, config.learning_rate * FINE_TUNING_LEARNING_RATE_SCALE)
+        optimizer = build_optimizer(gentle, plan)
         optimizer.build(classifier.trainable_variables)
     return optimizer
 
@@ -4308,15 +4339,16 @@ class RunSetup:
         return self.role is None or self.role.chief
 
 
-def starting_point(config: TrainConfig, derived: Derived, architecture: Architecture) -> dict:
-    """Which pretrained weights or word vectors the model starts from (metrics.json and the saved model)."""
+def starting_point(recipe: ModelRecipe, embeddings: str, derived: Derived, architecture: Architecture) -> dict:
+    """Which pretrained weights (the recipe's checkpoint) or word vectors (--embeddings) the model starts from,
+    for metrics.json and the saved model."""
     if architecture.checkpoint is not None:
-        return architecture.checkpoint(config)
-    if config.embeddings in EMBEDDING_METHODS:
-        return {"embeddings": config.embeddings, "vectors": "Word2Vec trained on this run's training split"
-                if config.embeddings == "word2vec" else "random"}
+        return architecture.checkpoint(recipe)
+    if embeddings in EMBEDDING_METHODS:
+        return {"embeddings": embeddings, "vectors": "Word2Vec trained on this run's training split"
+                if embeddings == "word2vec" else "random"}
     path = Path(derived.embeddings)
-    return {"embeddings": config.embeddings, "vectors": str(path.resolve()), "file_bytes": path.stat().st_size,
+    return {"embeddings": embeddings, "vectors": str(path.resolve()), "file_bytes": path.stat().st_size,
             "dimensions": derived.embedding_dim}
 
 
@@ -4337,8 +4369,8 @@ def set_up_run(config: TrainConfig, cleanup: contextlib.ExitStack) -> RunSetup:
         shutil.rmtree(state_dir, ignore_errors=True)
     fingerprint = training_fingerprint(config, derived)
     TrainingState.load(state_dir, fingerprint)  # refused now if saved with other flags; its targets once known
-    return RunSetup(derived, fingerprint, role, output_dir, state_dir, starting_point(config, derived, architecture),
-                    architecture)
+    started_from = starting_point(ModelRecipe.of(config), config.embeddings, derived, architecture)
+    return RunSetup(derived, fingerprint, role, output_dir, state_dir, started_from, architecture)
 
 
 def fit_the_baseline(recipe: BaselineRecipe | None, blends: bool, splits: DataSplits, standardize,
@@ -4531,7 +4563,7 @@ class TeacherStage(Stage):
         print(f"Teacher stage: {plan.epochs} epochs of {plan.steps_per_epoch} batches of {plan.batch_size} on "
               f"{self.texts} unlabelled texts with the baseline's probabilities, patience {plan.patience}")
         with run.strategy.scope():
-            optimizer = build_optimizer(run.config, plan)
+            optimizer = build_optimizer(OptimizerRecipe.of(run.config), plan)
             optimizer.build(classifier.trainable_variables)
         saved = TrainingState.load(state_dir, run.fingerprint)
         self.state = restore_training_state(classifier, optimizer, saved, run.fingerprint, state_dir)
@@ -4590,7 +4622,8 @@ class LabelledStage(Stage):
 
     def train(self, run: Run, classifier, optimizer, before: Stage | None) -> TrainingResult:
         if before is not None:
-            optimizer = fine_tuning_optimizer(run.config, self.inputs.plan, classifier, run.strategy)
+            optimizer = fine_tuning_optimizer(OptimizerRecipe.of(run.config), self.inputs.plan, classifier,
+                                              run.strategy)
             self.fine_tuning_learning_rate = run.config.learning_rate * FINE_TUNING_LEARNING_RATE_SCALE
         if run.saved_state is not None:
             state = restore_training_state(classifier, optimizer, run.saved_state, run.fingerprint,
@@ -4631,7 +4664,8 @@ class DistilledStage(LabelledStage):
         with run.clock.timed("teacher_s"):
             targets, self.distillation = teach_beside_the_labels(train_strings, run.splits.train.labels,
                                                                  len(run.class_names), BaselineRecipe.of(run.config))
-        self.inputs = distillation_inputs(run.inputs, targets, run.config, run.replicas)
+        self.inputs = distillation_inputs(run.inputs, targets, PlanAsked.of(run.config), run.config.seed,
+                                          run.replicas)
 
     def record(self) -> dict:
         return {**super().record(), "distillation": self.distillation}
@@ -4688,10 +4722,11 @@ def read_the_data(config: TrainConfig, setup: RunSetup, clock: Stopwatch) -> Run
     the sizes), say so; then a saved state must have learned from the same."""
     with clock.timed("load_s"):
         data = load_dataset(config)
-        splits = split_dataset(data, config)
+        splits = split_dataset(data, config.test_fraction, config.validation_fraction, config.seed)
         unlabelled = gather_unlabelled(data, splits, config.unlabelled, config.text_column)
-    semi = choose_semi_supervised(config, len(splits.train.labels), len(unlabelled.texts), config.baseline,
-                                  int(np.bincount(splits.train.labels, minlength=len(data.classes.names)).min()))
+    smallest_class = int(np.bincount(splits.train.labels, minlength=len(data.classes.names)).min())
+    semi = choose_semi_supervised(config.semi_supervised, config.arch, len(splits.train.labels), len(unlabelled.texts),
+                                  config.baseline, smallest_class)
     counts = data_summary(data, splits, unlabelled_use(unlabelled.counts, semi))
     print(f"Read {counts['rows_read']} rows from {config.data}; dropped {counts['dropped']}; "
           f"train {counts['train']}, validation {counts['validation']}, test {counts['test']}; "
@@ -4811,7 +4846,7 @@ def run_training(config: TrainConfig) -> TrainingResult:
         if not setup.writes_outputs:
             print("Training done; the chief writes the model and the reports.")
             return training
-        classifier = local_copy(classifier, config, len(run.inputs.vocabulary), setup.derived.embedding_dim)
+        classifier = local_copy(classifier)
         write_the_run(run, stages, score_the_run(run, stages, classifier, training), training)
         return training
 

@@ -41,6 +41,13 @@ def pytest_configure(config):
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 
 
+def split(data, config):
+    """split_dataset with the config's fractions and seed, as a run splits."""
+    import sentiment_analysis as sa
+
+    return sa.split_dataset(data, config.test_fraction, config.validation_fraction, config.seed)
+
+
 def run_script(*args, stdin=None, timeout=300, env_extra=None, cwd=None):
     env = {key: value for key, value in os.environ.items() if key not in ("DISPLAY", "TF_CONFIG")}
     env.update({"PYTHONUNBUFFERED": "1", **(env_extra or {})})

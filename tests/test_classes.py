@@ -117,7 +117,7 @@ def test_balanced_class_weights_weight_the_training_loss():
 
     keras.utils.set_random_seed(0)
     classifier = sa.build_classifier(config, len(inputs.vocabulary))
-    optimizer = sa.build_optimizer(config, sa.TrainingPlan(32, 1, 4, 1, 5, "test"))
+    optimizer = sa.build_optimizer(sa.OptimizerRecipe.of(config), sa.TrainingPlan(32, 1, 4, 1, 5, "test"))
     strategy = tf.distribute.get_strategy()
     batch = next(iter(inputs.training_batches(0).unbatch().batch(8)))
     per_review = keras.losses.binary_crossentropy(batch[1][:, None], classifier(batch[0])).numpy()

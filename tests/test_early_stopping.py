@@ -22,7 +22,7 @@ def scripted_training(validation_losses, interrupt_in_epoch=None):
     classifier = sa.build_classifier(config, 30)
     epochs = len(validation_losses)
     plan = sa.TrainingPlan(4, 2, epochs, 2, 0, "test")
-    optimizer = sa.build_optimizer(config, plan)
+    optimizer = sa.build_optimizer(sa.OptimizerRecipe.of(config), plan)
     optimizer.build(classifier.trainable_variables)
     real = sa.build_step_functions(classifier, optimizer, strategy)
     token_ids = np.random.default_rng(0).integers(1, 30, (8, 6)).astype(np.int32)

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 import sentiment_analysis as sa
-from conftest import TINY_CSV, assert_user_error, run_main, run_script
+from conftest import TINY_CSV, assert_user_error, run_main, run_script, split
 
 
 def write_csv(path, text):
@@ -212,13 +212,13 @@ def test_latin1_file_is_read_with_a_warning(tmp_path, capsys):
 def test_split_is_stratified_and_repeatable():
     data = sa.LoadedData(np.array([f"review {i}" for i in range(200)], dtype=object), np.array([0, 1] * 100))
     config = sa.TrainConfig(seed=3)
-    first, second = sa.split_dataset(data, config), sa.split_dataset(data, config)
+    first, second = split(data, config), split(data, config)
     for name in ("train", "validation", "test"):
         assert getattr(first, name).texts.tolist() == getattr(second, name).texts.tolist()
     assert len(first.test.labels) == 40 and first.test.labels.sum() == 20
     all_texts = np.concatenate([first.train.texts, first.validation.texts, first.test.texts])
     assert len(set(all_texts)) == 200
-    other = sa.split_dataset(data, sa.TrainConfig(seed=4))
+    other = sa.split_dataset(data, 0.2, 0.1, 4)
     assert other.test.texts.tolist() != first.test.texts.tolist()
 
 

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 import sentiment_analysis as sa
-from conftest import TINY_CSV, TINY_FLAGS, run_main
+from conftest import TINY_CSV, TINY_FLAGS, run_main, split
 
 
 def tiny_texts(count=60):
@@ -25,7 +25,7 @@ def one_step_each(strategy, initial_weights, token_ids, labels, config):
     with strategy.scope():
         classifier = sa.build_classifier(config, 50)
         classifier.set_weights(initial_weights)
-        optimizer = sa.build_optimizer(config, sa.TrainingPlan(32, 1, 4, 1, 5, "test"))
+        optimizer = sa.build_optimizer(sa.OptimizerRecipe.of(config), sa.TrainingPlan(32, 1, 4, 1, 5, "test"))
         optimizer.build(classifier.trainable_variables)
     steps = sa.build_step_functions(classifier, optimizer, strategy)
     train_step, validation_step = steps.train, steps.validation
@@ -75,7 +75,7 @@ def test_length_sorted_scoring_matches_the_saved_model_row_by_row():
     texts, _ = tiny_texts()
     config = sa.TrainConfig(vocab_size=300, max_length=40, embedding_dim=8, units=6)
     keras.utils.set_random_seed(2)
-    vectorizer = sa.learned_vectorizer(texts, config, config.max_length)
+    vectorizer = sa.learned_vectorizer(texts, sa.ModelRecipe.of(config), config.max_length)
     classifier = sa.build_classifier(config, len(vectorizer.get_vocabulary()))
     by_ids = sa.predict_token_ids(classifier, sa.vectorize(vectorizer, texts), batch_size=7)
     by_text = sa.predict_strings(sa.build_predictor(vectorizer, classifier, sa.CLASS_NAMES), list(texts))
@@ -192,7 +192,7 @@ def test_a_run_chooses_the_blend_weight_on_the_validation_split(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     config = sa.TrainConfig(data=str(TINY_CSV), **{key: metrics["config"][key] for key in ("seed",)})
-    validation = sa.split_dataset(sa.load_dataset(config), config).validation
+    validation = split(sa.load_dataset(config), config).validation
 
     blend = sa.load_model(tmp_path / "model.keras")
     neural = sa.predict_strings(blend.get_layer("sentiment_model"), list(validation.texts))

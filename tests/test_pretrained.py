@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import TINY_CSV, TINY_FLAGS, assert_user_error, run_main
+from conftest import TINY_CSV, TINY_FLAGS, assert_user_error, run_main, split
 
 WORDS = ["the", "movie", "film", "good", "bad", "great", "and", "notaword"]
 
@@ -47,7 +47,7 @@ def test_each_file_format_starts_the_embedding_from_its_vectors(name, tmp_path):
     derived = sa.Derived.of(config, sa.ARCHITECTURES[config.arch])
     assert derived.embedding_dim == 6
     data = sa.load_dataset(config)
-    inputs = sa.prepare_inputs(sa.split_dataset(data, config), config, sa.ARCHITECTURES[config.arch], derived,
+    inputs = sa.prepare_inputs(split(data, config), config, sa.ARCHITECTURES[config.arch], derived,
                                replicas=1, num_classes=2)
     vocabulary = inputs.vocabulary
     in_file = [word for word in WORDS if word in vocabulary]
@@ -340,7 +340,7 @@ def test_max_length_is_checked_against_the_position_table_before_any_data_is_rea
 
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        assert sa.fit_max_length_to_bert(config) == POSITIONS
+        assert sa.fit_max_length_to_bert(sa.ModelRecipe.of(config)) == POSITIONS
     assert f"texts are cut to {POSITIONS} tokens" in printed.getvalue()
 
 

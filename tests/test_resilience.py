@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from conftest import (SCRIPT, SMALL_BATCH_EPOCHS, SMALL_BATCH_FLAGS, SMALL_BATCH_TRAINING, TINY_CSV, TINY_FLAGS,
-                      assert_user_error, build_once, read_scalars, run_main, train_tiny_in_process)
+                      assert_user_error, build_once, read_scalars, run_main, split, train_tiny_in_process)
 
 # Many epochs with patience to match, so the run is still training when the test stops it.
 LONG_RUN = [*TINY_FLAGS, "--no-baseline", "--epochs", "8", "--patience", "8"]
@@ -578,7 +578,7 @@ def prepared(config, cache_dir, capsys):
     data = sa.load_dataset(config)
     derived = sa.Derived.of(config, sa.ARCHITECTURES[config.arch])
     cache = sa.InputsCache.of(cache_dir, sa.training_fingerprint(config, derived), 0)
-    inputs = sa.prepare_inputs(sa.split_dataset(data, config), config, sa.ARCHITECTURES[config.arch], derived, 1, 2,
+    inputs = sa.prepare_inputs(split(data, config), config, sa.ARCHITECTURES[config.arch], derived, 1, 2,
                                cache=cache)
     if not inputs.from_cache:  # as run_training does, once the free space is checked
         cache.save(inputs, sa.InputsCache.arrays(inputs))

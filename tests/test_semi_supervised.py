@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from conftest import TINY_CSV, TINY_FLAGS, assert_user_error, build_once, run_main
+from conftest import TINY_CSV, TINY_FLAGS, assert_user_error, build_once, run_main, split
 from test_resilience import run_two_workers, start_training, wait_for_first_epoch
 
 import sentiment_analysis as sa
@@ -42,7 +42,7 @@ def test_rows_without_a_label_are_unlabelled_text_not_dropped(semi_csv):
     data = sa.load_dataset(config)
     assert len(data.labels) == LABELLED_ROWS and len(data.unlabelled) == 200 - LABELLED_ROWS
     assert data.dropped == {"missing_text": 0, "duplicate_text": 0}
-    splits = sa.split_dataset(data, config)
+    splits = split(data, config)
     unlabelled = sa.gather_unlabelled(data, splits, config.unlabelled, config.text_column)
     assert unlabelled.counts == {"from_data": 80, "from_file": 0, "read": 80, "duplicates": 0,
                                  "equal_to_validation_or_test": 0, "kept": 80}
@@ -86,7 +86,7 @@ def test_no_scored_text_and_no_unused_unlabelled_text_reaches_the_vocabulary_or_
 
     config = config_for(semi_csv)
     data = sa.load_dataset(config)
-    splits = sa.split_dataset(data, config)
+    splits = split(data, config)
 
     def words(texts):
         return {word for text in sa.standardized_strings(texts, sa.standardize_text) for word in text.split()}
@@ -105,7 +105,7 @@ def test_no_scored_text_and_no_unused_unlabelled_text_reaches_the_vocabulary_or_
 def test_unlabelled_file_is_deduplicated_and_never_holds_a_scored_text(semi_csv, tmp_path, kind):
     config = config_for(semi_csv)
     data = sa.load_dataset(config)
-    splits = sa.split_dataset(data, config)
+    splits = split(data, config)
     test_text, validation_text, training_text = splits.test.texts[0], splits.validation.texts[0], splits.train.texts[0]
     own = ["A new review nobody labelled.", "Another one, quite good."]
     texts = [*own, own[0], test_text, validation_text, training_text, data.unlabelled[0]]
@@ -122,37 +122,39 @@ def test_unlabelled_file_is_deduplicated_and_never_holds_a_scored_text(semi_csv,
 
 
 def test_auto_chooses_the_teacher_only_with_enough_unlabelled_text_and_a_baseline():
-    auto = sa.TrainConfig()
-    assert sa.choose_semi_supervised(auto, 1000, 0, True).method == "none"
-    assert sa.choose_semi_supervised(auto, 1000, 999, True).method == "none"
-    assert sa.choose_semi_supervised(auto, 1000, 1000, True).method == "teacher"
-    assert not sa.choose_semi_supervised(auto, 1000, 1000, True).distils
-    assert sa.choose_semi_supervised(auto, 1000, 5000, False).method == "none"
+    auto_lstm = ("auto", "lstm")
+    assert sa.choose_semi_supervised(*auto_lstm, 1000, 0, True).method == "none"
+    assert sa.choose_semi_supervised(*auto_lstm, 1000, 999, True).method == "none"
+    assert sa.choose_semi_supervised(*auto_lstm, 1000, 1000, True).method == "teacher"
+    assert not sa.choose_semi_supervised(*auto_lstm, 1000, 1000, True).distils
+    assert sa.choose_semi_supervised(*auto_lstm, 1000, 5000, False).method == "none"
 
 
 def test_auto_distils_the_lstm_on_a_large_training_split_without_enough_unlabelled_text():
-    auto, rows = sa.TrainConfig(), sa.AUTO_DISTILLATION_ROWS
+    auto, rows, auto_lstm = sa.TrainConfig(), sa.AUTO_DISTILLATION_ROWS, ("auto", "lstm")
     for unlabelled in (0, rows - 1):
-        chosen = sa.choose_semi_supervised(auto, rows, unlabelled, True, smallest_class=rows // 2)
+        chosen = sa.choose_semi_supervised(*auto_lstm, rows, unlabelled, True, smallest_class=rows // 2)
         assert chosen.method == "teacher" and chosen.distils and "beside the labels" in chosen.reason
-    assert not sa.choose_semi_supervised(auto, rows, rows, True).distils  # enough text: the teacher stage
+    assert not sa.choose_semi_supervised(*auto_lstm, rows, rows, True).distils  # enough text: the teacher stage
     best = sa.config_from_args(sa.build_train_parser().parse_args(["--preset", "best"]))
-    assert sa.choose_semi_supervised(best, rows, 0, True, 100).distils  # measured better under the blend too
+    best_says = sa.choose_semi_supervised(best.semi_supervised, best.arch, rows, 0, True, 100)
+    assert best_says.distils  # measured better under the blend too
     for config, rows_, baseline, smallest in ((auto, rows - 1, True, 100), (auto, rows, False, 100),
                                               (auto, rows, True, sa.TEACHER_FOLDS - 1),
                                               (sa.TrainConfig(arch="gru"), rows, True, 100),
                                               (sa.TrainConfig(semi_supervised="none"), rows, True, 100)):
-        assert sa.choose_semi_supervised(config, rows_, 0, baseline, smallest).method == "none", config
-    assert sa.choose_semi_supervised(sa.TrainConfig(semi_supervised="none"), 10, 5000, True).method == "none"
-    assert sa.choose_semi_supervised(sa.TrainConfig(semi_supervised="teacher"), 5000, 10, True).method == "teacher"
+        chosen = sa.choose_semi_supervised(config.semi_supervised, config.arch, rows_, 0, baseline, smallest)
+        assert chosen.method == "none", config
+    assert sa.choose_semi_supervised("none", "lstm", 10, 5000, True).method == "none"
+    assert sa.choose_semi_supervised("teacher", "lstm", 5000, 10, True).method == "teacher"
 
 
 def test_auto_distils_from_the_measured_sizes_on():
     """docs/RESULTS.md: distillation was ahead on validation at 10,048 training rows (--max-rows 14000) and
     at 35,693 (all of imdb.csv) on every seed, but not at 5,000 (--max-rows 7000): auto follows that."""
-    auto = sa.TrainConfig()
+    auto_lstm = ("auto", "lstm")
     for rows, distils in ((35693, True), (10048, True), (5024, False), (1439, False)):
-        chosen = sa.choose_semi_supervised(auto, rows, 0, True, smallest_class=rows // 2)
+        chosen = sa.choose_semi_supervised(*auto_lstm, rows, 0, True, smallest_class=rows // 2)
         assert chosen.distils is distils and chosen.method == ("teacher" if distils else "none"), rows
 
 
@@ -172,8 +174,8 @@ def test_bad_semi_supervised_flags_are_one_line(tmp_path, flags, fragment):
 
 
 def test_without_unlabelled_text_the_teacher_grades_the_training_split_out_of_fold():
-    assert sa.choose_semi_supervised(sa.TrainConfig(semi_supervised="teacher"), 1000, 0, True).distils
-    assert not sa.choose_semi_supervised(sa.TrainConfig(semi_supervised="teacher"), 1000, 5, True).distils
+    assert sa.choose_semi_supervised("teacher", "lstm", 1000, 0, True).distils
+    assert not sa.choose_semi_supervised("teacher", "lstm", 1000, 5, True).distils
     rows = pd.read_csv(TINY_CSV)
     texts = sa.standardized_strings(rows["reviews"].to_numpy(), sa.standardize_text)
     labels = (rows["sentiment"] == "positive").to_numpy().astype(np.int64)
@@ -234,12 +236,12 @@ def test_distilled_targets_get_half_as_many_epochs_and_patience_again_unless_giv
     inputs = sa.PreparedInputs(None, [], ids, ids, ids, ids[:0], plan, None, None, 1, sa.Background.done((None, None)),
                                None, 0, [])
     targets = np.array([0.2, 0.9, 0.6, 0.1])
-    planned = sa.distillation_inputs(inputs, targets, sa.TrainConfig(), 1)
+    planned = sa.distillation_inputs(inputs, targets, sa.PlanAsked.of(sa.TrainConfig()), 42, 1)
     assert planned.plan.epochs == 6 and planned.plan.patience == 2 and planned.plan.batch_size == 32
     assert "6 epochs and 2 patience for soft targets (1.5x)" in planned.plan.reason
-    given = sa.distillation_inputs(inputs, targets, sa.TrainConfig(epochs=4), 1).plan
+    given = sa.distillation_inputs(inputs, targets, sa.PlanAsked.of(sa.TrainConfig(epochs=4)), 42, 1).plan
     assert given.epochs == 4 and given.patience == 2
-    given = sa.distillation_inputs(inputs, targets, sa.TrainConfig(epochs=5, patience=1), 1).plan
+    given = sa.distillation_inputs(inputs, targets, sa.PlanAsked.of(sa.TrainConfig(epochs=5, patience=1)), 42, 1).plan
     assert (given.epochs, given.patience, given.reason) == (4, 1, plan.reason)  # the plan holds what was given
     labels = [batch[1].numpy() for batch in planned.training_batches(0)]
     np.testing.assert_allclose(np.sort(np.concatenate(labels)), np.sort(targets), rtol=1e-6)  # the soft targets
@@ -265,7 +267,7 @@ def test_teacher_without_unlabelled_text_trains_on_distilled_targets(tmp_path, m
     # What the labelled stage trained on is the distilled targets of the training split, worked out here again:
     # half each text's label, half the baseline's out-of-fold probability of it.
     config = sa.TrainConfig(data=str(TINY_CSV))
-    train_split = sa.split_dataset(sa.load_dataset(config), config).train
+    train_split = split(sa.load_dataset(config), config).train
     strings = sa.standardized_strings(train_split.texts, sa.standardize_text)
     expected, _ = sa.teach_beside_the_labels(strings, train_split.labels, 2, sa.BaselineRecipe())
     [targets] = trained_on
@@ -420,7 +422,7 @@ def test_fine_tuning_after_a_teacher_stage_starts_at_a_quarter_of_the_learning_r
     plan = sa.TrainingPlan(32, 10, 4, 1, 0, "test")
     strategy = tf.distribute.get_strategy()
     classifier = sa.build_classifier(dataclasses.replace(config, embedding_dim=8), 50)
-    optimizer = sa.fine_tuning_optimizer(config, plan, classifier, strategy)
+    optimizer = sa.fine_tuning_optimizer(sa.OptimizerRecipe.of(config), plan, classifier, strategy)
     assert float(optimizer.learning_rate) == pytest.approx(5e-4)
     # Built for the classifier (its moments exist before the first step), and its schedule follows the plan: the
     # cosine decay reaches zero at the plan's last step.

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TINY_CSV, TINY_FLAGS, assert_user_error, run_main
+from conftest import TINY_CSV, TINY_FLAGS, assert_user_error, run_main, split
 from test_pretrained import vectors, write_vec
 
 
@@ -166,7 +166,7 @@ def test_the_baselines_learning_curve_refits_on_shares_of_the_training_split():
     import sentiment_analysis as sa
 
     config = sa.TrainConfig(data=str(TINY_CSV))
-    splits = sa.split_dataset(sa.load_dataset(config), config)
+    splits = split(sa.load_dataset(config), config)
     train = sa.standardized_strings(splits.train.texts, sa.standardize_text)
     validation = sa.standardized_strings(splits.validation.texts, sa.standardize_text)
     baseline = sa.fit_baseline(train, splits.train.labels, sa.BaselineRecipe.of(config))

@@ -5,7 +5,7 @@ import json
 import pandas as pd
 import pytest
 
-from conftest import TINY_CSV, TINY_FLAGS, run_main, train_tiny, train_tiny_in_process
+from conftest import TINY_CSV, TINY_FLAGS, run_main, split, train_tiny, train_tiny_in_process
 
 EXPECTED_FILES = ["model.keras", "metrics.json", "classification_report.txt", "history.csv", "errors.csv",
                   "confusion_matrix.png", "roc_curve.png", "training_history.png", "report.html",
@@ -179,7 +179,7 @@ def test_exported_blend_scores_exactly_like_scikit_learn(tmp_path):
     baseline = sa.fit_baseline(sa.standardized_strings(texts[:150], sa.standardize_text), labels[:150],
                                sa.BaselineRecipe.of(config))
     expected = baseline.predict_proba(sa.standardized_strings(texts[150:], sa.standardize_text))
-    vectorizer = sa.learned_vectorizer(texts[:150], config, config.max_length)
+    vectorizer = sa.learned_vectorizer(texts[:150], sa.ModelRecipe.of(config), config.max_length)
     neural = sa.build_predictor(vectorizer, sa.build_classifier(config, len(vectorizer.get_vocabulary())),
                              sa.CLASS_NAMES)
     sa._save_model(sa.build_blend_predictor(neural, baseline, 0.0, sa.CLASS_NAMES), tmp_path / "blend.keras")
@@ -205,7 +205,7 @@ def test_a_fixed_blend_weight_gets_advice_about_the_blend(tmp_path):
     advice = [note for note in metrics["notes"] if "the baseline" in note and "validation split" in note]
     assert advice and all("blend" in note and "lstm" not in note for note in advice), metrics["notes"]
     config = sa.TrainConfig(data=str(TINY_CSV))
-    validation = sa.split_dataset(sa.load_dataset(config), config).validation
+    validation = split(sa.load_dataset(config), config).validation
     blended = sa.predict_strings(sa.load_model(tmp_path / "model.keras"), list(validation.texts))
     assert f"{sa.accuracy_of(validation.labels, blended):.4f}" in advice[0]
     assert f"Note: {advice[0]}" in result.stdout
@@ -237,7 +237,7 @@ def test_mixed_precision_training_step_runs_with_loss_scaling():
         config = sa.TrainConfig(vocab_size=50, max_length=10, embedding_dim=8, units=4)
         strategy = tf.distribute.get_strategy()
         classifier = sa.build_classifier(config, 50)
-        optimizer = sa.build_optimizer(config, sa.TrainingPlan(32, 2, 4, 1, 5, "test"))
+        optimizer = sa.build_optimizer(sa.OptimizerRecipe.of(config), sa.TrainingPlan(32, 2, 4, 1, 5, "test"))
         optimizer.build(classifier.trainable_variables)
         assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
         assert classifier.get_layer("probability").dtype_policy.compute_dtype == "float32"
