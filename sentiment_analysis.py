@@ -1064,10 +1064,28 @@ def class_counts_text(names, counts) -> str:
     return ", ".join(f"{name!r} ({count} rows)" for name, count in zip(names, counts))
 
 
-def split_dataset(data: LoadedData, test_fraction: float, validation_fraction: float, seed: int) -> DataSplits:
-    """Stratified train/validation/test split (--test-fraction, then --validation-fraction of the rest, --seed);
-    the test part is never used to choose anything. Every class must have rows in every part."""
+def text_keys(texts, seed: int) -> np.ndarray:
+    """Each text's 64-bit hash keyed by --seed (BLAKE2b): where a row goes depends on its text and the seed alone,
+    never on the order of the rows or how the files are cut."""
+    key = str(seed).encode()
+    return np.fromiter((int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=key).digest(), "little")
+                        for text in texts), dtype=np.uint64, count=len(texts))
 
+
+def split_shares(rows: int, test_fraction: float, validation_fraction: float) -> tuple[int, int]:
+    """How many of a class's rows (at least MIN_CLASS_ROWS) go to test and to validation: --test-fraction of
+    them, then --validation-fraction of the rest, rounded, at least one each and one left for training."""
+    test = min(max(1, round(rows * test_fraction)), rows - 2)
+    return test, min(max(1, round((rows - test) * validation_fraction)), rows - test - 1)
+
+
+def split_dataset(data: LoadedData, test_fraction: float, validation_fraction: float, seed: int) -> DataSplits:
+    """The train/validation/test split, stratified and by a keyed hash of each text (text_keys): within each
+    class the rows in the order of their keys, the first split_shares go to test, the next to validation, the
+    rest to training, and each split is kept in key order. So a row's split, and the order the run sees the
+    rows in, depend only on which rows there are, the fractions and --seed: shuffled rows or the same rows cut
+    into other files split the same; each class's share is exact to a row. The test part is never used to
+    choose anything."""
     labels, names = data.labels, data.classes.names
     counts = np.bincount(labels, minlength=len(names))
     too_small = [index for index, count in enumerate(counts) if count < MIN_CLASS_ROWS]
@@ -1075,28 +1093,20 @@ def split_dataset(data: LoadedData, test_fraction: float, validation_fraction: f
         raise UserError(f"too few rows to put these classes in the training, validation and test splits: "
                         f"{class_counts_text([names[i] for i in too_small], counts[too_small])}; "
                         "add rows or drop the class")
-    indices = np.arange(len(labels))
-    try:
-        train_and_validation, test_indices = train_test_split(indices, test_size=test_fraction,
-                                                              stratify=labels, random_state=seed)
-        train_indices, validation_indices = train_test_split(
-            train_and_validation, test_size=validation_fraction, stratify=labels[train_and_validation],
-            random_state=seed)
-    except ValueError as error:
-        raise UserError(f"too few rows to split into train, validation and test ({len(labels)} rows: "
-                        f"{class_counts_text(names, counts)}): {error}") from None
+    keys, parts = text_keys(data.texts, seed), {"test": [], "validation": [], "train": []}
+    for index in range(len(names)):
+        rows = np.flatnonzero(labels == index)
+        rows = rows[np.argsort(keys[rows], kind="stable")]
+        test, validation = split_shares(len(rows), test_fraction, validation_fraction)
+        for name, chosen in zip(parts, np.split(rows, [test, test + validation])):
+            parts[name].append(chosen)
 
-    def part(chosen):
+    def part(name):
+        chosen = np.concatenate(parts[name])
+        chosen = chosen[np.argsort(keys[chosen], kind="stable")]
         return LabelledTexts(data.texts[chosen], labels[chosen])
 
-    splits = DataSplits(part(train_indices), part(validation_indices), part(test_indices))
-    missing = sorted({index for split in (splits.train, splits.validation, splits.test)
-                      for index in set(range(len(names))) - set(split.labels.tolist())})
-    if missing:
-        raise UserError(f"too few rows to put these classes in the training, validation and test splits: "
-                        f"{class_counts_text([names[i] for i in missing], counts[missing])}; "
-                        "add rows or drop the class")
-    return splits
+    return DataSplits(part("train"), part("validation"), part("test"))
 
 
 @dataclass

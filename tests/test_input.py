@@ -222,6 +222,34 @@ def test_split_is_stratified_and_repeatable():
     assert other.test.texts.tolist() != first.test.texts.tolist()
 
 
+def test_a_row_splits_by_its_text_not_by_the_order_or_the_files(tmp_path, monkeypatch):
+    """The split is a keyed hash of each text within its class: a CSV read in several chunks splits the same
+    (the same rows, in the same order) as its rows shuffled, or cut into shards of a directory; another seed
+    splits otherwise; each class's shares are exact to a row."""
+    monkeypatch.setattr(sa, "READ_CHUNK_ROWS", 7)
+    rows = pd.read_csv(TINY_CSV)
+    shuffled, shards = tmp_path / "shuffled.csv", tmp_path / "shards"
+    rows.sample(frac=1, random_state=1).to_csv(shuffled, index=False)
+    shards.mkdir()
+    mixed = rows.sample(frac=1, random_state=2)
+    for number, start in enumerate(range(0, len(mixed), 70)):
+        mixed.iloc[start:start + 70].to_csv(shards / f"part-{number}.csv", index=False)
+    config = sa.TrainConfig(data=str(TINY_CSV))
+    splits = [split(sa.load_dataset(sa.TrainConfig(data=str(data))), config) for data in (TINY_CSV, shuffled, shards)]
+    for name in ("train", "validation", "test"):
+        texts = [getattr(each, name).texts.tolist() for each in splits]
+        assert texts[0] == texts[1] == texts[2] and texts[0]
+        labels = getattr(splits[0], name).labels
+        assert [getattr(each, name).labels.tolist() for each in splits[1:]] == [labels.tolist()] * 2
+    counts = np.bincount(sa.load_dataset(config).labels)
+    for index, count in enumerate(counts):
+        test, validation = sa.split_shares(count, config.test_fraction, config.validation_fraction)
+        assert (np.sum(splits[0].test.labels == index), np.sum(splits[0].validation.labels == index)) == (test,
+                                                                                                      validation)
+    other = split(sa.load_dataset(config), sa.TrainConfig(seed=7))
+    assert set(other.test.texts) != set(splits[0].test.texts)
+
+
 def test_preset_values_yield_to_explicit_flags():
     args = sa.build_train_parser().parse_args(["--preset", "best", "--epochs", "7"])
     config = sa.config_from_args(args)

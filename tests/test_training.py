@@ -86,7 +86,7 @@ def test_history_report_and_errors(trained_dir):
     assert len(errors) == min(100, matrix[0][1] + matrix[1][0])
     assert (errors["true_label"] != errors["predicted_label"]).all()
     confidence = (errors["probability_positive"] - 0.5).abs()
-    assert confidence.is_monotonic_decreasing
+    assert (confidence.diff().dropna() <= 1e-4).all()  # most confident first, to the file's 4 decimals
 
 
 @pytest.mark.slow
