@@ -218,6 +218,10 @@ class TrainConfig:
                             shapes_training=False)
     baseline_ngrams: int = option(2, "longest word n-gram in the baseline's TF-IDF features",
                                   shapes_training=False)
+    baseline_rows: int = option(100_000, "the baseline, its learning curve and the teacher's folds fit on at most "
+                                "this many training texts (a seeded, stratified sample; the rest are scored in "
+                                "chunks), so their memory and time stay bounded on large data",
+                                shapes_training=False)
     blend_weight: float | str | None = option(None, "W in [0, 1] or auto (chosen on the validation split): also "
                                               "report W * neural + (1 - W) * baseline and save that blend as "
                                               "the model", shapes_training=False)
@@ -294,6 +298,7 @@ def validate_config(config: TrainConfig, architecture) -> None:
         ("blend_weight", config.blend_weight in (None, "auto") or 0 <= config.blend_weight <= 1,
          "must be in [0, 1] or auto"),
         ("baseline_ngrams", config.baseline_ngrams >= 1, "must be at least 1"),
+        ("baseline_rows", config.baseline_rows >= MIN_ROWS, f"must be at least {MIN_ROWS}"),
         ("blend_weight", config.blend_weight is None or config.baseline,
          "needs the baseline (drop --no-baseline)"),
         ("cpu_replicas", config.cpu_replicas >= 1, "must be at least 1"),
@@ -2480,10 +2485,11 @@ class BaselineRecipe:
     ngrams: int = 2                  # --baseline-ngrams: the longest word n-gram
     class_weight: str = "none"       # --class-weight
     seed: int = 42                   # --seed
+    rows: int = 100_000              # --baseline-rows: the most training texts a baseline fits on
 
     @classmethod
     def of(cls, config: TrainConfig) -> "BaselineRecipe":
-        return cls(config.baseline_ngrams, config.class_weight, config.seed)
+        return cls(config.baseline_ngrams, config.class_weight, config.seed, config.baseline_rows)
 
 
 def baseline_pipeline(recipe: BaselineRecipe):
@@ -2537,9 +2543,26 @@ def fit_baselines(parts: list[tuple[list[str], np.ndarray]], recipe: BaselineRec
                                                for texts, labels in parts)
 
 
+def baseline_sample(labels: np.ndarray, recipe: BaselineRecipe) -> np.ndarray:
+    """The training rows the baselines fit on: all of them, or a seeded, stratified sample of recipe.rows, in
+    their order."""
+    if len(labels) <= recipe.rows:
+        return np.arange(len(labels))
+    chosen, _ = train_test_split(np.arange(len(labels)), train_size=recipe.rows, stratify=labels,
+                                 random_state=recipe.seed)
+    return np.sort(chosen)
+
+
+BASELINE_CHUNK = 10_000  # texts cleaned and scored by the baseline at a time
+
+
 def baseline_probabilities(baseline, texts, standardize) -> np.ndarray:
-    """The baseline's class probabilities (reviews, classes) for raw texts, cleaned by `standardize`."""
-    return baseline.predict_proba(standardized_strings(texts, standardize))
+    """The baseline's class probabilities (reviews, classes) for raw texts, cleaned by `standardize`, a chunk of
+    BASELINE_CHUNK texts at a time."""
+    return np.concatenate([baseline.predict_proba(standardized_strings(texts[start:start + BASELINE_CHUNK],
+                                                                       standardize))
+                           for start in range(0, len(texts), BASELINE_CHUNK)] or
+                          [np.zeros((0, len(baseline.classes_)))])
 
 
 def build_blend_predictor(neural_model, baseline, weight: float, class_names, settings: dict | None = None):
@@ -2894,14 +2917,16 @@ class ValidationCheck:
 
 
 def compare_on_validation(classifier, baseline, validation_ids: np.ndarray, splits: DataSplits,
-                          train_strings: list[str] | None, standardize, recipe: BaselineRecipe) -> ValidationCheck:
-    """Both models' validation probabilities, and the baseline's learning curve."""
+                          train_strings: list[str] | None, rows: np.ndarray | None, standardize,
+                          recipe: BaselineRecipe) -> ValidationCheck:
+    """Both models' validation probabilities, and the baseline's learning curve (on its sample's texts,
+    train_strings, the training split's `rows`)."""
     neural = predict_token_ids(classifier, validation_ids)
     if baseline is None:
         return ValidationCheck(splits.validation.labels, neural, None, [])
     validation_strings = standardized_strings(splits.validation.texts, standardize)
     probabilities = baseline.predict_proba(validation_strings)
-    curve, half = baseline_learning_curve(probabilities, train_strings, splits.train.labels, validation_strings,
+    curve, half = baseline_learning_curve(probabilities, train_strings, splits.train.labels[rows], validation_strings,
                                           splits.validation.labels, recipe)
     return ValidationCheck(splits.validation.labels, neural, probabilities, curve, half)
 
@@ -3561,11 +3586,20 @@ def distilled_targets(labels: np.ndarray, teacher: np.ndarray, num_classes: int)
     return soft_targets(DISTILLATION_LABEL_SHARE * one_hot + (1 - DISTILLATION_LABEL_SHARE) * teacher)
 
 
-def teach_beside_the_labels(train_strings, labels: np.ndarray, num_classes: int, recipe: BaselineRecipe):
+def teach_beside_the_labels(train_strings, rows: np.ndarray, train: LabelledTexts, baseline, standardize,
+                            num_classes: int, recipe: BaselineRecipe):
     """The distilled targets of the training split and their record for metrics.json (the seconds are the
-    run's timing, teacher_s)."""
-    graded = out_of_fold_probabilities(train_strings, labels, num_classes, recipe)
-    record = {"label_share": DISTILLATION_LABEL_SHARE, "folds": teacher_folds(labels, num_classes),
+    run's timing, teacher_s). The texts of the baseline's sample (`rows`, cleaned: train_strings) are graded out
+    of fold; the rest, which no baseline saw, by the run's baseline, a chunk at a time."""
+    labels = train.labels
+    graded = np.zeros((len(labels), num_classes))
+    graded[rows] = out_of_fold_probabilities(train_strings, labels[rows], num_classes, recipe)
+    others = np.setdiff1d(np.arange(len(labels)), rows)
+    if len(others):
+        print(f"Teacher: the baseline grades the {len(others)} training texts outside its sample")
+        graded[others] = baseline_probabilities(baseline, train.texts[others], standardize)
+    record = {"label_share": DISTILLATION_LABEL_SHARE, "folds": teacher_folds(labels[rows], num_classes),
+              "graded_out_of_fold": len(rows),
               "out_of_fold_accuracy": round(float(np.mean(graded.argmax(axis=1) == labels)), 4)}
     print(f"Teacher: out-of-fold accuracy {record['out_of_fold_accuracy']:.4f} on the training split; the targets "
           f"are {DISTILLATION_LABEL_SHARE} label, {1 - DISTILLATION_LABEL_SHARE:g} baseline")
@@ -4385,21 +4419,25 @@ def set_up_run(config: TrainConfig, cleanup: contextlib.ExitStack) -> RunSetup:
 
 def fit_the_baseline(recipe: BaselineRecipe | None, blends: bool, splits: DataSplits, standardize,
                      clock: Stopwatch):
-    """The baseline of `recipe` fitted, and the training texts it was fitted on, cleaned by the model's
-    `standardize` (None, None without a recipe: --no-baseline). `blends`: --blend-weight needs it."""
+    """The baseline of `recipe` fitted, the training texts it was fitted on, cleaned by the model's
+    `standardize`, and their rows in the training split (baseline_sample: at most --baseline-rows); None, None,
+    None without a recipe (--no-baseline). `blends`: --blend-weight needs it."""
     if recipe is None:
-        return None, None
-    print("Fitting the TF-IDF + logistic-regression baseline ...")
+        return None, None, None
+    rows = baseline_sample(splits.train.labels, recipe)
+    sample = (f" on a sample of {len(rows)} of the {len(splits.train.labels)} training texts (--baseline-rows)"
+              if len(rows) < len(splits.train.labels) else "")
+    print(f"Fitting the TF-IDF + logistic-regression baseline{sample} ...")
     with clock.timed("baseline_s"):
-        train_strings = standardized_strings(splits.train.texts, standardize)
+        train_strings = standardized_strings(splits.train.texts[rows], standardize)
         try:
-            return fit_baseline(train_strings, splits.train.labels, recipe), train_strings
+            return fit_baseline(train_strings, splits.train.labels[rows], recipe), train_strings, rows
         except ValueError as error:  # scikit-learn's "empty vocabulary": no word is in two training texts
             problem = f"the baseline cannot be fitted on these texts ({one_line(error, 100)})"
     if blends:
         raise UserError(f"{problem}, so there is nothing to blend with: drop --blend-weight (or --preset best)")
     print(f"warning: {problem}; going on without it", file=sys.stderr)
-    return None, None
+    return None, None, None
 
 
 def blend_if_asked(blend_weight: float | str | None, arch: str, baseline, check: ValidationCheck) -> Blend | None:
@@ -4479,20 +4517,23 @@ class Run:
         return self.setup.output_dir / "tensorboard" / stage if stage else self.setup.output_dir / "tensorboard"
 
     def baseline(self):
-        """The fitted baseline and the training texts it was fitted on (fit_the_baseline), fitted on first use."""
+        """The fitted baseline, the training texts it was fitted on and their rows (fit_the_baseline), fitted on
+        first use; the data's counts say how many texts it saw."""
         if self.fitted is None:
             config = self.config
             self.fitted = fit_the_baseline(BaselineRecipe.of(config) if config.baseline else None,
                                            config.blend_weight is not None, self.splits, self.standardize, self.clock)
+            if self.fitted[2] is not None:
+                self.counts["baseline_fitted_on"] = len(self.fitted[2])
         return self.fitted
 
     def teacher(self):
-        """The baseline as a teacher, which must be there: (baseline, its training texts)."""
-        baseline, train_strings = self.baseline()
+        """The baseline as a teacher, which must be there: (baseline, its training texts, their rows)."""
+        baseline, train_strings, rows = self.baseline()
         if baseline is None:
             raise UserError(f"the baseline, which is the teacher of --semi-supervised {self.semi.method}, cannot be "
                             "fitted on these texts; use --semi-supervised none")
-        return baseline, train_strings
+        return baseline, train_strings, rows
 
 
 def taught_notes(stage: str, run: Run, check: ValidationCheck) -> list[str]:
@@ -4559,7 +4600,7 @@ class TeacherStage(Stage):
     state_name = "pretraining"
 
     def prepare(self, run: Run) -> None:
-        baseline, _ = run.teacher()
+        baseline, _, _ = run.teacher()
         with run.clock.timed("teacher_s"):
             targets = soft_targets(baseline_probabilities(baseline, run.unlabelled.texts, run.standardize))
         config = run.config
@@ -4670,10 +4711,11 @@ class DistilledStage(LabelledStage):
     targets (distillation_inputs)."""
 
     def prepare(self, run: Run) -> None:
-        _, train_strings = run.teacher()
+        baseline, train_strings, rows = run.teacher()
         with run.clock.timed("teacher_s"):
-            targets, self.distillation = teach_beside_the_labels(train_strings, run.splits.train.labels,
-                                                                 len(run.class_names), BaselineRecipe.of(run.config))
+            targets, self.distillation = teach_beside_the_labels(train_strings, rows, run.splits.train, baseline,
+                                                                 run.standardize, len(run.class_names),
+                                                                 BaselineRecipe.of(run.config))
         self.inputs = distillation_inputs(run.inputs, targets, PlanAsked.of(run.config), run.config.seed,
                                           run.replicas)
 
@@ -4788,10 +4830,10 @@ def score_the_run(run: Run, stages: list[Stage], classifier, training: TrainingR
     """Validation (the blend's weight chosen there), then the test split scored once; the model to save, its
     notes and metrics.json's record."""
     config, setup, clock = run.config, run.setup, run.clock
-    baseline, train_strings = run.baseline()
+    baseline, train_strings, rows = run.baseline()
     with clock.timed("validation_s"):
         check = compare_on_validation(classifier, baseline, run.inputs.validation_ids, run.splits, train_strings,
-                                      run.standardize, BaselineRecipe.of(config))
+                                      rows, run.standardize, BaselineRecipe.of(config))
     blend = blend_if_asked(config.blend_weight, config.arch, baseline, check)
     probabilities = score_on_test(config.arch, classifier, baseline, blend, run.inputs.test_ids, run.splits.test,
                                   run.standardize, clock)

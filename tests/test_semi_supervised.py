@@ -219,8 +219,38 @@ def test_the_distillation_record_gives_the_folds_it_used():
     texts = sa.standardized_strings(rows["reviews"].to_numpy(), sa.standardize_text)
     labels = (rows["sentiment"] == "positive").to_numpy().astype(np.int64)
     labels[np.flatnonzero(labels == 1)[3:]] = 0  # 3 positive rows: three folds, each with a positive row
-    targets, record = sa.teach_beside_the_labels(texts, labels, 2, sa.BaselineRecipe())
-    assert record["folds"] == 3 and targets.shape == (200,)
+    every_row = np.arange(len(labels))  # the baseline's sample is the whole split: every text graded out of fold
+    targets, record = sa.teach_beside_the_labels(texts, every_row, sa.LabelledTexts(np.asarray(texts), labels), None,
+                                                 None, 2, sa.BaselineRecipe())
+    assert record["folds"] == 3 and targets.shape == (200,) and record["graded_out_of_fold"] == 200
+
+
+def test_the_baseline_and_the_teacher_fit_on_a_bounded_sample_and_grade_the_rest(capsys):
+    """--baseline-rows: the baseline fits on a seeded, stratified sample of the training texts (its vocabulary
+    holds no word from outside it); the teacher grades the sample out of fold and every other training text with
+    that baseline, which never saw them."""
+    config = sa.TrainConfig(data=str(TINY_CSV), baseline_rows=50)
+    train = split(sa.load_dataset(config), config).train
+    splits = sa.DataSplits(train, train, train)
+    recipe = sa.BaselineRecipe.of(config)
+    baseline, strings, rows = sa.fit_the_baseline(recipe, False, splits, sa.standardize_text, sa.Stopwatch())
+    assert len(rows) == len(strings) == 50 < len(train.labels) and list(rows) == sorted(rows)
+    assert "on a sample of 50 of the" in capsys.readouterr().out
+    share = np.mean(train.labels)
+    assert abs(np.mean(train.labels[rows]) - share) <= 1 / 50  # stratified
+    again = sa.fit_the_baseline(recipe, False, splits, sa.standardize_text, sa.Stopwatch())[2]
+    assert list(again) == list(rows)  # seeded
+    seen = {word for text in strings for word in text.split()}
+    vocabulary = baseline.named_steps["tfidfvectorizer"].vocabulary_
+    assert {word for feature in vocabulary for word in feature.split()} <= seen
+    targets, record = sa.teach_beside_the_labels(strings, rows, train, baseline, sa.standardize_text, 2, recipe)
+    assert record["graded_out_of_fold"] == 50 and targets.shape == train.labels.shape
+    others = np.setdiff1d(np.arange(len(train.labels)), rows)
+    by_baseline = sa.baseline_probabilities(baseline, train.texts[others], sa.standardize_text)
+    np.testing.assert_allclose(targets[others], sa.distilled_targets(train.labels[others], by_baseline, 2))
+    whole = sa.fit_the_baseline(sa.BaselineRecipe.of(sa.TrainConfig()), False, splits, sa.standardize_text,
+                                sa.Stopwatch())[2]
+    assert list(whole) == list(range(len(train.labels)))  # within the bound: every training text, in order
 
 
 def test_distilled_targets_are_half_the_label_and_half_the_teacher():
@@ -269,7 +299,8 @@ def test_teacher_without_unlabelled_text_trains_on_distilled_targets(tmp_path, m
     config = sa.TrainConfig(data=str(TINY_CSV))
     train_split = split(sa.load_dataset(config), config).train
     strings = sa.standardized_strings(train_split.texts, sa.standardize_text)
-    expected, _ = sa.teach_beside_the_labels(strings, train_split.labels, 2, sa.BaselineRecipe())
+    expected, _ = sa.teach_beside_the_labels(strings, np.arange(len(strings)), train_split, None, None, 2,
+                                             sa.BaselineRecipe())
     [targets] = trained_on
     np.testing.assert_allclose(np.sort(targets), np.sort(expected), rtol=1e-6)
     assert not np.isin(targets, [0.0, 1.0]).all()  # soft targets, not the labels
@@ -300,7 +331,7 @@ def test_the_classifier_starts_from_the_weights_the_teacher_stage_ends_with(semi
         assert run.inputs.unlabelled_ids.shape == (80, 80) and run.inputs.unlabelled_ids.any()
         teacher = sa.TeacherStage()
         teacher.prepare(run)
-        baseline, _ = run.baseline()
+        baseline, _, _ = run.baseline()
         targets = sa.soft_targets(sa.baseline_probabilities(baseline, run.unlabelled.texts, run.standardize))
         assert targets.shape == (80,) and 0 < targets.min() < targets.max() < 1  # probabilities, not labels
         batches = list(teacher.inputs.training_batches(0))  # the stage learns them, not the labels
