@@ -1663,6 +1663,9 @@ def build_training_dataset(token_ids, labels, batch_size: int, max_length: int, 
     dataset = dataset.map(lambda ids, labels: weighted_batch(ids, labels, full_size))
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    # tf.data's autotuning runs beside the training step and, on two cores, made about half the epochs 1.35x
+    # slower (docs/RESULTS.md, issue 44); without it every epoch runs at the fast pace, with the same batches.
+    options.autotune.enabled = False
     # The number of batches is known up front: the loop runs exactly that many steps on every worker.
     return dataset.apply(tf.data.experimental.assert_cardinality(batches)).with_options(options).prefetch(
         tf.data.AUTOTUNE)
@@ -3290,11 +3293,15 @@ class TrainingResult:
     interrupted: bool
     resumed_after_epoch: int
     plan: TrainingPlan
+    tokens_per_epoch: int | None = None  # the real (unpadded) tokens of an epoch, set by the stage that trained
 
     def summary(self) -> dict:
-        """What the report records of training: the plan, then what came of it."""
+        """What the report records of training: the plan, then what came of it (and its tokens a second)."""
+        speed = ({"tokens_per_epoch": self.tokens_per_epoch,
+                  "tokens_per_second": round(self.tokens_per_epoch * len(self.epoch_seconds) / sum(self.epoch_seconds))}
+                 if self.tokens_per_epoch and self.epoch_seconds and sum(self.epoch_seconds) > 0 else {})
         return {**self.plan.summary(), "epochs_run": self.epochs_run, "best_epoch": self.best_epoch,
-                "interrupted": self.interrupted, "resumed_after_epoch": self.resumed_after_epoch}
+                "interrupted": self.interrupted, "resumed_after_epoch": self.resumed_after_epoch, **speed}
 
 
 def restore_training_state(classifier, optimizer, saved: TrainingState | None, fingerprint: dict,
@@ -4622,6 +4629,7 @@ class TeacherStage(Stage):
         with run.clock.timed("pretrain_s"):
             self.result = self.train_from(run, classifier, optimizer, self.state)
         self.seconds = time.perf_counter() - started
+        self.result.tokens_per_epoch = self.tokens
         return self.result
 
     def hand_over(self, fingerprint: dict) -> TrainingState:
@@ -4683,6 +4691,7 @@ class LabelledStage(Stage):
             state = (before or self).hand_over(run.fingerprint)
         with run.clock.timed("train_s"):
             self.result = self.train_from(run, classifier, optimizer, state)
+        self.result.tokens_per_epoch = int(review_lengths(self.inputs.train_ids).sum())
         return self.result
 
     def record(self) -> dict:

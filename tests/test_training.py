@@ -87,6 +87,8 @@ def test_history_report_and_errors(trained_dir):
     assert (errors["true_label"] != errors["predicted_label"]).all()
     confidence = (errors["probability_positive"] - 0.5).abs()
     assert (confidence.diff().dropna() <= 1e-4).all()  # most confident first, to the file's 4 decimals
+    training = metrics["training"]  # the throughput: real tokens of an epoch over the epochs' seconds
+    assert training["tokens_per_epoch"] > 0 and training["tokens_per_second"] > 0
 
 
 @pytest.mark.slow
