@@ -596,10 +596,10 @@ def check_row_widths(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
 
 class StageProgress:
     """How far a long stage has come: `units` done of `total`, the rate and the time left. On a terminal one line
-    rewritten in place (at most twice a second); in a log a line a minute, so a long stage is not minutes of
-    silence; nothing for a stage that ends within its first minute in a log. (Training's epochs have Keras'
-    progress bar on a terminal: they ask for the log lines only.)"""
-    LOG_EVERY, TERMINAL_EVERY = 60.0, 0.5
+    rewritten in place (at most twice a second); in a log a line every LOG_EVERY seconds, so a long stage is
+    never a minute of silence; nothing for a stage that ends within its first LOG_EVERY seconds in a log.
+    (Training's epochs have Keras' progress bar on a terminal: they ask for the log lines only.)"""
+    LOG_EVERY, TERMINAL_EVERY = 50.0, 0.5  # in a log under a minute apart, with a step's time added
 
     def __init__(self, stage: str, total: int, unit: str, first: int = 0, terminal: bool | None = None,
                  clock=time.monotonic, one: str | None = None):
@@ -618,8 +618,9 @@ class StageProgress:
         per_second = 1 / seconds_each
         rate = (f"{seconds_each:.2f} s a {self.one}" if seconds_each >= 1
                 else f"{per_second:.{0 if per_second >= 10 else 1}f} {self.unit} a second")
+        left = seconds_each * (self.total - done)
         line = (f"  {self.stage}{done}/{self.total} {self.unit}, {rate}, about "
-                f"{seconds_each * (self.total - done) / 60:.0f} min left")
+                + (f"{left:.0f} s left" if left < 90 else f"{left / 60:.0f} min left"))
         print(f"\r{line}\033[K" if self.terminal else line, end="" if self.terminal else "\n", flush=True)
         self.shown = True
 
@@ -1824,7 +1825,12 @@ def word2vec_matrix(token_ids, vocabulary: list[str], embedding_dim: int, seed: 
     `vocabulary`."""
 
     words = np.array(vocabulary, dtype=object)
-    sentences = [list(words[row[row > 1]]) for row in token_ids]
+
+    class Sentences:  # read again on each pass, so the words of every text are never in memory at once
+        def __iter__(self):
+            return (list(words[row[row > 1]]) for row in token_ids)
+
+    sentences = Sentences()
     progress = StageProgress("Word2Vec: ", epochs, "passes", one="pass")
 
     class Passes(CallbackAny2Vec):
@@ -1895,8 +1901,10 @@ def pretrained_matrix(vectors, token_ids, vocabulary: list[str], seed: int) -> t
 # PATIENCE_STEPS steps, so that early stopping does not end a run during its first noisy epochs. Word2Vec,
 # whose vectors start the embedding, passes over the training text until it has seen WORD2VEC_TOKENS tokens
 # (5 passes at least, as on the full data): with 5 passes over a few thousand reviews most of its vectors
-# stay near their tiny random start and the LSTM starts worse than from random vectors. The numbers were
-# chosen on validation figures of IMDB subsets (docs/RESULTS.md, "Small data").
+# stay near their tiny random start and the LSTM starts worse than from random vectors. On large data its passes
+# are bounded by WORD2VEC_MAX_TOKENS instead (fewer passes, then a seeded sample of the texts: about 80 s of
+# Word2Vec on machine D, which reads about 1.25 million tokens a second). The numbers were chosen on validation
+# figures of IMDB subsets (docs/RESULTS.md, "Small data").
 BATCH_SIZE = 128
 SMALL_BATCH_SIZE = 32
 SMALL_TRAINING_ROWS = 20_000  # fewer training reviews than this: batches of SMALL_BATCH_SIZE
@@ -1906,6 +1914,7 @@ MAX_PLANNED_EPOCHS = 100
 WORD2VEC_EPOCHS = 5
 WORD2VEC_TOKENS = 20_000_000
 MAX_WORD2VEC_EPOCHS = 200
+WORD2VEC_MAX_TOKENS = 100_000_000
 
 
 @dataclass(frozen=True)
@@ -1916,6 +1925,7 @@ class TrainingPlan:
     patience: int         # epochs without a lower validation loss before stopping
     word2vec_epochs: int  # passes of Word2Vec over the training text (0 without --embeddings word2vec)
     reason: str           # how the plan came about, in words
+    word2vec_share: float = 1.0  # of the texts Word2Vec reads (a seeded sample when they are too many)
 
     @property
     def planned_steps(self) -> int:
@@ -1924,7 +1934,7 @@ class TrainingPlan:
     def summary(self) -> dict:
         return {"batch_size": self.batch_size, "steps_per_epoch": self.steps_per_epoch, "planned_epochs": self.epochs,
                 "planned_steps": self.planned_steps, "patience": self.patience,
-                "word2vec_epochs": self.word2vec_epochs, "plan": self.reason}
+                "word2vec_epochs": self.word2vec_epochs, "word2vec_share": self.word2vec_share, "plan": self.reason}
 
 
 @dataclass(frozen=True)
@@ -1971,12 +1981,19 @@ def plan_training(asked: PlanAsked, lengths: np.ndarray, replicas: int, max_leng
             notes.append(f"patience {patience} epochs (about {PATIENCE_STEPS} steps)")
     tokens = int(lengths.sum()) + other_tokens
     word2vec_epochs = 0  # no Word2Vec in this run
+    share = 1.0
     if asked.word2vec:
         word2vec_epochs = min(MAX_WORD2VEC_EPOCHS, max(WORD2VEC_EPOCHS, math.ceil(WORD2VEC_TOKENS / max(1, tokens))))
+        if word2vec_epochs * tokens > WORD2VEC_MAX_TOKENS:
+            word2vec_epochs = max(1, WORD2VEC_MAX_TOKENS // tokens)
+            share = min(1.0, WORD2VEC_MAX_TOKENS / (word2vec_epochs * tokens))
+            sample = "" if share == 1.0 else f"a {share:.0%} sample of "
+            notes.append(f"Word2Vec {word2vec_epochs} passes over {sample}{tokens} tokens (at most "
+                         f"{WORD2VEC_MAX_TOKENS} in all)")
     if word2vec_epochs > WORD2VEC_EPOCHS:
         notes.append(f"Word2Vec {word2vec_epochs} passes over {tokens} tokens")
     reason = "; ".join(notes) or f"the defaults for {rows} training reviews"
-    return TrainingPlan(batch_size, steps, epochs, patience, word2vec_epochs, reason)
+    return TrainingPlan(batch_size, steps, epochs, patience, word2vec_epochs, reason, share)
 
 
 class Background:
@@ -2077,6 +2094,10 @@ def starting_embedding(derived: Derived, seed: int, train_ids: np.ndarray, unlab
         also = f" and {len(unlabelled_ids)} unlabelled texts" if len(unlabelled_ids) else ""
         print(f"Training Word2Vec on the training split{also} ({plan.word2vec_epochs} passes) ...")
         all_ids = np.concatenate([train_ids, unlabelled_ids]) if len(unlabelled_ids) else train_ids
+        if plan.word2vec_share < 1.0:  # too many tokens for its budget: a seeded sample of the texts
+            chosen = np.random.default_rng(seed).choice(len(all_ids), round(plan.word2vec_share * len(all_ids)),
+                                                        replace=False)
+            all_ids = all_ids[np.sort(chosen)]
         return word2vec_matrix(all_ids, vocabulary, derived.embedding_dim, seed, plan.word2vec_epochs), None
     if derived.embeddings == "random":
         return None, None
@@ -3372,7 +3393,7 @@ class Checkpoints:
 
 def batch_reporter(log: TrainingLog, first_step: int, steps: int, done_batches: int):
     """What each training batch reports: its loss to TensorBoard, and in a log (not a terminal, which has the
-    progress bar) a line of progress every minute."""
+    progress bar) a line of progress every StageProgress.LOG_EVERY seconds."""
     minutes = StageProgress("", steps, "batches", done_batches, terminal=False, one="batch")
 
     def on_batch(index, loss):

@@ -69,16 +69,18 @@ def test_ctrl_c_stops_training_and_keeps_the_best_weights_so_far():
         np.testing.assert_array_equal(weight, best)
 
 
-def test_a_log_gets_a_progress_line_a_minute_during_an_epoch(capsys):
+def test_a_log_gets_a_progress_line_under_a_minute_apart_during_an_epoch(capsys):
     now = [0.0]
     progress = sa.StageProgress("", 100, "batches", first=10, terminal=False, clock=lambda: now[0], one="batch")
     for index in range(10, 100):
         now[0] += 2.0  # two seconds a batch
         progress(index + 1)
     lines = capsys.readouterr().out.splitlines()
-    # A line after each whole minute (30 batches of a resumed epoch's 90), none at the epoch's last batch.
-    assert lines == ["  40/100 batches, 2.00 s a batch, about 2 min left",
-                     "  70/100 batches, 2.00 s a batch, about 1 min left"]
+    # A line after each 50 s (25 batches of a resumed epoch's 90), none at the epoch's last batch; under 90 s
+    # left it says the seconds.
+    assert lines == ["  35/100 batches, 2.00 s a batch, about 2 min left",
+                     "  60/100 batches, 2.00 s a batch, about 80 s left",
+                     "  85/100 batches, 2.00 s a batch, about 30 s left"]
 
 
 def test_a_terminal_gets_one_line_rewritten_and_cleared(capsys):
@@ -90,7 +92,7 @@ def test_a_terminal_gets_one_line_rewritten_and_cleared(capsys):
     progress.close()
     out = capsys.readouterr().out
     assert "\n" not in out and out.count("\r") == 10  # nine updates (none at the end) and the clearing
-    assert "\r  tokenizing: 9000/10000 texts, 1000 texts a second, about 0 min left" in out
+    assert "\r  tokenizing: 9000/10000 texts, 1000 texts a second, about 1 s left" in out
 
 
 def test_a_rate_near_one_a_second_keeps_a_decimal(capsys):

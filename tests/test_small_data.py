@@ -37,6 +37,28 @@ def test_the_full_imdb_size_keeps_the_cards_recipe():
     assert (best.batch_size, best.epochs, best.patience) == (128, 6, 1)
 
 
+def test_large_data_bounds_word2vec_by_its_token_budget(monkeypatch):
+    """Above WORD2VEC_MAX_TOKENS over all passes: fewer passes, then one pass over a seeded sample of the texts,
+    which is what Word2Vec is given."""
+    import sentiment_analysis as sa
+
+    plan, lengths = plan_for(100_000)  # about 26M tokens: 3 passes instead of 5
+    assert plan.word2vec_epochs == sa.WORD2VEC_MAX_TOKENS // lengths.sum() == 3 and plan.word2vec_share == 1.0
+    assert "Word2Vec 3 passes over" in plan.reason and "sample" not in plan.reason
+    plan, lengths = plan_for(400_000)  # about 104M tokens: one pass over a sample of them
+    assert plan.word2vec_epochs == 1 and plan.word2vec_share == pytest.approx(sa.WORD2VEC_MAX_TOKENS / lengths.sum())
+    assert f"a {plan.word2vec_share:.0%} sample of {lengths.sum()} tokens" in plan.reason
+    given = []
+    monkeypatch.setattr(sa, "word2vec_matrix", lambda ids, *args: given.append(ids) or np.zeros((3, 4)))
+    derived = sa.Derived("word2vec", 4, 500)
+    ids = np.arange(1, 1001, dtype=np.int32)[:, None]
+    half = sa.TrainingPlan(128, 8, 4, 1, 1, "test", word2vec_share=0.5)
+    sa.starting_embedding(derived, 42, ids, ids[:0], ["", "[UNK]", "a"], half)
+    assert len(given[0]) == 500 and len(set(given[0][:, 0])) == 500 and list(given[0][:, 0]) == sorted(given[0][:, 0])
+    sa.starting_embedding(derived, 42, ids, ids[:0], ["", "[UNK]", "a"], half)
+    np.testing.assert_array_equal(given[0], given[1])  # seeded
+
+
 @pytest.mark.parametrize("rows", [720, 2_157, 7_186])
 def test_small_data_gets_small_batches_and_at_least_the_minimum_of_steps(rows):
     import sentiment_analysis as sa
