@@ -1636,10 +1636,17 @@ def weighted_batch(token_ids, labels, full_size: int | None):
     return tf.gather(token_ids, rows), tf.gather(labels, rows), weights
 
 
+def unpadded(token_ids: np.ndarray):
+    """The reviews' ids without their right padding, as one tf.RaggedTensor: a dataset of it holds only the real
+    tokens (on IMDB under half the padded array), and its elements are each review's ids."""
+    lengths = np.count_nonzero(token_ids, axis=1)
+    return tf.RaggedTensor.from_row_lengths(token_ids[np.arange(token_ids.shape[1]) < lengths[:, None]], lengths)
+
+
 def build_training_dataset(token_ids, labels, batch_size: int, max_length: int, shuffle_seed: int | None,
                           pad_to_full_batches: bool = False):
-    """Batches of similar-length reviews, padded on the right only as far as the longest in the batch, as
-    (token ids, labels, weights).
+    """Batches of similar-length reviews (`token_ids` right-padded, or already unpadded), padded on the right
+    only as far as the longest in the batch, as (token ids, labels, weights).
 
     Every review is in exactly one batch. On several replicas (`pad_to_full_batches`) each bucket's last,
     partial batch is filled up to a whole one with weight-0 copies, so every batch splits evenly across them.
@@ -1650,12 +1657,12 @@ def build_training_dataset(token_ids, labels, batch_size: int, max_length: int, 
     Training builds one such dataset per epoch, shuffled with a seed of that epoch's own, so that a resumed
     run sees the same batches as one that was never interrupted."""
 
+    reviews = unpadded(token_ids) if isinstance(token_ids, np.ndarray) else token_ids
     boundaries = bucket_boundaries(max_length, len(labels), batch_size)
-    batches = count_batches(review_lengths(token_ids), batch_size, boundaries)
+    batches = count_batches(np.maximum(reviews.row_lengths().numpy(), 1), batch_size, boundaries)
 
-    dataset = tf.data.Dataset.from_tensor_slices((token_ids, labels.astype(np.float32)))
-    dataset = dataset.map(lambda ids, label: (ids[: tf.math.count_nonzero(ids, dtype=tf.int32)], label),
-                          num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = tf.data.Dataset.from_tensor_slices((reviews, labels.astype(np.float32)))  # each review's own ids
+    dataset = dataset.map(lambda ids, label: (ids, label))  # a slice's ragged spec becomes a plain tensor's
     if shuffle_seed is not None:
         dataset = dataset.shuffle(len(labels), seed=shuffle_seed, reshuffle_each_iteration=False)
     dataset = dataset.bucket_by_sequence_length(
@@ -1673,9 +1680,11 @@ def build_training_dataset(token_ids, labels, batch_size: int, max_length: int, 
 
 
 def epoch_batches(token_ids, labels, global_batch_size: int, seed: int, several: bool):
-    """epoch -> that epoch's training batches, shuffled with a seed of its own (so a resumed run sees the same)."""
-    return lambda epoch: build_training_dataset(token_ids, labels, global_batch_size, token_ids.shape[1],
-                                                seed + epoch, several)
+    """epoch -> that epoch's training batches, shuffled with a seed of its own (so a resumed run sees the same);
+    the reviews made unpadded once for all epochs."""
+    reviews, max_length = unpadded(token_ids), token_ids.shape[1]
+    return lambda epoch: build_training_dataset(reviews, labels, global_batch_size, max_length, seed + epoch,
+                                                several)
 
 
 def build_inference_dataset(token_ids, batch_size: int):
