@@ -1911,9 +1911,9 @@ def pretrained_matrix(vectors, token_ids, vocabulary: list[str], seed: int) -> t
 # whose vectors start the embedding, passes over the training text until it has seen WORD2VEC_TOKENS tokens
 # (5 passes at least, as on the full data): with 5 passes over a few thousand reviews most of its vectors
 # stay near their tiny random start and the LSTM starts worse than from random vectors. On large data its passes
-# are bounded by WORD2VEC_MAX_TOKENS instead (fewer passes, then a seeded sample of the texts: about 80 s of
-# Word2Vec on machine D, which reads about 1.25 million tokens a second). The numbers were chosen on validation
-# figures of IMDB subsets (docs/RESULTS.md, "Small data").
+# are bounded by WORD2VEC_MAX_TOKENS instead (fewer passes, then a seeded sample of the texts: about 155 s of
+# Word2Vec on machine D beside the baseline's fits, 0.65 million tokens a second). The numbers were chosen on
+# validation figures of IMDB subsets (docs/RESULTS.md, "Small data").
 BATCH_SIZE = 128
 SMALL_BATCH_SIZE = 32
 SMALL_TRAINING_ROWS = 20_000  # fewer training reviews than this: batches of SMALL_BATCH_SIZE
