@@ -2572,8 +2572,12 @@ def fit_baselines(parts: list[tuple[list[str], np.ndarray]], recipe: BaselineRec
         return [fit_baseline(texts, labels, recipe) for texts, labels in parts]
     print(f"Fitting {len(parts)} baselines, {workers} at a time ...")
     with joblib.parallel_config(backend="loky", inner_max_num_threads=BASELINE_BLAS_THREADS):
-        return joblib.Parallel(n_jobs=workers)(joblib.delayed(baseline_pipeline(recipe).fit)(texts, labels)
-                                               for texts, labels in parts)
+        models = joblib.Parallel(n_jobs=workers)(joblib.delayed(baseline_pipeline(recipe).fit)(texts, labels)
+                                                 for texts, labels in parts)
+    # Idle workers keep their memory (loky keeps them 300 s for reuse): ended now, they give it back before
+    # training (about 0.5 GB at 300,000 rows, docs/RESULTS.md), for a second or two to start them again.
+    joblib.externals.loky.get_reusable_executor().shutdown(wait=True)
+    return models
 
 
 def baseline_sample(labels: np.ndarray, recipe: BaselineRecipe) -> np.ndarray:
