@@ -1592,20 +1592,86 @@ def checkpoint_start(recipe: ModelRecipe) -> dict:
     return load_bert_checkpoint(recipe.bert_preset).description()
 
 
-def vectorize(vectorizer, texts) -> np.ndarray:
-    """Token ids, right-padded with zeros to max_length, as int32 to halve the memory of int64."""
-    progress, parts, done = StageProgress("tokenizing: ", len(texts), "texts"), [], 0
-    for batch in text_dataset(texts):
-        parts.append(np.asarray(vectorizer(batch), dtype=np.int32))
-        done += len(parts[-1])
-        progress(done)
+@dataclass(frozen=True)
+class ReviewIds:
+    """The token ids of some reviews without their right padding, as fairseq stores them: every review's ids one
+    after another in `tokens` (int32) and where each review ends in `ends` (int64), so review i is
+    tokens[ends[i - 1]:ends[i]]. At IMDB's lengths under half the padded (reviews, max_length) array; NumPy
+    arrays in memory or memory-mapped from a file alike. `max_length` is the longest a review was cut to."""
+    tokens: np.ndarray
+    ends: np.ndarray
+    max_length: int
+
+    @classmethod
+    def from_padded(cls, padded: np.ndarray) -> ReviewIds:
+        """From right-padded ids (a vectorizer's output): each row's ids up to its last non-zero one."""
+        padded = np.asarray(padded, dtype=np.int32)
+        nonzero = padded != 0
+        lengths = np.where(nonzero.any(axis=1), padded.shape[1] - np.argmax(nonzero[:, ::-1], axis=1), 0)
+        return cls.from_lengths(padded[np.arange(padded.shape[1]) < lengths[:, None]], lengths, padded.shape[1])
+
+    @classmethod
+    def from_lengths(cls, tokens: np.ndarray, lengths: np.ndarray, max_length: int) -> ReviewIds:
+        return cls(np.asarray(tokens, dtype=np.int32), np.cumsum(lengths, dtype=np.int64), max_length)
+
+    @classmethod
+    def concatenate(cls, parts: list[ReviewIds], max_length: int) -> ReviewIds:
+        return cls.from_lengths(np.concatenate([np.zeros(0, np.int32)] + [part.tokens for part in parts]),
+                                np.concatenate([np.zeros(0, np.int64)] + [part.lengths for part in parts]),
+                                max_length)
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, ReviewIds) and self.max_length == other.max_length
+                and np.array_equal(self.ends, other.ends) and np.array_equal(self.tokens, other.tokens))
+
+    @functools.cached_property
+    def starts(self) -> np.ndarray:
+        return self.ends - self.lengths
+
+    @functools.cached_property
+    def lengths(self) -> np.ndarray:
+        """Tokens in each review (0 for an empty one)."""
+        return np.diff(self.ends, prepend=0)
+
+    def __iter__(self):
+        """Each review's ids."""
+        return (self.tokens[start:end] for start, end in zip(self.starts, self.ends))
+
+    def take(self, rows: np.ndarray) -> ReviewIds:
+        """These reviews, in this order."""
+        starts, lengths = self.starts[rows], self.lengths[rows]
+        spans = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(int(lengths.sum()))
+        return ReviewIds.from_lengths(self.tokens[spans], lengths, self.max_length)
+
+    def padded(self, rows: np.ndarray, width: int | None = None) -> np.ndarray:
+        """These reviews right-padded with zeros to `width` columns (default: the longest of them, at least 1;
+        none is longer than `width`)."""
+        part = self.take(rows)
+        padded = np.zeros((len(part), width or max(1, int(part.lengths.max(initial=0)))), dtype=np.int32)
+        padded[np.arange(padded.shape[1]) < part.lengths[:, None]] = part.tokens
+        return padded
+
+    def ragged(self):
+        """All reviews as one tf.RaggedTensor, whose elements in a dataset are each review's ids."""
+        return tf.RaggedTensor.from_row_lengths(self.tokens, self.lengths)
+
+
+def vectorize(vectorizer, texts, max_length: int) -> ReviewIds:
+    """The texts' token ids, batch by batch without their padding (the padded array of all texts never exists)."""
+    progress, parts = StageProgress("tokenizing: ", len(texts), "texts"), []
+    for batch in text_dataset(texts) if len(texts) else ():
+        parts.append(ReviewIds.from_padded(vectorizer(batch)))
+        progress(sum(map(len, parts)))
     progress.close()
-    return np.concatenate(parts)
+    return ReviewIds.concatenate(parts, max_length)
 
 
-def review_lengths(token_ids: np.ndarray) -> np.ndarray:
+def review_lengths(token_ids: ReviewIds) -> np.ndarray:
     """Tokens per review (at least 1: an empty review still takes one step)."""
-    return np.maximum(np.count_nonzero(token_ids, axis=1), 1)
+    return np.maximum(token_ids.lengths, 1)
 
 
 def bucket_boundaries(max_length: int, rows: int, batch_size: int) -> list[int]:
@@ -1636,16 +1702,9 @@ def weighted_batch(token_ids, labels, full_size: int | None):
     return tf.gather(token_ids, rows), tf.gather(labels, rows), weights
 
 
-def unpadded(token_ids: np.ndarray):
-    """The reviews' ids without their right padding, as one tf.RaggedTensor: a dataset of it holds only the real
-    tokens (on IMDB under half the padded array), and its elements are each review's ids."""
-    lengths = np.count_nonzero(token_ids, axis=1)
-    return tf.RaggedTensor.from_row_lengths(token_ids[np.arange(token_ids.shape[1]) < lengths[:, None]], lengths)
-
-
 def build_training_dataset(token_ids, labels, batch_size: int, max_length: int, shuffle_seed: int | None,
                           pad_to_full_batches: bool = False):
-    """Batches of similar-length reviews (`token_ids` right-padded, or already unpadded), padded on the right
+    """Batches of similar-length reviews (`token_ids` a ReviewIds, or its ragged()), padded on the right
     only as far as the longest in the batch, as (token ids, labels, weights).
 
     Every review is in exactly one batch. On several replicas (`pad_to_full_batches`) each bucket's last,
@@ -1657,7 +1716,7 @@ def build_training_dataset(token_ids, labels, batch_size: int, max_length: int, 
     Training builds one such dataset per epoch, shuffled with a seed of that epoch's own, so that a resumed
     run sees the same batches as one that was never interrupted."""
 
-    reviews = unpadded(token_ids) if isinstance(token_ids, np.ndarray) else token_ids
+    reviews = token_ids.ragged() if isinstance(token_ids, ReviewIds) else token_ids
     boundaries = bucket_boundaries(max_length, len(labels), batch_size)
     batches = count_batches(np.maximum(reviews.row_lengths().numpy(), 1), batch_size, boundaries)
 
@@ -1682,22 +1741,21 @@ def build_training_dataset(token_ids, labels, batch_size: int, max_length: int, 
 def epoch_batches(token_ids, labels, global_batch_size: int, seed: int, several: bool):
     """epoch -> that epoch's training batches, shuffled with a seed of its own (so a resumed run sees the same);
     the reviews made unpadded once for all epochs."""
-    reviews, max_length = unpadded(token_ids), token_ids.shape[1]
+    reviews, max_length = token_ids.ragged(), token_ids.max_length
     return lambda epoch: build_training_dataset(reviews, labels, global_batch_size, max_length, seed + epoch,
                                                 several)
 
 
-def build_inference_dataset(token_ids, batch_size: int):
-    """Batches in the order given (callers sort by length first), each padded to its longest review."""
-    lengths = review_lengths(token_ids)
+def build_inference_dataset(token_ids: ReviewIds, order: np.ndarray, batch_size: int):
+    """Batches of the reviews in `order` (callers sort by length first), each padded to its longest review."""
 
     def batches():
-        for start in range(0, len(token_ids), batch_size):
-            yield token_ids[start:start + batch_size, : lengths[start:start + batch_size].max()]
+        for start in range(0, len(order), batch_size):
+            yield token_ids.padded(order[start:start + batch_size])
 
     signature = tf.TensorSpec(shape=(None, None), dtype=tf.int32)
     dataset = tf.data.Dataset.from_generator(batches, output_signature=signature)
-    return dataset.apply(tf.data.experimental.assert_cardinality(math.ceil(len(token_ids) / batch_size)))
+    return dataset.apply(tf.data.experimental.assert_cardinality(math.ceil(len(order) / batch_size)))
 
 
 def class_columns(output):
@@ -1716,12 +1774,11 @@ def class_probabilities(model_output) -> np.ndarray:
     return class_columns(np.asarray(model_output, dtype=np.float64).reshape(len(model_output), -1))
 
 
-def predict_token_ids(classifier, token_ids, batch_size: int = 512) -> np.ndarray:
+def predict_token_ids(classifier, token_ids: ReviewIds, batch_size: int = 512) -> np.ndarray:
     """Class probabilities (reviews, classes) in input order; sorting by length first keeps padding small."""
-    lengths = np.count_nonzero(token_ids, axis=1)
-    order = np.argsort(lengths, kind="stable")
+    order = np.argsort(token_ids.lengths, kind="stable")
     sorted_probabilities = class_probabilities(
-        classifier.predict(build_inference_dataset(token_ids[order], batch_size), verbose=0))
+        classifier.predict(build_inference_dataset(token_ids, order, batch_size), verbose=0))
     probabilities = np.empty_like(sorted_probabilities)
     probabilities[order] = sorted_probabilities
     return probabilities
@@ -1892,8 +1949,8 @@ def pretrained_matrix(vectors, token_ids, vocabulary: list[str], seed: int) -> t
     matrix[0] = 0.0
     if found:
         matrix[found] = known
-    tokens = np.bincount(token_ids.ravel(), minlength=len(vocabulary))
-    tokens[0] = 0  # padding; [UNK] (1) counts as not covered
+    tokens = np.bincount(token_ids.tokens, minlength=len(vocabulary))
+    tokens[0] = 0  # [UNK] (1) counts as not covered
     coverage = {"file_words": len(vectors.key_to_index), "dimension": vectors.vector_size,
                 "vocabulary_covered": round(len(found) / max(1, len(vocabulary) - 2), 4),
                 "training_tokens_covered": round(float(tokens[found].sum() / max(1, tokens.sum())), 4)}
@@ -2041,10 +2098,10 @@ class PreparedInputs:
     """What the training loop and the scoring need from the text, made once from the splits."""
     vectorizer: object          # the adapted keras TextVectorization layer
     vocabulary: list[str]
-    train_ids: np.ndarray       # token ids of each split, right-padded to --max-length
-    validation_ids: np.ndarray
-    test_ids: np.ndarray
-    unlabelled_ids: np.ndarray  # token ids of the unlabelled texts the run learns from (maybe none)
+    train_ids: ReviewIds        # token ids of each split, cut to --max-length
+    validation_ids: ReviewIds
+    test_ids: ReviewIds
+    unlabelled_ids: ReviewIds   # token ids of the unlabelled texts the run learns from (maybe none)
     plan: TrainingPlan          # batch size, steps per epoch, epochs and patience
     training_batches: object    # epoch -> that epoch's training batches (a tf.data.Dataset), in its own order
     validation_batches: object  # a tf.data.Dataset, the same every epoch
@@ -2071,19 +2128,18 @@ class PreparedInputs:
         return {"longer_than_max_length": self.truncated_reviews, **coverage}
 
 
-def unsplit_texts(token_ids: np.ndarray) -> int:
+def unsplit_texts(token_ids: ReviewIds) -> int:
     """How many texts are one or two tokens that no other text shares (or [UNK]): what text without spaces
     (Chinese, Japanese, Thai) becomes when it is split into words at spaces, a sentence per "word"."""
-    # The ids are right-padded, so a text of at most two tokens has them in its first two columns.
-    short = token_ids[np.count_nonzero(token_ids, axis=1) <= 2, :2]
+    short = token_ids.padded(np.flatnonzero(token_ids.lengths <= 2), width=2)  # 0: no second token
     if not len(short):
         return 0
-    counts = np.bincount(token_ids.ravel(), minlength=2)
+    counts = np.bincount(token_ids.tokens, minlength=2)
     lonely = (counts[short] <= 1) | (short <= 1)  # used by no other text, [UNK] (1) or padding (0)
     return int(np.all(lonely, axis=1).sum())
 
 
-def check_texts_split(train_ids: np.ndarray, tokenizer: str) -> None:
+def check_texts_split(train_ids: ReviewIds, tokenizer: str) -> None:
     """Stop before training when most training texts were not split into tokens: such a model learns chance."""
     unsplit = unsplit_texts(train_ids)
     if unsplit > len(train_ids) / 2:
@@ -2094,7 +2150,7 @@ def check_texts_split(train_ids: np.ndarray, tokenizer: str) -> None:
                         f"per sentence, and a model of such words learns nothing; {hint}")
 
 
-def starting_embedding(derived: Derived, seed: int, train_ids: np.ndarray, unlabelled_ids: np.ndarray,
+def starting_embedding(derived: Derived, seed: int, train_ids: ReviewIds, unlabelled_ids: ReviewIds,
                        vocabulary: list[str], plan: TrainingPlan):
     """The embedding's starting weights and, from a word-vector file, how much of the text it covers: Word2Vec
     trained on the training split and the unlabelled text (--embeddings word2vec), the file's vectors, or
@@ -2102,11 +2158,12 @@ def starting_embedding(derived: Derived, seed: int, train_ids: np.ndarray, unlab
     if derived.embeddings == "word2vec":
         also = f" and {len(unlabelled_ids)} unlabelled texts" if len(unlabelled_ids) else ""
         print(f"Training Word2Vec on the training split{also} ({plan.word2vec_epochs} passes) ...")
-        all_ids = np.concatenate([train_ids, unlabelled_ids]) if len(unlabelled_ids) else train_ids
+        all_ids = (ReviewIds.concatenate([train_ids, unlabelled_ids], train_ids.max_length) if len(unlabelled_ids)
+                   else train_ids)
         if plan.word2vec_share < 1.0:  # too many tokens for its budget: a seeded sample of the texts
             chosen = np.random.default_rng(seed).choice(len(all_ids), round(plan.word2vec_share * len(all_ids)),
                                                         replace=False)
-            all_ids = all_ids[np.sort(chosen)]
+            all_ids = all_ids.take(np.sort(chosen))
         return word2vec_matrix(all_ids, vocabulary, derived.embedding_dim, seed, plan.word2vec_epochs), None
     if derived.embeddings == "random":
         return None, None
@@ -2143,19 +2200,6 @@ INPUTS_CACHE = "inputs_cache"
 CACHED_IDS = ("train_ids", "validation_ids", "test_ids", "unlabelled_ids")
 
 
-def ids_lengths(token_ids: np.ndarray) -> np.ndarray:
-    """Each row's length up to its last non-padding id (right padding is all a row loses when it is stored
-    without it)."""
-    nonzero = token_ids != 0
-    return np.where(nonzero.any(axis=1), token_ids.shape[1] - np.argmax(nonzero[:, ::-1], axis=1), 0)
-
-
-def padded_ids(tokens: np.ndarray, lengths: np.ndarray, max_length: int) -> np.ndarray:
-    ids = np.zeros((len(lengths), max_length), dtype=np.int32)
-    ids[np.arange(max_length) < lengths[:, None]] = tokens
-    return ids
-
-
 @dataclass(frozen=True)
 class InputsCache:
     """An interrupted run's token ids, vocabulary and starting embedding, in `directory` under its state
@@ -2171,14 +2215,12 @@ class InputsCache:
 
     @staticmethod
     def arrays(inputs: PreparedInputs) -> dict[str, np.ndarray]:
-        """What it stores of the inputs: each split's token ids without their right padding, and the
-        embedding's starting weights (their nbytes are the bytes it needs)."""
+        """What it stores of the inputs: each split's token ids (ReviewIds' tokens and each review's length), and
+        the embedding's starting weights (their nbytes are the bytes it needs)."""
         arrays = {}
         for name in CACHED_IDS:
-            ids = getattr(inputs, name)
-            lengths = ids_lengths(ids)
-            arrays[f"{name}_tokens"] = ids[np.arange(ids.shape[1]) < lengths[:, None]]
-            arrays[f"{name}_lengths"] = lengths
+            arrays[f"{name}_tokens"], arrays[f"{name}_lengths"] = getattr(inputs, name).tokens, getattr(
+                inputs, name).lengths
         if inputs.embedding_matrix is not None:
             arrays["embedding_matrix"] = inputs.embedding_matrix
         return arrays
@@ -2202,8 +2244,8 @@ class InputsCache:
                 print("The cached token ids were made from other data or settings: preparing them again")
                 return None
             with np.load(self.directory / "arrays.npz") as arrays:
-                cached = {name: padded_ids(arrays[f"{name}_tokens"], arrays[f"{name}_lengths"], max_length)
-                          for name in CACHED_IDS}
+                cached = {name: ReviewIds.from_lengths(arrays[f"{name}_tokens"], arrays[f"{name}_lengths"],
+                                                       max_length) for name in CACHED_IDS}
                 cached["embedding_matrix"] = (arrays["embedding_matrix"] if "embedding_matrix" in arrays.files
                                               else None)
         except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as error:
@@ -2221,9 +2263,8 @@ def tokenized_texts(splits: DataSplits, recipe: ModelRecipe, architecture, max_l
     """The tokenizer, learned on the training split and the unlabelled texts (never on validation or test
     texts), its vocabulary, and the token ids of each split and of the unlabelled texts (CACHED_IDS' order)."""
     vectorizer = architecture.vectorizer(np.concatenate([splits.train.texts, unlabelled_texts]), recipe, max_length)
-    ids = [vectorize(vectorizer, part.texts) for part in (splits.train, splits.validation, splits.test)]
-    ids.append(vectorize(vectorizer, unlabelled_texts) if len(unlabelled_texts)
-               else np.zeros((0, max_length), dtype=np.int32))
+    ids = [vectorize(vectorizer, texts, max_length)
+           for texts in (splits.train.texts, splits.validation.texts, splits.test.texts, unlabelled_texts)]
     return vectorizer, vectorizer.get_vocabulary(), ids
 
 
@@ -2953,7 +2994,7 @@ class ValidationCheck:
                 **({"baseline": accuracy_of(self.labels, self.baseline)} if self.baseline is not None else {})}
 
 
-def compare_on_validation(classifier, baseline, validation_ids: np.ndarray, splits: DataSplits,
+def compare_on_validation(classifier, baseline, validation_ids: ReviewIds, splits: DataSplits,
                           train_strings: list[str] | None, rows: np.ndarray | None, standardize,
                           recipe: BaselineRecipe) -> ValidationCheck:
     """Both models' validation probabilities, and the baseline's learning curve (on its sample's texts,
@@ -3670,7 +3711,7 @@ def teacher_inputs(inputs: PreparedInputs, targets: np.ndarray, asked: PlanAsked
     """The teacher stage's inputs: the unlabelled texts with the teacher's probabilities as their labels, planned
     like a training split of that size (`asked`: at least TEACHER_MIN_EPOCHS epochs, or --pretrain-epochs), with
     the same validation split (true labels) for early stopping, and no class weights."""
-    plan = plan_training(asked, review_lengths(inputs.unlabelled_ids), replicas, inputs.train_ids.shape[1])
+    plan = plan_training(asked, review_lengths(inputs.unlabelled_ids), replicas, inputs.train_ids.max_length)
     training_batches = epoch_batches(inputs.unlabelled_ids, targets, plan.batch_size * replicas, seed, replicas > 1)
     return dataclasses.replace(inputs, plan=plan, training_batches=training_batches, class_weights=None)
 
@@ -4490,7 +4531,7 @@ def blend_if_asked(blend_weight: float | str | None, arch: str, baseline, check:
     return blend
 
 
-def score_on_test(arch: str, classifier, baseline, blend: Blend | None, test_ids: np.ndarray,
+def score_on_test(arch: str, classifier, baseline, blend: Blend | None, test_ids: ReviewIds,
                   test: LabelledTexts, standardize, clock: Stopwatch) -> dict[str, np.ndarray]:
     """Test-set probabilities of every model, the primary one (the blend, if any) first. Every choice (epochs,
     blend weight) was made on the validation split; the test split is only scored."""

@@ -31,7 +31,8 @@ def one_step_each(strategy, initial_weights, token_ids, labels, config):
     train_step, validation_step = steps.train, steps.validation
 
     def batches():
-        dataset = sa.build_training_dataset(token_ids, labels, 8, token_ids.shape[1], shuffle_seed=None,
+        dataset = sa.build_training_dataset(sa.ReviewIds.from_padded(token_ids), labels, 8, token_ids.shape[1],
+                                            shuffle_seed=None,
                                            pad_to_full_batches=replicas > 1)
         return iter(strategy.experimental_distribute_dataset(dataset))
 
@@ -77,7 +78,8 @@ def test_length_sorted_scoring_matches_the_saved_model_row_by_row():
     keras.utils.set_random_seed(2)
     vectorizer = sa.learned_vectorizer(texts, sa.ModelRecipe.of(config), config.max_length)
     classifier = sa.build_classifier(config, len(vectorizer.get_vocabulary()))
-    by_ids = sa.predict_token_ids(classifier, sa.vectorize(vectorizer, texts), batch_size=7)
+    by_ids = sa.predict_token_ids(classifier, sa.vectorize(vectorizer, texts, config.max_length),
+                                   batch_size=7)
     by_text = sa.predict_strings(sa.build_predictor(vectorizer, classifier, sa.CLASS_NAMES), list(texts))
     assert by_ids.shape == by_text.shape == (len(texts), 2)
     assert np.ptp(by_ids) > 0, "a model that scores every review alike would prove nothing"
@@ -95,7 +97,8 @@ def test_every_review_is_in_exactly_one_batch_and_count_batches_knows_how_many(b
         token_ids[row, :length] = rng.integers(2, 100, length)
     token_ids[:, 0] = np.arange(150) + 1000  # each review's own first token, to recognise it in the batches
     labels = rng.integers(0, 2, 150)
-    dataset = sa.build_training_dataset(token_ids, labels, batch_size, max_length, shuffle_seed=3,
+    dataset = sa.build_training_dataset(sa.ReviewIds.from_padded(token_ids), labels, batch_size, max_length,
+                                        shuffle_seed=3,
                                        pad_to_full_batches=pad)
     assert dataset.options().autotune.enabled is False  # its autotuning slowed epochs by 1.35x (docs/RESULTS.md)
     batches = list(dataset.as_numpy_iterator())
@@ -282,3 +285,20 @@ def test_baseline_word_scores_come_from_the_blend_layers_own_tfidf_and_add_up_to
     assert scores[5] == 0 and np.count_nonzero(scores[:5]) == 5
     layer_probabilities = layer(tf.constant([[2, 3, 2, 3, 4, 5, 5]])).numpy()[0]
     np.testing.assert_allclose(layer_probabilities, np.atleast_1d(probabilities(logits)), rtol=1e-5)
+
+
+def test_review_ids_keep_each_review_without_its_padding():
+    padded = np.array([[5, 6, 7, 0], [0, 0, 0, 0], [9, 0, 0, 0], [3, 1, 4, 2]], dtype=np.int32)
+    ids = sa.ReviewIds.from_padded(padded)
+    assert len(ids) == 4 and ids.max_length == 4
+    assert ids.tokens.tolist() == [5, 6, 7, 9, 3, 1, 4, 2] and ids.ends.tolist() == [3, 3, 4, 8]
+    assert [review.tolist() for review in ids] == [[5, 6, 7], [], [9], [3, 1, 4, 2]]
+    np.testing.assert_array_equal(ids.padded(np.arange(4), width=4), padded)  # round trip
+    np.testing.assert_array_equal(ids.padded(np.array([2, 0])), [[9, 0, 0], [5, 6, 7]])  # its longest's width
+    np.testing.assert_array_equal(ids.padded(np.array([1])), [[0]])  # an empty review is one padding step
+    again = sa.ReviewIds.concatenate([ids.take(np.array([3])), ids.take(np.array([0, 1]))], 4)
+    assert [review.tolist() for review in again] == [[3, 1, 4, 2], [5, 6, 7], []]
+    assert again == sa.ReviewIds.from_padded(padded[[3, 0, 1]]) and again != ids.take(np.array([3, 0, 2]))
+    assert sa.ReviewIds.concatenate([], 4).tokens.size == 0 and len(ids.take(np.arange(0))) == 0
+    assert ids.ragged().to_list() == [[5, 6, 7], [], [9], [3, 1, 4, 2]]
+    assert sa.review_lengths(ids).tolist() == [3, 1, 1, 4]  # an empty review still takes one step

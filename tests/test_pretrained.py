@@ -57,7 +57,7 @@ def test_each_file_format_starts_the_embedding_from_its_vectors(name, tmp_path):
     assert not inputs.embedding_matrix[0].any()  # padding
     coverage = inputs.embedding_coverage
     assert coverage["vocabulary_covered"] == round(len(in_file) / (len(vocabulary) - 2), 4)
-    tokens = inputs.train_ids[inputs.train_ids > 0]
+    tokens = inputs.train_ids.tokens
     covered = np.isin(tokens, [vocabulary.index(word) for word in in_file]).mean()
     assert coverage["training_tokens_covered"] == pytest.approx(covered, abs=1e-4)
     assert coverage["file_words"] == len(WORDS) and coverage["dimension"] == 6

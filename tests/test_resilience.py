@@ -596,7 +596,7 @@ def test_the_token_ids_are_cached_reused_and_made_again_when_the_data_changes(tm
     second, out = prepared(config, cache_dir, capsys)
     assert "Reusing the token ids" in out and "Training Word2Vec" not in out
     for name in sa.CACHED_IDS:
-        np.testing.assert_array_equal(getattr(first, name), getattr(second, name))
+        assert getattr(first, name) == getattr(second, name)
     np.testing.assert_array_equal(first.embedding_matrix, second.embedding_matrix)
     assert second.vocabulary == first.vocabulary and second.truncated_reviews == first.truncated_reviews
     texts = sa.load_dataset(config).texts[:20]
@@ -614,7 +614,7 @@ def test_the_token_ids_are_cached_reused_and_made_again_when_the_data_changes(tm
     (cache_dir / "arrays.npz").write_bytes(b"truncated")
     again, out = prepared(other_settings, cache_dir, capsys)
     assert "cannot be read" in out and "Training Word2Vec" in out
-    np.testing.assert_array_equal(again.train_ids, prepared(other_settings, cache_dir, capsys)[0].train_ids)
+    assert again.train_ids == prepared(other_settings, cache_dir, capsys)[0].train_ids
 
 
 def dataclasses_replace(config, **changes):

@@ -261,10 +261,10 @@ def test_distilled_targets_are_half_the_label_and_half_the_teacher():
 
 
 def test_distilled_targets_get_half_as_many_epochs_and_patience_again_unless_given():
-    ids = np.ones((4, 5), dtype=np.int32)
+    ids = sa.ReviewIds.from_padded(np.ones((4, 5), dtype=np.int32))
     plan = sa.TrainingPlan(32, 3, 4, 1, 0, "4 epochs to reach about 1000 optimizer steps")
-    inputs = sa.PreparedInputs(None, [], ids, ids, ids, ids[:0], plan, None, None, 1, sa.Background.done((None, None)),
-                               None, 0, [])
+    inputs = sa.PreparedInputs(None, [], ids, ids, ids, ids.take(np.arange(0)), plan, None, None, 1,
+                               sa.Background.done((None, None)), None, 0, [])
     targets = np.array([0.2, 0.9, 0.6, 0.1])
     planned = sa.distillation_inputs(inputs, targets, sa.PlanAsked.of(sa.TrainConfig()), 42, 1)
     assert planned.plan.epochs == 6 and planned.plan.patience == 2 and planned.plan.batch_size == 32
@@ -328,7 +328,8 @@ def test_the_classifier_starts_from_the_weights_the_teacher_stage_ends_with(semi
         run = sa.read_the_data(config, setup, sa.Stopwatch())
         assert [type(stage) for stage in sa.choose_stages(run.semi)] == [sa.TeacherStage, sa.LabelledStage]
         sa.prepare_run_inputs(run)
-        assert run.inputs.unlabelled_ids.shape == (80, 80) and run.inputs.unlabelled_ids.any()
+        unlabelled = run.inputs.unlabelled_ids
+        assert len(unlabelled) == 80 and unlabelled.max_length == 80 and unlabelled.tokens.any()
         teacher = sa.TeacherStage()
         teacher.prepare(run)
         baseline, _, _ = run.baseline()
