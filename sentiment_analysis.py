@@ -1654,10 +1654,6 @@ class ReviewIds:
         padded[np.arange(padded.shape[1]) < part.lengths[:, None]] = part.tokens
         return padded
 
-    def ragged(self):
-        """All reviews as one tf.RaggedTensor, whose elements in a dataset are each review's ids."""
-        return tf.RaggedTensor.from_row_lengths(self.tokens, self.lengths)
-
 
 def vectorize(vectorizer, texts, max_length: int) -> ReviewIds:
     """The texts' token ids, batch by batch without their padding (the padded array of all texts never exists)."""
@@ -1702,10 +1698,27 @@ def weighted_batch(token_ids, labels, full_size: int | None):
     return tf.gather(token_ids, rows), tf.gather(labels, rows), weights
 
 
-def build_training_dataset(token_ids, labels, batch_size: int, max_length: int, shuffle_seed: int | None,
-                          pad_to_full_batches: bool = False):
-    """Batches of similar-length reviews (`token_ids` a ReviewIds, or its ragged()), padded on the right
-    only as far as the longest in the batch, as (token ids, labels, weights).
+def length_batches(lengths: np.ndarray, batch_size: int, boundaries: list[int], order: np.ndarray) -> list:
+    """What tf.data's bucket_by_sequence_length makes, in NumPy: the reviews taken in `order`, each into the bucket
+    of its length (count_batches' buckets); a bucket's batch leaves when it is full, and at the end each bucket's
+    partial batch, bucket by bucket. The batches (arrays of review indices) in the order they leave."""
+    bucket_of = np.searchsorted(boundaries, lengths[order], side="right")
+    leaving = []
+    for bucket in np.unique(bucket_of):
+        positions = np.flatnonzero(bucket_of == bucket)  # where in `order` this bucket's reviews come
+        for start in range(0, len(positions), batch_size):
+            chunk = positions[start:start + batch_size]
+            leaves = chunk[-1] if len(chunk) == batch_size else len(order) + bucket  # partial ones at the end
+            leaving.append((leaves, order[chunk]))
+    return [chunk for _, chunk in sorted(leaving, key=lambda pair: pair[0])]
+
+
+def build_training_dataset(token_ids: ReviewIds, labels, batch_size: int, max_length: int, shuffle_seed: int | None,
+                           pad_to_full_batches: bool = False):
+    """Batches of similar-length reviews, padded on the right only as far as the longest in the batch, as (token
+    ids, labels, weights): the reviews shuffled with `shuffle_seed` (none: in their order), then grouped by
+    length (length_batches). Only the batch being made is read from `token_ids`, so memory does not grow with
+    the rows when they are memory-mapped.
 
     Every review is in exactly one batch. On several replicas (`pad_to_full_batches`) each bucket's last,
     partial batch is filled up to a whole one with weight-0 copies, so every batch splits evenly across them.
@@ -1716,34 +1729,35 @@ def build_training_dataset(token_ids, labels, batch_size: int, max_length: int, 
     Training builds one such dataset per epoch, shuffled with a seed of that epoch's own, so that a resumed
     run sees the same batches as one that was never interrupted."""
 
-    reviews = token_ids.ragged() if isinstance(token_ids, ReviewIds) else token_ids
-    boundaries = bucket_boundaries(max_length, len(labels), batch_size)
-    batches = count_batches(np.maximum(reviews.row_lengths().numpy(), 1), batch_size, boundaries)
+    lengths = review_lengths(token_ids)
+    order = (np.random.default_rng(shuffle_seed).permutation(len(lengths)) if shuffle_seed is not None
+             else np.arange(len(lengths)))
+    batches = length_batches(lengths, batch_size, bucket_boundaries(max_length, len(labels), batch_size), order)
+    labels = np.asarray(labels, dtype=np.float32)
 
-    dataset = tf.data.Dataset.from_tensor_slices((reviews, labels.astype(np.float32)))  # each review's own ids
-    dataset = dataset.map(lambda ids, label: (ids, label))  # a slice's ragged spec becomes a plain tensor's
-    if shuffle_seed is not None:
-        dataset = dataset.shuffle(len(labels), seed=shuffle_seed, reshuffle_each_iteration=False)
-    dataset = dataset.bucket_by_sequence_length(
-        lambda ids, label: tf.maximum(tf.shape(ids)[0], 1), boundaries, [batch_size] * (len(boundaries) + 1))
+    def padded_batches():
+        for rows in batches:
+            yield token_ids.padded(rows), labels[rows]
+
+    signature = (tf.TensorSpec(shape=(None, None), dtype=tf.int32),
+                 tf.TensorSpec(shape=(None, *labels.shape[1:]), dtype=tf.float32))
+    dataset = tf.data.Dataset.from_generator(padded_batches, output_signature=signature)
     full_size = batch_size if pad_to_full_batches else None
     dataset = dataset.map(lambda ids, labels: weighted_batch(ids, labels, full_size))
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     # tf.data's autotuning runs beside the training step and, on two cores, made about half the epochs 1.35x
-    # slower (docs/RESULTS.md, issue 44); without it every epoch runs at the fast pace, with the same batches.
+    # slower (docs/RESULTS.md, issue 44); without it every epoch runs at the fast pace.
     options.autotune.enabled = False
     # The number of batches is known up front: the loop runs exactly that many steps on every worker.
-    return dataset.apply(tf.data.experimental.assert_cardinality(batches)).with_options(options).prefetch(
+    return dataset.apply(tf.data.experimental.assert_cardinality(len(batches))).with_options(options).prefetch(
         tf.data.AUTOTUNE)
 
 
-def epoch_batches(token_ids, labels, global_batch_size: int, seed: int, several: bool):
-    """epoch -> that epoch's training batches, shuffled with a seed of its own (so a resumed run sees the same);
-    the reviews made unpadded once for all epochs."""
-    reviews, max_length = token_ids.ragged(), token_ids.max_length
-    return lambda epoch: build_training_dataset(reviews, labels, global_batch_size, max_length, seed + epoch,
-                                                several)
+def epoch_batches(token_ids: ReviewIds, labels, global_batch_size: int, seed: int, several: bool):
+    """epoch -> that epoch's training batches, shuffled with a seed of its own (so a resumed run sees the same)."""
+    return lambda epoch: build_training_dataset(token_ids, labels, global_batch_size, token_ids.max_length,
+                                                seed + epoch, several)
 
 
 def build_inference_dataset(token_ids: ReviewIds, order: np.ndarray, batch_size: int):

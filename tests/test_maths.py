@@ -300,5 +300,20 @@ def test_review_ids_keep_each_review_without_its_padding():
     assert [review.tolist() for review in again] == [[3, 1, 4, 2], [5, 6, 7], []]
     assert again == sa.ReviewIds.from_padded(padded[[3, 0, 1]]) and again != ids.take(np.array([3, 0, 2]))
     assert sa.ReviewIds.concatenate([], 4).tokens.size == 0 and len(ids.take(np.arange(0))) == 0
-    assert ids.ragged().to_list() == [[5, 6, 7], [], [9], [3, 1, 4, 2]]
     assert sa.review_lengths(ids).tolist() == [3, 1, 1, 4]  # an empty review still takes one step
+
+
+@pytest.mark.parametrize("batch_size", [1, 4, 16])
+def test_length_batches_are_the_batches_tf_data_buckets_make(batch_size):
+    rng = np.random.default_rng(batch_size)
+    lengths = rng.integers(1, 61, 300)
+    order = rng.permutation(300)
+    boundaries = sa.bucket_boundaries(60, 300, batch_size)
+    ours = sa.length_batches(lengths, batch_size, boundaries, order)
+    reviews = tf.data.Dataset.from_tensor_slices(order).bucket_by_sequence_length(
+        lambda row: tf.gather(tf.constant(lengths, tf.int32), row), boundaries, [batch_size] * (len(boundaries) + 1))
+    theirs = [batch.tolist() for batch in reviews.as_numpy_iterator()]
+    full = [batch.tolist() for batch in ours if len(batch) == batch_size]
+    assert full == [batch for batch in theirs if len(batch) == batch_size]  # the same, in the same order
+    assert sorted(map(sorted, (batch.tolist() for batch in ours))) == sorted(map(sorted, theirs))
+    assert len(ours) == sa.count_batches(lengths, batch_size, boundaries)
