@@ -638,11 +638,11 @@ def test_a_run_interrupted_while_tokenizing_starts_again_with_the_same_command(t
 
     real_vectorize, calls = sa.vectorize, []
 
-    def interrupted_vectorize(vectorizer, texts):
+    def interrupted_vectorize(vectorizer, texts, max_length):
         calls.append(len(texts))
         if len(calls) == 2:  # Ctrl-C while the validation split is tokenized
             raise KeyboardInterrupt
-        return real_vectorize(vectorizer, texts)
+        return real_vectorize(vectorizer, texts, max_length)
 
     monkeypatch.setattr(sa, "vectorize", interrupted_vectorize)
     result = train_tiny_in_process(tmp_path, "--no-baseline")

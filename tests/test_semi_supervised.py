@@ -98,7 +98,7 @@ def test_no_scored_text_and_no_unused_unlabelled_text_reaches_the_vocabulary_or_
     assert not only_elsewhere & vocabulary
     (ids, word2vec_vocabulary), = trained_on
     assert len(ids) == len(splits.train.texts)  # the training split's texts, no unlabelled one
-    assert {word2vec_vocabulary[i] for i in np.unique(ids) if i > 1} <= training
+    assert {word2vec_vocabulary[i] for i in np.unique(ids.tokens) if i > 1} <= training
 
 
 @pytest.mark.parametrize("kind", ["txt", "csv", "tsv"])
