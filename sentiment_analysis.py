@@ -1657,10 +1657,11 @@ class ReviewIds:
 
 def vectorize(vectorizer, texts, max_length: int) -> ReviewIds:
     """The texts' token ids, batch by batch without their padding (the padded array of all texts never exists)."""
-    progress, parts = StageProgress("tokenizing: ", len(texts), "texts"), []
+    progress, parts, done = StageProgress("tokenizing: ", len(texts), "texts"), [], 0
     for batch in text_dataset(texts) if len(texts) else ():
         parts.append(ReviewIds.from_padded(vectorizer(batch)))
-        progress(sum(map(len, parts)))
+        done += len(parts[-1])
+        progress(done)
     progress.close()
     return ReviewIds.concatenate(parts, max_length)
 
@@ -1699,9 +1700,10 @@ def weighted_batch(token_ids, labels, full_size: int | None):
 
 
 def length_batches(lengths: np.ndarray, batch_size: int, boundaries: list[int], order: np.ndarray) -> list:
-    """What tf.data's bucket_by_sequence_length makes, in NumPy: the reviews taken in `order`, each into the bucket
-    of its length (count_batches' buckets); a bucket's batch leaves when it is full, and at the end each bucket's
-    partial batch, bucket by bucket. The batches (arrays of review indices) in the order they leave."""
+    """The batches tf.data's bucket_by_sequence_length makes, in NumPy (its full batches in its order; a test
+    checks it): the reviews taken in `order`, each into the bucket of its length (count_batches' buckets); a
+    bucket's batch leaves when it is full, and at the end each bucket's partial batch, bucket by bucket. The
+    batches (arrays of review indices) in the order they leave."""
     bucket_of = np.searchsorted(boundaries, lengths[order], side="right")
     leaving = []
     for bucket in np.unique(bucket_of):
@@ -2233,8 +2235,8 @@ class InputsCache:
         the embedding's starting weights (their nbytes are the bytes it needs)."""
         arrays = {}
         for name in CACHED_IDS:
-            arrays[f"{name}_tokens"], arrays[f"{name}_lengths"] = getattr(inputs, name).tokens, getattr(
-                inputs, name).lengths
+            ids = getattr(inputs, name)
+            arrays[f"{name}_tokens"], arrays[f"{name}_lengths"] = ids.tokens, ids.lengths
         if inputs.embedding_matrix is not None:
             arrays["embedding_matrix"] = inputs.embedding_matrix
         return arrays
