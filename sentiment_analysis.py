@@ -1715,7 +1715,7 @@ def length_batches(lengths: np.ndarray, batch_size: int, boundaries: list[int], 
     return [chunk for _, chunk in sorted(leaving, key=lambda pair: pair[0])]
 
 
-def build_training_dataset(token_ids: ReviewIds, labels, batch_size: int, max_length: int, shuffle_seed: int | None,
+def build_training_dataset(token_ids: ReviewIds, labels, batch_size: int, shuffle_seed: int | None,
                            pad_to_full_batches: bool = False):
     """Batches of similar-length reviews, padded on the right only as far as the longest in the batch, as (token
     ids, labels, weights): the reviews shuffled with `shuffle_seed` (none: in their order), then grouped by
@@ -1734,7 +1734,8 @@ def build_training_dataset(token_ids: ReviewIds, labels, batch_size: int, max_le
     lengths = review_lengths(token_ids)
     order = (np.random.default_rng(shuffle_seed).permutation(len(lengths)) if shuffle_seed is not None
              else np.arange(len(lengths)))
-    batches = length_batches(lengths, batch_size, bucket_boundaries(max_length, len(labels), batch_size), order)
+    boundaries = bucket_boundaries(token_ids.max_length, len(labels), batch_size)
+    batches = length_batches(lengths, batch_size, boundaries, order)
     labels = np.asarray(labels, dtype=np.float32)
 
     def padded_batches():
@@ -1758,8 +1759,7 @@ def build_training_dataset(token_ids: ReviewIds, labels, batch_size: int, max_le
 
 def epoch_batches(token_ids: ReviewIds, labels, global_batch_size: int, seed: int, several: bool):
     """epoch -> that epoch's training batches, shuffled with a seed of its own (so a resumed run sees the same)."""
-    return lambda epoch: build_training_dataset(token_ids, labels, global_batch_size, token_ids.max_length,
-                                                seed + epoch, several)
+    return lambda epoch: build_training_dataset(token_ids, labels, global_batch_size, seed + epoch, several)
 
 
 def build_inference_dataset(token_ids: ReviewIds, order: np.ndarray, batch_size: int):
@@ -2313,8 +2313,8 @@ def prepare_inputs(splits: DataSplits, config: TrainConfig, architecture, derive
     plan = plan_training(PlanAsked.of(config), review_lengths(train_ids), replicas, max_length,
                          int(review_lengths(unlabelled_ids).sum()))
     global_batch_size, several = plan.batch_size * replicas, replicas > 1
-    validation_batches = build_training_dataset(validation_ids, splits.validation.labels, global_batch_size,
-                                                max_length, None, pad_to_full_batches=several)
+    validation_batches = build_training_dataset(validation_ids, splits.validation.labels, global_batch_size, None,
+                                                pad_to_full_batches=several)
     training_batches = epoch_batches(train_ids, splits.train.labels, global_batch_size, config.seed, several)
     if cached:
         embedding_start = Background.done((cached["embedding_matrix"], cached["embedding_coverage"]))

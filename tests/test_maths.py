@@ -31,9 +31,8 @@ def one_step_each(strategy, initial_weights, token_ids, labels, config):
     train_step, validation_step = steps.train, steps.validation
 
     def batches():
-        dataset = sa.build_training_dataset(sa.ReviewIds.from_padded(token_ids), labels, 8, token_ids.shape[1],
-                                            shuffle_seed=None,
-                                           pad_to_full_batches=replicas > 1)
+        dataset = sa.build_training_dataset(sa.ReviewIds.from_padded(token_ids), labels, 8, shuffle_seed=None,
+                                            pad_to_full_batches=replicas > 1)
         return iter(strategy.experimental_distribute_dataset(dataset))
 
     validation = [float(value) for value in validation_step(batches())]
@@ -97,9 +96,8 @@ def test_every_review_is_in_exactly_one_batch_and_count_batches_knows_how_many(b
         token_ids[row, :length] = rng.integers(2, 100, length)
     token_ids[:, 0] = np.arange(150) + 1000  # each review's own first token, to recognise it in the batches
     labels = rng.integers(0, 2, 150)
-    dataset = sa.build_training_dataset(sa.ReviewIds.from_padded(token_ids), labels, batch_size, max_length,
-                                        shuffle_seed=3,
-                                       pad_to_full_batches=pad)
+    dataset = sa.build_training_dataset(sa.ReviewIds.from_padded(token_ids), labels, batch_size, shuffle_seed=3,
+                                        pad_to_full_batches=pad)
     assert dataset.options().autotune.enabled is False  # its autotuning slowed epochs by 1.35x (docs/RESULTS.md)
     batches = list(dataset.as_numpy_iterator())
     boundaries = sa.bucket_boundaries(max_length, 150, batch_size)
