@@ -1646,6 +1646,26 @@ class ReviewIds:
         spans = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(int(lengths.sum()))
         return ReviewIds.from_lengths(self.tokens[spans], lengths, self.max_length)
 
+    @staticmethod
+    @contextlib.contextmanager
+    def writer(path: Path):
+        """Yield a function that appends reviews' ids (a ReviewIds) to the file `path` as they come: its tokens
+        raw int32, then, when all are written, each review's length in PATH.lengths.npy (ReviewIds.open)."""
+        lengths = []
+        with _atomic_path(path) as temporary, open(temporary, "wb") as file:
+            yield lambda part: (file.write(part.tokens.tobytes()), lengths.append(part.lengths))
+        with _atomic_path(path.with_name(path.name + ".lengths.npy")) as temporary, open(temporary, "wb") as file:
+            np.save(file, np.concatenate([np.zeros(0, np.int64)] + lengths))
+
+    @classmethod
+    def open(cls, path: Path, max_length: int) -> ReviewIds:
+        """The ids a writer wrote to `path`, memory-mapped: a review's ids are read from the file when used."""
+        lengths = np.load(path.with_name(path.name + ".lengths.npy"))
+        if path.stat().st_size != 4 * int(lengths.sum()):
+            raise ValueError(f"{path.name} does not hold the ids its lengths count")
+        tokens = np.memmap(path, dtype=np.int32, mode="r") if len(lengths) and lengths.sum() else np.zeros(0)
+        return cls.from_lengths(tokens, lengths, max_length)
+
     def padded(self, rows: np.ndarray, width: int | None = None) -> np.ndarray:
         """These reviews right-padded with zeros to `width` columns (default: the longest of them, at least 1;
         none is longer than `width`)."""
@@ -1655,15 +1675,18 @@ class ReviewIds:
         return padded
 
 
-def vectorize(vectorizer, texts, max_length: int) -> ReviewIds:
-    """The texts' token ids, batch by batch without their padding (the padded array of all texts never exists)."""
+def vectorize(vectorizer, texts, max_length: int, into: Path | None = None) -> ReviewIds:
+    """The texts' token ids, batch by batch without their padding (the padded array of all texts never exists).
+    With `into`, each batch is written to that file as it comes, and the ids are read back memory-mapped."""
     progress, parts, done = StageProgress("tokenizing: ", len(texts), "texts"), [], 0
-    for batch in text_dataset(texts) if len(texts) else ():
-        parts.append(ReviewIds.from_padded(vectorizer(batch)))
-        done += len(parts[-1])
-        progress(done)
+    with ReviewIds.writer(into) if into else contextlib.nullcontext(parts.append) as keep:
+        for batch in text_dataset(texts) if len(texts) else ():
+            part = ReviewIds.from_padded(vectorizer(batch))
+            keep(part)
+            done += len(part)
+            progress(done)
     progress.close()
-    return ReviewIds.concatenate(parts, max_length)
+    return ReviewIds.open(into, max_length) if into else ReviewIds.concatenate(parts, max_length)
 
 
 def review_lengths(token_ids: ReviewIds) -> np.ndarray:
@@ -2211,17 +2234,19 @@ def small_data_notes(pretrained: bool, embeddings: str, training_rows: int, unla
             "--embeddings FILE with a GloVe, word2vec or fastText file."]
 
 
-# The directory of the InputsCache under the run's training state directory, and the arrays it keeps.
+# The directory of the InputsCache under the run's training state directory, and the token ids it keeps.
 INPUTS_CACHE = "inputs_cache"
 CACHED_IDS = ("train_ids", "validation_ids", "test_ids", "unlabelled_ids")
 
 
 @dataclass(frozen=True)
 class InputsCache:
-    """An interrupted run's token ids, vocabulary and starting embedding, in `directory` under its state
-    directory, so the same command resumes without tokenizing or Word2Vec again: keyed on the run's
-    training_fingerprint and the number of unlabelled texts, written whole or not at all, its bytes counted by
-    the free-space check (`arrays`), removed with the state when the run ends."""
+    """The run's token ids on disk, in `directory` under its state directory: each split's ids written there as
+    they are tokenized and read memory-mapped from there (ReviewIds.open), so memory does not hold them; with
+    them the vocabulary, and once made the starting embedding. The same command resumes from it without
+    tokenizing (or Word2Vec) again. Keyed on the run's training_fingerprint and the number of unlabelled texts;
+    each part counts only once its record is written (inputs.json, embedding.json); its bytes are counted by the
+    free-space check before they are written; removed with the state when the run ends."""
     directory: Path
     key: dict
 
@@ -2229,29 +2254,45 @@ class InputsCache:
     def of(cls, directory: Path, fingerprint: dict, unlabelled_texts: int) -> InputsCache:
         return cls(directory, {**fingerprint, "unlabelled_texts": unlabelled_texts})
 
-    @staticmethod
-    def arrays(inputs: PreparedInputs) -> dict[str, np.ndarray]:
-        """What it stores of the inputs: each split's token ids (ReviewIds' tokens and each review's length), and
-        the embedding's starting weights (their nbytes are the bytes it needs)."""
-        arrays = {}
-        for name in CACHED_IDS:
-            ids = getattr(inputs, name)
-            arrays[f"{name}_tokens"], arrays[f"{name}_lengths"] = ids.tokens, ids.lengths
-        if inputs.embedding_matrix is not None:
-            arrays["embedding_matrix"] = inputs.embedding_matrix
-        return arrays
+    def start(self, texts: list, max_length: int) -> None:
+        """An empty cache (whatever was there removed), once the ids of these texts fit on the disk: at most
+        max_length ids a text and one per character (and two more: BERT's markers), int32, and a length each."""
+        needed = sum(4 * min(max_length, len(str(text)) + 2) + 8 for part in texts for text in part)
+        _check_free_space(next(path for path in self.directory.parents if path.exists()), needed)
+        shutil.rmtree(self.directory, ignore_errors=True)
+        self.directory.mkdir(parents=True, exist_ok=True)
 
-    def save(self, inputs: PreparedInputs, arrays: dict[str, np.ndarray]) -> None:
-        record = {"key": self.key, "vocabulary": [str(word) for word in inputs.vocabulary],
-                  "truncated_reviews": inputs.truncated_reviews, "embedding_coverage": inputs.embedding_coverage}
-        with _atomic_directory(self.directory) as temporary:
-            temporary.mkdir(parents=True)
-            np.savez(temporary / "arrays.npz", **arrays)
-            (temporary / "inputs.json").write_text(json.dumps(record), encoding="utf-8")
+    def remove(self) -> None:
+        """The cache gone, and the state directory with it if nothing else is there."""
+        shutil.rmtree(self.directory, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            self.directory.parent.rmdir()
+
+    def ids_file(self, name: str) -> Path:
+        return self.directory / f"{name}.int32"
+
+    def save_ids(self, vocabulary, truncated_reviews: int) -> None:
+        record = {"key": self.key, "vocabulary": [str(word) for word in vocabulary],
+                  "truncated_reviews": truncated_reviews}
+        _write_text(self.directory / "inputs.json", json.dumps(record))
+
+    def embedding_bytes(self, inputs: PreparedInputs) -> int:
+        """What save_embedding writes: the starting weights, unless they were read from here."""
+        saved = (self.directory / "embedding.json").is_file() or inputs.embedding_matrix is None
+        return 0 if saved else inputs.embedding_matrix.nbytes
+
+    def save_embedding(self, inputs: PreparedInputs) -> None:
+        if (self.directory / "embedding.json").is_file():
+            return
+        if inputs.embedding_matrix is not None:
+            with _atomic_path(self.directory / "embedding.npy") as temporary, open(temporary, "wb") as file:
+                np.save(file, inputs.embedding_matrix)
+        record = {"matrix": inputs.embedding_matrix is not None, "coverage": inputs.embedding_coverage}
+        _write_text(self.directory / "embedding.json", json.dumps(record))
 
     def load(self, max_length: int) -> dict | None:
-        """The cached inputs, else None (a cache of other data or settings, or one that cannot be read, is made
-        again)."""
+        """The cached inputs (the starting embedding among them if it was saved), else None (a cache of other
+        data or settings, or one that cannot be read, is made again)."""
         if not (self.directory / "inputs.json").is_file():
             return None
         try:
@@ -2259,28 +2300,31 @@ class InputsCache:
             if record["key"] != json.loads(json.dumps(self.key)):
                 print("The cached token ids were made from other data or settings: preparing them again")
                 return None
-            with np.load(self.directory / "arrays.npz") as arrays:
-                cached = {name: ReviewIds.from_lengths(arrays[f"{name}_tokens"], arrays[f"{name}_lengths"],
-                                                       max_length) for name in CACHED_IDS}
-                cached["embedding_matrix"] = (arrays["embedding_matrix"] if "embedding_matrix" in arrays.files
-                                              else None)
-        except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as error:
+            cached = {name: ReviewIds.open(self.ids_file(name), max_length) for name in CACHED_IDS}
+            if (self.directory / "embedding.json").is_file():
+                embedding = json.loads((self.directory / "embedding.json").read_text(encoding="utf-8"))
+                matrix = np.load(self.directory / "embedding.npy") if embedding["matrix"] else None
+                cached["embedding"] = (matrix, embedding["coverage"])
+        except (OSError, EOFError, ValueError, KeyError, TypeError) as error:
             print(f"The cached token ids in {self.directory} cannot be read ({type(error).__name__}): preparing "
                   "them again")
             return None
-        print(f"Reusing the token ids, vocabulary and starting embedding cached in {self.directory} by the "
-              "interrupted run")
-        return {**cached, "vocabulary": record["vocabulary"], "truncated_reviews": record["truncated_reviews"],
-                "embedding_coverage": record["embedding_coverage"]}
+        what = "token ids, vocabulary and starting embedding" if "embedding" in cached else "token ids and vocabulary"
+        print(f"Reusing the {what} cached in {self.directory} by the interrupted run")
+        return {**cached, "vocabulary": record["vocabulary"], "truncated_reviews": record["truncated_reviews"]}
 
 
 def tokenized_texts(splits: DataSplits, recipe: ModelRecipe, architecture, max_length: int,
-                    unlabelled_texts: np.ndarray):
+                    unlabelled_texts: np.ndarray, cache: InputsCache | None):
     """The tokenizer, learned on the training split and the unlabelled texts (never on validation or test
-    texts), its vocabulary, and the token ids of each split and of the unlabelled texts (CACHED_IDS' order)."""
+    texts), its vocabulary, and the token ids of each split and of the unlabelled texts (CACHED_IDS' order),
+    written into `cache` (if any) as they come."""
+    texts = (splits.train.texts, splits.validation.texts, splits.test.texts, unlabelled_texts)
+    if cache:
+        cache.start(texts, max_length)
     vectorizer = architecture.vectorizer(np.concatenate([splits.train.texts, unlabelled_texts]), recipe, max_length)
-    ids = [vectorize(vectorizer, texts, max_length)
-           for texts in (splits.train.texts, splits.validation.texts, splits.test.texts, unlabelled_texts)]
+    ids = [vectorize(vectorizer, part, max_length, cache.ids_file(name) if cache else None)
+           for name, part in zip(CACHED_IDS, texts)]
     return vectorizer, vectorizer.get_vocabulary(), ids
 
 
@@ -2308,7 +2352,7 @@ def prepare_inputs(splits: DataSplits, config: TrainConfig, architecture, derive
         train_ids, validation_ids, test_ids, unlabelled_ids = (cached[name] for name in CACHED_IDS)
     else:
         vectorizer, vocabulary, (train_ids, validation_ids, test_ids, unlabelled_ids) = tokenized_texts(
-            splits, ModelRecipe.of(config), architecture, max_length, unlabelled_texts)
+            splits, ModelRecipe.of(config), architecture, max_length, unlabelled_texts, cache)
     check_texts_split(train_ids, config.tokenizer)
     plan = plan_training(PlanAsked.of(config), review_lengths(train_ids), replicas, max_length,
                          int(review_lengths(unlabelled_ids).sum()))
@@ -2316,14 +2360,18 @@ def prepare_inputs(splits: DataSplits, config: TrainConfig, architecture, derive
     validation_batches = build_training_dataset(validation_ids, splits.validation.labels, global_batch_size, None,
                                                 pad_to_full_batches=several)
     training_batches = epoch_batches(train_ids, splits.train.labels, global_batch_size, config.seed, several)
-    if cached:
-        embedding_start = Background.done((cached["embedding_matrix"], cached["embedding_coverage"]))
-        truncated = cached["truncated_reviews"]
+    if cached and "embedding" in cached:
+        embedding_start = Background.done(cached["embedding"])
     else:  # Word2Vec trains on its own thread while the rest is prepared (the baseline's fits among it)
         embedding_start = Background(starting_embedding, derived, config.seed, train_ids, unlabelled_ids,
                                      vocabulary, plan)
+    if cached:
+        truncated = cached["truncated_reviews"]
+    else:
         truncated = sum(count_truncated(vectorizer, part.texts, max_length)
                         for part in (splits.train, splits.validation, splits.test))
+        if cache:
+            cache.save_ids(vocabulary, truncated)
     class_weights = (balanced_class_weights(splits.train.labels, num_classes)
                      if config.class_weight == "balanced" else None)
     notes = small_data_notes(architecture.checkpoint is not None, derived.embeddings, len(train_ids),
@@ -4905,16 +4953,19 @@ def prepare_run_inputs(run: Run) -> None:
 
 
 def reserve_disk(run: Run, classifier, cleanup: contextlib.ExitStack) -> None:
-    """Refuse before training if the outputs and the cache of token ids would not fit; advise on a full disk
-    from here on; write the cache (unless the run read it)."""
+    """Refuse before training if the outputs and the starting embedding would not fit (the token ids are on
+    disk already); advise on a full disk from here on; write the embedding into the cache (unless read there)."""
     inputs, setup = run.inputs, run.setup
-    arrays = {} if inputs.from_cache else InputsCache.arrays(inputs)
     needed = (_output_bytes_needed(classifier.count_params(), run.config.blend_weight is not None)
-              + sum(array.nbytes for array in arrays.values()))
-    _check_free_space(setup.output_dir, needed)
+              + run.cache.embedding_bytes(inputs))
+    try:
+        _check_free_space(setup.output_dir, needed)
+    except UserError:
+        if not inputs.from_cache:  # a run refused here leaves nothing behind
+            run.cache.remove()
+        raise
     cleanup.enter_context(_disk_full_advice(setup.output_dir, setup.state_dir, needed))
-    if arrays:
-        run.cache.save(inputs, arrays)
+    run.cache.save_embedding(inputs)
 
 
 @dataclass
@@ -5261,7 +5312,7 @@ def main(argv: list[str] | None = None) -> int:
         if show_traceback:
             raise
         print("Interrupted before training: no outputs written; the same command starts again (reusing the "
-              "token ids of an interrupted training run, if any)", file=sys.stderr)
+              "token ids if all were made)", file=sys.stderr)
         return 130
     return 0
 

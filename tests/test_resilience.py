@@ -572,7 +572,7 @@ def test_sigterm_saves_the_step_and_the_resumed_run_ends_like_one_never_stopped(
 # --- The cache of token ids: reused by the same command, made again when the data or the settings change --------
 
 
-def prepared(config, cache_dir, capsys):
+def prepared(config, cache_dir, capsys, killed_before_training=False):
     import sentiment_analysis as sa
 
     data = sa.load_dataset(config)
@@ -580,9 +580,50 @@ def prepared(config, cache_dir, capsys):
     cache = sa.InputsCache.of(cache_dir, sa.training_fingerprint(config, derived), 0)
     inputs = sa.prepare_inputs(split(data, config), config, sa.ARCHITECTURES[config.arch], derived, 1, 2,
                                cache=cache)
-    if not inputs.from_cache:  # as run_training does, once the free space is checked
-        cache.save(inputs, sa.InputsCache.arrays(inputs))
+    inputs.embedding_start.result()
+    if not killed_before_training:
+        cache.save_embedding(inputs)  # as run_training does, once the free space is checked
     return inputs, capsys.readouterr().out
+
+
+def test_token_ids_are_written_as_they_come_and_read_back_memory_mapped(tmp_path):
+    import mmap
+
+    import sentiment_analysis as sa
+
+    parts = [sa.ReviewIds.from_lengths(np.array([3, 4, 5], np.int32), np.array([2, 0, 1]), 10),
+             sa.ReviewIds.from_lengths(np.zeros(0, np.int32), np.zeros(0, np.int64), 10),
+             sa.ReviewIds.from_lengths(np.array([7], np.int32), np.array([1]), 10)]
+    with sa.ReviewIds.writer(tmp_path / "ids.int32") as keep:
+        for part in parts:
+            keep(part)
+    opened = sa.ReviewIds.open(tmp_path / "ids.int32", 10)
+    assert opened == sa.ReviewIds.concatenate(parts, 10) and opened.lengths.tolist() == [2, 0, 1, 1]
+    base = opened.tokens
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = base.base
+    assert isinstance(base, mmap.mmap)  # read from the file, not loaded
+    np.testing.assert_array_equal(opened.padded(np.array([3, 0])), [[7, 0], [3, 4]])
+    with sa.ReviewIds.writer(tmp_path / "none.int32"):
+        pass
+    assert len(sa.ReviewIds.open(tmp_path / "none.int32", 10)) == 0
+    assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".tmp")] == []
+
+
+def test_token_ids_that_would_not_fit_are_refused_before_tokenizing(tmp_path, monkeypatch):
+    import collections
+
+    import sentiment_analysis as sa
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(sa.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 40_000, 40_000))
+    cache = sa.InputsCache.of(tmp_path / "training_state" / sa.INPUTS_CACHE, {}, 0)
+    texts = np.array(["a review of twenty-one"] * 1000, dtype=object)  # at most 24 ids each: 104 bytes
+    with pytest.raises(sa.UserError, match=f"not enough space in {tmp_path}: .* need about 0 MB, 0 MB are free"):
+        cache.start([texts], 500)
+    assert not (tmp_path / "training_state").exists()
+    cache.start([texts[:300]], 500)  # 31,200 bytes fit
+    assert cache.directory.is_dir()
 
 
 def test_the_token_ids_are_cached_reused_and_made_again_when_the_data_changes(tmp_path, capsys):
@@ -611,10 +652,19 @@ def test_the_token_ids_are_cached_reused_and_made_again_when_the_data_changes(tm
     other_settings = dataclasses_replace(config, max_length=60)
     assert "other data or settings" in prepared(other_settings, cache_dir, capsys)[1]
 
-    (cache_dir / "arrays.npz").write_bytes(b"truncated")
+    (cache_dir / "train_ids.int32").write_bytes(b"truncated")
     again, out = prepared(other_settings, cache_dir, capsys)
     assert "cannot be read" in out and "Training Word2Vec" in out
     assert again.train_ids == prepared(other_settings, cache_dir, capsys)[0].train_ids
+
+    # Killed after tokenizing, before training: the ids are kept, the starting embedding is made again.
+    shutil.rmtree(cache_dir)
+    killed, out = prepared(config, cache_dir, capsys, killed_before_training=True)
+    assert (cache_dir / "inputs.json").is_file() and not (cache_dir / "embedding.json").exists()
+    resumed, out = prepared(config, cache_dir, capsys)
+    assert "Reusing the token ids and vocabulary cached" in out and "Training Word2Vec" in out
+    assert resumed.train_ids == killed.train_ids and resumed.test_ids == killed.test_ids
+    np.testing.assert_array_equal(resumed.embedding_matrix, killed.embedding_matrix)  # the same seed
 
 
 def dataclasses_replace(config, **changes):
@@ -638,11 +688,11 @@ def test_a_run_interrupted_while_tokenizing_starts_again_with_the_same_command(t
 
     real_vectorize, calls = sa.vectorize, []
 
-    def interrupted_vectorize(vectorizer, texts, max_length):
+    def interrupted_vectorize(vectorizer, texts, max_length, into=None):
         calls.append(len(texts))
         if len(calls) == 2:  # Ctrl-C while the validation split is tokenized
             raise KeyboardInterrupt
-        return real_vectorize(vectorizer, texts, max_length)
+        return real_vectorize(vectorizer, texts, max_length, into)
 
     monkeypatch.setattr(sa, "vectorize", interrupted_vectorize)
     result = train_tiny_in_process(tmp_path, "--no-baseline")
@@ -650,6 +700,7 @@ def test_a_run_interrupted_while_tokenizing_starts_again_with_the_same_command(t
     assert result.stderr.strip().splitlines() == [line for line in result.stderr.strip().splitlines()
                                                   if line.startswith("Interrupted before training")]
     assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "model.keras").exists()
+    assert not (tmp_path / "training_state" / sa.INPUTS_CACHE / "inputs.json").exists()  # not all ids written
     monkeypatch.setattr(sa, "vectorize", real_vectorize)
     result = train_tiny_in_process(tmp_path, "--no-baseline")
     assert result.returncode == 0, result.stderr[-3000:]
