@@ -47,6 +47,7 @@ import glob
 import gzip
 import hashlib
 import html
+import io
 import json
 import math
 import os
@@ -654,20 +655,6 @@ def read_csv_chunks(path: Path, encoding: str, chunk_rows: int, sep: str = ",", 
         raise UserError(f"could not parse {path} as CSV: {str(error).splitlines()[0]}") from None
 
 
-def read_whole_csv(path: Path, encoding: str, sep: str, nrows: int | None) -> pd.DataFrame:
-    """The CSV as one DataFrame, read in chunks so a large file shows how far the reading has come."""
-    progress = StageProgress("reading: ", max(1, path.stat().st_size // 2**20), "MB", one="MB")
-    with open(path, "rb") as handle:
-        chunks = []
-        for chunk in read_csv_chunks(path, encoding, READ_CHUNK_ROWS, sep, source=handle, nrows=nrows):
-            chunks.append(chunk)
-            progress(handle.tell() // 2**20)
-    progress.close()
-    if not chunks:  # a header and no rows
-        return read_csv(path, encoding, nrows=0, sep=sep)
-    return pd.concat(chunks, ignore_index=True) if len(chunks) > 1 else chunks[0]
-
-
 def find_column(columns, candidates, override: str | None, kind: str, flag: str) -> str:
     """Return the column named `override`, or the first of `candidates` present (case-insensitively)."""
     by_lower = {str(column).strip().lower(): column for column in columns}
@@ -932,10 +919,58 @@ def encode_labels(labels: pd.Series, positive_label: str | None = None) -> tuple
     return stripped.map(index).to_numpy(dtype=np.int32), classes
 
 
+@dataclass(frozen=True)
+class Texts:
+    """Texts as their UTF-8 bytes one after another (`data`: uint8, in memory or memory-mapped from a file) and
+    where each starts and ends there: a sequence of str decoded only when used, so a split of millions of
+    reviews holds only its offsets. texts[i] is a str; texts[a:b] and texts[rows] are object arrays of str (the
+    texts in use); take(rows) is a Texts of those rows over the same bytes."""
+    data: np.ndarray
+    starts: np.ndarray
+    ends: np.ndarray
+
+    @classmethod
+    def of(cls, texts) -> Texts:
+        """From strings, in memory."""
+        encoded = [str(text).encode("utf-8") for text in texts]
+        ends = np.cumsum([len(text) for text in encoded], dtype=np.int64)
+        data = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        return cls(data, ends - np.array([len(text) for text in encoded], dtype=np.int64), ends)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, index):
+        if isinstance(index, (int, np.integer)):
+            return self.data[self.starts[index]:self.ends[index]].tobytes().decode("utf-8")
+        rows = np.arange(len(self))[index] if isinstance(index, slice) else np.asarray(index)
+        rows = np.flatnonzero(rows) if rows.dtype == bool else rows
+        texts = np.empty(len(rows), dtype=object)
+        texts[:] = [self.data[self.starts[row]:self.ends[row]].tobytes().decode("utf-8") for row in rows]
+        return texts
+
+    def __iter__(self):
+        for start in range(0, len(self), 4096):
+            yield from self[start:start + 4096]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return self[:]
+
+    def take(self, rows: np.ndarray) -> Texts:
+        return Texts(self.data, self.starts[rows], self.ends[rows])
+
+    def tolist(self) -> list[str]:
+        return list(self)
+
+
 @dataclass
 class LabelledTexts:
-    texts: np.ndarray   # object array of str
+    texts: Texts        # strings given (an object array, a list) become a Texts
     labels: np.ndarray  # int32 class indices (with two classes, 1 is the positive one)
+
+    def __post_init__(self):
+        if not isinstance(self.texts, Texts):
+            self.texts = Texts.of(self.texts)
 
 
 @dataclass
@@ -998,51 +1033,170 @@ def data_digest(data: str, unlabelled: str | None) -> str:
     return digest.hexdigest()
 
 
-def read_data_files(files: list[Path], sep: str | None, max_rows: int | None) -> pd.DataFrame:
-    """The rows of every file of --data as one table (the first max_rows of them); each file is checked and
-    decoded on its own, and all must have the same columns as the first."""
-    frames, rows = [], 0
+def utf8_hash(text: bytes) -> int:
+    """A text's 64-bit BLAKE2b hash: equal texts, equal hashes (and two of 2 million distinct texts share one
+    with a chance of about 1e-7)."""
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
+
+
+def text_hashes(texts) -> np.ndarray:
+    return np.fromiter((utf8_hash(text.encode("utf-8")) for text in texts), dtype=np.uint64, count=len(texts))
+
+
+class TextStore:
+    """Texts written one after another as UTF-8 into the file `path` (without one, into memory) as the data is
+    read, so the table is never held whole: append() returns each text's 64-bit hash (BLAKE2b, for finding
+    duplicates); mark() and rewind() undo a file's texts (read again in another encoding); texts() gives all of
+    them as Texts, memory-mapped from the file."""
+
+    def __init__(self, path: Path | None):
+        self.path, self.lengths = path, []
+        self.file = open(path, "wb") if path else io.BytesIO()
+
+    def append(self, texts) -> np.ndarray:
+        encoded = [text.encode("utf-8") for text in texts]
+        try:
+            self.file.write(b"".join(encoded))
+        except OSError as error:
+            if _is_disk_full(error):
+                raise DiskFull(f"no space left in {self.path.parent} while writing {self.path.name}") from None
+            raise
+        self.lengths.append(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)))
+        return np.fromiter(map(utf8_hash, encoded), dtype=np.uint64, count=len(encoded))
+
+    def mark(self) -> tuple[int, int]:
+        return self.file.tell(), len(self.lengths)
+
+    def rewind(self, mark: tuple[int, int]) -> None:
+        self.file.seek(mark[0])
+        self.file.truncate()
+        del self.lengths[mark[1]:]
+
+    def texts(self) -> Texts:
+        lengths = np.concatenate([np.zeros(0, np.int64)] + self.lengths)
+        ends = np.cumsum(lengths)
+        if self.path is None:
+            data = np.frombuffer(self.file.getvalue(), dtype=np.uint8)
+        else:
+            self.file.close()
+            data = np.memmap(self.path, dtype=np.uint8, mode="r") if ends[-1:].sum() else np.zeros(0, np.uint8)
+        return Texts(data, ends - lengths, ends)
+
+
+@dataclass
+class RowsRead:
+    """What pass one keeps of the rows of --data: for each labelled row its place in the TextStore, its text's
+    hash and its label; the places of the unlabelled rows (a text, an empty label); counts. Never the table."""
+    columns: list | None = None        # the first file's, which every file must have
+    text_column: str = ""
+    label_column: str = ""
+    rows_read: int = 0
+    missing_text: int = 0
+    stored: int = 0                    # texts written to the store so far
+    labelled: list = field(default_factory=list)     # arrays of store rows, chunk by chunk
+    hashes: list = field(default_factory=list)
+    labels: list = field(default_factory=list)       # Series of label strings, chunk by chunk
+    unlabelled: list = field(default_factory=list)
+
+    def mark(self) -> dict:
+        return {"columns": self.columns, "rows_read": self.rows_read, "missing_text": self.missing_text,
+                "stored": self.stored, "chunks": len(self.labelled)}
+
+    def rewind(self, mark: dict) -> None:
+        """Back to what it was at `mark` (a file is read again in another encoding)."""
+        self.columns, self.rows_read, self.missing_text, self.stored = (
+            mark["columns"], mark["rows_read"], mark["missing_text"], mark["stored"])
+        for chunks in (self.labelled, self.hashes, self.labels, self.unlabelled):
+            del chunks[mark["chunks"]:]
+
+    def add(self, chunk: pd.DataFrame, store: TextStore) -> None:
+        """One chunk of rows: the empty ones counted, the rest's texts into the store."""
+        texts, labels = chunk[self.text_column], chunk[self.label_column]
+        missing_text = (texts.isna() | (texts.fillna("").str.strip() == "")).to_numpy()
+        missing_label = ~missing_text & (labels.isna() | (labels.fillna("").str.strip() == "")).to_numpy()
+        kept = ~missing_text
+        hashes = store.append(texts[kept].tolist())
+        rows = self.stored + np.arange(int(kept.sum()))
+        self.stored += len(rows)
+        self.rows_read, self.missing_text = self.rows_read + len(chunk), self.missing_text + int(missing_text.sum())
+        labelled = ~missing_label[kept]
+        self.labelled.append(rows[labelled])
+        self.hashes.append(hashes[labelled])
+        self.labels.append(labels[kept][labelled].astype("category"))
+        self.unlabelled.append(rows[~labelled])
+
+    def file(self, path: Path, encoding: str, separator: str, max_rows: int | None, store: TextStore,
+             config: TrainConfig) -> None:
+        """Every chunk of one file (its first max_rows rows), its columns checked against the first file's."""
+        progress = StageProgress("reading: ", max(1, path.stat().st_size // 2**20), "MB", one="MB")
+        with open(path, "rb") as handle:
+            header = list(read_csv(path, encoding, source=handle, nrows=0, sep=separator).columns)
+            if self.columns is None:
+                self.columns = header
+                self.text_column = find_column(header, TEXT_COLUMN_NAMES, config.text_column, "text", "--text-column")
+                self.label_column = find_column(header, LABEL_COLUMN_NAMES, config.label_column, "label",
+                                                "--label-column")
+            elif header != self.columns:
+                raise UserError(f"{path} has the columns {', '.join(map(repr, map(str, header)))}, not those of the "
+                                f"first file ({', '.join(map(repr, map(str, self.columns)))}): every file of --data "
+                                "needs the same columns")
+            handle.seek(0)
+            for chunk in read_csv_chunks(path, encoding, READ_CHUNK_ROWS, separator, source=handle, nrows=max_rows):
+                self.add(chunk, store)
+                progress(handle.tell() // 2**20)
+        progress.close()
+
+
+def read_data_files(files: list[Path], config: TrainConfig, store: TextStore) -> RowsRead:
+    """Pass one over every file of --data in order, chunk by chunk (the first --max-rows rows in all): each file
+    is checked and decoded on its own (read again as Latin-1 if it is not UTF-8)."""
+    rows = RowsRead()
     for path in files:
         check_csv_file(path)
-        separator = column_separator(path, sep)
-        left = None if max_rows is None else max_rows - rows
-        frame = with_text_encoding(path, lambda encoding: read_whole_csv(path, encoding, separator, left))
-        if frames and list(frame.columns) != list(frames[0].columns):
-            raise UserError(f"{path} has the columns {', '.join(map(repr, map(str, frame.columns)))}, not those of "
-                            f"{files[0]} ({', '.join(map(repr, map(str, frames[0].columns)))}): every file of "
-                            "--data needs the same columns")
-        frames.append(frame)
-        rows += len(frame)
-        if max_rows is not None and rows >= max_rows:
+        separator = column_separator(path, config.sep)
+        left = None if config.max_rows is None else config.max_rows - rows.rows_read
+        marks = rows.mark(), store.mark()
+
+        def read(encoding: str) -> None:
+            rows.rewind(marks[0])
+            store.rewind(marks[1])
+            rows.file(path, encoding, separator, left, store, config)
+
+        with_text_encoding(path, read)
+        if config.max_rows is not None and rows.rows_read >= config.max_rows:
             break
-    return frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+    return rows
 
 
-def load_dataset(config: TrainConfig) -> LoadedData:
-    """Read the CSV (or the files of a directory or glob); drop empty and duplicate reviews and count them."""
-    frame = read_data_files(data_files(config.data), config.sep, config.max_rows)
-    if frame.empty:
+def load_dataset(config: TrainConfig, store: Path | None = None) -> LoadedData:
+    """Read the CSV (or the files of a directory or glob) chunk by chunk, each text into a TextStore (the file
+    `store`, else memory) as it comes; drop empty and duplicate reviews and count them. Memory holds a hash and
+    a label of each row, never the table; the texts are read back from the store when used."""
+    texts = TextStore(store)
+    rows = read_data_files(data_files(config.data), config, texts)
+    if rows.rows_read == 0:
         raise UserError(f"the CSV has a header but no rows: {config.data}")
-    text_column = find_column(frame.columns, TEXT_COLUMN_NAMES, config.text_column, "text", "--text-column")
-    label_column = find_column(frame.columns, LABEL_COLUMN_NAMES, config.label_column, "label", "--label-column")
-    texts, labels = frame[text_column], frame[label_column]
-    missing_text = texts.isna() | (texts.fillna("").str.strip() == "")
-    missing_label = ~missing_text & (labels.isna() | (labels.fillna("").str.strip() == ""))
-    keep = ~(missing_text | missing_label)
+    stored = texts.texts()
+    labelled, hashes = (np.concatenate([np.zeros(0, np.int64)] + rows.labelled),
+                        np.concatenate([np.zeros(0, np.uint64)] + rows.hashes))
     # A duplicate that lands on both sides of the split would inflate the test score, so drop it first. Only
-    # labelled rows count here: a labelled review is kept even if the same text also came without a label.
-    duplicate = keep & texts.where(keep).duplicated(keep="first")
-    keep &= ~duplicate
-    if not keep.any():
-        raise UserError(f"no row of {config.data} has both a text and a label ({int(missing_label.sum())} have a "
+    # labelled rows count here: a labelled review is kept even if the same text also came without a label. (Two
+    # texts are equal when their hashes are: utf8_hash.)
+    first = np.zeros(len(hashes), dtype=bool)
+    first[np.unique(hashes, return_index=True)[1]] = True
+    unlabelled = np.concatenate([np.zeros(0, np.int64)] + rows.unlabelled)
+    if not len(labelled):
+        raise UserError(f"no row of {config.data} has both a text and a label ({len(unlabelled)} have a "
                         f"text without a label); is --label-column the right column?")
-    encoded, classes = encode_labels(labels[keep], config.positive_label)
-    if keep.sum() < MIN_ROWS:
-        raise UserError(f"too few usable rows to split into train, validation and test: {keep.sum()} "
+    labels = pd.Series(pd.api.types.union_categoricals(rows.labels, ignore_order=True)
+                       if len(rows.labels) > 1 else rows.labels[0]).reset_index(drop=True)
+    encoded, classes = encode_labels(labels[first], config.positive_label)
+    if first.sum() < MIN_ROWS:
+        raise UserError(f"too few usable rows to split into train, validation and test: {first.sum()} "
                         f"(need at least {MIN_ROWS})")
-    dropped = {"missing_text": int(missing_text.sum()), "duplicate_text": int(duplicate.sum())}
-    return LoadedData(texts[keep].to_numpy(dtype=object), encoded, classes, rows_read=len(frame), dropped=dropped,
-                      unlabelled=texts[missing_label].to_numpy(dtype=object))
+    dropped = {"missing_text": rows.missing_text, "duplicate_text": int((~first).sum())}
+    return LoadedData(stored.take(labelled[first]), encoded, classes, rows_read=rows.rows_read, dropped=dropped,
+                      unlabelled=stored.take(unlabelled))
 
 
 def read_unlabelled_file(path: Path, text_column: str | None) -> np.ndarray:
@@ -1110,7 +1264,7 @@ def split_dataset(data: LoadedData, test_fraction: float, validation_fraction: f
     def part(name):
         chosen = np.concatenate(parts[name])
         chosen = chosen[np.argsort(keys[chosen], kind="stable")]
-        return LabelledTexts(data.texts[chosen], labels[chosen])
+        return LabelledTexts(data.texts.take(chosen), labels[chosen])
 
     return DataSplits(part("train"), part("validation"), part("test"))
 
@@ -1131,9 +1285,12 @@ def gather_unlabelled(data: LoadedData, splits: DataSplits, unlabelled: str | No
                  else np.array([], dtype=object))
     texts = pd.Series(np.concatenate([data.unlabelled, from_file]), dtype=object)
     unique = texts[~texts.duplicated(keep="first")]
-    scored = set(splits.validation.texts) | set(splits.test.texts)
-    equal_to_scored = unique.isin(scored)
-    equal_to_training = unique.isin(set(splits.train.texts))
+    equal_to_scored = equal_to_training = np.zeros(len(unique), dtype=bool)
+    if len(unique):  # compared by their hashes, so no split's strings are held at once
+        hashes = text_hashes(unique)
+        equal_to_scored = np.isin(hashes, np.concatenate([text_hashes(splits.validation.texts),
+                                                          text_hashes(splits.test.texts)]))
+        equal_to_training = np.isin(hashes, text_hashes(splits.train.texts))
     kept = unique[~(equal_to_scored | equal_to_training)].to_numpy(dtype=object)
     counts = {"from_data": len(data.unlabelled), "from_file": len(from_file), "read": len(texts),
               "duplicates": int(len(texts) - len(unique) + equal_to_training.sum()),
@@ -4917,11 +5074,22 @@ def train_stages(run: Run, stages: list[Stage], classifier, optimizer) -> Traini
 # ----------------------------------------------------------------------------------------------------------
 
 
-def read_the_data(config: TrainConfig, setup: RunSetup, clock: Stopwatch) -> Run:
+def texts_file(setup: RunSetup, config: TrainConfig, cleanup: contextlib.ExitStack) -> Path:
+    """Where pass one writes the texts of --data: OUTPUT_DIR/.STATE_DIR.texts.utf8 (like the lock, one per run
+    and role), once twice the files' bytes fit (Latin-1 text can double in UTF-8); removed when the run ends,
+    however it ends."""
+    needed = 2 * sum(path.stat().st_size for path in data_files(config.data) if path.is_file())
+    _check_free_space(setup.output_dir, needed)
+    path = setup.output_dir / f".{setup.state_dir.name}.texts.utf8"
+    cleanup.callback(path.unlink, missing_ok=True)
+    return path
+
+
+def read_the_data(config: TrainConfig, setup: RunSetup, clock: Stopwatch, cleanup: contextlib.ExitStack) -> Run:
     """Load and split the data, gather the unlabelled texts and choose how they are used (auto's choice needs
     the sizes), say so; then a saved state must have learned from the same."""
     with clock.timed("load_s"):
-        data = load_dataset(config)
+        data = load_dataset(config, texts_file(setup, config, cleanup))
         splits = split_dataset(data, config.test_fraction, config.validation_fraction, config.seed)
         unlabelled = gather_unlabelled(data, splits, config.unlabelled, config.text_column)
     smallest_class = int(np.bincount(splits.train.labels, minlength=len(data.classes.names)).min())
@@ -5035,7 +5203,7 @@ def run_training(config: TrainConfig) -> TrainingResult:
     clock = Stopwatch()
     with contextlib.ExitStack() as cleanup:  # The output directory's lock, held to the end.
         setup = set_up_run(config, cleanup)
-        run = read_the_data(config, setup, clock)
+        run = read_the_data(config, setup, clock, cleanup)
         stages = choose_stages(run.semi)
         prepare_run_inputs(run)
         for stage in stages:

@@ -209,6 +209,41 @@ def test_latin1_file_is_read_with_a_warning(tmp_path, capsys):
     assert "Latin-1" in capsys.readouterr().err
 
 
+def test_a_file_found_not_utf8_after_its_first_chunks_is_read_again_whole(tmp_path, capsys, monkeypatch):
+    """Pass one streams chunks into the text store: a Latin-1 byte in a late chunk rewinds the store and the
+    counts to the file's start, so each row is there once, decoded as Latin-1, after the rows of the file before."""
+    monkeypatch.setattr(sa, "READ_CHUNK_ROWS", 500)
+    rows = pd.DataFrame({"reviews": [f"review {i}: " + "a fine long film " * 12 for i in range(6000)],
+                         "sentiment": ["positive", "negative"] * 3000})
+    rows.loc[5900, "reviews"] = "Un film très réussi, vraiment café"  # past pandas' first 256 KB read of b.csv
+    rows.iloc[:1000].to_csv(tmp_path / "a.csv", index=False)
+    rows.iloc[1000:].to_csv(tmp_path / "b.csv", index=False, encoding="latin-1")
+    store, real_add, chunks = tmp_path / "texts.utf8", sa.RowsRead.add, []
+    monkeypatch.setattr(sa.RowsRead, "add", lambda rows, chunk, texts: (chunks.append(len(chunk)),
+                                                                        real_add(rows, chunk, texts)))
+    loaded = sa.load_dataset(sa.TrainConfig(data=str(tmp_path / "*.csv")), store)
+    assert "Latin-1" in capsys.readouterr().err
+    assert len(chunks) > 2 + 10  # a.csv's 2 chunks, some of b.csv's as UTF-8, then its 10 as Latin-1
+    assert loaded.rows_read == 6000 and loaded.texts.tolist() == rows["reviews"].tolist()
+    assert store.stat().st_size == sum(len(text.encode("utf-8")) for text in rows["reviews"])
+    in_memory = sa.load_dataset(sa.TrainConfig(data=str(tmp_path / "*.csv")))
+    assert in_memory.texts.tolist() == loaded.texts.tolist() and (in_memory.labels == loaded.labels).all()
+    assert isinstance(loaded.texts.data, np.memmap)  # read back from the file, not held
+
+
+def test_duplicates_are_found_across_chunks_and_files(tmp_path, monkeypatch):
+    monkeypatch.setattr(sa, "READ_CHUNK_ROWS", 3)
+    rows = tiny_rows(20)
+    again = rows.iloc[[2, 5]].copy()
+    again.loc[:, "sentiment"] = ""  # the same texts without a label: unlabelled, not duplicates
+    pd.concat([rows.iloc[:10], again]).to_csv(tmp_path / "a.csv", index=False)
+    pd.concat([rows.iloc[[1, 7]], rows.iloc[10:]]).to_csv(tmp_path / "b.csv", index=False)
+    loaded = sa.load_dataset(sa.TrainConfig(data=str(tmp_path)), tmp_path / "texts.utf8")
+    assert loaded.dropped == {"missing_text": 0, "duplicate_text": 2} and loaded.rows_read == 24
+    assert loaded.texts.tolist() == rows["reviews"].tolist()  # the first of each kept, in the files' order
+    assert loaded.unlabelled.tolist() == rows["reviews"].iloc[[2, 5]].tolist()
+
+
 def test_split_is_stratified_and_repeatable():
     data = sa.LoadedData(np.array([f"review {i}" for i in range(200)], dtype=object), np.array([0, 1] * 100))
     config = sa.TrainConfig(seed=3)

@@ -325,7 +325,7 @@ def test_the_classifier_starts_from_the_weights_the_teacher_stage_ends_with(semi
                         embedding_dim=16, output_dir=str(tmp_path / "out"))
     with contextlib.ExitStack() as cleanup:
         setup = sa.set_up_run(config, cleanup)
-        run = sa.read_the_data(config, setup, sa.Stopwatch())
+        run = sa.read_the_data(config, setup, sa.Stopwatch(), cleanup)
         assert [type(stage) for stage in sa.choose_stages(run.semi)] == [sa.TeacherStage, sa.LabelledStage]
         sa.prepare_run_inputs(run)
         unlabelled = run.inputs.unlabelled_ids
