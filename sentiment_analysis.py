@@ -963,6 +963,25 @@ class Texts:
         return list(self)
 
 
+class ChainedTexts:
+    """Sequences of texts read one after the other as one, by slices (text_dataset's), without a copy of all."""
+
+    def __init__(self, *parts):
+        self.parts = parts
+
+    def __len__(self) -> int:
+        return sum(len(part) for part in self.parts)
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        start, stop, _ = index.indices(len(self))
+        pieces, offset = [np.array([], dtype=object)], 0
+        for part in self.parts:
+            if max(start - offset, 0) < min(stop - offset, len(part)):
+                pieces.append(np.asarray(part[max(start - offset, 0):min(stop - offset, len(part))], dtype=object))
+            offset += len(part)
+        return np.concatenate(pieces)
+
+
 @dataclass
 class LabelledTexts:
     texts: Texts        # strings given (an object array, a list) become a Texts
@@ -2479,7 +2498,7 @@ def tokenized_texts(splits: DataSplits, recipe: ModelRecipe, architecture, max_l
     texts = (splits.train.texts, splits.validation.texts, splits.test.texts, unlabelled_texts)
     if cache:
         cache.start(texts, max_length)
-    vectorizer = architecture.vectorizer(np.concatenate([splits.train.texts, unlabelled_texts]), recipe, max_length)
+    vectorizer = architecture.vectorizer(ChainedTexts(splits.train.texts, unlabelled_texts), recipe, max_length)
     ids = [vectorize(vectorizer, part, max_length, cache.ids_file(name) if cache else None)
            for name, part in zip(CACHED_IDS, texts)]
     return vectorizer, vectorizer.get_vocabulary(), ids

@@ -209,6 +209,19 @@ def test_latin1_file_is_read_with_a_warning(tmp_path, capsys):
     assert "Latin-1" in capsys.readouterr().err
 
 
+def test_texts_hold_utf8_bytes_and_give_strings_as_an_object_array_would():
+    strings = ["première", "", "two words", "日本語のテキスト", "last"]
+    texts, array = sa.Texts.of(strings), np.array(strings, dtype=object)
+    assert len(texts) == 5 and texts[3] == strings[3] and list(texts) == strings
+    for index in (slice(1, 4), slice(None), np.array([4, 0, 0]), array != ""):
+        assert texts[index].dtype == object and texts[index].tolist() == array[index].tolist()
+    part = texts.take(np.array([3, 1]))
+    assert part.tolist() == ["日本語のテキスト", ""] and part.data is texts.data  # a view, not a copy
+    assert np.concatenate([texts, array]).tolist() == strings * 2
+    chained = sa.ChainedTexts(part, array[:2], np.array([], dtype=object))
+    assert len(chained) == 4 and chained[1:3].tolist() == ["", "première"] and chained[3:9].tolist() == [""]
+
+
 def test_a_file_found_not_utf8_after_its_first_chunks_is_read_again_whole(tmp_path, capsys, monkeypatch):
     """Pass one streams chunks into the text store: a Latin-1 byte in a late chunk rewinds the store and the
     counts to the file's start, so each row is there once, decoded as Latin-1, after the rows of the file before."""
