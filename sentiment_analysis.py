@@ -919,13 +919,26 @@ def encode_labels(labels: pd.Series, positive_label: str | None = None) -> tuple
     return stripped.map(index).to_numpy(dtype=np.int32), classes
 
 
+class FileBytes:
+    """The bytes of a file, read where asked (file[start:end]) with a plain read, not mapped: what was read
+    stays in the system's file cache, not in the process's memory (a mapped file's pages count in its RSS)."""
+
+    def __init__(self, path: Path):
+        self.file, self.lock = open(path, "rb"), threading.Lock()
+
+    def __getitem__(self, span: slice) -> bytes:
+        with self.lock:  # tf.data reads texts on its own threads
+            self.file.seek(span.start)
+            return self.file.read(span.stop - span.start)
+
+
 @dataclass(frozen=True)
 class Texts:
-    """Texts as their UTF-8 bytes one after another (`data`: uint8, in memory or memory-mapped from a file) and
-    where each starts and ends there: a sequence of str decoded only when used, so a split of millions of
+    """Texts as their UTF-8 bytes one after another (`data`: a uint8 array in memory, or FileBytes of a file)
+    and where each starts and ends there: a sequence of str decoded only when used, so a split of millions of
     reviews holds only its offsets. texts[i] is a str; texts[a:b] and texts[rows] are object arrays of str (the
     texts in use); take(rows) is a Texts of those rows over the same bytes."""
-    data: np.ndarray
+    data: object
     starts: np.ndarray
     ends: np.ndarray
 
@@ -942,11 +955,12 @@ class Texts:
 
     def __getitem__(self, index):
         if isinstance(index, (int, np.integer)):
-            return self.data[self.starts[index]:self.ends[index]].tobytes().decode("utf-8")
+            return bytes(self.data[self.starts[index]:self.ends[index]]).decode("utf-8")
         rows = np.arange(len(self))[index] if isinstance(index, slice) else np.asarray(index)
         rows = np.flatnonzero(rows) if rows.dtype == bool else rows
         texts = np.empty(len(rows), dtype=object)
-        texts[:] = [self.data[self.starts[row]:self.ends[row]].tobytes().decode("utf-8") for row in rows]
+        texts[:] = [bytes(self.data[start:end]).decode("utf-8") for start, end in zip(self.starts[rows].tolist(),
+                                                                                    self.ends[rows].tolist())]
         return texts
 
     def __iter__(self):
@@ -1066,7 +1080,7 @@ class TextStore:
     """Texts written one after another as UTF-8 into the file `path` (without one, into memory) as the data is
     read, so the table is never held whole: append() returns each text's 64-bit hash (BLAKE2b, for finding
     duplicates); mark() and rewind() undo a file's texts (read again in another encoding); texts() gives all of
-    them as Texts, memory-mapped from the file."""
+    them as Texts read from the file."""
 
     def __init__(self, path: Path | None):
         self.path, self.lengths = path, []
@@ -1098,7 +1112,7 @@ class TextStore:
             data = np.frombuffer(self.file.getvalue(), dtype=np.uint8)
         else:
             self.file.close()
-            data = np.memmap(self.path, dtype=np.uint8, mode="r") if ends[-1:].sum() else np.zeros(0, np.uint8)
+            data = FileBytes(self.path)
         return Texts(data, ends - lengths, ends)
 
 
@@ -5100,7 +5114,11 @@ def texts_file(setup: RunSetup, config: TrainConfig, cleanup: contextlib.ExitSta
     needed = 2 * sum(path.stat().st_size for path in data_files(config.data) if path.is_file())
     _check_free_space(setup.output_dir, needed)
     path = setup.output_dir / f".{setup.state_dir.name}.texts.utf8"
-    cleanup.callback(path.unlink, missing_ok=True)
+
+    def remove():
+        with contextlib.suppress(OSError):  # (Windows keeps a file that is still open: the next run replaces it)
+            path.unlink(missing_ok=True)
+    cleanup.callback(remove)
     return path
 
 
