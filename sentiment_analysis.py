@@ -50,6 +50,7 @@ import html
 import io
 import json
 import math
+import mmap
 import os
 import platform
 import re
@@ -1791,6 +1792,8 @@ class ReviewIds:
     tokens: np.ndarray
     ends: np.ndarray
     max_length: int
+    read: list = field(default_factory=lambda: [0], compare=False, repr=False)  # ids read since the last release
+    RELEASE_EVERY = 2**24  # ids (64 MB)
 
     @classmethod
     def from_padded(cls, padded: np.ndarray) -> ReviewIds:
@@ -1828,13 +1831,27 @@ class ReviewIds:
 
     def __iter__(self):
         """Each review's ids."""
-        return (self.tokens[start:end] for start, end in zip(self.starts, self.ends))
+        for start, end in zip(self.starts.tolist(), self.ends.tolist()):
+            yield self.tokens[start:end]
+            self.count_read(end - start)
 
     def take(self, rows: np.ndarray) -> ReviewIds:
         """These reviews, in this order."""
         starts, lengths = self.starts[rows], self.lengths[rows]
         spans = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(int(lengths.sum()))
-        return ReviewIds.from_lengths(self.tokens[spans], lengths, self.max_length)
+        part = ReviewIds.from_lengths(self.tokens[spans], lengths, self.max_length)
+        self.count_read(len(spans))
+        return part
+
+    def count_read(self, ids: int) -> None:
+        """Ids memory-mapped from a file (ReviewIds.open): every RELEASE_EVERY of them read, the pages read so far
+        are given back (a mapped page read counts in the process's RSS; read again, it comes from the system's
+        file cache), so reading the file over and over does not make the run look larger than it is."""
+        self.read[0] += ids
+        mapped = getattr(self.tokens.base, "obj", None)
+        if self.read[0] >= self.RELEASE_EVERY and isinstance(mapped, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+            mapped.madvise(mmap.MADV_DONTNEED)
+            self.read[0] = 0
 
     @staticmethod
     @contextlib.contextmanager
@@ -1853,7 +1870,10 @@ class ReviewIds:
         lengths = np.load(path.with_name(path.name + ".lengths.npy"))
         if path.stat().st_size != 4 * int(lengths.sum()):
             raise ValueError(f"{path.name} does not hold the ids its lengths count")
-        tokens = np.memmap(path, dtype=np.int32, mode="r") if len(lengths) and lengths.sum() else np.zeros(0)
+        tokens = np.zeros(0)
+        if len(lengths) and lengths.sum():
+            with open(path, "rb") as file:
+                tokens = np.frombuffer(mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.int32)
         return cls.from_lengths(tokens, lengths, max_length)
 
     def padded(self, rows: np.ndarray, width: int | None = None) -> np.ndarray:
