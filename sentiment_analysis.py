@@ -107,7 +107,6 @@ import gensim.downloader
 import joblib
 from threadpoolctl import threadpool_limits
 from gensim.models import KeyedVectors, Word2Vec
-from gensim.models.callbacks import CallbackAny2Vec
 from sklearn import metrics
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
@@ -1588,13 +1587,15 @@ def text_standardizer(vectorizer):
     return standardize
 
 
-def text_dataset(texts, batch_size: int = 2048):
-    """Batches of tf.string. (NumPy's astype(str) would make a fixed-width array as wide as the longest
-    review: gigabytes for IMDB.)"""
+def text_dataset(texts, batch_size: int = 2048, progress: StageProgress | None = None):
+    """Batches of tf.string, `progress` told of each. (NumPy's astype(str) would make a fixed-width array as
+    wide as the longest review: gigabytes for IMDB.)"""
 
     def batches():
         for start in range(0, len(texts), batch_size):
             yield tf.constant([str(text) for text in texts[start:start + batch_size]])
+            if progress:
+                progress(min(start + batch_size, len(texts)))
 
     return tf.data.Dataset.from_generator(batches, output_signature=tf.TensorSpec((None,), tf.string))
 
@@ -1756,18 +1757,21 @@ def learned_vectorizer(texts, recipe: ModelRecipe, max_length: int, vocabulary: 
     learned, for the cache of token ids), as a layer from strings to token ids that pads or cuts every review to
     max_length (the run's, Derived): a TextVectorization of the --vocab-size most frequent words, or with
     --tokenizer wordpiece a WordPiece vocabulary of about --vocab-size subword pieces."""
+    progress = StageProgress("vocabulary: ", len(texts), "texts")
     if recipe.tokenizer == "word":
         vectorizer = word_vectorizer(recipe.vocab_size, max_length)
         if vocabulary is None:
-            vectorizer.adapt(text_dataset(texts))
+            vectorizer.adapt(text_dataset(texts, progress=progress))
         else:
             vectorizer.set_vocabulary(vocabulary)
+        progress.close()
         return vectorizer
     if vocabulary is None:
         print("Learning a WordPiece vocabulary on the training split ...")
         vocabulary = keras_hub.tokenizers.compute_word_piece_vocabulary(
-            text_dataset(texts).unbatch().map(WordPieceVectorizer.standardize), recipe.vocab_size,
-            lowercase=False, strip_accents=False, reserved_tokens=["[PAD]", "[UNK]"])
+            text_dataset(texts, progress=progress).unbatch().map(WordPieceVectorizer.standardize),
+            recipe.vocab_size, lowercase=False, strip_accents=False, reserved_tokens=["[PAD]", "[UNK]"])
+        progress.close()
     return WordPieceVectorizer(vocabulary, max_length, name="vectorizer")
 
 
@@ -2042,8 +2046,11 @@ def count_truncated(vectorizer, texts, max_length: int) -> int:
             return vectorizer.token_counts(batch)
         return tf.strings.split(standardize(batch)).row_lengths()  # words, as TextVectorization splits
 
-    return int(sum(int(tf.reduce_sum(tf.cast(token_counts(batch) > max_length, tf.int32)))
-                   for batch in text_dataset(texts)))
+    progress = StageProgress("counting the reviews cut: ", len(texts), "texts")
+    cut = int(sum(int(tf.reduce_sum(tf.cast(token_counts(batch) > max_length, tf.int32)))
+                  for batch in text_dataset(texts, progress=progress)))
+    progress.close()
+    return cut
 
 
 def stable_hash(text: str) -> int:
@@ -2140,25 +2147,21 @@ def word2vec_matrix(token_ids, vocabulary: list[str], embedding_dim: int, seed: 
     `vocabulary`."""
 
     words = np.array(vocabulary, dtype=object)
+    # gensim reads the texts once to count the words, then once a pass: progress in texts read, so a long pass
+    # is not a long silence.
+    progress, read = StageProgress("Word2Vec: ", (epochs + 1) * len(token_ids), "texts read", one="text read"), [0]
 
     class Sentences:  # read again on each pass, so the words of every text are never in memory at once
         def __iter__(self):
-            return (list(words[row[row > 1]]) for row in token_ids)
-
-    sentences = Sentences()
-    progress = StageProgress("Word2Vec: ", epochs, "passes", one="pass")
-
-    class Passes(CallbackAny2Vec):
-        def __init__(self):
-            self.done = 0
-
-        def on_epoch_end(self, model):
-            self.done += 1
-            progress(self.done)
+            for row in token_ids:
+                read[0] += 1
+                if read[0] % 1000 == 0:
+                    progress(read[0])
+                yield list(words[row[row > 1]])
 
     # One worker thread and a hash that does not change between Python processes make it repeatable.
-    model = Word2Vec(sentences, vector_size=embedding_dim, window=5, min_count=1, sg=0, epochs=epochs,
-                     seed=seed, workers=1, hashfxn=stable_hash, callbacks=[Passes()])
+    model = Word2Vec(Sentences(), vector_size=embedding_dim, window=5, min_count=1, sg=0, epochs=epochs,
+                     seed=seed, workers=1, hashfxn=stable_hash)
     progress.close()
     rng = np.random.default_rng(seed)
     matrix = rng.normal(0, 0.05, size=(len(vocabulary), embedding_dim)).astype(np.float32)
@@ -2446,6 +2449,7 @@ def small_data_notes(pretrained: bool, embeddings: str, training_rows: int, unla
 
 # The directory of the InputsCache under the run's training state directory, and the token ids it keeps.
 INPUTS_CACHE = "inputs_cache"
+VOCABULARY_TEXTS = 200_000  # the most texts the tokenizer learns its vocabulary from (a seeded sample of more)
 CACHED_IDS = ("train_ids", "validation_ids", "test_ids", "unlabelled_ids")
 
 
@@ -2524,15 +2528,29 @@ class InputsCache:
         return {**cached, "vocabulary": record["vocabulary"], "truncated_reviews": record["truncated_reviews"]}
 
 
+def vocabulary_texts(train_texts: Texts, unlabelled_texts, seed: int):
+    """What the tokenizer learns its vocabulary from: the training split and the unlabelled texts, one after the
+    other; of more than VOCABULARY_TEXTS, a seeded sample of that many (the words a vocabulary keeps are the
+    frequent ones, which a sample finds: docs/RESULTS.md, "the vocabulary from a sample")."""
+    rows = len(train_texts) + len(unlabelled_texts)
+    if rows <= VOCABULARY_TEXTS:
+        return ChainedTexts(train_texts, unlabelled_texts)
+    print(f"Learning the vocabulary from a sample of {VOCABULARY_TEXTS} of the {rows} texts")
+    chosen = np.sort(np.random.default_rng(seed).choice(rows, VOCABULARY_TEXTS, replace=False))
+    inside = chosen < len(train_texts)
+    return ChainedTexts(train_texts.take(chosen[inside]), unlabelled_texts[chosen[~inside] - len(train_texts)])
+
+
 def tokenized_texts(splits: DataSplits, recipe: ModelRecipe, architecture, max_length: int,
-                    unlabelled_texts: np.ndarray, cache: InputsCache | None):
+                    unlabelled_texts: np.ndarray, cache: InputsCache | None, seed: int):
     """The tokenizer, learned on the training split and the unlabelled texts (never on validation or test
-    texts), its vocabulary, and the token ids of each split and of the unlabelled texts (CACHED_IDS' order),
-    written into `cache` (if any) as they come."""
+    texts; vocabulary_texts), its vocabulary, and the token ids of each split and of the unlabelled texts
+    (CACHED_IDS' order), written into `cache` (if any) as they come."""
     texts = (splits.train.texts, splits.validation.texts, splits.test.texts, unlabelled_texts)
     if cache:
         cache.start(texts, max_length)
-    vectorizer = architecture.vectorizer(ChainedTexts(splits.train.texts, unlabelled_texts), recipe, max_length)
+    vectorizer = architecture.vectorizer(vocabulary_texts(splits.train.texts, unlabelled_texts, seed), recipe,
+                                         max_length)
     ids = [vectorize(vectorizer, part, max_length, cache.ids_file(name) if cache else None)
            for name, part in zip(CACHED_IDS, texts)]
     return vectorizer, vectorizer.get_vocabulary(), ids
@@ -2562,7 +2580,7 @@ def prepare_inputs(splits: DataSplits, config: TrainConfig, architecture, derive
         train_ids, validation_ids, test_ids, unlabelled_ids = (cached[name] for name in CACHED_IDS)
     else:
         vectorizer, vocabulary, (train_ids, validation_ids, test_ids, unlabelled_ids) = tokenized_texts(
-            splits, ModelRecipe.of(config), architecture, max_length, unlabelled_texts, cache)
+            splits, ModelRecipe.of(config), architecture, max_length, unlabelled_texts, cache, config.seed)
     check_texts_split(train_ids, config.tokenizer)
     plan = plan_training(PlanAsked.of(config), review_lengths(train_ids), replicas, max_length,
                          int(review_lengths(unlabelled_ids).sum()))

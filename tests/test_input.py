@@ -222,6 +222,19 @@ def test_texts_hold_utf8_bytes_and_give_strings_as_an_object_array_would():
     assert len(chained) == 4 and chained[1:3].tolist() == ["", "première"] and chained[3:9].tolist() == [""]
 
 
+def test_the_vocabulary_is_learned_from_a_seeded_sample_of_many_texts(monkeypatch, capsys):
+    monkeypatch.setattr(sa, "VOCABULARY_TEXTS", 5)
+    train = sa.Texts.of([f"train {i}" for i in range(6)])
+    unlabelled = np.array([f"more {i}" for i in range(4)], dtype=object)
+    sample = sa.vocabulary_texts(train, unlabelled, 3)[0:5].tolist()
+    assert len(set(sample)) == 5 and set(sample) <= set(train.tolist()) | set(unlabelled)
+    assert sample == sorted(sample, key=(train.tolist() + unlabelled.tolist()).index)  # in their order
+    assert sa.vocabulary_texts(train, unlabelled, 3)[0:5].tolist() == sample  # the seed's sample, every time
+    assert "a sample of 5 of the 10 texts" in capsys.readouterr().out
+    monkeypatch.setattr(sa, "VOCABULARY_TEXTS", 10)
+    assert sa.vocabulary_texts(train, unlabelled, 3)[0:10].tolist() == train.tolist() + unlabelled.tolist()
+
+
 def test_a_file_found_not_utf8_after_its_first_chunks_is_read_again_whole(tmp_path, capsys, monkeypatch):
     """Pass one streams chunks into the text store: a Latin-1 byte in a late chunk rewinds the store and the
     counts to the file's start, so each row is there once, decoded as Latin-1, after the rows of the file before."""
