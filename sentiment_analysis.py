@@ -1796,8 +1796,6 @@ class ReviewIds:
     tokens: np.ndarray
     ends: np.ndarray
     max_length: int
-    read: list = field(default_factory=lambda: [0], compare=False, repr=False)  # ids read since the last release
-    RELEASE_EVERY = 2**24  # ids (64 MB)
 
     @classmethod
     def from_padded(cls, padded: np.ndarray) -> ReviewIds:
@@ -1835,27 +1833,13 @@ class ReviewIds:
 
     def __iter__(self):
         """Each review's ids."""
-        for start, end in zip(self.starts.tolist(), self.ends.tolist()):
-            yield self.tokens[start:end]
-            self.count_read(end - start)
+        return (self.tokens[start:end] for start, end in zip(self.starts, self.ends))
 
     def take(self, rows: np.ndarray) -> ReviewIds:
         """These reviews, in this order."""
         starts, lengths = self.starts[rows], self.lengths[rows]
         spans = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(int(lengths.sum()))
-        part = ReviewIds.from_lengths(self.tokens[spans], lengths, self.max_length)
-        self.count_read(len(spans))
-        return part
-
-    def count_read(self, ids: int) -> None:
-        """Ids memory-mapped from a file (ReviewIds.open): every RELEASE_EVERY of them read, the pages read so far
-        are given back (a mapped page read counts in the process's RSS; read again, it comes from the system's
-        file cache), so reading the file over and over does not make the run look larger than it is."""
-        self.read[0] += ids
-        mapped = getattr(self.tokens.base, "obj", None)
-        if self.read[0] >= self.RELEASE_EVERY and isinstance(mapped, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
-            mapped.madvise(mmap.MADV_DONTNEED)
-            self.read[0] = 0
+        return ReviewIds.from_lengths(self.tokens[spans], lengths, self.max_length)
 
     @staticmethod
     @contextlib.contextmanager
@@ -2928,11 +2912,13 @@ BASELINE_CHUNK = 10_000  # texts cleaned and scored by the baseline at a time
 
 def baseline_probabilities(baseline, texts, standardize) -> np.ndarray:
     """The baseline's class probabilities (reviews, classes) for raw texts, cleaned by `standardize`, a chunk of
-    BASELINE_CHUNK texts at a time."""
-    return np.concatenate([baseline.predict_proba(standardized_strings(texts[start:start + BASELINE_CHUNK],
-                                                                       standardize))
-                           for start in range(0, len(texts), BASELINE_CHUNK)] or
-                          [np.zeros((0, len(baseline.classes_)))])
+    BASELINE_CHUNK texts at a time (only a chunk of them decoded from a Texts at once)."""
+    progress, chunks = StageProgress("baseline: ", len(texts), "texts"), [np.zeros((0, len(baseline.classes_)))]
+    for start in range(0, len(texts), BASELINE_CHUNK):
+        chunks.append(baseline.predict_proba(standardized_strings(texts[start:start + BASELINE_CHUNK], standardize)))
+        progress(start + len(chunks[-1]))
+    progress.close()
+    return np.concatenate(chunks)
 
 
 def build_blend_predictor(neural_model, baseline, weight: float, class_names, settings: dict | None = None):
@@ -3971,7 +3957,7 @@ def teach_beside_the_labels(train_strings, rows: np.ndarray, train: LabelledText
     others = np.setdiff1d(np.arange(len(labels)), rows)
     if len(others):
         print(f"Teacher: the baseline grades the {len(others)} training texts outside its sample")
-        graded[others] = baseline_probabilities(baseline, train.texts[others], standardize)
+        graded[others] = baseline_probabilities(baseline, train.texts.take(others), standardize)
     record = {"label_share": DISTILLATION_LABEL_SHARE, "folds": teacher_folds(labels[rows], num_classes),
               "graded_out_of_fold": len(rows),
               "out_of_fold_accuracy": round(float(np.mean(graded.argmax(axis=1) == labels)), 4)}
