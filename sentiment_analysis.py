@@ -2913,12 +2913,12 @@ BASELINE_CHUNK = 10_000  # texts cleaned and scored by the baseline at a time
 def baseline_probabilities(baseline, texts, standardize) -> np.ndarray:
     """The baseline's class probabilities (reviews, classes) for raw texts, cleaned by `standardize`, a chunk of
     BASELINE_CHUNK texts at a time (only a chunk of them decoded from a Texts at once)."""
-    progress, chunks = StageProgress("baseline: ", len(texts), "texts"), [np.zeros((0, len(baseline.classes_)))]
+    progress, chunks = StageProgress("baseline: ", len(texts), "texts"), []
     for start in range(0, len(texts), BASELINE_CHUNK):
         chunks.append(baseline.predict_proba(standardized_strings(texts[start:start + BASELINE_CHUNK], standardize)))
         progress(start + len(chunks[-1]))
     progress.close()
-    return np.concatenate(chunks)
+    return np.concatenate(chunks) if chunks else np.zeros((0, len(baseline.classes_)))  # (the model's dtype)
 
 
 def build_blend_predictor(neural_model, baseline, weight: float, class_names, settings: dict | None = None):
