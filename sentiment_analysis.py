@@ -946,9 +946,14 @@ class Texts:
     def of(cls, texts) -> Texts:
         """From strings, in memory."""
         encoded = [str(text).encode("utf-8") for text in texts]
-        ends = np.cumsum([len(text) for text in encoded], dtype=np.int64)
-        data = np.frombuffer(b"".join(encoded), dtype=np.uint8)
-        return cls(data, ends - np.array([len(text) for text in encoded], dtype=np.int64), ends)
+        return cls.from_lengths(np.frombuffer(b"".join(encoded), dtype=np.uint8),
+                                np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)))
+
+    @classmethod
+    def from_lengths(cls, data, lengths: np.ndarray) -> Texts:
+        """Texts of these byte lengths, one after another in `data`."""
+        ends = np.cumsum(lengths, dtype=np.int64)
+        return cls(data, ends - lengths, ends)
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -1106,14 +1111,12 @@ class TextStore:
         del self.lengths[mark[1]:]
 
     def texts(self) -> Texts:
-        lengths = np.concatenate([np.zeros(0, np.int64)] + self.lengths)
-        ends = np.cumsum(lengths)
         if self.path is None:
             data = np.frombuffer(self.file.getvalue(), dtype=np.uint8)
         else:
             self.file.close()
             data = FileBytes(self.path)
-        return Texts(data, ends - lengths, ends)
+        return Texts.from_lengths(data, np.concatenate([np.zeros(0, np.int64)] + self.lengths))
 
 
 @dataclass
