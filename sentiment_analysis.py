@@ -2457,8 +2457,11 @@ class InputsCache:
 
     def start(self, texts: list, max_length: int) -> None:
         """An empty cache (whatever was there removed), once the ids of these texts fit on the disk: at most
-        max_length ids a text and one per character (and two more: BERT's markers), int32, and a length each."""
-        needed = sum(4 * min(max_length, len(str(text)) + 2) + 8 for part in texts for text in part)
+        max_length ids a text and one per character (and two more: BERT's markers), int32, and a length each. A
+        Texts' byte lengths bound its characters, so its texts are not decoded to count them."""
+        needed = sum(int(np.minimum(max_length, (part.ends - part.starts if isinstance(part, Texts) else
+                                                 np.fromiter(map(len, part), np.int64, len(part))) + 2).sum()) * 4
+                     + 8 * len(part) for part in texts)
         _check_free_space(next(path for path in self.directory.parents if path.exists()), needed)
         shutil.rmtree(self.directory, ignore_errors=True)
         self.directory.mkdir(parents=True, exist_ok=True)
