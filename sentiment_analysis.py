@@ -50,7 +50,6 @@ import html
 import io
 import json
 import math
-import mmap
 import os
 import platform
 import re
@@ -919,22 +918,28 @@ def encode_labels(labels: pd.Series, positive_label: str | None = None) -> tuple
     return stripped.map(index).to_numpy(dtype=np.int32), classes
 
 
-class FileBytes:
-    """The bytes of a file, read where asked (file[start:end]) with a plain read, not mapped: what was read
-    stays in the system's file cache, not in the process's memory (a mapped file's pages count in its RSS)."""
+class FileArray:
+    """A file's raw values (bytes, or int32 token ids) read where asked (array[start:end], a NumPy array) with a
+    plain read, not mapped: what was read stays in the system's file cache, not in the process's memory (on
+    Linux 6.x one value read through a map brings its whole 2 MB page-cache folio into the process's RSS)."""
 
-    def __init__(self, path: Path):
-        self.file, self.lock = open(path, "rb"), threading.Lock()
+    def __init__(self, path: Path, dtype=np.uint8):
+        self.file, self.lock, self.dtype = open(path, "rb"), threading.Lock(), np.dtype(dtype)
+        self.size = path.stat().st_size // self.dtype.itemsize
 
-    def __getitem__(self, span: slice) -> bytes:
-        with self.lock:  # tf.data reads texts on its own threads
-            self.file.seek(span.start)
-            return self.file.read(span.stop - span.start)
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, span: slice) -> np.ndarray:
+        start, stop, _ = span.indices(self.size)
+        with self.lock:  # tf.data reads on its own threads
+            self.file.seek(start * self.dtype.itemsize)
+            return np.frombuffer(self.file.read(max(0, stop - start) * self.dtype.itemsize), dtype=self.dtype)
 
 
 @dataclass(frozen=True)
 class Texts:
-    """Texts as their UTF-8 bytes one after another (`data`: a uint8 array in memory, or FileBytes of a file)
+    """Texts as their UTF-8 bytes one after another (`data`: a uint8 array in memory, or FileArray of a file)
     and where each starts and ends there: a sequence of str decoded only when used, so a split of millions of
     reviews holds only its offsets. texts[i] is a str; texts[a:b] and texts[rows] are object arrays of str (the
     texts in use); take(rows) is a Texts of those rows over the same bytes."""
@@ -1115,7 +1120,7 @@ class TextStore:
             data = np.frombuffer(self.file.getvalue(), dtype=np.uint8)
         else:
             self.file.close()
-            data = FileBytes(self.path)
+            data = FileArray(self.path)
         return Texts.from_lengths(data, np.concatenate([np.zeros(0, np.int64)] + self.lengths))
 
 
@@ -1790,12 +1795,16 @@ def checkpoint_start(recipe: ModelRecipe) -> dict:
     return load_bert_checkpoint(recipe.bert_preset).description()
 
 
+TOKEN_CHUNK = 1 << 22  # token ids counted at a time (16 MB)
+
+
 @dataclass(frozen=True)
 class ReviewIds:
     """The token ids of some reviews without their right padding, as fairseq stores them: every review's ids one
     after another in `tokens` (int32) and where each review ends in `ends` (int64), so review i is
-    tokens[ends[i - 1]:ends[i]]. At IMDB's lengths under half the padded (reviews, max_length) array; NumPy
-    arrays in memory or memory-mapped from a file alike. `max_length` is the longest a review was cut to."""
+    tokens[ends[i - 1]:ends[i]]. At IMDB's lengths under half the padded (reviews, max_length) array. `tokens`
+    is a NumPy array in memory or a FileArray of a file (read where used). `max_length` is the longest a review
+    was cut to."""
     tokens: np.ndarray
     ends: np.ndarray
     max_length: int
@@ -1823,7 +1832,7 @@ class ReviewIds:
 
     def __eq__(self, other) -> bool:
         return (isinstance(other, ReviewIds) and self.max_length == other.max_length
-                and np.array_equal(self.ends, other.ends) and np.array_equal(self.tokens, other.tokens))
+                and np.array_equal(self.ends, other.ends) and np.array_equal(self.tokens[:], other.tokens[:]))
 
     @functools.cached_property
     def starts(self) -> np.ndarray:
@@ -1839,10 +1848,24 @@ class ReviewIds:
         return (self.tokens[start:end] for start, end in zip(self.starts, self.ends))
 
     def take(self, rows: np.ndarray) -> ReviewIds:
-        """These reviews, in this order."""
+        """These reviews, in this order (from a file, one read each)."""
         starts, lengths = self.starts[rows], self.lengths[rows]
-        spans = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(int(lengths.sum()))
-        return ReviewIds.from_lengths(self.tokens[spans], lengths, self.max_length)
+        if isinstance(self.tokens, FileArray):
+            tokens = np.concatenate([np.zeros(0, np.int32)] + [self.tokens[start:start + length] for start, length
+                                                              in zip(starts.tolist(), lengths.tolist())])
+        else:
+            tokens = self.tokens[np.repeat(starts - np.cumsum(lengths) + lengths, lengths) +
+                                 np.arange(int(lengths.sum()))]
+        return ReviewIds.from_lengths(tokens, lengths, self.max_length)
+
+    def id_counts(self, minlength: int = 0) -> np.ndarray:
+        """How often each id occurs (np.bincount of all the tokens), read TOKEN_CHUNK ids at a time."""
+        counts = np.zeros(minlength, np.int64)
+        for start in range(0, len(self.tokens), TOKEN_CHUNK):
+            chunk = np.bincount(self.tokens[start:start + TOKEN_CHUNK])
+            counts = np.pad(counts, (0, max(0, len(chunk) - len(counts))))
+            counts[:len(chunk)] += chunk
+        return counts
 
     @staticmethod
     @contextlib.contextmanager
@@ -1857,15 +1880,11 @@ class ReviewIds:
 
     @classmethod
     def open(cls, path: Path, max_length: int) -> ReviewIds:
-        """The ids a writer wrote to `path`, memory-mapped: a review's ids are read from the file when used."""
+        """The ids a writer wrote to `path`, read from the file where used (FileArray), not held in memory."""
         lengths = np.load(path.with_name(path.name + ".lengths.npy"))
         if path.stat().st_size != 4 * int(lengths.sum()):
             raise ValueError(f"{path.name} does not hold the ids its lengths count")
-        tokens = np.zeros(0)
-        if len(lengths) and lengths.sum():
-            with open(path, "rb") as file:
-                tokens = np.frombuffer(mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.int32)
-        return cls.from_lengths(tokens, lengths, max_length)
+        return cls(FileArray(path, np.int32), np.cumsum(lengths, dtype=np.int64), max_length)
 
     def padded(self, rows: np.ndarray, width: int | None = None) -> np.ndarray:
         """These reviews right-padded with zeros to `width` columns (default: the longest of them, at least 1;
@@ -1876,9 +1895,31 @@ class ReviewIds:
         return padded
 
 
+@dataclass(frozen=True)
+class ChosenReviews:
+    """Some reviews of several ReviewIds read one after the other as one: `rows` numbers them all in turn (the
+    first's, then the second's ...). Iterated, each review's ids are read when used, so a pass over millions
+    (Word2Vec's) holds none of them."""
+    parts: list
+    rows: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self):
+        offset = 0
+        for part in self.parts:
+            rows = self.rows[(self.rows >= offset) & (self.rows < offset + len(part))] - offset
+            for first in range(0, len(rows), 65536):  # the places of 65,536 reviews at a time
+                chunk = rows[first:first + 65536]
+                for start, end in zip(part.starts[chunk].tolist(), part.ends[chunk].tolist()):
+                    yield part.tokens[start:end]
+            offset += len(part)
+
+
 def vectorize(vectorizer, texts, max_length: int, into: Path | None = None) -> ReviewIds:
     """The texts' token ids, batch by batch without their padding (the padded array of all texts never exists).
-    With `into`, each batch is written to that file as it comes, and the ids are read back memory-mapped."""
+    With `into`, each batch is written to that file as it comes, and the ids are read from there (ReviewIds.open)."""
     progress, parts, done = StageProgress("tokenizing: ", len(texts), "texts"), [], 0
     with ReviewIds.writer(into) if into else contextlib.nullcontext(parts.append) as keep:
         for batch in text_dataset(texts) if len(texts) else ():
@@ -1944,7 +1985,7 @@ def build_training_dataset(token_ids: ReviewIds, labels, batch_size: int, shuffl
     """Batches of similar-length reviews, padded on the right only as far as the longest in the batch, as (token
     ids, labels, weights): the reviews shuffled with `shuffle_seed` (none: in their order), then grouped by
     length (length_batches). Only the batch being made is read from `token_ids`, so memory does not grow with
-    the rows when they are memory-mapped.
+    the rows when they are read from a file (ReviewIds.open).
 
     Every review is in exactly one batch. On several replicas (`pad_to_full_batches`) each bucket's last,
     partial batch is filled up to a whole one with weight-0 copies, so every batch splits evenly across them.
@@ -2188,7 +2229,7 @@ def pretrained_matrix(vectors, token_ids, vocabulary: list[str], seed: int) -> t
     matrix[0] = 0.0
     if found:
         matrix[found] = known
-    tokens = np.bincount(token_ids.tokens, minlength=len(vocabulary))
+    tokens = token_ids.id_counts(len(vocabulary))
     tokens[0] = 0  # [UNK] (1) counts as not covered
     coverage = {"file_words": len(vectors.key_to_index), "dimension": vectors.vector_size,
                 "vocabulary_covered": round(len(found) / max(1, len(vocabulary) - 2), 4),
@@ -2373,7 +2414,7 @@ def unsplit_texts(token_ids: ReviewIds) -> int:
     short = token_ids.padded(np.flatnonzero(token_ids.lengths <= 2), width=2)  # 0: no second token
     if not len(short):
         return 0
-    counts = np.bincount(token_ids.tokens, minlength=2)
+    counts = token_ids.id_counts(2)
     lonely = (counts[short] <= 1) | (short <= 1)  # used by no other text, [UNK] (1) or padding (0)
     return int(np.all(lonely, axis=1).sum())
 
@@ -2397,13 +2438,12 @@ def starting_embedding(derived: Derived, seed: int, train_ids: ReviewIds, unlabe
     if derived.embeddings == "word2vec":
         also = f" and {len(unlabelled_ids)} unlabelled texts" if len(unlabelled_ids) else ""
         print(f"Training Word2Vec on the training split{also} ({plan.word2vec_epochs} passes) ...")
-        all_ids = (ReviewIds.concatenate([train_ids, unlabelled_ids], train_ids.max_length) if len(unlabelled_ids)
-                   else train_ids)
+        texts, chosen = len(train_ids) + len(unlabelled_ids), slice(None)
         if plan.word2vec_share < 1.0:  # too many tokens for its budget: a seeded sample of the texts
-            chosen = np.random.default_rng(seed).choice(len(all_ids), round(plan.word2vec_share * len(all_ids)),
-                                                        replace=False)
-            all_ids = all_ids.take(np.sort(chosen))
-        return word2vec_matrix(all_ids, vocabulary, derived.embedding_dim, seed, plan.word2vec_epochs), None
+            chosen = np.sort(np.random.default_rng(seed).choice(texts, round(plan.word2vec_share * texts),
+                                                                replace=False))
+        sentences = ChosenReviews([train_ids, unlabelled_ids], np.arange(texts)[chosen])
+        return word2vec_matrix(sentences, vocabulary, derived.embedding_dim, seed, plan.word2vec_epochs), None
     if derived.embeddings == "random":
         return None, None
     print(f"Reading word vectors from {derived.embeddings} ...")
@@ -2443,7 +2483,7 @@ CACHED_IDS = ("train_ids", "validation_ids", "test_ids", "unlabelled_ids")
 @dataclass(frozen=True)
 class InputsCache:
     """The run's token ids on disk, in `directory` under its state directory: each split's ids written there as
-    they are tokenized and read memory-mapped from there (ReviewIds.open), so memory does not hold them; with
+    they are tokenized and read from there where used (ReviewIds.open), so memory does not hold them; with
     them the vocabulary, and once made the starting embedding. The same command resumes from it without
     tokenizing (or Word2Vec) again. Keyed on the run's training_fingerprint and the number of unlabelled texts;
     each part counts only once its record is written (inputs.json, embedding.json); its bytes are counted by the
@@ -2895,7 +2935,8 @@ def fit_baselines(parts: list[tuple[list[str], np.ndarray]], recipe: BaselineRec
         return [fit_baseline(texts, labels, recipe) for texts, labels in parts]
     print(f"Fitting {len(parts)} baselines, {workers} at a time ...")
     with joblib.parallel_config(backend="loky", inner_max_num_threads=BASELINE_BLAS_THREADS):
-        models = joblib.Parallel(n_jobs=workers)(joblib.delayed(baseline_pipeline(recipe).fit)(texts, labels)
+        # (fit_baseline's progress lines come from the workers, whose output is this process's)
+        models = joblib.Parallel(n_jobs=workers)(joblib.delayed(fit_baseline)(texts, labels, recipe)
                                                  for texts, labels in parts)
     # Idle workers keep their memory (loky keeps them 300 s for reuse): ended now, they give it back before
     # training (about 0.5 GB at 300,000 rows, docs/RESULTS.md), for a second or two to start them again.
@@ -2916,15 +2957,23 @@ def baseline_sample(labels: np.ndarray, recipe: BaselineRecipe) -> np.ndarray:
 BASELINE_CHUNK = 10_000  # texts cleaned and scored by the baseline at a time
 
 
-def baseline_probabilities(baseline, texts, standardize) -> np.ndarray:
-    """The baseline's class probabilities (reviews, classes) for raw texts, cleaned by `standardize`, a chunk of
-    BASELINE_CHUNK texts at a time (only a chunk of them decoded from a Texts at once)."""
-    progress, chunks = StageProgress("baseline: ", len(texts), "texts"), []
+def baselines_probabilities(baselines: list, texts, standardize, what: str = "baseline") -> list[np.ndarray]:
+    """Each baseline's class probabilities (reviews, classes) for raw texts, a chunk of BASELINE_CHUNK texts at a
+    time: each chunk decoded (from a Texts) and cleaned by `standardize` once, then scored by every baseline."""
+    progress, chunks = StageProgress(f"{what}: ", len(texts), "texts"), [[] for _ in baselines]
     for start in range(0, len(texts), BASELINE_CHUNK):
-        chunks.append(baseline.predict_proba(standardized_strings(texts[start:start + BASELINE_CHUNK], standardize)))
-        progress(start + len(chunks[-1]))
+        strings = standardized_strings(texts[start:start + BASELINE_CHUNK], standardize)
+        for baseline, kept in zip(baselines, chunks):
+            kept.append(baseline.predict_proba(strings))
+        progress(start + len(strings))
     progress.close()
-    return np.concatenate(chunks) if chunks else np.zeros((0, len(baseline.classes_)))  # (the model's dtype)
+    return [np.concatenate(kept) if kept else np.zeros((0, len(baseline.classes_)))  # (the model's dtype)
+            for baseline, kept in zip(baselines, chunks)]
+
+
+def baseline_probabilities(baseline, texts, standardize) -> np.ndarray:
+    """The baseline's class probabilities (reviews, classes) for raw texts (baselines_probabilities)."""
+    return baselines_probabilities([baseline], texts, standardize)[0]
 
 
 def build_blend_predictor(neural_model, baseline, weight: float, class_names, settings: dict | None = None):
@@ -3224,14 +3273,14 @@ def curve_point(share: float, rows: int, labels: np.ndarray, probabilities: np.n
             "interval": mean_interval(right)}
 
 
-def baseline_learning_curve(whole_split_probabilities: np.ndarray, train_strings: list[str],
-                            train_labels: np.ndarray, validation_strings: list[str], validation_labels: np.ndarray,
-                            recipe: BaselineRecipe) -> tuple[list[dict], np.ndarray | None]:
+def baseline_learning_curve(baseline, train_strings: list[str], train_labels: np.ndarray, validation: LabelledTexts,
+                            standardize, recipe: BaselineRecipe) -> tuple[np.ndarray, list[dict], np.ndarray | None]:
     """Validation accuracy (with its 95% interval) of the baseline fitted on a stratified share of the training
-    split, for each share of BASELINE_CURVE_FRACTIONS, then of the baseline itself (fitted on the whole split,
-    whose validation probabilities are given). A share too small to fit (a class or every word missing) is left
-    out. Also returns the validation probabilities of the baseline fitted on half the split (None if left out),
-    which the advice compares with the whole split's."""
+    split (its texts `train_strings`), for each share of BASELINE_CURVE_FRACTIONS, then of the baseline itself
+    (fitted on the whole split). A share too small to fit (a class or every word missing) is left out. Returns
+    the baseline's validation probabilities, the curve, and the validation probabilities of the baseline fitted on
+    half the split (None if left out), which the advice compares with the whole split's. The validation texts are
+    scored a chunk at a time, by every model in turn (baselines_probabilities)."""
 
     shares = []
     for fraction in BASELINE_CURVE_FRACTIONS:
@@ -3251,16 +3300,16 @@ def baseline_learning_curve(whole_split_probabilities: np.ndarray, train_strings
                 models.append(fit_baseline(texts, labels, recipe))
             except ValueError:
                 models.append(None)
+    fitted = [(fraction, rows, model) for (fraction, rows, _), model in zip(shares, models) if model is not None]
+    whole, *scored = baselines_probabilities([baseline] + [model for _, _, model in fitted], validation.texts,
+                                             standardize, f"validation, {1 + len(fitted)} baselines")
     points, half = [], None
-    for (fraction, rows, _), model in zip(shares, models):
-        if model is None:
-            continue
-        probabilities = model.predict_proba(validation_strings)
-        points.append(curve_point(fraction, rows, validation_labels, probabilities))
+    for (fraction, rows, _), probabilities in zip(fitted, scored):
+        points.append(curve_point(fraction, rows, validation.labels, probabilities))
         if fraction == 0.5:
             half = probabilities
-    points.append(curve_point(1.0, len(train_labels), validation_labels, whole_split_probabilities))
-    return points, half
+    points.append(curve_point(1.0, len(train_labels), validation.labels, whole))
+    return whole, points, half
 
 
 @dataclass
@@ -3286,10 +3335,8 @@ def compare_on_validation(classifier, baseline, validation_ids: ReviewIds, split
     neural = predict_token_ids(classifier, validation_ids)
     if baseline is None:
         return ValidationCheck(splits.validation.labels, neural, None, [])
-    validation_strings = standardized_strings(splits.validation.texts, standardize)
-    probabilities = baseline.predict_proba(validation_strings)
-    curve, half = baseline_learning_curve(probabilities, train_strings, splits.train.labels[rows], validation_strings,
-                                          splits.validation.labels, recipe)
+    probabilities, curve, half = baseline_learning_curve(baseline, train_strings, splits.train.labels[rows],
+                                                         splits.validation, standardize, recipe)
     return ValidationCheck(splits.validation.labels, neural, probabilities, curve, half)
 
 

@@ -254,7 +254,7 @@ def test_a_file_found_not_utf8_after_its_first_chunks_is_read_again_whole(tmp_pa
     assert store.stat().st_size == sum(len(text.encode("utf-8")) for text in rows["reviews"])
     in_memory = sa.load_dataset(sa.TrainConfig(data=str(tmp_path / "*.csv")))
     assert in_memory.texts.tolist() == loaded.texts.tolist() and (in_memory.labels == loaded.labels).all()
-    assert isinstance(loaded.texts.data, sa.FileBytes)  # read back from the file when used, not held
+    assert isinstance(loaded.texts.data, sa.FileArray)  # read back from the file when used, not held
 
 
 def test_duplicates_are_found_across_chunks_and_files(tmp_path, monkeypatch):

@@ -587,9 +587,7 @@ def prepared(config, cache_dir, capsys, killed_before_training=False):
     return inputs, capsys.readouterr().out
 
 
-def test_token_ids_are_written_as_they_come_and_read_back_memory_mapped(tmp_path):
-    import mmap
-
+def test_token_ids_are_written_as_they_come_and_read_back_from_the_file(tmp_path, monkeypatch):
     import sentiment_analysis as sa
 
     parts = [sa.ReviewIds.from_lengths(np.array([3, 4, 5], np.int32), np.array([2, 0, 1]), 10),
@@ -600,7 +598,11 @@ def test_token_ids_are_written_as_they_come_and_read_back_memory_mapped(tmp_path
             keep(part)
     opened = sa.ReviewIds.open(tmp_path / "ids.int32", 10)
     assert opened == sa.ReviewIds.concatenate(parts, 10) and opened.lengths.tolist() == [2, 0, 1, 1]
-    assert isinstance(opened.tokens.base.obj, mmap.mmap)  # read from the file, not loaded
+    assert isinstance(opened.tokens, sa.FileArray)  # read from the file where used, not loaded
+    assert opened.take(np.array([3, 1, 0])) == sa.ReviewIds.from_lengths(np.array([7, 3, 4]), np.array([1, 0, 2]), 10)
+    np.testing.assert_array_equal(opened.id_counts(10), np.bincount([3, 4, 5, 7], minlength=10))
+    monkeypatch.setattr(sa, "TOKEN_CHUNK", 3)  # counted a chunk at a time: the same counts
+    np.testing.assert_array_equal(opened.id_counts(), np.bincount([3, 4, 5, 7]))
     np.testing.assert_array_equal(opened.padded(np.array([3, 0])), [[7, 0], [3, 4]])
     assert [row.tolist() for row in opened] == [[3, 4], [], [5], [7]]
     with sa.ReviewIds.writer(tmp_path / "none.int32"):

@@ -54,10 +54,14 @@ def test_large_data_bounds_word2vec_by_its_token_budget(monkeypatch):
     ids = sa.ReviewIds.from_padded(np.arange(1, 1001, dtype=np.int32)[:, None])
     half = sa.TrainingPlan(128, 8, 4, 1, 1, "test", word2vec_share=0.5)
     sa.starting_embedding(derived, 42, ids, ids.take(np.arange(0)), ["", "[UNK]", "a"], half)
-    chosen = given[0].tokens
+    chosen = np.concatenate(list(given[0]))  # the sentences Word2Vec reads, one review's ids each
     assert len(given[0]) == 500 and len(set(chosen)) == 500 and list(chosen) == sorted(chosen)
     sa.starting_embedding(derived, 42, ids, ids.take(np.arange(0)), ["", "[UNK]", "a"], half)
-    np.testing.assert_array_equal(given[0].tokens, given[1].tokens)  # seeded
+    np.testing.assert_array_equal(chosen, np.concatenate(list(given[1])))  # seeded
+    # With unlabelled texts the sample is drawn from both, the training split's reviews first.
+    sa.starting_embedding(derived, 42, ids.take(np.arange(600)), ids.take(np.arange(600, 1000)),
+                          ["", "[UNK]", "a"], half)
+    np.testing.assert_array_equal(chosen, np.concatenate(list(given[2])))
 
 
 @pytest.mark.parametrize("rows", [720, 2_157, 7_186])
@@ -185,7 +189,7 @@ def test_the_advice_reads_the_baselines_learning_curve():
     assert notes == []
 
 
-def test_the_baselines_learning_curve_refits_on_shares_of_the_training_split():
+def test_the_baselines_learning_curve_refits_on_shares_of_the_training_split(monkeypatch):
     import sentiment_analysis as sa
 
     config = sa.TrainConfig(data=str(TINY_CSV))
@@ -193,9 +197,10 @@ def test_the_baselines_learning_curve_refits_on_shares_of_the_training_split():
     train = sa.standardized_strings(splits.train.texts, sa.standardize_text)
     validation = sa.standardized_strings(splits.validation.texts, sa.standardize_text)
     baseline = sa.fit_baseline(train, splits.train.labels, sa.BaselineRecipe.of(config))
-    curve, half = sa.baseline_learning_curve(baseline.predict_proba(validation), train, splits.train.labels,
-                                             validation, splits.validation.labels,
-                                             sa.BaselineRecipe.of(config))
+    monkeypatch.setattr(sa, "BASELINE_CHUNK", 7)  # the validation texts scored a few at a time: the same
+    whole_split, curve, half = sa.baseline_learning_curve(baseline, train, splits.train.labels, splits.validation,
+                                                          sa.standardize_text, sa.BaselineRecipe.of(config))
+    np.testing.assert_array_equal(whole_split, baseline.predict_proba(validation))
     rows = len(splits.train.labels)
     assert [point["share"] for point in curve] == [0.1, 0.25, 0.5, 1.0]
     assert [point["training_rows"] for point in curve] == [round(0.1 * rows), round(0.25 * rows),
