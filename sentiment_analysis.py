@@ -529,6 +529,7 @@ class ClusterRole:
     chief: bool
     name: str     # e.g. worker-1
     workers: int  # in the whole cluster
+    index: int = 0  # this task's place among them: the chief first, then the workers in order
 
 
 def _cluster_role() -> ClusterRole | None:
@@ -553,7 +554,8 @@ def _cluster_role() -> ClusterRole | None:
     if not 0 <= index < len(addresses):
         raise UserError(f"TF_CONFIG: task index {index} is outside the {len(addresses)} {task_type} address(es)")
     chief = task_type == "chief" or (index == 0 and "chief" not in cluster)
-    return ClusterRole(chief=chief, name=f"{task_type}-{index}", workers=sum(map(len, cluster.values())))
+    place = index + (len(cluster.get("chief", [])) if task_type == "worker" else 0)
+    return ClusterRole(chief=chief, name=f"{task_type}-{index}", workers=sum(map(len, cluster.values())), index=place)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1024,6 +1026,7 @@ class LoadedData(LabelledTexts):
     rows_read: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     unlabelled: np.ndarray = field(default_factory=lambda: np.array([], dtype=object))
+    file_starts: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))  # each file's first byte in the store
 
 
 def column_separator(path: Path, sep: str | None) -> str:
@@ -1034,6 +1037,11 @@ def column_separator(path: Path, sep: str | None) -> str:
     if len(sep) != 1:
         raise UserError(f"--sep must be one character or tab (got {sep!r})")
     return sep
+
+
+def several_files(data: str) -> bool:
+    """Whether --data names a directory or a glob of files (not one file)."""
+    return Path(data).is_dir() or (not Path(data).exists() and any(mark in data for mark in "*?["))
 
 
 def data_files(data: str) -> list[Path]:
@@ -1138,6 +1146,7 @@ class RowsRead:
     hashes: list = field(default_factory=list)
     labels: list = field(default_factory=list)       # Series of label strings, chunk by chunk
     unlabelled: list = field(default_factory=list)
+    file_starts: list = field(default_factory=list)  # where each file's texts begin in the store (DataShare)
 
     def mark(self) -> dict:
         return {"columns": self.columns, "rows_read": self.rows_read, "missing_text": self.missing_text,
@@ -1197,6 +1206,7 @@ def read_data_files(files: list[Path], config: TrainConfig, store: TextStore) ->
         separator = column_separator(path, config.sep)
         left = None if config.max_rows is None else config.max_rows - rows.rows_read
         marks = rows.mark(), store.mark()
+        rows.file_starts.append(marks[1][0])
 
         def read(encoding: str) -> None:
             rows.rewind(marks[0])
@@ -1237,7 +1247,7 @@ def load_dataset(config: TrainConfig, store: Path | None = None) -> LoadedData:
                         f"(need at least {MIN_ROWS})")
     dropped = {"missing_text": rows.missing_text, "duplicate_text": int((~first).sum())}
     return LoadedData(stored.take(labelled[first]), encoded, classes, rows_read=rows.rows_read, dropped=dropped,
-                      unlabelled=stored.take(unlabelled))
+                      unlabelled=stored.take(unlabelled), file_starts=np.array(rows.file_starts, dtype=np.int64))
 
 
 def read_unlabelled_file(path: Path, text_column: str | None) -> np.ndarray:
@@ -2373,6 +2383,133 @@ class Background:
         return self.value
 
 
+@dataclass(frozen=True)
+class DataShare:
+    """Which training texts this process learns from. Alone, or in a cluster given one file: all of them, every
+    worker making the same batches and taking its replicas' part of each (tf.data's DATA auto-sharding). A cluster
+    given several files (a directory or glob): worker i of n trains on the texts of files i, i + n, ... in name
+    order (`file_starts`: where each file's texts begin in the text store), so that tokenizing the training
+    split, the baseline and the teacher, and the epochs are divided among the workers.
+
+    Every worker still reads every file (pass one, about 10 s per million rows), because the split ranks each
+    class's rows by their keys over all files; the vocabulary comes from the same seeded sample of the whole
+    training split on every worker; validation, test and unlabelled text stay whole on every worker, so early
+    stopping and the scores agree everywhere. What must be equal across the workers comes from sums over the
+    cluster (`strategy`): the plan (every worker's review lengths), an epoch's steps (the most any worker has; one
+    with fewer adds batches of weight 0), the class weights, and from the chief the starting embedding and the
+    teacher's probabilities for unlabelled text."""
+    worker: int = 0
+    workers: int = 1
+    file_starts: np.ndarray | None = None  # None: every training text is this process's
+    strategy: object = None
+
+    @classmethod
+    def of(cls, role: ClusterRole | None, several_files: bool, file_starts: np.ndarray, strategy) -> DataShare:
+        """A cluster's worker given a directory or glob of files trains on its own (set_up_run has checked that
+        there are at least as many files as workers); otherwise every process on all the training texts."""
+        if role is None or not several_files:
+            return cls(strategy=strategy)
+        return cls(role.index, role.workers, file_starts, strategy)
+
+    @property
+    def divided(self) -> bool:
+        return self.file_starts is not None
+
+    def files(self) -> list[int]:
+        """This worker's files, numbered from 0 in name order."""
+        return list(range(self.worker, len(self.file_starts), self.workers))
+
+    def owns(self, texts: Texts) -> np.ndarray:
+        """Which of these texts (a view of the text store) came from this worker's files."""
+        if not self.divided:
+            return np.ones(len(texts), dtype=bool)
+        return (np.searchsorted(self.file_starts, texts.starts, side="right") - 1) % self.workers == self.worker
+
+    def summed(self, values: np.ndarray, chief_only: bool = False) -> np.ndarray:
+        """`values` added up over the workers (only the chief's with `chief_only`: the chief's values on every
+        worker), as float64 for sums of counts, in the dtype given for a chief's values."""
+        if not self.divided:
+            return values
+        values = np.asarray(values, dtype=values.dtype if chief_only else np.float64)
+        local = self.strategy.num_replicas_in_sync // self.workers
+        keep = (lambda replica: replica == 0) if chief_only else (lambda replica: replica % local == 0)
+
+        def one_copy():  # each worker's values once (the first of its replicas), or the chief's alone
+            replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+            return tf.where(keep(replica), tf.constant(values), tf.zeros_like(tf.constant(values)))
+
+        return self.strategy.reduce("SUM", self.strategy.run(one_copy), axis=None).numpy()
+
+    def lengths(self, lengths: np.ndarray, longest: int) -> np.ndarray:
+        """Every worker's review lengths (at most `longest`), for a plan that is the same on all of them: the
+        cluster's counts of each length, as lengths in increasing order."""
+        if not self.divided:
+            return lengths
+        counts = self.summed(np.bincount(lengths, minlength=longest + 1)).astype(np.int64)
+        return np.repeat(np.arange(len(counts)), counts)
+
+    def most(self, value: int) -> int:
+        """The largest of the workers' values (an epoch's steps)."""
+        if not self.divided:
+            return value
+        each = np.zeros(self.workers)
+        each[self.worker] = value
+        return int(self.summed(each).max())
+
+    def plan(self, plan: TrainingPlan, lengths: np.ndarray, max_length: int) -> TrainingPlan:
+        """A plan of the whole split (made from self.lengths) with the steps of an epoch on the busiest worker:
+        this worker's own reviews (`lengths`) in batches of the plan's size per replica, its replicas' at a step."""
+        if not self.divided:
+            return plan
+        replicas = self.strategy.num_replicas_in_sync // self.workers
+        steps = math.ceil(count_batches(lengths, plan.batch_size, bucket_boundaries(max_length, len(lengths),
+                                                                                      plan.batch_size)) / replicas)
+        return dataclasses.replace(plan, steps_per_epoch=self.most(steps))
+
+    def epoch_batches(self, token_ids: ReviewIds, labels, plan: TrainingPlan, seed: int):
+        """epoch -> that epoch's training batches (epoch_batches). Divided: this worker's own reviews in batches of
+        the plan's size per replica, then batches of weight 0 up to the plan's steps for each of its replicas, so
+        every worker runs the same steps (the loss divides by the real reviews of all replicas: weight-0
+        reviews change nothing)."""
+        replicas = self.strategy.num_replicas_in_sync if self.strategy else 1
+        if not self.divided:
+            return epoch_batches(token_ids, labels, plan.batch_size * replicas, seed, replicas > 1)
+        elements = plan.steps_per_epoch * replicas // self.workers
+        labels = np.asarray(labels, dtype=np.float32)
+        empty = (tf.zeros((plan.batch_size, 1), tf.int32), tf.zeros((plan.batch_size, *labels.shape[1:])),
+                 tf.zeros((plan.batch_size,)))
+
+        def batches(epoch):
+            own = build_training_dataset(token_ids, labels, plan.batch_size, seed + epoch, pad_to_full_batches=True)
+            padding = tf.data.Dataset.from_tensors(empty).repeat(elements - int(own.cardinality()))
+            return own.concatenate(padding).apply(tf.data.experimental.assert_cardinality(elements))
+
+        return batches
+
+    def distribute(self, strategy, dataset, skip: int):
+        """A dataset of training batches spread over the replicas, its first `skip` steps left out."""
+        if not self.divided:
+            return strategy.experimental_distribute_dataset(dataset.skip(skip))
+        dataset = dataset.skip(skip * (strategy.num_replicas_in_sync // self.workers))
+        return strategy.distribute_datasets_from_function(lambda _: dataset)
+
+    def restrict(self, splits: DataSplits, files: int) -> DataSplits:
+        """The splits with only this worker's training texts, said in a line."""
+        if not self.divided:
+            return splits
+        owned = self.owns(splits.train.texts)
+        if not owned.any():
+            raise UserError(f"worker {self.worker + 1} of {self.workers} has no training rows: its files ({self.files()}) are empty or unread "
+                            "(--max-rows)")
+        numbers = ", ".join(str(number + 1) for number in self.files())
+        print(f"This worker trains on its share: {int(owned.sum())} of the {len(owned)} training rows, from files "
+              f"{numbers} of {files} (each worker its own; validation and test whole on every worker)")
+        rows = np.flatnonzero(owned)
+        return dataclasses.replace(splits, train=LabelledTexts(splits.train.texts.take(rows), splits.train.labels[rows]))
+
+
+
+
 @dataclass
 class PreparedInputs:
     """What the training loop and the scoring need from the text, made once from the splits."""
@@ -2391,6 +2528,7 @@ class PreparedInputs:
     truncated_reviews: int               # reviews longer than --max-length tokens, in all splits
     notes: list[str]                     # advice about the data, for the run's output and the report
     from_cache: bool = False             # made by an interrupted run with the same data and settings
+    share: DataShare = field(default_factory=lambda: DataShare())  # whose training batches (a cluster's part)
 
     @property
     def embedding_matrix(self) -> np.ndarray | None:
@@ -2453,10 +2591,10 @@ def starting_embedding(derived: Derived, seed: int, train_ids: ReviewIds, unlabe
     return matrix, coverage
 
 
-def balanced_class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """scikit-learn's "balanced" class weights: rows / (classes * rows of the class), on the training split."""
-    counts = np.bincount(labels, minlength=num_classes)
-    weights = (len(labels) / (num_classes * np.maximum(counts, 1))).astype(np.float32)
+def balanced_class_weights(counts: np.ndarray) -> np.ndarray:
+    """scikit-learn's "balanced" class weights: rows / (classes * rows of the class), from the training split's
+    rows of each class."""
+    weights = (counts.sum() / (len(counts) * np.maximum(counts, 1))).astype(np.float32)
     print("Class weights: " + ", ".join(f"{weight:.3f}" for weight in weights))
     return weights
 
@@ -2572,15 +2710,14 @@ def vocabulary_texts(train_texts: Texts, unlabelled_texts, seed: int):
 
 
 def tokenized_texts(splits: DataSplits, recipe: ModelRecipe, architecture, max_length: int,
-                    unlabelled_texts: np.ndarray, cache: InputsCache | None, seed: int):
-    """The tokenizer, learned on the training split and the unlabelled texts (never on validation or test
-    texts; vocabulary_texts), its vocabulary, and the token ids of each split and of the unlabelled texts
-    (CACHED_IDS' order), written into `cache` (if any) as they come."""
+                    unlabelled_texts: np.ndarray, cache: InputsCache | None, seed: int, whole_train: Texts):
+    """The tokenizer, learned on the whole training split (`whole_train`: every worker's) and the unlabelled
+    texts (never on validation or test texts; vocabulary_texts), its vocabulary, and the token ids of each split
+    and of the unlabelled texts (CACHED_IDS' order), written into `cache` (if any) as they come."""
     texts = (splits.train.texts, splits.validation.texts, splits.test.texts, unlabelled_texts)
     if cache:
         cache.start(texts, max_length)
-    vectorizer = architecture.vectorizer(vocabulary_texts(splits.train.texts, unlabelled_texts, seed), recipe,
-                                         max_length)
+    vectorizer = architecture.vectorizer(vocabulary_texts(whole_train, unlabelled_texts, seed), recipe, max_length)
     ids = [vectorize(vectorizer, part, max_length, cache.ids_file(name) if cache else None)
            for name, part in zip(CACHED_IDS, texts)]
     return vectorizer, vectorizer.get_vocabulary(), ids
@@ -2596,10 +2733,14 @@ def say_inputs(vocabulary, unit: str, truncated: int, plan: TrainingPlan, max_le
 
 def prepare_inputs(splits: DataSplits, config: TrainConfig, architecture, derived: Derived, replicas: int,
                    num_classes: int, unlabelled_texts: np.ndarray | None = None,
-                   cache: InputsCache | None = None) -> PreparedInputs:
+                   cache: InputsCache | None = None, share: DataShare | None = None,
+                   whole_train: Texts | None = None) -> PreparedInputs:
     """Everything training needs from the text: the --arch record's tokenizer and the token ids
     (tokenized_texts), the plan and the batches, the embedding's start, the class weights, and what to say about
-    the data. With `cache`, what an interrupted run cached there is reused when the data and settings are the same."""
+    the data. With `cache`, what an interrupted run cached there is reused when the data and settings are the same.
+    With a `share` of a cluster's training split (splits.train: this worker's; whole_train: all of it), the
+    vocabulary, the plan and the class weights are the whole split's (DataShare)."""
+    share = share or DataShare()
     if unlabelled_texts is None:
         unlabelled_texts = np.array([], dtype=object)
     max_length = derived.max_length
@@ -2610,14 +2751,16 @@ def prepare_inputs(splits: DataSplits, config: TrainConfig, architecture, derive
         train_ids, validation_ids, test_ids, unlabelled_ids = (cached[name] for name in CACHED_IDS)
     else:
         vectorizer, vocabulary, (train_ids, validation_ids, test_ids, unlabelled_ids) = tokenized_texts(
-            splits, ModelRecipe.of(config), architecture, max_length, unlabelled_texts, cache, config.seed)
+            splits, ModelRecipe.of(config), architecture, max_length, unlabelled_texts, cache, config.seed,
+            splits.train.texts if whole_train is None else whole_train)
     check_texts_split(train_ids, config.tokenizer)
-    plan = plan_training(PlanAsked.of(config), review_lengths(train_ids), replicas, max_length,
-                         int(review_lengths(unlabelled_ids).sum()))
+    plan = share.plan(plan_training(PlanAsked.of(config), share.lengths(review_lengths(train_ids), max_length),
+                                    replicas, max_length, int(review_lengths(unlabelled_ids).sum())),
+                      review_lengths(train_ids), max_length)
     global_batch_size, several = plan.batch_size * replicas, replicas > 1
     validation_batches = build_training_dataset(validation_ids, splits.validation.labels, global_batch_size, None,
                                                 pad_to_full_batches=several)
-    training_batches = epoch_batches(train_ids, splits.train.labels, global_batch_size, config.seed, several)
+    training_batches = share.epoch_batches(train_ids, splits.train.labels, plan, config.seed)
     if cached and "embedding" in cached:
         embedding_start = Background.done(cached["embedding"])
     else:  # Word2Vec trains on its own thread while the rest is prepared (the baseline's fits among it)
@@ -2630,7 +2773,7 @@ def prepare_inputs(splits: DataSplits, config: TrainConfig, architecture, derive
                         for part in (splits.train, splits.validation, splits.test))
         if cache:
             cache.save_ids(vocabulary, truncated)
-    class_weights = (balanced_class_weights(splits.train.labels, num_classes)
+    class_weights = (balanced_class_weights(share.summed(np.bincount(splits.train.labels, minlength=num_classes)))
                      if config.class_weight == "balanced" else None)
     notes = small_data_notes(architecture.checkpoint is not None, derived.embeddings, len(train_ids),
                              len(unlabelled_ids))
@@ -2638,7 +2781,7 @@ def prepare_inputs(splits: DataSplits, config: TrainConfig, architecture, derive
     say_inputs(vocabulary, unit, truncated, plan, max_length, notes)
     return PreparedInputs(vectorizer, vocabulary, train_ids, validation_ids, test_ids, unlabelled_ids, plan,
                           training_batches, validation_batches, int(validation_batches.cardinality()),
-                          embedding_start, class_weights, truncated, notes, from_cache=bool(cached))
+                          embedding_start, class_weights, truncated, notes, from_cache=bool(cached), share=share)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2811,8 +2954,9 @@ def build_model_and_optimizer(config: TrainConfig, inputs: PreparedInputs, num_c
     devices."""
     with strategy.scope():
         classifier = build_classifier(config, len(inputs.vocabulary), num_classes, embedding_dim)
-        if inputs.embedding_matrix is not None:
-            classifier.get_layer(EMBEDDING_LAYER).set_weights([inputs.embedding_matrix])
+        if inputs.embedding_matrix is not None:  # (in a cluster given several files, the chief's: DataShare)
+            classifier.get_layer(EMBEDDING_LAYER).set_weights([inputs.share.summed(inputs.embedding_matrix,
+                                                                                   chief_only=True)])
         optimizer = build_optimizer(OptimizerRecipe.of(config), inputs.plan)
         optimizer.build(classifier.trainable_variables)
     classifier.summary(print_fn=print)
@@ -3842,8 +3986,7 @@ def train(classifier, optimizer, strategy, inputs: PreparedInputs, state: Traini
                 started = time.perf_counter()
                 bar = keras.utils.Progbar(steps, verbose=1 if sys.stdout.isatty() else 2, stateful_metrics=names)
                 # Each epoch's batches come in the order of its own seed, so a resumed epoch skips those it has done.
-                train_batches = strategy.experimental_distribute_dataset(
-                    inputs.training_batches(state.epoch).skip(resume.batches))
+                train_batches = inputs.share.distribute(strategy, inputs.training_batches(state.epoch), resume.batches)
                 done = run_epoch(step_functions.train, train_batches, steps, bar, done=resume,
                                  stop=checkpoints.terminated.is_set, shown=names,
                                  on_batch=batch_reporter(log, state.epoch * steps, steps, resume.batches))
@@ -4033,8 +4176,8 @@ def distillation_inputs(inputs: PreparedInputs, targets: np.ndarray, asked: Plan
                                                           f"({DISTILLATION_EPOCH_SCALE:g}x)")
         print(f"Plan for the distilled targets: {said} ({DISTILLATION_EPOCH_SCALE:g}x the planned "
               + " and ".join(f"{getattr(inputs.plan, name)}" for name in scaled) + ")")
-    return dataclasses.replace(inputs, plan=plan, training_batches=epoch_batches(
-        inputs.train_ids, targets, global_batch_size, seed, replicas > 1))
+    return dataclasses.replace(inputs, plan=plan, training_batches=inputs.share.epoch_batches(
+        inputs.train_ids, targets, plan, seed))
 
 
 def teacher_inputs(inputs: PreparedInputs, targets: np.ndarray, asked: PlanAsked, seed: int,
@@ -4044,7 +4187,9 @@ def teacher_inputs(inputs: PreparedInputs, targets: np.ndarray, asked: PlanAsked
     the same validation split (true labels) for early stopping, and no class weights."""
     plan = plan_training(asked, review_lengths(inputs.unlabelled_ids), replicas, inputs.train_ids.max_length)
     training_batches = epoch_batches(inputs.unlabelled_ids, targets, plan.batch_size * replicas, seed, replicas > 1)
-    return dataclasses.replace(inputs, plan=plan, training_batches=training_batches, class_weights=None)
+    # The unlabelled texts are whole on every worker, their batches the same everywhere (DataShare)
+    return dataclasses.replace(inputs, plan=plan, training_batches=training_batches, class_weights=None,
+                               share=DataShare())
 
 
 def fine_tuning_optimizer(recipe: OptimizerRecipe, plan: TrainingPlan, classifier, strategy):
@@ -4818,6 +4963,10 @@ def set_up_run(config: TrainConfig, cleanup: contextlib.ExitStack) -> RunSetup:
     role = _cluster_role()
     if role and config.cpu_replicas > 1:
         raise UserError("--cpu-replicas cannot be combined with TF_CONFIG: each worker uses its own devices")
+    if role and several_files(config.data) and len(data_files(config.data)) < role.workers:
+        raise UserError(f"--data has {len(data_files(config.data))} file(s) for {role.workers} workers: each worker "
+                        f"trains on its own files, so it needs at least {role.workers} (or give one file, which "
+                        "every worker reads whole)")
     output_dir = _prepare_output_dir(Path(config.output_dir))
     cleanup.enter_context(_output_lock(output_dir, "run" if not role or role.chief else role.name))
     # Every worker of a cluster keeps its own training state; only the chief writes the outputs.
@@ -4913,6 +5062,7 @@ class Run:
     inputs: PreparedInputs | None = None  # the prepared token ids, before any stage shapes its own
     cache: InputsCache | None = None
     standardize: object = None         # the model's text cleaning, for the baseline too
+    share: DataShare = field(default_factory=lambda: DataShare())  # this process's training texts
     fitted: tuple | None = field(default=None, repr=False)
 
     @property
@@ -5015,7 +5165,8 @@ class TeacherStage(Stage):
     def prepare(self, run: Run) -> None:
         baseline, _, _ = run.teacher()
         with run.clock.timed("teacher_s"):
-            targets = soft_targets(baseline_probabilities(baseline, run.unlabelled.texts, run.standardize))
+            targets = run.share.summed(soft_targets(baseline_probabilities(baseline, run.unlabelled.texts,
+                                                                           run.standardize)), chief_only=True)
         config = run.config
         asked = PlanAsked(config.batch_size, config.pretrain_epochs, TEACHER_MIN_EPOCHS, None, word2vec=False)
         self.inputs = teacher_inputs(run.inputs, targets, asked, config.seed, run.replicas)
@@ -5225,12 +5376,14 @@ def prepare_run_inputs(run: Run) -> None:
     resumes); unlabelled texts only when a stage learns from them."""
     config = run.config
     run.strategy = set_up_tensorflow(config.cpu_replicas, config.seed, config.mixed_precision, run.setup.role)
+    run.share = DataShare.of(run.setup.role, several_files(config.data), run.data.file_starts, run.strategy)
+    whole_train, run.splits = run.splits.train.texts, run.share.restrict(run.splits, len(run.data.file_starts))
     unlabelled = run.unlabelled.texts if run.semi.learns_from_unlabelled else None
     run.cache = InputsCache.of(run.setup.state_dir / INPUTS_CACHE, run.setup.fingerprint,
                                0 if unlabelled is None else len(unlabelled))
     with run.clock.timed("preprocess_s"):
         run.inputs = prepare_inputs(run.splits, config, run.setup.architecture, run.setup.derived, run.replicas,
-                                    len(run.class_names), unlabelled, run.cache)
+                                    len(run.class_names), unlabelled, run.cache, run.share, whole_train)
     run.standardize = text_standardizer(run.inputs.vectorizer)
 
 

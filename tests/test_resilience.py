@@ -373,6 +373,70 @@ def test_two_workers_train_together_and_only_the_chief_writes(tmp_path):
     assert epoch_lines[0][0].split(" - loss")[1] == epoch_lines[1][0].split(" - loss")[1]
 
 
+def tiny_shards(directory, count=4):
+    """The tiny CSV cut into `count` files, row i into file i % count."""
+    directory.mkdir()
+    rows = pd.read_csv(TINY_CSV)
+    for index in range(count):
+        rows.iloc[index::count].to_csv(directory / f"part-{index}.csv", index=False)
+    return directory
+
+
+def test_each_worker_of_a_cluster_given_several_files_owns_the_training_texts_of_its_files(tmp_path):
+    import sentiment_analysis as sa
+
+    config = sa.TrainConfig(data=str(tiny_shards(tmp_path / "shards")))
+    data = sa.load_dataset(config)
+    splits = sa.split_dataset(data, config.test_fraction, config.validation_fraction, config.seed)
+    by_file = {}
+    for index in range(4):
+        texts = set(pd.read_csv(tmp_path / "shards" / f"part-{index}.csv")["reviews"])
+        by_file[index] = {text for text in splits.train.texts if text in texts}
+    shares = [sa.DataShare(worker, 2, data.file_starts) for worker in range(2)]
+    owned = [set(splits.train.texts[share.owns(splits.train.texts)]) for share in shares]
+    assert [share.files() for share in shares] == [[0, 2], [1, 3]]
+    assert owned[0] == by_file[0] | by_file[2] and owned[1] == by_file[1] | by_file[3]  # files i, i + n, ...
+    assert not owned[0] & owned[1] and len(owned[0]) + len(owned[1]) == len(splits.train.texts)
+    restricted = shares[1].restrict(splits, 4)
+    assert set(restricted.train.texts) == owned[1] and restricted.validation is splits.validation
+    assert (restricted.train.labels == splits.train.labels[shares[1].owns(splits.train.texts)]).all()
+    alone = sa.DataShare()  # one process: every text its own, no cluster sums
+    assert alone.owns(splits.train.texts).all() and alone.restrict(splits, 4) is splits
+    assert alone.most(3) == 3 and (alone.summed(np.arange(3)) == np.arange(3)).all()
+
+
+def test_fewer_files_than_workers_is_a_clear_error(tmp_path, monkeypatch):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    shutil.copy(TINY_CSV, shards / "only.csv")
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]},
+                                                "task": {"type": "worker", "index": 1}}))
+    result = train_tiny_in_process(tmp_path / "out", data=shards)
+    assert_user_error(result, "1 file(s) for 2 workers", "at least 2")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_two_workers_given_four_files_each_train_on_their_own(tmp_path):
+    chief, other = tmp_path / "worker-0", tmp_path / "worker-1"
+    results = run_two_workers([chief, other], [*TINY_FLAGS], data=tiny_shards(tmp_path / "shards"))
+    shares = []
+    for returncode, stdout, stderr in results:
+        assert returncode == 0, stderr[-3000:]
+        line, = [line for line in stdout.splitlines() if line.startswith("This worker trains on its share")]
+        shares.append(line)
+    assert "from files 1, 3 of 4" in shares[0] and "from files 2, 4 of 4" in shares[1]
+    counts = [[int(word) for word in line.split(":")[1].split()[:4:3]] for line in shares]  # own, of all
+    assert counts[0][1] == counts[1][1] == counts[0][0] + counts[1][0] and min(counts[0][0], counts[1][0]) > 0
+    metrics = json.loads((chief / "metrics.json").read_text())
+    assert metrics["data"]["train"] == counts[0][1] and metrics["training"]["epochs_run"] == 1
+    # The same steps on both (the busier worker's), the losses summed over the cluster: the same epoch line.
+    epoch_lines = [[line for line in stdout.splitlines() if "val_loss" in line] for _, stdout, _ in results]
+    assert len(epoch_lines[0]) == 1
+    assert epoch_lines[0][0].split(" - loss")[1] == epoch_lines[1][0].split(" - loss")[1]
+    assert list(other.iterdir()) == [], "a worker that is not the chief writes nothing"
+
+
 @pytest.mark.slow
 def test_workers_that_saved_different_epochs_refuse_to_resume(crashed, tmp_path):
     # A state saved by a single run: worker 0 (the chief) finds it and would resume, worker 1 has none.
