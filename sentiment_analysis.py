@@ -2070,11 +2070,26 @@ def class_probabilities(model_output) -> np.ndarray:
     return class_columns(np.asarray(model_output, dtype=np.float64).reshape(len(model_output), -1))
 
 
+class PredictionProgress(keras.callbacks.Callback):
+    """Progress lines (StageProgress) while Keras' predict() goes through its batches."""
+
+    def __init__(self, reviews: int, batch_size: int):
+        super().__init__()
+        self.progress, self.batch_size = StageProgress("predicting: ", reviews, "reviews", one="review"), batch_size
+
+    def on_predict_batch_end(self, batch, logs=None):
+        self.progress(min((batch + 1) * self.batch_size, self.progress.total))
+
+    def on_predict_end(self, logs=None):
+        self.progress.close()
+
+
 def predict_token_ids(classifier, token_ids: ReviewIds, batch_size: int = 512) -> np.ndarray:
     """Class probabilities (reviews, classes) in input order; sorting by length first keeps padding small."""
     order = np.argsort(token_ids.lengths, kind="stable")
     sorted_probabilities = class_probabilities(
-        classifier.predict(build_inference_dataset(token_ids, order, batch_size), verbose=0))
+        classifier.predict(build_inference_dataset(token_ids, order, batch_size), verbose=0,
+                           callbacks=[PredictionProgress(len(order), batch_size)]))
     probabilities = np.empty_like(sorted_probabilities)
     probabilities[order] = sorted_probabilities
     return probabilities
@@ -3925,6 +3940,15 @@ class Checkpoints:
         return False
 
 
+def logged_progress(what: str, steps: int):
+    """In a log (not a terminal, which has the progress bar), on_batch for run_epoch: a line every
+    StageProgress.LOG_EVERY seconds of a pass."""
+    if sys.stdout.isatty():
+        return None
+    progress = StageProgress(what, steps, "batches", terminal=False, one="batch")
+    return lambda index, loss: progress(index + 1)
+
+
 def batch_reporter(log: TrainingLog, first_step: int, steps: int, done_batches: int):
     """What each training batch reports: its loss to TensorBoard, and in a log (not a terminal, which has the
     progress bar) a line of progress every StageProgress.LOG_EVERY seconds."""
@@ -3998,7 +4022,8 @@ def train(classifier, optimizer, strategy, inputs: PreparedInputs, state: Traini
                 done.seconds = resume.seconds + time.perf_counter() - started
                 if checkpoints.terminated.is_set():
                     checkpoints.stop_part_way(done, steps)
-                validation = run_epoch(step_functions.validation, validation_batches, inputs.validation_steps).scores()
+                validation = run_epoch(step_functions.validation, validation_batches, inputs.validation_steps,
+                                       on_batch=logged_progress("validation: ", inputs.validation_steps)).scores()
                 scores = {**done.scores(), **{f"val_{name}": value for name, value in validation.items()}}
                 scores = {name: scores[name] for name in names}
                 bar.update(steps, list(scores.items()), finalize=True)

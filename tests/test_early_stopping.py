@@ -42,7 +42,7 @@ def scripted_training(validation_losses, interrupt_in_epoch=None):
         return [tf.constant(validation_losses[len(seen) - 1] * 4.0), tf.constant(2.0), tf.constant(4.0)]
 
     inputs = types.SimpleNamespace(plan=plan, class_weights=None, validation_batches=batches.take(1),
-                                   validation_steps=1, training_batches=lambda epoch: batches)
+                                   validation_steps=1, training_batches=lambda epoch: batches, share=sa.DataShare())
     state = sa.TrainingState(fingerprint={})
     result = sa.train(classifier, optimizer, strategy, inputs, state, Path(tempfile.mkdtemp()), False,
                       steps=sa.Steps(train_step, validation_step))
