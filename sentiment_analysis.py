@@ -2476,9 +2476,14 @@ class DataShare:
         each[self.worker] = value
         return int(self.summed(each).max())
 
-    def plan(self, plan: TrainingPlan, lengths: np.ndarray, max_length: int) -> TrainingPlan:
-        """A plan of the whole split (made from self.lengths) with the steps of an epoch on the busiest worker:
-        this worker's own reviews (`lengths`) in batches of the plan's size per replica, its replicas' at a step."""
+    def plan(self, asked: PlanAsked, train_ids: ReviewIds, unlabelled_ids: ReviewIds, replicas: int,
+             max_length: int) -> TrainingPlan:
+        """plan_training of the whole training split (every worker's review lengths), and divided, with the steps
+        of an epoch on the busiest worker: its own reviews in batches of the plan's size per replica, its
+        replicas' at a step."""
+        lengths = review_lengths(train_ids)
+        plan = plan_training(asked, self.lengths(lengths, max_length), replicas, max_length,
+                             int(review_lengths(unlabelled_ids).sum()))
         if not self.divided:
             return plan
         replicas = self.strategy.num_replicas_in_sync // self.workers
@@ -2751,6 +2756,13 @@ def say_inputs(vocabulary, unit: str, truncated: int, plan: TrainingPlan, max_le
         print(f"Note: {note}")
 
 
+def cut_reviews(vectorizer, splits: DataSplits, max_length: int, share: DataShare) -> int:
+    """How many reviews of all splits are longer than max_length tokens (the training split's of every worker)."""
+    in_training = share.summed(np.array([count_truncated(vectorizer, splits.train.texts, max_length)]))[0]
+    return int(in_training) + sum(count_truncated(vectorizer, part.texts, max_length)
+                            for part in (splits.validation, splits.test))
+
+
 def prepare_inputs(splits: DataSplits, config: TrainConfig, architecture, derived: Derived, replicas: int,
                    num_classes: int, unlabelled_texts: np.ndarray | None = None,
                    cache: InputsCache | None = None, share: DataShare | None = None,
@@ -2774,9 +2786,7 @@ def prepare_inputs(splits: DataSplits, config: TrainConfig, architecture, derive
             splits, ModelRecipe.of(config), architecture, max_length, unlabelled_texts, cache, config.seed,
             splits.train.texts if whole_train is None else whole_train)
     check_texts_split(train_ids, config.tokenizer)
-    plan = share.plan(plan_training(PlanAsked.of(config), share.lengths(review_lengths(train_ids), max_length),
-                                    replicas, max_length, int(review_lengths(unlabelled_ids).sum())),
-                      review_lengths(train_ids), max_length)
+    plan = share.plan(PlanAsked.of(config), train_ids, unlabelled_ids, replicas, max_length)
     global_batch_size, several = plan.batch_size * replicas, replicas > 1
     validation_batches = build_training_dataset(validation_ids, splits.validation.labels, global_batch_size, None,
                                                 pad_to_full_batches=several)
@@ -2789,8 +2799,7 @@ def prepare_inputs(splits: DataSplits, config: TrainConfig, architecture, derive
     if cached:
         truncated = cached["truncated_reviews"]
     else:
-        truncated = sum(count_truncated(vectorizer, part.texts, max_length)
-                        for part in (splits.train, splits.validation, splits.test))
+        truncated = cut_reviews(vectorizer, splits, max_length, share)
         if cache:
             cache.save_ids(vocabulary, truncated)
     class_weights = (balanced_class_weights(share.summed(np.bincount(splits.train.labels, minlength=num_classes)))
