@@ -598,10 +598,11 @@ def check_row_widths(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
 
 class StageProgress:
     """How far a long stage has come: `units` done of `total`, the rate and the time left. On a terminal one line
-    rewritten in place (at most twice a second); in a log a line every LOG_EVERY seconds, so a long stage is
-    never a minute of silence; nothing for a stage that ends within its first LOG_EVERY seconds in a log.
-    (Training's epochs have Keras' progress bar on a terminal: they ask for the log lines only.)"""
+    rewritten in place (at most twice a second); in a log a line once LOG_EVERY seconds have passed since the
+    last such line of any stage (or the start), so that neither a long stage nor a row of short ones is a minute
+    of silence. (Training's epochs have Keras' progress bar on a terminal: they ask for the log lines only.)"""
     LOG_EVERY, TERMINAL_EVERY = 50.0, 0.5  # in a log under a minute apart, with a step's time added
+    logged = {time.monotonic: time.monotonic()}  # clock -> when the last log line of any stage was printed
 
     def __init__(self, stage: str, total: int, unit: str, first: int = 0, terminal: bool | None = None,
                  clock=time.monotonic, one: str | None = None):
@@ -609,6 +610,8 @@ class StageProgress:
         self.one = one or unit[:-1]  # the unit's singular
         self.terminal = sys.stdout.isatty() if terminal is None else terminal
         self.started = self.last = clock()
+        if not self.terminal:
+            self.last = min(self.started, self.logged.get(clock, self.started))
         self.shown = False
 
     def __call__(self, done: int) -> None:
@@ -625,6 +628,33 @@ class StageProgress:
                 + (f"{left:.0f} s left" if left < 90 else f"{left / 60:.0f} min left"))
         print(f"\r{line}\033[K" if self.terminal else line, end="" if self.terminal else "\n", flush=True)
         self.shown = True
+        if not self.terminal:
+            self.logged[self.clock] = now
+
+    @classmethod
+    @contextlib.contextmanager
+    def heartbeat(cls, stage: str, total: int, unit: str):
+        """For work done in other processes, which cannot say how far they are: in a log, from a thread, a line
+        each LOG_EVERY seconds while the block runs. The block gets a function to tell it how many are done."""
+        done, stop, started = [0], threading.Event(), time.monotonic()
+        last = [min(started, cls.logged.get(time.monotonic, started))]
+
+        def beat():
+            while not stop.wait(1.0):
+                now = time.monotonic()
+                if now - max(last[0], cls.logged.get(time.monotonic, last[0])) >= cls.LOG_EVERY:
+                    print(f"  {stage}{done[0]}/{total} {unit} done, {now - started:.0f} s so far", flush=True)
+                    last[0] = cls.logged[time.monotonic] = now
+
+        thread = threading.Thread(target=beat, daemon=True)
+        if not sys.stdout.isatty():
+            thread.start()
+        try:
+            yield lambda count: done.__setitem__(0, count)
+        finally:
+            stop.set()
+            if thread.is_alive():
+                thread.join()
 
     def close(self) -> None:
         if self.terminal and self.shown:
@@ -3107,10 +3137,14 @@ def fit_baselines(parts: list[tuple[list[str], np.ndarray]], recipe: BaselineRec
     if workers <= 1:
         return [fit_baseline(texts, labels, recipe) for texts, labels in parts]
     print(f"Fitting {len(parts)} baselines, {workers} at a time ...")
-    with joblib.parallel_config(backend="loky", inner_max_num_threads=BASELINE_BLAS_THREADS):
+    models = []
+    with (joblib.parallel_config(backend="loky", inner_max_num_threads=BASELINE_BLAS_THREADS),
+          StageProgress.heartbeat("fitting baselines: ", len(parts), "baselines") as fitted):
         # (fit_baseline's progress lines come from the workers, whose output is this process's)
-        models = joblib.Parallel(n_jobs=workers)(joblib.delayed(fit_baseline)(texts, labels, recipe)
-                                                 for texts, labels in parts)
+        for model in joblib.Parallel(n_jobs=workers, return_as="generator")(
+                joblib.delayed(fit_baseline)(texts, labels, recipe) for texts, labels in parts):
+            models.append(model)
+            fitted(len(models))
     # Idle workers keep their memory (loky keeps them 300 s for reuse): ended now, they give it back before
     # training (about 0.5 GB at 300,000 rows, docs/RESULTS.md), for a second or two to start them again.
     joblib.externals.loky.get_reusable_executor().shutdown(wait=True)

@@ -83,6 +83,40 @@ def test_a_log_gets_a_progress_line_under_a_minute_apart_during_an_epoch(capsys)
                      "  85/100 batches, 2.00 s a batch, about 30 s left"]
 
 
+def test_a_row_of_short_stages_in_a_log_is_not_a_minute_of_silence(capsys, monkeypatch):
+    now = [0.0]
+
+    def clock():
+        return now[0]
+
+    # The last progress line of any stage came 45 s before this stage began: its check 6 s in prints one.
+    monkeypatch.setattr(sa.StageProgress, "logged", {clock: -45.0})
+    first = sa.StageProgress("tokenizing: ", 10, "texts", terminal=False, clock=clock)
+    now[0] = 4.0
+    first(1)
+    assert capsys.readouterr().out == ""
+    now[0] = 6.0
+    first(2)
+    assert capsys.readouterr().out.startswith("  tokenizing: 2/10 texts, ")
+    # The next stage counts from that line, not from its own start.
+    now[0] = 10.0
+    second = sa.StageProgress("counting: ", 10, "texts", terminal=False, clock=clock)
+    now[0] = 57.0
+    second(1)
+    assert capsys.readouterr().out.startswith("  counting: 1/10 texts, ")
+
+
+def test_work_in_other_processes_gets_a_heartbeat_in_a_log(capsys, monkeypatch):
+    import time
+
+    monkeypatch.setattr(sa.StageProgress, "LOG_EVERY", 0.0)  # a line at every beat (each second)
+    with sa.StageProgress.heartbeat("fitting baselines: ", 3, "baselines") as fitted:
+        fitted(2)
+        time.sleep(1.5)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines and lines[0].startswith("  fitting baselines: 2/3 baselines done, ") and lines[0].endswith("so far")
+
+
 def test_a_terminal_gets_one_line_rewritten_and_cleared(capsys):
     now = [0.0]
     progress = sa.StageProgress("tokenizing: ", 10_000, "texts", terminal=True, clock=lambda: now[0])
