@@ -3125,7 +3125,8 @@ def fit_baseline(train_texts, train_labels, recipe: BaselineRecipe):
     with threadpool_limits(BASELINE_BLAS_THREADS, user_api="blas"):
         matrix = features.fit_transform(counted(train_texts))
         progress.close()
-        classifier.fit(matrix, train_labels)
+        with StageProgress.heartbeat("baseline, logistic regression: ", 1, "fits"):  # (it says nothing itself)
+            classifier.fit(matrix, train_labels)
     return pipeline  # both steps fitted
 
 
