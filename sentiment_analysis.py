@@ -1084,7 +1084,7 @@ def data_files(data: str) -> list[Path]:
         if not files:
             raise UserError(f"no .csv or .tsv file in the directory {path}")
         return files
-    if not path.exists() and any(mark in data for mark in "*?["):
+    if several_files(data):  # a glob
         files = sorted(Path(match) for match in glob.glob(data) if Path(match).is_file())
         if not files:
             raise UserError(f"no file matches {data}")
