@@ -1056,7 +1056,7 @@ class LoadedData(LabelledTexts):
     rows_read: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     unlabelled: np.ndarray = field(default_factory=lambda: np.array([], dtype=object))
-    file_starts: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))  # each file's first byte in the store
+    file_starts: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))  # each file's first store byte
 
 
 def column_separator(path: Path, sep: str | None) -> str:
@@ -2548,21 +2548,19 @@ class DataShare:
         dataset = dataset.skip(skip * (strategy.num_replicas_in_sync // self.workers))
         return strategy.distribute_datasets_from_function(lambda _: dataset)
 
-    def restrict(self, splits: DataSplits, files: int) -> DataSplits:
+    def restrict(self, splits: DataSplits) -> DataSplits:
         """The splits with only this worker's training texts, said in a line."""
         if not self.divided:
             return splits
-        owned = self.owns(splits.train.texts)
+        owned, numbers = self.owns(splits.train.texts), ", ".join(str(number + 1) for number in self.files())
         if not owned.any():
-            raise UserError(f"worker {self.worker + 1} of {self.workers} has no training rows: its files ({self.files()}) are empty or unread "
-                            "(--max-rows)")
-        numbers = ", ".join(str(number + 1) for number in self.files())
+            raise UserError(f"worker {self.worker + 1} of {self.workers} has no training rows: its files "
+                            f"({numbers}) are empty or unread (--max-rows)")
         print(f"This worker trains on its share: {int(owned.sum())} of the {len(owned)} training rows, from files "
-              f"{numbers} of {files} (each worker its own; validation and test whole on every worker)")
+              f"{numbers} of {len(self.file_starts)} (each worker its own; validation and test whole on every worker)")
         rows = np.flatnonzero(owned)
-        return dataclasses.replace(splits, train=LabelledTexts(splits.train.texts.take(rows), splits.train.labels[rows]))
-
-
+        return dataclasses.replace(splits, train=LabelledTexts(splits.train.texts.take(rows),
+                                                               splits.train.labels[rows]))
 
 
 @dataclass
@@ -5451,7 +5449,7 @@ def prepare_run_inputs(run: Run) -> None:
     config = run.config
     run.strategy = set_up_tensorflow(config.cpu_replicas, config.seed, config.mixed_precision, run.setup.role)
     run.share = DataShare.of(run.setup.role, several_files(config.data), run.data.file_starts, run.strategy)
-    whole_train, run.splits = run.splits.train.texts, run.share.restrict(run.splits, len(run.data.file_starts))
+    whole_train, run.splits = run.splits.train.texts, run.share.restrict(run.splits)
     unlabelled = run.unlabelled.texts if run.semi.learns_from_unlabelled else None
     run.cache = InputsCache.of(run.setup.state_dir / INPUTS_CACHE, run.setup.fingerprint,
                                0 if unlabelled is None else len(unlabelled))

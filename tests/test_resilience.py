@@ -397,11 +397,11 @@ def test_each_worker_of_a_cluster_given_several_files_owns_the_training_texts_of
     assert [share.files() for share in shares] == [[0, 2], [1, 3]]
     assert owned[0] == by_file[0] | by_file[2] and owned[1] == by_file[1] | by_file[3]  # files i, i + n, ...
     assert not owned[0] & owned[1] and len(owned[0]) + len(owned[1]) == len(splits.train.texts)
-    restricted = shares[1].restrict(splits, 4)
+    restricted = shares[1].restrict(splits)
     assert set(restricted.train.texts) == owned[1] and restricted.validation is splits.validation
     assert (restricted.train.labels == splits.train.labels[shares[1].owns(splits.train.texts)]).all()
     alone = sa.DataShare()  # one process: every text its own, no cluster sums
-    assert alone.owns(splits.train.texts).all() and alone.restrict(splits, 4) is splits
+    assert alone.owns(splits.train.texts).all() and alone.restrict(splits) is splits
     assert alone.most(3) == 3 and (alone.summed(np.arange(3)) == np.arange(3)).all()
 
 
