@@ -2041,16 +2041,14 @@ def build_training_dataset(token_ids: ReviewIds, labels, batch_size: int, shuffl
     Training builds one such dataset per epoch, shuffled with a seed of that epoch's own, so that a resumed
     run sees the same batches as one that was never interrupted."""
 
-    lengths = review_lengths(token_ids)
-    order = (np.random.default_rng(shuffle_seed).permutation(len(lengths)) if shuffle_seed is not None
-             else np.arange(len(lengths)))
+    labels = np.asarray(labels)  # (no copy of an array: from_generator keeps what its function holds, text_batches)
     boundaries = bucket_boundaries(token_ids.max_length, len(labels), batch_size)
-    batches = length_batches(lengths, batch_size, boundaries, order)
-    labels = np.asarray(labels, dtype=np.float32)
 
-    def padded_batches():
-        for rows in batches:
-            yield token_ids.padded(rows), labels[rows]
+    def padded_batches():  # the epoch's order and batches are made here, so they go when the epoch ends
+        order = (np.random.default_rng(shuffle_seed).permutation(len(labels)) if shuffle_seed is not None
+                 else np.arange(len(labels)))
+        for rows in length_batches(review_lengths(token_ids), batch_size, boundaries, order):
+            yield token_ids.padded(rows), labels[rows].astype(np.float32)
 
     signature = (tf.TensorSpec(shape=(None, None), dtype=tf.int32),
                  tf.TensorSpec(shape=(None, *labels.shape[1:]), dtype=tf.float32))
@@ -2063,7 +2061,8 @@ def build_training_dataset(token_ids: ReviewIds, labels, batch_size: int, shuffl
     # slower (docs/RESULTS.md, issue 44); without it every epoch runs at the fast pace.
     options.autotune.enabled = False
     # The number of batches is known up front: the loop runs exactly that many steps on every worker.
-    return dataset.apply(tf.data.experimental.assert_cardinality(len(batches))).with_options(options).prefetch(
+    steps = count_batches(review_lengths(token_ids), batch_size, boundaries)
+    return dataset.apply(tf.data.experimental.assert_cardinality(steps)).with_options(options).prefetch(
         tf.data.AUTOTUNE)
 
 
@@ -2446,8 +2445,8 @@ class DataShare:
     training split on every worker; validation, test and unlabelled text stay whole on every worker, so early
     stopping and the scores agree everywhere. What must be equal across the workers comes from sums over the
     cluster (`strategy`): the plan (every worker's review lengths), an epoch's steps (the most any worker has; one
-    with fewer adds batches of weight 0), the class weights, and from the chief the starting embedding and the
-    teacher's probabilities for unlabelled text."""
+    with fewer adds batches of weight 0), the class weights, and from the chief the starting embedding (Word2Vec
+    trains there alone) and the teacher's probabilities for unlabelled text."""
     worker: int = 0
     workers: int = 1
     file_starts: np.ndarray | None = None  # None: every training text is this process's
@@ -2464,6 +2463,11 @@ class DataShare:
     @property
     def divided(self) -> bool:
         return self.file_starts is not None
+
+    @property
+    def takes_chiefs(self) -> bool:
+        """Whether what the chief makes for everyone (the starting embedding) replaces this worker's own."""
+        return self.divided and self.worker != 0
 
     def files(self) -> list[int]:
         """This worker's files, numbered from 0 in name order."""
@@ -2821,6 +2825,8 @@ def prepare_inputs(splits: DataSplits, config: TrainConfig, architecture, derive
     training_batches = share.epoch_batches(train_ids, splits.train.labels, plan, config.seed)
     if cached and "embedding" in cached:
         embedding_start = Background.done(cached["embedding"])
+    elif share.takes_chiefs and derived.embeddings == "word2vec":  # the chief's Word2Vec replaces it: none here
+        embedding_start = Background.done((np.zeros((len(vocabulary), derived.embedding_dim), np.float32), None))
     else:  # Word2Vec trains on its own thread while the rest is prepared (the baseline's fits among it)
         embedding_start = Background(starting_embedding, derived, config.seed, train_ids, unlabelled_ids,
                                      vocabulary, plan)

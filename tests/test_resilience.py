@@ -426,6 +426,8 @@ def test_two_workers_given_four_files_each_train_on_their_own(tmp_path):
         line, = [line for line in stdout.splitlines() if line.startswith("This worker trains on its share")]
         shares.append(line)
     assert "from files 1, 3 of 4" in shares[0] and "from files 2, 4 of 4" in shares[1]
+    # Word2Vec (the default embedding) trains on the chief alone: the other worker starts from the chief's.
+    assert "Training Word2Vec" in results[0][1] and "Training Word2Vec" not in results[1][1]
     counts = [[int(word) for word in line.split(":")[1].split()[:4:3]] for line in shares]  # own, of all
     assert counts[0][1] == counts[1][1] == counts[0][0] + counts[1][0] and min(counts[0][0], counts[1][0]) > 0
     metrics = json.loads((chief / "metrics.json").read_text())
