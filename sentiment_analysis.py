@@ -2041,7 +2041,7 @@ def build_training_dataset(token_ids: ReviewIds, labels, batch_size: int, shuffl
     Training builds one such dataset per epoch, shuffled with a seed of that epoch's own, so that a resumed
     run sees the same batches as one that was never interrupted."""
 
-    labels = np.asarray(labels)  # (no copy of an array: from_generator keeps what its function holds, text_batches)
+    labels = np.asarray(labels)  # as given, no float copy: from_generator keeps what its function holds (text_batches)
     boundaries = bucket_boundaries(token_ids.max_length, len(labels), batch_size)
 
     def padded_batches():  # the epoch's order and batches are made here, so they go when the epoch ends
@@ -2071,16 +2071,24 @@ def epoch_batches(token_ids: ReviewIds, labels, global_batch_size: int, seed: in
     return lambda epoch: build_training_dataset(token_ids, labels, global_batch_size, seed + epoch, several)
 
 
-def build_inference_dataset(token_ids: ReviewIds, order: np.ndarray, batch_size: int):
-    """Batches of the reviews in `order` (callers sort by length first), each padded to its longest review."""
+def by_length(token_ids: ReviewIds) -> np.ndarray:
+    """The reviews' order from shortest to longest (ties in input order): batches of it need little padding."""
+    return np.argsort(token_ids.lengths, kind="stable")
+
+
+def build_inference_dataset(token_ids: ReviewIds, batch_size: int):
+    """Batches of the reviews in by_length's order, each padded to its longest review. The order is made when
+    the batches are read, so that from_generator, which keeps its function to the end (text_batches), keeps no
+    array of the rows."""
 
     def batches():
+        order = by_length(token_ids)
         for start in range(0, len(order), batch_size):
             yield token_ids.padded(order[start:start + batch_size])
 
     signature = tf.TensorSpec(shape=(None, None), dtype=tf.int32)
     dataset = tf.data.Dataset.from_generator(batches, output_signature=signature)
-    return dataset.apply(tf.data.experimental.assert_cardinality(math.ceil(len(order) / batch_size)))
+    return dataset.apply(tf.data.experimental.assert_cardinality(math.ceil(len(token_ids) / batch_size)))
 
 
 def class_columns(output):
@@ -2115,12 +2123,11 @@ class PredictionProgress(keras.callbacks.Callback):
 
 def predict_token_ids(classifier, token_ids: ReviewIds, batch_size: int = 512) -> np.ndarray:
     """Class probabilities (reviews, classes) in input order; sorting by length first keeps padding small."""
-    order = np.argsort(token_ids.lengths, kind="stable")
     sorted_probabilities = class_probabilities(
-        classifier.predict(build_inference_dataset(token_ids, order, batch_size), verbose=0,
-                           callbacks=[PredictionProgress(len(order), batch_size)]))
+        classifier.predict(build_inference_dataset(token_ids, batch_size), verbose=0,
+                           callbacks=[PredictionProgress(len(token_ids), batch_size)]))
     probabilities = np.empty_like(sorted_probabilities)
-    probabilities[order] = sorted_probabilities
+    probabilities[by_length(token_ids)] = sorted_probabilities
     return probabilities
 
 
