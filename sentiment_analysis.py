@@ -1057,6 +1057,9 @@ class LoadedData(LabelledTexts):
     dropped: dict[str, int] = field(default_factory=dict)
     unlabelled: np.ndarray = field(default_factory=lambda: np.array([], dtype=object))
     file_starts: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))  # each file's first store byte
+    file_rows: list = field(default_factory=list)    # rows read of each file
+    file_stored: list = field(default_factory=list)  # texts stored of each file
+    store_starts: np.ndarray | None = None           # where each stored text starts (load_dataset's keep_places)
 
 
 def column_separator(path: Path, sep: str | None) -> str:
@@ -1102,10 +1105,10 @@ def file_digest(path: str, size: int, modified_ns: int) -> str:
     return digest.hexdigest()
 
 
-def data_digest(data: str, unlabelled: str | None) -> str:
-    """One SHA-1 of the bytes of every file of --data and of --unlabelled, in their order (each file hashed once
-    per process): a moved or renamed file is the same data, an edited one is not."""
-    files = data_files(data) + ([Path(unlabelled)] if unlabelled else [])
+def data_digest(data: list[Path], unlabelled: str | None) -> str:
+    """One SHA-1 of the bytes of these files of --data and of --unlabelled, in their order (each file hashed
+    once per process): a moved or renamed file is the same data, an edited one is not."""
+    files = data + ([Path(unlabelled)] if unlabelled else [])
     digest = hashlib.sha1()
     for path in files:
         check_csv_file(path)
@@ -1177,6 +1180,8 @@ class RowsRead:
     labels: list = field(default_factory=list)       # Series of label strings, chunk by chunk
     unlabelled: list = field(default_factory=list)
     file_starts: list = field(default_factory=list)  # where each file's texts begin in the store (DataShare)
+    file_rows: list = field(default_factory=list)    # rows read of each file
+    file_stored: list = field(default_factory=list)  # texts stored of each file
 
     def mark(self) -> dict:
         return {"columns": self.columns, "rows_read": self.rows_read, "missing_text": self.missing_text,
@@ -1227,15 +1232,18 @@ class RowsRead:
         progress.close()
 
 
-def read_data_files(files: list[Path], config: TrainConfig, store: TextStore) -> RowsRead:
-    """Pass one over every file of --data in order, chunk by chunk (the first --max-rows rows in all): each file
-    is checked and decoded on its own (read again as Latin-1 if it is not UTF-8)."""
+def read_data_files(files: list[Path], config: TrainConfig, store: TextStore,
+                    limits: list[int] | None = None) -> RowsRead:
+    """Pass one over the files of --data in order, chunk by chunk (the first --max-rows rows in all; with
+    `limits`, limits[i] rows of file i, and none of a file with 0: a cluster worker's share, WorkersPlan): each
+    file is checked and decoded on its own (read again as Latin-1 if it is not UTF-8)."""
     rows = RowsRead()
-    for path in files:
-        check_csv_file(path)
-        separator = column_separator(path, config.sep)
-        left = None if config.max_rows is None else config.max_rows - rows.rows_read
-        marks = rows.mark(), store.mark()
+    for index, path in enumerate(files):
+        if limits is None:
+            left = None if config.max_rows is None else config.max_rows - rows.rows_read
+        else:
+            left = limits[index] if index < len(limits) else 0
+        marks, before = (rows.mark(), store.mark()), (rows.rows_read, rows.stored)
         rows.file_starts.append(marks[1][0])
 
         def read(encoding: str) -> None:
@@ -1243,16 +1251,22 @@ def read_data_files(files: list[Path], config: TrainConfig, store: TextStore) ->
             store.rewind(marks[1])
             rows.file(path, encoding, separator, left, store, config)
 
-        with_text_encoding(path, read)
-        if config.max_rows is not None and rows.rows_read >= config.max_rows:
+        if left != 0:
+            check_csv_file(path)
+            separator = column_separator(path, config.sep)
+            with_text_encoding(path, read)
+        rows.file_rows.append(rows.rows_read - before[0])
+        rows.file_stored.append(rows.stored - before[1])
+        if limits is None and config.max_rows is not None and rows.rows_read >= config.max_rows:
             break
     return rows
 
 
-def load_dataset(config: TrainConfig, store: Path | None = None) -> LoadedData:
+def load_dataset(config: TrainConfig, store: Path | None = None, keep_places: bool = False) -> LoadedData:
     """Read the CSV (or the files of a directory or glob) chunk by chunk, each text into a TextStore (the file
     `store`, else memory) as it comes; drop empty and duplicate reviews and count them. Memory holds a hash and
-    a label of each row, never the table; the texts are read back from the store when used."""
+    a label of each row, never the table; the texts are read back from the store when used. `keep_places`:
+    keep where every stored text starts (a cluster's chief tells the others their fates: WorkersPlan)."""
     texts = TextStore(store)
     rows = read_data_files(data_files(config.data), config, texts)
     if rows.rows_read == 0:
@@ -1277,7 +1291,9 @@ def load_dataset(config: TrainConfig, store: Path | None = None) -> LoadedData:
                         f"(need at least {MIN_ROWS})")
     dropped = {"missing_text": rows.missing_text, "duplicate_text": int((~first).sum())}
     return LoadedData(stored.take(labelled[first]), encoded, classes, rows_read=rows.rows_read, dropped=dropped,
-                      unlabelled=stored.take(unlabelled), file_starts=np.array(rows.file_starts, dtype=np.int64))
+                      unlabelled=stored.take(unlabelled), file_starts=np.array(rows.file_starts, dtype=np.int64),
+                      file_rows=rows.file_rows, file_stored=rows.file_stored,
+                      store_starts=stored.starts if keep_places else None)
 
 
 def read_unlabelled_file(path: Path, text_column: str | None) -> np.ndarray:
@@ -1352,9 +1368,11 @@ def split_dataset(data: LoadedData, test_fraction: float, validation_fraction: f
 
 @dataclass
 class UnlabelledTexts:
-    """The unlabelled text of a run, each text once and none equal to a labelled one, and how it was counted."""
+    """The unlabelled text of a run, each text once and none equal to a labelled one, and how it was counted;
+    `sources`: where each came from (its place among the unlabelled rows of --data, then the --unlabelled file's)."""
     texts: np.ndarray
     counts: dict[str, int]
+    sources: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
 def gather_unlabelled(data: LoadedData, splits: DataSplits, unlabelled: str | None,
@@ -1372,11 +1390,11 @@ def gather_unlabelled(data: LoadedData, splits: DataSplits, unlabelled: str | No
         equal_to_scored = np.isin(hashes, np.concatenate([text_hashes(splits.validation.texts),
                                                           text_hashes(splits.test.texts)]))
         equal_to_training = np.isin(hashes, text_hashes(splits.train.texts))
-    kept = unique[~(equal_to_scored | equal_to_training)].to_numpy(dtype=object)
+    kept = unique[~(equal_to_scored | equal_to_training)]
     counts = {"from_data": len(data.unlabelled), "from_file": len(from_file), "read": len(texts),
               "duplicates": int(len(texts) - len(unique) + equal_to_training.sum()),
               "equal_to_validation_or_test": int(equal_to_scored.sum()), "kept": len(kept)}
-    return UnlabelledTexts(kept, counts)
+    return UnlabelledTexts(kept.to_numpy(dtype=object), counts, kept.index.to_numpy(dtype=np.int64))
 
 
 def data_summary(data: LoadedData, splits: DataSplits, unlabelled: dict) -> dict:
@@ -1412,6 +1430,71 @@ def describe_classes(data: LoadedData) -> str:
                  "of the rows; the per-class figures show how it fares, and --class-weight balanced gives it "
                  "more weight")
     return text
+
+
+STORED_FATES = ("dropped", "train", "validation", "test", "unlabelled")  # WorkersPlan's codes: index + 8 * class
+
+
+@dataclass
+class WorkersPlan:
+    """What a cluster's chief, which reads every file, tells the workers that read only their own files
+    (DataShare): `record`, the rows it read of each file (--max-rows), the texts it stored of each, the classes,
+    the run's counts, how it learns from unlabelled text and its summary line; `fates`, each stored text's split
+    and class, or unlabelled text kept, or dropped (STORED_FATES); `file_kept`, which texts of the --unlabelled
+    file are kept. So a worker's rows fall into the same splits, in the same order, as if it had read every file."""
+    record: dict
+    fates: np.ndarray      # int64, one for each text stored from all the files
+    file_kept: np.ndarray  # int64 0 or 1, one for each text of the --unlabelled file
+
+    @classmethod
+    def of(cls, data: LoadedData, splits: DataSplits, unlabelled: UnlabelledTexts, record: dict) -> WorkersPlan:
+        place = functools.partial(np.searchsorted, data.store_starts)
+        fates = np.zeros(len(data.store_starts), np.int64)
+        for code, part in enumerate((splits.train, splits.validation, splits.test), start=1):
+            fates[place(part.texts.starts)] = code + 8 * part.labels.astype(np.int64)
+        from_data = unlabelled.sources < len(data.unlabelled)
+        fates[place(data.unlabelled.starts[unlabelled.sources[from_data]])] = STORED_FATES.index("unlabelled")
+        file_kept = np.zeros(unlabelled.counts["from_file"], np.int64)
+        file_kept[unlabelled.sources[~from_data] - len(data.unlabelled)] = 1
+        return cls({**record, "file_rows": data.file_rows, "file_stored": data.file_stored,
+                    "classes": list(data.classes.names), "chosen_by": data.classes.chosen_by}, fates, file_kept)
+
+
+def load_share(config: TrainConfig, store: Path | None, files: list[int],
+               plan: WorkersPlan) -> tuple[LoadedData, DataSplits, UnlabelledTexts]:
+    """A cluster worker's own `files` of --data (numbered from 0), read as the chief read them, and their texts
+    in the splits the chief's `plan` gives them (each split in the order of its keys, as split_dataset's); the
+    --unlabelled file's kept texts, which DataShare.restrict divides."""
+    texts, record = TextStore(store), plan.record
+    limits = [rows if index in files else 0 for index, rows in enumerate(record["file_rows"])]
+    rows = read_data_files(data_files(config.data), config, texts, limits)
+    stored, begins = texts.texts(), np.cumsum([0] + record["file_stored"])
+    if rows.file_stored[:len(limits)] != [record["file_stored"][index] if index in files else 0
+                                          for index in range(len(limits))]:
+        raise UserError(f"the files of {config.data} are not the ones the chief read (changed while the workers "
+                        "read them?): start every worker again")
+    fates = np.concatenate([np.zeros(0, np.int64)] + [plan.fates[begins[index]:begins[index + 1]] for index in files
+                                                      if index < len(limits)])
+    codes, labels = fates % 8, (fates // 8).astype(np.int32)
+
+    def part(code: int) -> LabelledTexts:
+        chosen = np.flatnonzero(codes == code)
+        chosen = chosen[np.argsort(text_keys(stored.take(chosen), config.seed), kind="stable")]
+        return LabelledTexts(stored.take(chosen), labels[chosen])
+
+    splits = DataSplits(part(1), part(2), part(3))
+    own = stored.take(np.flatnonzero(codes == STORED_FATES.index("unlabelled")))
+    from_file = (read_unlabelled_file(Path(config.unlabelled), config.text_column) if config.unlabelled
+                 else np.array([], dtype=object))
+    if len(from_file) != len(plan.file_kept):
+        raise UserError(f"{config.unlabelled} is not the file the chief read: start every worker again")
+    kept = np.flatnonzero(plan.file_kept)
+    unlabelled = UnlabelledTexts(np.concatenate([own[:], from_file[kept]]), {"from_file": len(from_file)},
+                                 np.concatenate([np.arange(len(own)), len(own) + kept]))
+    labelled = np.flatnonzero((codes >= 1) & (codes <= 3))
+    data = LoadedData(stored.take(labelled), labels[labelled], label_set(record["classes"], record["chosen_by"]),
+                      rows_read=rows.rows_read, unlabelled=own, file_starts=np.array(rows.file_starts, np.int64))
+    return data, splits, unlabelled
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2228,12 +2311,14 @@ def run_settings(config: TrainConfig, derived: Derived) -> dict:
     return {**dataclasses.asdict(config), **dataclasses.asdict(derived)}
 
 
-def training_fingerprint(config: TrainConfig, derived: Derived) -> dict:
-    """The settings that shape training (the derived values in place of the flags) and a digest of the data's
-    bytes, which a resumed run must share with the run that saved the state (and its cache of token ids)."""
+def training_fingerprint(config: TrainConfig, derived: Derived, files: list[Path] | None = None) -> dict:
+    """The settings that shape training (the derived values in place of the flags) and a digest of the bytes of
+    the data (`files` of --data: those this process reads), which a resumed run must share with the run that
+    saved the state (and its cache of token ids)."""
     settings = run_settings(config, derived)
+    files = data_files(config.data) if files is None else files
     return {**{spec.name: settings[spec.name] for spec in dataclasses.fields(config)
-               if spec.metadata["shapes_training"]}, "data_digest": data_digest(config.data, config.unlabelled)}
+               if spec.metadata["shapes_training"]}, "data_digest": data_digest(files, config.unlabelled)}
 
 
 def word2vec_matrix(token_ids, vocabulary: list[str], embedding_dim: int, seed: int, epochs: int = 5) -> np.ndarray:
@@ -2445,15 +2530,18 @@ class DataShare:
     worker making the same batches and taking its replicas' part of each (tf.data's DATA auto-sharding). A cluster
     given several files (a directory or glob): worker i of n trains on the texts of files i, i + n, ... in name
     order (`file_starts`: where each file's texts begin in the text store), so that tokenizing the training
-    split, the baseline and the teacher, and the epochs are divided among the workers.
+    split, the baseline and the teacher, and the epochs are divided among the workers. The epochs' validation
+    check and the unlabelled text (its rows of --data by file, the --unlabelled file's rows i, i + n, ...) are
+    divided the same way, each worker scoring or learning from its own part.
 
-    Every worker still reads every file (pass one, about 10 s per million rows), because the split ranks each
-    class's rows by their keys over all files; the vocabulary comes from the same seeded sample of the whole
-    training split on every worker; validation, test and unlabelled text stay whole on every worker, so early
-    stopping and the scores agree everywhere. What must be equal across the workers comes from sums over the
-    cluster (`strategy`): the plan (every worker's review lengths), an epoch's steps (the most any worker has; one
-    with fewer adds batches of weight 0), the class weights, and from the chief the starting embedding (Word2Vec
-    trains there alone) and the teacher's probabilities for unlabelled text."""
+    Only the chief reads every file: it splits the data as one process would (the split ranks each class's rows
+    by their keys over all files) and tells the others each of their texts' fate (WorkersPlan), so that they
+    read only their own files; it scores the whole validation and test splits after training. What must be
+    equal across the workers comes from sums over the cluster (`strategy`): the plan (every worker's review
+    lengths), an epoch's steps (the most any worker has; one with fewer adds batches of weight 0), the validation
+    figures (every worker's sums), the class weights, and from the chief the vocabulary (learned from a seeded
+    sample of the whole training split and unlabelled text) and the starting embedding (Word2Vec trains there
+    alone)."""
     worker: int = 0
     workers: int = 1
     file_starts: np.ndarray | None = None  # None: every training text is this process's
@@ -2467,6 +2555,11 @@ class DataShare:
             return cls(strategy=strategy)
         return cls(role.index, role.workers, file_starts, strategy)
 
+    @classmethod
+    def before_reading(cls, role: ClusterRole | None, data: str, strategy) -> DataShare:
+        """The share of a process that has not read the data yet (file_starts: one 0 per file, until read)."""
+        return cls.of(role, several_files(data), np.zeros(len(data_files(data)), np.int64), strategy)
+
     @property
     def divided(self) -> bool:
         return self.file_starts is not None
@@ -2479,6 +2572,25 @@ class DataShare:
     def files(self) -> list[int]:
         """This worker's files, numbered from 0 in name order."""
         return list(range(self.worker, len(self.file_starts), self.workers))
+
+    def from_chief(self, values: np.ndarray | None = None, dtype=np.int64) -> np.ndarray:
+        """The chief's int64 `values` on every worker (the others give none): its length, then the values."""
+        if not self.divided:
+            return values
+        size = int(self.summed(np.array([0 if values is None else len(values)], np.int64), chief_only=True)[0])
+        return self.summed(np.zeros(size, dtype) if values is None else np.asarray(values, dtype), chief_only=True)
+
+    def json_from_chief(self, value=None):
+        """The chief's `value` (of JSON's kinds) on every worker (the others give None)."""
+        if not self.divided:
+            return value
+        sent = None if self.worker else np.frombuffer(json.dumps(value).encode(), np.uint8)
+        return json.loads(self.from_chief(sent, np.int32).astype(np.uint8).tobytes())
+
+    def plan_from_chief(self, plan: WorkersPlan | None = None) -> WorkersPlan:
+        """WorkersPlan from the chief to every worker of a divided cluster."""
+        return WorkersPlan(self.json_from_chief(plan and plan.record), self.from_chief(plan and plan.fates),
+                           self.from_chief(plan and plan.file_kept))
 
     def owns(self, texts: Texts) -> np.ndarray:
         """Which of these texts (a view of the text store) came from this worker's files."""
@@ -2541,16 +2653,28 @@ class DataShare:
         if not self.divided:
             return epoch_batches(token_ids, labels, plan.batch_size * replicas, seed, replicas > 1)
         elements = plan.steps_per_epoch * replicas // self.workers
-        labels = np.asarray(labels, dtype=np.float32)
-        empty = (tf.zeros((plan.batch_size, 1), tf.int32), tf.zeros((plan.batch_size, *labels.shape[1:])),
-                 tf.zeros((plan.batch_size,)))
+        return lambda epoch: self.padded(build_training_dataset(token_ids, labels, plan.batch_size, seed + epoch,
+                                                                pad_to_full_batches=True), elements)
 
-        def batches(epoch):
-            own = build_training_dataset(token_ids, labels, plan.batch_size, seed + epoch, pad_to_full_batches=True)
-            padding = tf.data.Dataset.from_tensors(empty).repeat(elements - int(own.cardinality()))
-            return own.concatenate(padding).apply(tf.data.experimental.assert_cardinality(elements))
+    def padded(self, own, elements: int):
+        """This worker's batches (one replica's each) and then batches of weight 0, `elements` in all."""
+        ids, labels, _ = own.element_spec
+        size = own.element_spec[2].shape[0] or 1
+        empty = (tf.zeros((size, 1), tf.int32), tf.zeros((size, *labels.shape[1:])), tf.zeros((size,)))
+        padding = tf.data.Dataset.from_tensors(empty).repeat(elements - int(own.cardinality()))
+        return own.concatenate(padding).apply(tf.data.experimental.assert_cardinality(elements))
 
-        return batches
+    def validation_batches(self, validation_ids: ReviewIds, texts: Texts, labels, batch_size: int, replicas: int):
+        """The validation split's batches for the epochs' check (in their order), and how many steps they take.
+        Divided: this worker's own rows (those of its files) in batches of one replica's, then batches of weight
+        0 up to the busiest worker's steps: the cluster's sums make the whole split's figures on every worker."""
+        if not self.divided:
+            batches = build_training_dataset(validation_ids, labels, batch_size * replicas, None, replicas > 1)
+            return batches, int(batches.cardinality())
+        rows, local = np.flatnonzero(self.owns(texts)), replicas // self.workers
+        own = build_training_dataset(validation_ids.take(rows), np.asarray(labels)[rows], batch_size, None, True)
+        steps = self.most(math.ceil(int(own.cardinality()) / local))
+        return self.padded(own, steps * local), steps
 
     def distribute(self, strategy, dataset, skip: int):
         """A dataset of training batches spread over the replicas, its first `skip` steps left out."""
@@ -2559,19 +2683,26 @@ class DataShare:
         dataset = dataset.skip(skip * (strategy.num_replicas_in_sync // self.workers))
         return strategy.distribute_datasets_from_function(lambda _: dataset)
 
-    def restrict(self, splits: DataSplits) -> DataSplits:
-        """The splits with only this worker's training texts, said in a line."""
+    def restrict(self, splits: DataSplits, unlabelled: UnlabelledTexts, data: LoadedData,
+                 training_rows: int) -> tuple[DataSplits, UnlabelledTexts]:
+        """The splits with only this worker's training texts and its part of the unlabelled texts (data: where
+        they came from), said in a line (`training_rows`: the cluster's)."""
         if not self.divided:
-            return splits
+            return splits, unlabelled
         owned, numbers = self.owns(splits.train.texts), ", ".join(str(number + 1) for number in self.files())
         if not owned.any():
             raise UserError(f"worker {self.worker + 1} of {self.workers} has no training rows: its files "
                             f"({numbers}) are empty or unread (--max-rows)")
-        print(f"This worker trains on its share: {int(owned.sum())} of the {len(owned)} training rows, from files "
-              f"{numbers} of {len(self.file_starts)} (each worker its own; validation and test whole on every worker)")
+        own_unlabelled = np.concatenate([self.owns(data.unlabelled), np.arange(unlabelled.counts["from_file"])
+                                         % self.workers == self.worker])[unlabelled.sources]
+        also = f" and {int(own_unlabelled.sum())} unlabelled texts" if len(own_unlabelled) else ""
+        print(f"This worker trains on its share: {int(owned.sum())} of the {training_rows} training rows{also}, from "
+              f"files {numbers} of {len(self.file_starts)} (each worker its own; the chief scores validation and "
+              "test whole)")
         rows = np.flatnonzero(owned)
-        return dataclasses.replace(splits, train=LabelledTexts(splits.train.texts.take(rows),
-                                                               splits.train.labels[rows]))
+        return (dataclasses.replace(splits, train=LabelledTexts(splits.train.texts.take(rows), splits.train.labels[rows])),
+                dataclasses.replace(unlabelled, texts=unlabelled.texts[own_unlabelled],
+                                    sources=unlabelled.sources[own_unlabelled]))
 
 
 @dataclass
@@ -2773,18 +2904,37 @@ def vocabulary_texts(train_texts: Texts, unlabelled_texts, seed: int):
     return ChainedTexts(train_texts.take(chosen[inside]), unlabelled_texts[chosen[~inside] - len(train_texts)])
 
 
-def tokenized_texts(splits: DataSplits, recipe: ModelRecipe, architecture, max_length: int,
-                    unlabelled_texts: np.ndarray, cache: InputsCache | None, seed: int, whole_train: Texts):
-    """The tokenizer, learned on the whole training split (`whole_train`: every worker's) and the unlabelled
-    texts (never on validation or test texts; vocabulary_texts), its vocabulary, and the token ids of each split
-    and of the unlabelled texts (CACHED_IDS' order), written into `cache` (if any) as they come."""
+def tokenizer_and_vocabulary(recipe: ModelRecipe, architecture, max_length: int, whole: tuple, seed: int,
+                             share: DataShare, cached: dict | None):
+    """The tokenizer, learned on the whole training split and unlabelled texts (`whole`: every worker's; never
+    on validation or test texts; vocabulary_texts), or made from the vocabulary an interrupted run `cached`; in
+    a divided cluster the chief's, sent to the others (who keep their cache only if it has the same). Its
+    vocabulary, and the cache if still good."""
+    vectorizer = None
+    if share.takes_chiefs:
+        vocabulary = share.json_from_chief()
+        cached = cached if cached and cached["vocabulary"] == vocabulary else None
+    elif cached:
+        vocabulary = cached["vocabulary"]
+    else:
+        vectorizer = architecture.vectorizer(vocabulary_texts(*whole, seed), recipe, max_length)
+        vocabulary = vectorizer.get_vocabulary()
+    if share.divided and not share.takes_chiefs:
+        share.json_from_chief([str(word) for word in vocabulary])
+    if vectorizer is None:
+        vectorizer = architecture.vectorizer([], recipe, max_length, vocabulary)
+    return vectorizer, vocabulary, cached
+
+
+def tokenized_texts(vectorizer, splits: DataSplits, max_length: int, unlabelled_texts: np.ndarray,
+                    cache: InputsCache | None) -> list[ReviewIds]:
+    """The token ids of each split and of this process's unlabelled texts (CACHED_IDS' order), written into
+    `cache` (if any) as they come."""
     texts = (splits.train.texts, splits.validation.texts, splits.test.texts, unlabelled_texts)
     if cache:
         cache.start(texts, max_length)
-    vectorizer = architecture.vectorizer(vocabulary_texts(whole_train, unlabelled_texts, seed), recipe, max_length)
-    ids = [vectorize(vectorizer, part, max_length, cache.ids_file(name) if cache else None)
-           for name, part in zip(CACHED_IDS, texts)]
-    return vectorizer, vectorizer.get_vocabulary(), ids
+    return [vectorize(vectorizer, part, max_length, cache.ids_file(name) if cache else None)
+            for name, part in zip(CACHED_IDS, texts)]
 
 
 def say_inputs(vocabulary, unit: str, truncated: int, plan: TrainingPlan, max_length: int, notes: list[str]) -> None:
@@ -2805,30 +2955,29 @@ def cut_reviews(vectorizer, splits: DataSplits, max_length: int, share: DataShar
 def prepare_inputs(splits: DataSplits, config: TrainConfig, architecture, derived: Derived, replicas: int,
                    num_classes: int, unlabelled_texts: np.ndarray | None = None,
                    cache: InputsCache | None = None, share: DataShare | None = None,
-                   whole_train: Texts | None = None) -> PreparedInputs:
+                   whole: tuple | None = None) -> PreparedInputs:
     """Everything training needs from the text: the --arch record's tokenizer and the token ids
     (tokenized_texts), the plan and the batches, the embedding's start, the class weights, and what to say about
     the data. With `cache`, what an interrupted run cached there is reused when the data and settings are the same.
-    With a `share` of a cluster's training split (splits.train: this worker's; whole_train: all of it), the
-    vocabulary, the plan and the class weights are the whole split's (DataShare)."""
+    With a `share` of a cluster's texts (splits.train and unlabelled_texts: this worker's; `whole`: all the
+    training and unlabelled texts), the vocabulary, the plan and the class weights are the whole split's
+    (DataShare)."""
     share = share or DataShare()
     if unlabelled_texts is None:
         unlabelled_texts = np.array([], dtype=object)
     max_length = derived.max_length
-    cached = cache.load(max_length) if cache else None
-    if cached:
-        vocabulary = cached["vocabulary"]
-        vectorizer = architecture.vectorizer([], ModelRecipe.of(config), max_length, vocabulary)
-        train_ids, validation_ids, test_ids, unlabelled_ids = (cached[name] for name in CACHED_IDS)
-    else:
-        vectorizer, vocabulary, (train_ids, validation_ids, test_ids, unlabelled_ids) = tokenized_texts(
-            splits, ModelRecipe.of(config), architecture, max_length, unlabelled_texts, cache, config.seed,
-            splits.train.texts if whole_train is None else whole_train)
+    whole = (splits.train.texts, unlabelled_texts) if whole is None else (whole[0], whole[1] if whole[1] is not
+                                                                           None else unlabelled_texts)
+    vectorizer, vocabulary, cached = tokenizer_and_vocabulary(ModelRecipe.of(config), architecture, max_length, whole,
+                                                              config.seed, share, cache.load(max_length) if cache
+                                                              else None)
+    train_ids, validation_ids, test_ids, unlabelled_ids = (
+        [cached[name] for name in CACHED_IDS] if cached else
+        tokenized_texts(vectorizer, splits, max_length, unlabelled_texts, cache))
     check_texts_split(train_ids, config.tokenizer)
     plan = share.plan(PlanAsked.of(config), train_ids, unlabelled_ids, replicas, max_length)
-    global_batch_size, several = plan.batch_size * replicas, replicas > 1
-    validation_batches = build_training_dataset(validation_ids, splits.validation.labels, global_batch_size, None,
-                                                pad_to_full_batches=several)
+    validation_batches, validation_steps = share.validation_batches(validation_ids, splits.validation.texts,
+                                                                    splits.validation.labels, plan.batch_size, replicas)
     training_batches = share.epoch_batches(train_ids, splits.train.labels, plan, config.seed)
     if cached and "embedding" in cached:
         embedding_start = Background.done(cached["embedding"])
@@ -2850,7 +2999,7 @@ def prepare_inputs(splits: DataSplits, config: TrainConfig, architecture, derive
     unit = "pieces" if isinstance(vectorizer, SubwordVectorizer) else "words"
     say_inputs(vocabulary, unit, truncated, plan, max_length, notes)
     return PreparedInputs(vectorizer, vocabulary, train_ids, validation_ids, test_ids, unlabelled_ids, plan,
-                          training_batches, validation_batches, int(validation_batches.cardinality()),
+                          training_batches, validation_batches, validation_steps,
                           embedding_start, class_weights, truncated, notes, from_cache=bool(cached), share=share)
 
 
@@ -4056,7 +4205,7 @@ def train(classifier, optimizer, strategy, inputs: PreparedInputs, state: Traini
 
     step_functions = steps or build_step_functions(classifier, optimizer, strategy, inputs.class_weights)
     names = HISTORY_NAMES
-    validation_batches = strategy.experimental_distribute_dataset(inputs.validation_batches)
+    validation_batches = inputs.share.distribute(strategy, inputs.validation_batches, 0)
     resumed_after_epoch = state.epoch
     log = TrainingLog(log_dir)
     plan, steps = inputs.plan, inputs.plan.steps_per_epoch
@@ -4270,11 +4419,10 @@ def teacher_inputs(inputs: PreparedInputs, targets: np.ndarray, asked: PlanAsked
     """The teacher stage's inputs: the unlabelled texts with the teacher's probabilities as their labels, planned
     like a training split of that size (`asked`: at least TEACHER_MIN_EPOCHS epochs, or --pretrain-epochs), with
     the same validation split (true labels) for early stopping, and no class weights."""
-    plan = plan_training(asked, review_lengths(inputs.unlabelled_ids), replicas, inputs.train_ids.max_length)
-    training_batches = epoch_batches(inputs.unlabelled_ids, targets, plan.batch_size * replicas, seed, replicas > 1)
-    # The unlabelled texts are whole on every worker, their batches the same everywhere (DataShare)
-    return dataclasses.replace(inputs, plan=plan, training_batches=training_batches, class_weights=None,
-                               share=DataShare())
+    no_more = ReviewIds.from_lengths(np.zeros(0, np.int32), np.zeros(0, np.int64), inputs.train_ids.max_length)
+    plan = inputs.share.plan(asked, inputs.unlabelled_ids, no_more, replicas, inputs.train_ids.max_length)
+    training_batches = inputs.share.epoch_batches(inputs.unlabelled_ids, targets, plan, seed)
+    return dataclasses.replace(inputs, plan=plan, training_batches=training_batches, class_weights=None)
 
 
 def fine_tuning_optimizer(recipe: OptimizerRecipe, plan: TrainingPlan, classifier, strategy):
@@ -5039,6 +5187,13 @@ def starting_point(recipe: ModelRecipe, embeddings: str, derived: Derived, archi
             "dimensions": derived.embedding_dim}
 
 
+def read_files(data: str, share: DataShare) -> list[Path]:
+    """The files of --data this process reads: all of them, or in a divided cluster a worker's own (the chief
+    reads them all)."""
+    files = data_files(data)
+    return [files[index] for index in share.files()] if share.takes_chiefs else files
+
+
 def set_up_run(config: TrainConfig, cleanup: contextlib.ExitStack) -> RunSetup:
     """Every check that needs no data, so a mistake costs seconds: the flags, TF_CONFIG, the output directory
     (locked for this run until `cleanup` closes) and a saved training state."""
@@ -5058,7 +5213,8 @@ def set_up_run(config: TrainConfig, cleanup: contextlib.ExitStack) -> RunSetup:
     state_dir = output_dir / ("training_state" if not role or role.chief else f"training_state-{role.name}")
     if config.fresh:
         shutil.rmtree(state_dir, ignore_errors=True)
-    fingerprint = training_fingerprint(config, derived)
+    fingerprint = training_fingerprint(config, derived, read_files(config.data, DataShare.before_reading(
+        role, config.data, None)))
     TrainingState.load(state_dir, fingerprint)  # refused now if saved with other flags; its targets once known
     started_from = starting_point(ModelRecipe.of(config), config.embeddings, derived, architecture)
     return RunSetup(derived, fingerprint, role, output_dir, state_dir, started_from, architecture)
@@ -5250,13 +5406,12 @@ class TeacherStage(Stage):
     def prepare(self, run: Run) -> None:
         baseline, _, _ = run.teacher()
         with run.clock.timed("teacher_s"):
-            targets = run.share.summed(soft_targets(baseline_probabilities(baseline, run.unlabelled.texts,
-                                                                           run.standardize)), chief_only=True)
+            targets = soft_targets(baseline_probabilities(baseline, run.unlabelled.texts, run.standardize))
         config = run.config
         asked = PlanAsked(config.batch_size, config.pretrain_epochs, TEACHER_MIN_EPOCHS, None, word2vec=False)
         self.inputs = teacher_inputs(run.inputs, targets, asked, config.seed, run.replicas)
-        self.texts = len(run.inputs.unlabelled_ids)
-        self.tokens = int(review_lengths(run.inputs.unlabelled_ids).sum())
+        self.texts, self.tokens = (int(value) for value in run.share.summed(np.array(  # the cluster's
+            [len(run.inputs.unlabelled_ids), review_lengths(run.inputs.unlabelled_ids).sum()])))
 
     def train(self, run: Run, classifier, optimizer, before: Stage | None) -> TrainingResult:
         plan, state_dir = self.inputs.plan, self.state_dir(run)
@@ -5420,11 +5575,11 @@ def train_stages(run: Run, stages: list[Stage], classifier, optimizer) -> Traini
 # ----------------------------------------------------------------------------------------------------------
 
 
-def texts_file(setup: RunSetup, config: TrainConfig, cleanup: contextlib.ExitStack) -> Path:
+def texts_file(setup: RunSetup, config: TrainConfig, cleanup: contextlib.ExitStack, share: DataShare) -> Path:
     """Where pass one writes the texts of --data: OUTPUT_DIR/.STATE_DIR.texts.utf8 (like the lock, one per run
-    and role), once twice the files' bytes fit (Latin-1 text can double in UTF-8); removed when the run ends,
-    however it ends."""
-    needed = 2 * sum(path.stat().st_size for path in data_files(config.data) if path.is_file())
+    and role), once twice the bytes of the files this process reads fit (Latin-1 text can double in UTF-8);
+    removed when the run ends, however it ends."""
+    needed = 2 * sum(path.stat().st_size for path in read_files(config.data, share) if path.is_file())
     _check_free_space(setup.output_dir, needed)
     path = setup.output_dir / f".{setup.state_dir.name}.texts.utf8"
 
@@ -5435,40 +5590,64 @@ def texts_file(setup: RunSetup, config: TrainConfig, cleanup: contextlib.ExitSta
     return path
 
 
-def read_the_data(config: TrainConfig, setup: RunSetup, clock: Stopwatch, cleanup: contextlib.ExitStack) -> Run:
-    """Load and split the data, gather the unlabelled texts and choose how they are used (auto's choice needs
-    the sizes), say so; then a saved state must have learned from the same."""
-    with clock.timed("load_s"):
-        data = load_dataset(config, texts_file(setup, config, cleanup))
-        splits = split_dataset(data, config.test_fraction, config.validation_fraction, config.seed)
-        unlabelled = gather_unlabelled(data, splits, config.unlabelled, config.text_column)
+def the_data_in_words(config: TrainConfig, data: LoadedData, splits: DataSplits,
+                      unlabelled: UnlabelledTexts) -> tuple[SemiSupervised, dict, str]:
+    """How the run learns from unlabelled text (auto's choice needs the sizes), the data's counts, and the
+    summary line's words after "Read N rows"."""
     smallest_class = int(np.bincount(splits.train.labels, minlength=len(data.classes.names)).min())
     semi = choose_semi_supervised(config.semi_supervised, config.arch, len(splits.train.labels), len(unlabelled.texts),
                                   config.baseline, smallest_class)
     counts = data_summary(data, splits, unlabelled_use(unlabelled.counts, semi))
-    print(f"Read {counts['rows_read']} rows from {config.data}; dropped {counts['dropped']}; "
-          f"train {counts['train']}, validation {counts['validation']}, test {counts['test']}; "
-          f"{describe_unlabelled(counts['unlabelled'])}; {describe_classes(data)}")
+    return semi, counts, (f"dropped {counts['dropped']}; train {counts['train']}, validation "
+                          f"{counts['validation']}, test {counts['test']}; {describe_unlabelled(counts['unlabelled'])}; "
+                          f"{describe_classes(data)}")
+
+
+def read_the_data(config: TrainConfig, setup: RunSetup, clock: Stopwatch, cleanup: contextlib.ExitStack,
+                  strategy) -> Run:
+    """Load and split the data, gather the unlabelled texts and choose how they are used (auto's choice needs
+    the sizes), say so; then a saved state must have learned from the same. (The devices' `strategy` comes
+    first: a cluster's workers agree on the data through it.)"""
+    share = DataShare.before_reading(setup.role, config.data, strategy)
+    with clock.timed("load_s"):
+        store = texts_file(setup, config, cleanup, share)
+        if share.takes_chiefs:  # a worker that reads only its own files, as the chief says
+            plan = share.plan_from_chief()
+            data, splits, unlabelled = load_share(config, store, share.files(), plan)
+            semi, counts = SemiSupervised(**plan.record["semi"]), plan.record["counts"]
+            numbers = ", ".join(str(number + 1) for number in share.files())
+            print(f"Read {data.rows_read} rows from this worker's files ({numbers}) of {config.data}; of all the "
+                  f"files, as the chief counts them: {plan.record['summary']}")
+        else:
+            data = load_dataset(config, store, keep_places=share.divided)
+            splits = split_dataset(data, config.test_fraction, config.validation_fraction, config.seed)
+            unlabelled = gather_unlabelled(data, splits, config.unlabelled, config.text_column)
+            semi, counts, summary = the_data_in_words(config, data, splits, unlabelled)
+            print(f"Read {counts['rows_read']} rows from {config.data}; {summary}")
+            if share.divided:
+                share.plan_from_chief(WorkersPlan.of(data, splits, unlabelled, {
+                    "semi": dataclasses.asdict(semi), "counts": counts, "summary": summary}))
     if counts["unlabelled"]["read"] or semi.method != "none":
         print(f"Unlabelled text: {semi.method} ({semi.reason})")
     fingerprint = {**setup.fingerprint, TARGETS: semi.shaping(BaselineRecipe.of(config))}
-    return Run(config, setup, clock, data, splits, unlabelled, semi, counts, fingerprint,
-               TrainingState.load(setup.state_dir, fingerprint))
+    run = Run(config, setup, clock, data, splits, unlabelled, semi, counts, fingerprint,
+              TrainingState.load(setup.state_dir, fingerprint), strategy)
+    run.share = dataclasses.replace(share, file_starts=data.file_starts) if share.divided else share
+    return run
 
 
 def prepare_run_inputs(run: Run) -> None:
-    """The devices, then the token ids, the vocabulary and the starting embedding (from the cache, if the run
-    resumes); unlabelled texts only when a stage learns from them."""
+    """The token ids, the vocabulary and the starting embedding (from the cache, if the run resumes);
+    unlabelled texts only when a stage learns from them."""
     config = run.config
-    run.strategy = set_up_tensorflow(config.cpu_replicas, config.seed, config.mixed_precision, run.setup.role)
-    run.share = DataShare.of(run.setup.role, several_files(config.data), run.data.file_starts, run.strategy)
-    whole_train, run.splits = run.splits.train.texts, run.share.restrict(run.splits)
+    whole = run.splits.train.texts, run.unlabelled.texts if run.semi.learns_from_unlabelled else None
+    run.splits, run.unlabelled = run.share.restrict(run.splits, run.unlabelled, run.data, run.counts["train"])
     unlabelled = run.unlabelled.texts if run.semi.learns_from_unlabelled else None
     run.cache = InputsCache.of(run.setup.state_dir / INPUTS_CACHE, run.setup.fingerprint,
                                0 if unlabelled is None else len(unlabelled))
     with run.clock.timed("preprocess_s"):
         run.inputs = prepare_inputs(run.splits, config, run.setup.architecture, run.setup.derived, run.replicas,
-                                    len(run.class_names), unlabelled, run.cache, run.share, whole_train)
+                                    len(run.class_names), unlabelled, run.cache, run.share, whole)
     run.standardize = text_standardizer(run.inputs.vectorizer)
 
 
@@ -5555,7 +5734,8 @@ def run_training(config: TrainConfig) -> TrainingResult:
     clock = Stopwatch()
     with contextlib.ExitStack() as cleanup:  # The output directory's lock, held to the end.
         setup = set_up_run(config, cleanup)
-        run = read_the_data(config, setup, clock, cleanup)
+        strategy = set_up_tensorflow(config.cpu_replicas, config.seed, config.mixed_precision, setup.role)
+        run = read_the_data(config, setup, clock, cleanup, strategy)
         stages = choose_stages(run.semi)
         prepare_run_inputs(run)
         for stage in stages:

@@ -1,6 +1,7 @@
 """Crash and Ctrl-C during training, several devices (logical CPUs) and two workers on 127.0.0.1."""
 
 import json
+import operator
 import os
 import shutil
 import signal
@@ -397,12 +398,53 @@ def test_each_worker_of_a_cluster_given_several_files_owns_the_training_texts_of
     assert [share.files() for share in shares] == [[0, 2], [1, 3]]
     assert owned[0] == by_file[0] | by_file[2] and owned[1] == by_file[1] | by_file[3]  # files i, i + n, ...
     assert not owned[0] & owned[1] and len(owned[0]) + len(owned[1]) == len(splits.train.texts)
-    restricted = shares[1].restrict(splits)
+    unlabelled = sa.gather_unlabelled(data, splits, None, None)
+    restricted, _ = shares[1].restrict(splits, unlabelled, data, len(splits.train.labels))
     assert set(restricted.train.texts) == owned[1] and restricted.validation is splits.validation
     assert (restricted.train.labels == splits.train.labels[shares[1].owns(splits.train.texts)]).all()
     alone = sa.DataShare()  # one process: every text its own, no cluster sums
-    assert alone.owns(splits.train.texts).all() and alone.restrict(splits) is splits
+    assert alone.owns(splits.train.texts).all() and all(map(operator.is_, alone.restrict(splits, unlabelled, data, 0),
+                                                                  (splits, unlabelled)))
     assert alone.most(3) == 3 and (alone.summed(np.arange(3)) == np.arange(3)).all()
+
+
+def test_a_worker_reading_only_its_own_files_gets_the_splits_the_chief_gives_it(tmp_path):
+    """A cluster's chief reads every file and tells the others each of their texts' fate (WorkersPlan); a worker
+    that reads only its own files then holds the same rows of each split, in the same order, as the chief's
+    view of that worker's files, and its part of the unlabelled texts."""
+    import sentiment_analysis as sa
+
+    shards = tiny_shards(tmp_path / "shards")
+    for index in range(4):  # a few rows without a label: unlabelled text of --data
+        part = pd.read_csv(shards / f"part-{index}.csv")
+        part.loc[part.index[:3], "sentiment"] = None
+        part.to_csv(shards / f"part-{index}.csv", index=False)
+    extra = tmp_path / "more.txt"
+    extra.write_text("An unlabelled line.\nAnother one, quite different.\nA third unlabelled review.\n")
+    config = sa.TrainConfig(data=str(shards), unlabelled=str(extra), max_rows=180)
+    data = sa.load_dataset(config, keep_places=True)
+    splits = sa.split_dataset(data, config.test_fraction, config.validation_fraction, config.seed)
+    unlabelled = sa.gather_unlabelled(data, splits, config.unlabelled, None)
+    plan = sa.WorkersPlan.of(data, splits, unlabelled, {})
+    chief = sa.DataShare(0, 2, data.file_starts)
+    mine, my_splits, my_unlabelled = sa.load_share(config, None, [1, 3], plan)
+    assert mine.rows_read == data.file_rows[1] + data.file_rows[3] < config.max_rows
+    for name in ("train", "validation", "test"):
+        whole, own = getattr(splits, name), getattr(my_splits, name)
+        theirs = ~chief.owns(whole.texts)  # the chief's view of worker 1's files
+        assert list(own.texts) == list(whole.texts[theirs]) and len(own.texts) > 0
+        assert (own.labels == whole.labels[theirs]).all()
+    worker = sa.DataShare(1, 2, mine.file_starts)
+    assert worker.owns(my_splits.train.texts).all() and worker.owns(mine.unlabelled).all()
+    _, chiefs_part = chief.restrict(splits, unlabelled, data, len(splits.train.labels))
+    _, own_part = worker.restrict(my_splits, my_unlabelled, mine, len(splits.train.labels))
+    assert len(own_part.texts) > 0 and len(chiefs_part.texts) > 0
+    assert set(own_part.texts) | set(chiefs_part.texts) == set(unlabelled.texts)
+    assert not set(own_part.texts) & set(chiefs_part.texts)
+    changed = sa.WorkersPlan({**plan.record, "file_stored": [count + 1 for count in plan.record["file_stored"]]},
+                             plan.fates, plan.file_kept)
+    with pytest.raises(sa.UserError, match="not the ones the chief read"):
+        sa.load_share(config, None, [1, 3], changed)
 
 
 def test_fewer_files_than_workers_is_a_clear_error(tmp_path, monkeypatch):
@@ -426,6 +468,11 @@ def test_two_workers_given_four_files_each_train_on_their_own(tmp_path):
         line, = [line for line in stdout.splitlines() if line.startswith("This worker trains on its share")]
         shares.append(line)
     assert "from files 1, 3 of 4" in shares[0] and "from files 2, 4 of 4" in shares[1]
+    # The chief reads every file; the other worker only its own two (50 rows each), told their fates by the chief.
+    reads = [[line for line in stdout.splitlines() if line.startswith("Read ")] for _, stdout, _ in results]
+    assert reads[0][0].startswith("Read 200 rows from ")
+    assert reads[1][0].startswith("Read 100 rows from this worker's files (2, 4) of ")
+    assert reads[0][0].split("; ", 1)[1] == reads[1][0].split("as the chief counts them: ", 1)[1]
     # Word2Vec (the default embedding) trains on the chief alone: the other worker starts from the chief's.
     assert "Training Word2Vec" in results[0][1] and "Training Word2Vec" not in results[1][1]
     counts = [[int(word) for word in line.split(":")[1].split()[:4:3]] for line in shares]  # own, of all

@@ -325,7 +325,8 @@ def test_the_classifier_starts_from_the_weights_the_teacher_stage_ends_with(semi
                         embedding_dim=16, output_dir=str(tmp_path / "out"))
     with contextlib.ExitStack() as cleanup:
         setup = sa.set_up_run(config, cleanup)
-        run = sa.read_the_data(config, setup, sa.Stopwatch(), cleanup)
+        strategy = sa.set_up_tensorflow(config.cpu_replicas, config.seed, config.mixed_precision, setup.role)
+        run = sa.read_the_data(config, setup, sa.Stopwatch(), cleanup, strategy)
         assert [type(stage) for stage in sa.choose_stages(run.semi)] == [sa.TeacherStage, sa.LabelledStage]
         sa.prepare_run_inputs(run)
         unlabelled = run.inputs.unlabelled_ids
@@ -462,3 +463,26 @@ def test_fine_tuning_after_a_teacher_stage_starts_at_a_quarter_of_the_learning_r
     assert float(optimizer.learning_rate) == pytest.approx(5e-4)
     optimizer.iterations.assign(plan.planned_steps)
     assert float(optimizer.learning_rate) == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.slow
+def test_two_workers_given_four_files_divide_the_unlabelled_texts_too(semi_csv, tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    rows = pd.read_csv(semi_csv)
+    for index in range(4):
+        rows.iloc[index::4].to_csv(shards / f"part-{index}.csv", index=False)
+    results = run_two_workers([tmp_path / "worker-0", tmp_path / "worker-1"],
+                              [*TEACHER_FLAGS, "--pretrain-epochs", "1"], data=shards)
+    own = []
+    for returncode, stdout, stderr in results:
+        assert returncode == 0, stderr[-3000:]
+        line, = [line for line in stdout.splitlines() if line.startswith("This worker trains on its share")]
+        own.append(int(line.split(" and ")[1].split()[0]))
+    assert own[0] > 0 and own[1] > 0 and own[0] + own[1] == 80  # each its files' unlabelled rows, once
+    # Both stages ran the same steps on both workers, their sums over the cluster: the same epoch lines.
+    epoch_lines = [[line.split(" - loss")[1] for line in stdout.splitlines() if "val_loss" in line]
+                   for _, stdout, _ in results]
+    assert len(epoch_lines[0]) == 2 and epoch_lines[0] == epoch_lines[1]
+    stage = json.loads((tmp_path / "worker-0" / "metrics.json").read_text())["semi_supervised"]
+    assert stage["texts"] == 80 and stage["epochs_run"] == 1
