@@ -5729,11 +5729,25 @@ def write_the_run(run: Run, stages: list[Stage], scored: Scored, training: Train
     show_figures(show)
 
 
+@contextlib.contextmanager
+def another_worker_stopped(role: ClusterRole | None):
+    """In a cluster, a collective operation that fails because another worker stopped (reading its data, say;
+    its own output says why) ends this worker with a line, not a traceback. (In training, Checkpoints says so.)"""
+    try:
+        yield
+    except (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.DeadlineExceededError):
+        if role is None:
+            raise
+        raise UserError("another worker of the cluster stopped (its output says why): start every worker again "
+                        "with the same command") from None
+
+
 def run_training(config: TrainConfig) -> TrainingResult:
     """The whole run: check, load, split, prepare, the stages, score, report, write."""
     clock = Stopwatch()
     with contextlib.ExitStack() as cleanup:  # The output directory's lock, held to the end.
         setup = set_up_run(config, cleanup)
+        cleanup.enter_context(another_worker_stopped(setup.role))
         strategy = set_up_tensorflow(config.cpu_replicas, config.seed, config.mixed_precision, setup.role)
         run = read_the_data(config, setup, clock, cleanup, strategy)
         stages = choose_stages(run.semi)

@@ -487,6 +487,21 @@ def test_two_workers_given_four_files_each_train_on_their_own(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_worker_waiting_for_a_chief_that_stopped_reading_ends_with_a_clear_error(tmp_path):
+    # The chief's file 3 has other columns: the chief stops with its error, the other worker (files 2 and 4) was
+    # waiting for the chief's plan, and says that another worker stopped.
+    shards = tiny_shards(tmp_path / "shards")
+    pd.read_csv(shards / "part-2.csv").rename(columns={"sentiment": "label"}).to_csv(shards / "part-2.csv",
+                                                                                   index=False)
+    chief, other = tmp_path / "worker-0", tmp_path / "worker-1"
+    started = time.monotonic()
+    results = run_two_workers([chief, other], [*TINY_FLAGS], data=shards)
+    assert_user_error(subprocess.CompletedProcess([], *results[0]), "part-2.csv has the columns")
+    assert_user_error(subprocess.CompletedProcess([], *results[1]), "another worker", "start every worker again")
+    assert time.monotonic() - started < 300
+
+
+@pytest.mark.slow
 def test_workers_that_saved_different_epochs_refuse_to_resume(crashed, tmp_path):
     # A state saved by a single run: worker 0 (the chief) finds it and would resume, worker 1 has none.
     chief, other = crashed, tmp_path / "worker-1"
