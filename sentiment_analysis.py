@@ -3276,14 +3276,17 @@ def fit_baseline(train_texts, train_labels, recipe: BaselineRecipe):
     (_, features), (_, classifier) = pipeline.steps
     progress = StageProgress("baseline features: ", len(train_texts), "texts")
 
-    def counted(texts):  # the vectorizer reads the texts once, as they come
+    def counted(texts, tell):  # the vectorizer reads the texts once, as they come
         for done, text in enumerate(texts):
             if done and done % 1000 == 0:
                 progress(done)
+                tell(done)
             yield text
 
     with threadpool_limits(BASELINE_BLAS_THREADS, user_api="blas"):
-        matrix = features.fit_transform(counted(train_texts))
+        # After the last text the vectorizer sorts and prunes its n-grams without a word: a heartbeat covers it.
+        with StageProgress.heartbeat("baseline features: ", len(train_texts), "texts") as tell:
+            matrix = features.fit_transform(counted(train_texts, tell))
         progress.close()
         with StageProgress.heartbeat("baseline, logistic regression: ", 1, "fits"):  # (it says nothing itself)
             classifier.fit(matrix, train_labels)
