@@ -601,7 +601,9 @@ class StageProgress:
     rewritten in place (at most twice a second); in a log a line once LOG_EVERY seconds have passed since the
     last such line of any stage (or the start), so that neither a long stage nor a row of short ones is a minute
     of silence. (Training's epochs have Keras' progress bar on a terminal: they ask for the log lines only.)"""
-    LOG_EVERY, TERMINAL_EVERY = 50.0, 0.5  # in a log under a minute apart, with a step's time added
+    # In a log under a minute apart with a step's time added: up to 20 s (a chunk of the baseline's grading took 12
+    # s on a busy 2-core machine, and 50 s between lines then left a 61 s gap: docs/RESULTS.md).
+    LOG_EVERY, TERMINAL_EVERY = 40.0, 0.5
     logged = {time.monotonic: time.monotonic()}  # clock -> when the last log line of any stage was printed
 
     def __init__(self, stage: str, total: int, unit: str, first: int = 0, terminal: bool | None = None,
