@@ -76,11 +76,12 @@ def test_a_log_gets_a_progress_line_under_a_minute_apart_during_an_epoch(capsys)
         now[0] += 2.0  # two seconds a batch
         progress(index + 1)
     lines = capsys.readouterr().out.splitlines()
-    # A line after each 50 s (25 batches of a resumed epoch's 90), none at the epoch's last batch; under 90 s
+    # A line after each 40 s (20 batches of a resumed epoch's 90), none at the epoch's last batch; under 90 s
     # left it says the seconds.
-    assert lines == ["  35/100 batches, 2.00 s a batch, about 2 min left",
-                     "  60/100 batches, 2.00 s a batch, about 80 s left",
-                     "  85/100 batches, 2.00 s a batch, about 30 s left"]
+    assert lines == ["  30/100 batches, 2.00 s a batch, about 2 min left",
+                     "  50/100 batches, 2.00 s a batch, about 2 min left",
+                     "  70/100 batches, 2.00 s a batch, about 60 s left",
+                     "  90/100 batches, 2.00 s a batch, about 20 s left"]
 
 
 def test_a_row_of_short_stages_in_a_log_is_not_a_minute_of_silence(capsys, monkeypatch):
@@ -89,8 +90,8 @@ def test_a_row_of_short_stages_in_a_log_is_not_a_minute_of_silence(capsys, monke
     def clock():
         return now[0]
 
-    # The last progress line of any stage came 45 s before this stage began: its check 6 s in prints one.
-    monkeypatch.setattr(sa.StageProgress, "logged", {clock: -45.0})
+    # The last progress line of any stage came 35 s before this stage began: its check 6 s in prints one.
+    monkeypatch.setattr(sa.StageProgress, "logged", {clock: -35.0})
     first = sa.StageProgress("tokenizing: ", 10, "texts", terminal=False, clock=clock)
     now[0] = 4.0
     first(1)
