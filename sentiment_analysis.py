@@ -3461,6 +3461,7 @@ def bootstrap_figures(labels: np.ndarray, probabilities: dict[str, np.ndarray], 
     figures = figures or interval_figures(class_names)
     classes, auc_classes = range(len(class_names)), label_set(class_names).auc_classes
     values = {name: {figure: [] for figure in figures} for name in probabilities}
+    progress, done = StageProgress("intervals: ", BOOTSTRAP_RESAMPLES, "draws"), 0  # (a minute for 400,000 rows)
     for counts in bootstrap_draws(len(labels)):
         for name, model in probabilities.items():
             predicted = predicted_labels(model)
@@ -3474,6 +3475,9 @@ def bootstrap_figures(labels: np.ndarray, probabilities: dict[str, np.ndarray], 
                 else:  # roc_auc: of the positive class of two, else one-vs-rest, macro
                     value = np.mean([drawn_auc(counts, labels == c, model[:, c]) for c in auc_classes], axis=0)
                 values[name][figure].append(value)
+        done += len(counts)
+        progress(done)
+    progress.close()
     return {name: {figure: np.concatenate(parts) for figure, parts in figures_of.items()}
             for name, figures_of in values.items()}
 

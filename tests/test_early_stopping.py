@@ -171,3 +171,15 @@ def test_the_baselines_features_say_they_go_on_after_the_last_text(capsys, monke
     sa.fit_baseline(texts, np.arange(2500) % 2, sa.BaselineRecipe())
     lines = capsys.readouterr().out.splitlines()
     assert any(line.startswith("  baseline features: 2000/2500 texts done, ") for line in lines), lines
+
+
+def test_the_intervals_bootstrap_shows_its_draws_in_a_log(capsys, monkeypatch):
+    # 400,000 test rows took a minute of bootstrap draws without a line (docs/RESULTS.md): now it counts them.
+    monkeypatch.setattr(sa.StageProgress, "LOG_EVERY", 0.0)  # a line at every check, not every minute
+    monkeypatch.setattr(sa, "BOOTSTRAP_CELLS", 100_000)  # blocks of 100 draws of the 1,000 rows
+    labels = np.arange(1000) % 2
+    probabilities = {"model": np.stack([1 - labels * 0.8, labels * 0.8 + 0.1], axis=1)}
+    drawn = sa.bootstrap_figures(labels, probabilities, ("negative", "positive"))
+    lines = [line.split(",")[0] for line in capsys.readouterr().out.splitlines()]
+    assert lines == [f"  intervals: {done}/1000 draws" for done in range(100, 1000, 100)]
+    assert drawn["model"]["accuracy"].shape == (1000,)
