@@ -2660,8 +2660,8 @@ class DataShare:
 
     def padded(self, own, elements: int):
         """This worker's batches (one replica's each) and then batches of weight 0, `elements` in all."""
-        ids, labels, _ = own.element_spec
-        size = own.element_spec[2].shape[0] or 1
+        _, labels, weights = own.element_spec
+        size = weights.shape[0] or 1
         empty = (tf.zeros((size, 1), tf.int32), tf.zeros((size, *labels.shape[1:])), tf.zeros((size,)))
         padding = tf.data.Dataset.from_tensors(empty).repeat(elements - int(own.cardinality()))
         return own.concatenate(padding).apply(tf.data.experimental.assert_cardinality(elements))
@@ -2968,8 +2968,8 @@ def prepare_inputs(splits: DataSplits, config: TrainConfig, architecture, derive
     if unlabelled_texts is None:
         unlabelled_texts = np.array([], dtype=object)
     max_length = derived.max_length
-    whole = (splits.train.texts, unlabelled_texts) if whole is None else (whole[0], whole[1] if whole[1] is not
-                                                                           None else unlabelled_texts)
+    whole_train, whole_unlabelled = whole or (splits.train.texts, None)
+    whole = whole_train, unlabelled_texts if whole_unlabelled is None else whole_unlabelled
     vectorizer, vocabulary, cached = tokenizer_and_vocabulary(ModelRecipe.of(config), architecture, max_length, whole,
                                                               config.seed, share, cache.load(max_length) if cache
                                                               else None)
