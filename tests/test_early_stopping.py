@@ -183,3 +183,21 @@ def test_the_intervals_bootstrap_shows_its_draws_in_a_log(capsys, monkeypatch):
     lines = [line.split(",")[0] for line in capsys.readouterr().out.splitlines()]
     assert lines == [f"  intervals: {done}/1000 draws" for done in range(100, 1000, 100)]
     assert drawn["model"]["accuracy"].shape == (1000,)
+
+
+def test_the_learning_curves_intervals_are_one_pass_of_draws_with_progress(capsys, monkeypatch):
+    # The learning curve's five points on 200,000 validation rows drew the bootstrap five times in silence (half
+    # a minute of a 62 s gap in a log: docs/RESULTS.md); now one pass of draws, counted, with the same intervals.
+    generator = np.random.default_rng(5)
+    labels = generator.integers(0, 2, 1000)
+    guesses = generator.random(1000), np.clip(labels * 0.6 + generator.random(1000) * 0.5, 0, 1)
+    points = [(share, 10, np.stack([1 - p, p], axis=1)) for share, p in zip((0.25, 1.0), guesses)]
+    alone = [sa.mean_interval(sa.predicted_labels(p) == labels) for _, _, p in points]
+    capsys.readouterr()
+    monkeypatch.setattr(sa.StageProgress, "LOG_EVERY", 0.0)
+    monkeypatch.setattr(sa, "BOOTSTRAP_CELLS", 100_000)  # blocks of 100 draws of the 1,000 rows
+    curve = sa.curve_points(points, labels)
+    assert [point["interval"] for point in curve] == alone
+    assert alone[0] != alone[1] and [point["share"] for point in curve] == [0.25, 1.0]
+    lines = [line.split(",")[0] for line in capsys.readouterr().out.splitlines()]
+    assert lines == [f"  intervals of the learning curve: {done}/1000 draws" for done in range(100, 1000, 100)]
