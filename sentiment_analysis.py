@@ -3109,13 +3109,18 @@ class Architecture:
     - `max_length`: ModelRecipe -> the longest input, the length texts are padded or cut to;
     - `checkpoint`: ModelRecipe -> a description of the pretrained weights it starts from, or None: its embedding
       starts from word vectors (--embeddings) and small data gets advice;
-    - `defaults`: its own defaults for flags the user did not give (config_from_args)."""
+    - `defaults`: its own defaults for flags the user did not give (config_from_args);
+    - `op_threads`: the threads each TensorFlow op may use (intra-op), or None for TensorFlow's choice (one per
+      core). A recurrent model's step is thousands of small ops one after another, which a second thread per op
+      only slows: on a 2-core EPYC one thread each (and ops side by side on both cores) made the card's epochs
+      1.2x faster (docs/RESULTS.md); BERT's large matrix products use every core."""
     build: object
     explain: object = None
     vectorizer: object = learned_vectorizer
     max_length: object = given_max_length
     checkpoint: object = None
     defaults: dict = field(default_factory=dict)
+    op_threads: int | None = 1
 
 
 # Every --arch choice. A new model is one Architecture here and its name in TrainConfig.arch; a model that is not
@@ -3124,7 +3129,7 @@ ARCHITECTURES = {"lstm": Architecture(build_recurrent_classifier, chain_explanat
                  "bilstm": Architecture(build_recurrent_classifier, chain_explanation),
                  "gru": Architecture(build_recurrent_classifier, chain_explanation),
                  "bert": Architecture(build_bert_classifier, bert_explanation, checkpoint_vectorizer,
-                                      fit_max_length_to_bert, checkpoint_start, BERT_DEFAULTS)}
+                                      fit_max_length_to_bert, checkpoint_start, BERT_DEFAULTS, op_threads=None)}
 
 
 def build_classifier(config: TrainConfig, vocab_size: int, num_classes: int = 2, embedding_dim: int | None = None):
@@ -3802,9 +3807,21 @@ def strategy_name(strategy, role: ClusterRole | None) -> str:
     return "MultiWorkerMirroredStrategy" if role else type(strategy).__name__
 
 
-def set_up_tensorflow(cpu_replicas: int, seed: int, mixed_precision: bool, role: ClusterRole | None):
-    """Choose the distribution strategy (first: a cluster's must exist before any other TensorFlow work), then
-    seed everything and make ops deterministic, so the same seed gives the same run on the same machine."""
+def use_op_threads(threads: int | None) -> None:
+    """The threads of each TensorFlow op (Architecture.op_threads), before TensorFlow's runtime starts; the
+    environment's TF_NUM_INTRAOP_THREADS wins, and a process whose runtime has started (tests: several runs)
+    keeps its own."""
+    if threads is not None and not os.environ.get("TF_NUM_INTRAOP_THREADS"):
+        with contextlib.suppress(RuntimeError):  # "cannot be modified after initialization"
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+
+
+def set_up_tensorflow(cpu_replicas: int, seed: int, mixed_precision: bool, role: ClusterRole | None,
+                      op_threads: int | None = None):
+    """The threads of each op, then the distribution strategy (a cluster's must exist before any other TensorFlow
+    work), then seed everything and make ops deterministic, so the same seed gives the same run on the same
+    machine."""
+    use_op_threads(op_threads)
     strategy = choose_strategy(cpu_replicas, role)
 
     keras.utils.set_random_seed(seed)
@@ -3819,7 +3836,9 @@ def set_up_tensorflow(cpu_replicas: int, seed: int, mixed_precision: bool, role:
     if role:
         where = f"as {role.name} of {role.workers} workers"
     elif replicas == 1:
-        where = "on the GPU" if gpus else f"on the CPU, {os.cpu_count()} cores"
+        threads = tf.config.threading.get_intra_op_parallelism_threads()
+        where = "on the GPU" if gpus else f"on the CPU, {os.cpu_count()} cores" + (
+            f", {threads} thread{'s' if threads > 1 else ''} per op" if threads else "")
     else:
         where = f"on {replicas} GPUs" if gpus else f"on {replicas} logical CPU devices"
     cluster = f" on {role.workers} worker(s)" if role else ""
@@ -5769,7 +5788,8 @@ def run_training(config: TrainConfig) -> TrainingResult:
     with contextlib.ExitStack() as cleanup:  # The output directory's lock, held to the end.
         setup = set_up_run(config, cleanup)
         cleanup.enter_context(another_worker_stopped(setup.role))
-        strategy = set_up_tensorflow(config.cpu_replicas, config.seed, config.mixed_precision, setup.role)
+        strategy = set_up_tensorflow(config.cpu_replicas, config.seed, config.mixed_precision, setup.role,
+                                     ARCHITECTURES[config.arch].op_threads)
         run = read_the_data(config, setup, clock, cleanup, strategy)
         stages = choose_stages(run.semi)
         prepare_run_inputs(run)

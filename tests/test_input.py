@@ -420,11 +420,17 @@ def test_wordpiece_splits_text_without_spaces_and_the_baseline_steps_aside(tmp_p
 def test_the_run_says_in_plain_words_where_it_trains(tmp_path):
     import os
 
-    result = run_main("--data", TINY_CSV, "--output-dir", tmp_path, "--epochs", "1", "--vocab-size", "500",
-                      "--max-length", "40", "--no-baseline", "--no-show")
+    flags = ("--data", TINY_CSV, "--epochs", "1", "--vocab-size", "500", "--max-length", "40", "--no-baseline",
+             "--no-show")
+    # A process of its own, whose TensorFlow has not started: one thread per op for the recurrent models
+    # (Architecture.op_threads: their steps are many small ops), unless the environment asks for others.
+    result = run_script(*flags, "--output-dir", tmp_path / "own")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"Training on the CPU, {os.cpu_count()} cores; TensorFlow" in result.stdout
+    assert f"Training on the CPU, {os.cpu_count()} cores, 1 thread per op; TensorFlow" in result.stdout
     assert "_DefaultDistributionStrategy" not in result.stdout
+    asked = run_script(*flags, "--output-dir", tmp_path / "asked", env_extra={"TF_NUM_INTRAOP_THREADS": "2"})
+    assert asked.returncode == 0, asked.stderr[-3000:]
+    assert f"Training on the CPU, {os.cpu_count()} cores; TensorFlow" in asked.stdout
 
 
 # --- --data as a directory or a glob of shards ------------------------------------------------------------
