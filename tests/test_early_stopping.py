@@ -186,8 +186,8 @@ def test_the_intervals_bootstrap_shows_its_draws_in_a_log(capsys, monkeypatch):
 
 
 def test_the_learning_curves_intervals_are_one_pass_of_draws_with_progress(capsys, monkeypatch):
-    # The learning curve's five points on 200,000 validation rows drew the bootstrap five times in silence (half
-    # a minute of a 62 s gap in a log: docs/RESULTS.md); now one pass of draws, counted, with the same intervals.
+    # The learning curve's five points on 200,000 validation rows drew the bootstrap five times in silence (17 s
+    # of a 62 s gap in a log: docs/RESULTS.md); now one pass of draws, counted, with the same intervals.
     generator = np.random.default_rng(5)
     labels = generator.integers(0, 2, 1000)
     guesses = generator.random(1000), np.clip(labels * 0.6 + generator.random(1000) * 0.5, 0, 1)
